@@ -1,0 +1,10 @@
+"""
+connect_native: Consul service mesh ("Connect") native applications on Twisted.
+
+Mutual TLS with certificates from Consul's CA and authorization by Consul
+intentions, in the process, with no sidecar proxy.
+"""
+
+from connect_native._version import __version__
+
+__all__ = ["__version__"]

@@ -1,0 +1,74 @@
+"""
+The package as users install it: its Twisted plugins are found in
+site-packages by a process that runs outside the source tree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SOURCE_TREE = Path(__file__).resolve().parent.parent
+
+DISCOVER = """
+import json, sys
+import twisted.plugins
+from twisted.plugin import getCache
+cache = getCache(twisted.plugins)
+dropin = cache.get("connect_native_plugins")
+import connect_native
+print(json.dumps({
+    "dropin": dropin is not None,
+    "plugins": [p.name for p in dropin.plugins] if dropin else [],
+    "module": dropin.moduleName if dropin else None,
+    "package": connect_native.__file__,
+}))
+"""
+
+
+def _installed_normally() -> bool:
+    """
+    Whether connect_native is installed as a wheel (as tox installs it), and
+    not as an editable install or not at all.
+    """
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution("connect_native")
+    except metadata.PackageNotFoundError:
+        return False
+    direct = dist.read_text("direct_url.json")
+    if direct and json.loads(direct).get("dir_info", {}).get("editable"):
+        return False
+    return True
+
+
+@pytest.mark.skipif(
+    not _installed_normally() and os.environ.get("CI") is None,
+    reason="connect_native is not installed as a wheel here; tox installs it so",
+)
+def test_plugins_discovered_from_site_packages(tmp_path: Path) -> None:
+    """
+    Twisted's plugin discovery finds connect_native_plugins in the installed
+    package, not in the source tree (an editable install would hide it).
+    """
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, "-c", DISCOVER],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert found["dropin"], result.stderr
+    assert found["module"] == "twisted.plugins.connect_native_plugins"
+    package = Path(found["package"]).resolve()
+    assert SOURCE_TREE not in package.parents, package

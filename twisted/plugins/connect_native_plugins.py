@@ -1,0 +1,7 @@
+"""
+connect_native's Twisted plugins.
+
+Kept tiny on purpose: Twisted imports every plugin module to discover plugins,
+so this module only instantiates plugin objects; anything heavy is imported
+lazily when a plugin is used.
+"""
