@@ -5,11 +5,11 @@ import sys
 
 sys.path.insert(0, os.path.abspath(".."))
 
-from connect_native import __version__  # noqa: E402
+from connect_native import __version__
 
 project = "connect_native"
 author = "connect_native developers"
-copyright = "2026, connect_native developers"  # noqa: A001
+copyright = "2026, connect_native developers"
 release = __version__
 version = ".".join(__version__.split(".")[:2])
 

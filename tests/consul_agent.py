@@ -145,7 +145,7 @@ class RealConsulAgent:
         if hcl:
             argv.append(f"-hcl={hcl}")
         with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(  # noqa: S603
+            self.process = subprocess.Popen(
                 argv,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -164,7 +164,7 @@ class RealConsulAgent:
                     f"exited with {self.process.returncode}: {self.log_tail()}"
                 )
             try:
-                with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310
+                with urllib.request.urlopen(url, timeout=2) as response:
                     body = json.loads(response.read())
                     if response.status == 200 and body.get("Roots"):
                         return
@@ -218,14 +218,14 @@ class RealConsulAgent:
         timeout: float = 10.0,
     ) -> tuple[int, bytes]:
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(  # noqa: S310
+        req = urllib.request.Request(
             f"http://{self.http_address}{path}", data=data, method=method
         )
         token = token if token is not None else self.master_token
         if token:
             req.add_header("X-Consul-Token", token)
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as response:  # noqa: S310
+            with urllib.request.urlopen(req, timeout=timeout) as response:
                 return response.status, response.read()
         except urllib.error.HTTPError as e:
             return e.code, e.read()

@@ -129,7 +129,7 @@ def sha256_of(path: Path) -> str:
 
 def _run(argv: list[str], what: str) -> None:
     try:
-        result = subprocess.run(  # noqa: S603
+        result = subprocess.run(
             argv, capture_output=True, text=True, timeout=300, check=False
         )
     except (OSError, subprocess.TimeoutExpired) as e:
@@ -170,8 +170,8 @@ def download() -> Path:
         download_dir = work / "download"
         download_dir.mkdir()
         try:
-            result = subprocess.run(  # noqa: S603
-                ["apt-get", *opts, "download", f"{PACKAGE}={VERSION}"],  # noqa: S607
+            result = subprocess.run(
+                ["apt-get", *opts, "download", f"{PACKAGE}={VERSION}"],
                 cwd=download_dir,
                 capture_output=True,
                 text=True,
@@ -212,7 +212,7 @@ def ensure() -> Path:
 
 
 def version_of(binary: Path) -> str:
-    out = subprocess.run(  # noqa: S603
+    out = subprocess.run(
         [str(binary), "version"], capture_output=True, text=True, timeout=30
     ).stdout
     first = out.splitlines()[0] if out else ""
