@@ -1,0 +1,230 @@
+"""
+Authorization of a verified peer: the ``IAuthorizer`` seam and the authorizer
+that asks the Consul agent.
+
+An authorizer answers in two ways.  ``decide_now`` is called inside the TLS
+verify callback, which cannot wait: it returns a `Decision` when one is
+known at once, or ``None`` ("don't know yet").  ``authorize`` returns a
+Deferred and runs in the server's authorization gate, after the handshake and
+before the application sees the connection.  Every authorizer fails closed:
+an error, a timeout or a doubt is a denial with a reason.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+from attrs import frozen
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Interface, implementer
+
+from connect_native.identity import ServiceIdentity
+
+log = Logger()
+
+
+@frozen
+class Peer:
+    """
+    A peer whose certificate chain and SPIFFE identity were verified in the
+    TLS handshake.
+
+    ``serial`` is the certificate's serial number as Consul's authorize API
+    takes it: lowercase hex bytes separated by colons.
+    """
+
+    identity: ServiceIdentity
+    serial: str
+
+    @property
+    def uri(self) -> str:
+        return self.identity.uri
+
+
+def colon_hex_serial(serial: int) -> str:
+    """
+    A certificate serial number in the colon-separated hex form that Consul
+    uses (``0x1f2a`` -> ``1f:2a``).
+    """
+    raw = serial.to_bytes(max(1, (serial.bit_length() + 7) // 8), "big")
+    return ":".join(f"{b:02x}" for b in raw)
+
+
+@frozen
+class Decision:
+    """
+    The answer to "may this peer connect to this target?".
+
+    ``reason`` says why, for the logs; ``source`` says who decided (for
+    example ``agent``, ``agent-cache``, ``intentions``, ``error``).
+    """
+
+    allowed: bool
+    reason: str
+    source: str
+
+    @classmethod
+    def deny(cls, reason: str, source: str = "error") -> Decision:
+        return cls(allowed=False, reason=reason, source=source)
+
+
+class IAuthorizer(Interface):
+    """
+    Decides whether a verified peer may reach a target service.
+    """
+
+    def decide_now(peer: Peer, target: str) -> Decision | None:
+        """
+        A decision that is known at once, or ``None``.  Called inside the TLS
+        verify callback: must not block, must not raise.
+        """
+
+    def authorize(peer: Peer, target: str) -> Deferred[Decision]:
+        """
+        The decision, eventually.  The Deferred never fails: any error is a
+        denial carrying the reason.  Cancelling it is allowed.
+        """
+
+
+class _AuthorizeResult(Protocol):
+    authorized: bool
+    reason: str
+
+
+class AuthorizeCall(Protocol):
+    """
+    What `AgentAuthorizer` needs of the Consul client.
+    """
+
+    def authorize(
+        self, target: str, client_cert_uri: str, client_cert_serial: str
+    ) -> Deferred[_AuthorizeResult]: ...
+
+
+@implementer(IAuthorizer)
+class AgentAuthorizer:
+    """
+    Asks the agent's ``POST /v1/agent/connect/authorize`` for every new
+    connection.
+
+    Identical calls in flight are coalesced into one request.  A decision may
+    be remembered per (certificate serial, target) for ``cache_ttl`` seconds
+    (default 1 s, at most what a user sets; 0 turns it off), so a burst of
+    connections from one peer costs one round trip.  Every request is bounded
+    by ``timeout``.  Errors and timeouts deny.
+    """
+
+    def __init__(
+        self,
+        client: AuthorizeCall,
+        clock: IReactorTime,
+        *,
+        timeout: float = 5.0,
+        cache_ttl: float = 1.0,
+    ) -> None:
+        if timeout <= 0:
+            raise ValueError(f"timeout must be positive, not {timeout!r}")
+        if cache_ttl < 0:
+            raise ValueError(f"cache_ttl must be 0 or more, not {cache_ttl!r}")
+        self._client = client
+        self._clock = clock
+        self._timeout = timeout
+        self._cache_ttl = cache_ttl
+        self._remembered: dict[tuple[str, str, str], tuple[float, Decision]] = {}
+        self._in_flight: dict[tuple[str, str, str], list[Deferred[Decision]]] = {}
+
+    def decide_now(self, peer: Peer, target: str) -> Decision | None:
+        key = (peer.uri, peer.serial, target)
+        remembered = self._remembered.get(key)
+        if remembered is None:
+            return None
+        expires, decision = remembered
+        if self._clock.seconds() >= expires:
+            del self._remembered[key]
+            return None
+        return Decision(decision.allowed, decision.reason, "agent-cache")
+
+    def authorize(self, peer: Peer, target: str) -> Deferred[Decision]:
+        known = self.decide_now(peer, target)
+        if known is not None:
+            return succeed(known)
+        key = (peer.uri, peer.serial, target)
+        waiter: Deferred[Decision] = Deferred(lambda d: self._forget(key, d))
+        waiters = self._in_flight.get(key)
+        if waiters is not None:
+            waiters.append(waiter)
+            return waiter
+        self._in_flight[key] = [waiter]
+        self._ask(key, peer, target)
+        return waiter
+
+    def _prune(self) -> None:
+        if len(self._remembered) < 1024:
+            return
+        now = self._clock.seconds()
+        for key, (expires, _) in list(self._remembered.items()):
+            if expires <= now:
+                del self._remembered[key]
+
+    def _forget(self, key: tuple[str, str, str], waiter: Deferred[Decision]) -> None:
+        waiters = self._in_flight.get(key)
+        if waiters is not None and waiter in waiters:
+            waiters.remove(waiter)
+        # Cancelling a waiter fires it with CancelledError; the shared request
+        # keeps running for the others (and for the cache).
+
+    def _ask(self, key: tuple[str, str, str], peer: Peer, target: str) -> None:
+        started = time.monotonic()
+        request = self._client.authorize(target, peer.uri, peer.serial)
+        timed_out = []
+
+        def on_timeout() -> None:
+            timed_out.append(True)
+            request.cancel()
+
+        timer: IDelayedCall = self._clock.callLater(self._timeout, on_timeout)
+
+        def decided(result: _AuthorizeResult) -> Decision:
+            if not isinstance(result.authorized, bool):
+                return Decision.deny("the agent's answer had no boolean Authorized")
+            return Decision(bool(result.authorized), str(result.reason), "agent")
+
+        def failed(failure: Failure) -> Decision:
+            if timed_out or isinstance(failure.value, CancelledError):
+                reason = f"the agent did not answer within {self._timeout:g}s"
+            else:
+                reason = (
+                    f"the agent's authorize call failed: {failure.getErrorMessage()}"
+                )
+            return Decision.deny(reason)
+
+        def finish(decision: Decision) -> None:
+            if timer.active():
+                timer.cancel()
+            if decision.source == "agent" and self._cache_ttl > 0:
+                self._prune()
+                self._remembered[key] = (
+                    self._clock.seconds() + self._cache_ttl,
+                    decision,
+                )
+            log.debug(
+                "authorize {peer} -> {target}: {allowed} ({reason}) in {ms:.1f} ms",
+                peer=peer.uri,
+                target=target,
+                allowed=decision.allowed,
+                reason=decision.reason,
+                ms=(time.monotonic() - started) * 1000,
+            )
+            for waiter in self._in_flight.pop(key, []):
+                waiter.callback(decision)
+
+        # decided's own exceptions must reach failed too, or the waiters hang.
+        decision = request.addCallback(decided)
+        decision.addErrback(failed)
+        decision.addCallback(finish).addErrback(
+            lambda f: log.failure("authorize bookkeeping failed", f)  # never raised
+        )
