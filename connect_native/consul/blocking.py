@@ -222,7 +222,8 @@ class Watch(Generic[T]):
 
     def start(self) -> None:
         """
-        Start watching: the first request goes out now, with ``index=0``.
+        Start watching: the first request goes out now (or ``min_interval``
+        after the previous one, when restarted quickly), with ``index=0``.
         Calling it on a running watch does nothing; a stopped watch starts
         again from index 0 and keeps its last value.
         """
@@ -232,7 +233,14 @@ class Watch(Generic[T]):
         self._index = 0
         self._failures = 0
         self._log.debug("watch {watch} starting", watch=self.name)
-        self._schedule(0.0)
+        if (
+            self._last_start is None
+            or self._clock.seconds() >= self._last_start + self.min_interval
+        ):
+            self._request()
+        else:
+            # Stopped and started again quickly: min_interval still holds.
+            self._schedule(0.0)
 
     def stop(self) -> None:
         """
