@@ -1,0 +1,3 @@
+"""
+A Consul-compatible agent for development and tests.
+"""
