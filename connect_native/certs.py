@@ -21,6 +21,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from OpenSSL import crypto
+from twisted.internet.defer import Deferred
+from zope.interface import Interface
 
 from connect_native.identity import (
     InvalidIdentity,
@@ -361,3 +363,25 @@ class Bundle:
             not_before=not_before,
             not_after=not_after,
         )
+
+
+class IBundleSource(Interface):
+    """
+    Where endpoints get the certificates for a new connection.
+
+    ``CertManager`` provides it; ``connect_native.testing`` has a fake.  A
+    source is asked once per new connection, so that new connections get new
+    certificates while open ones keep theirs.
+    """
+
+    def current() -> Bundle | None:
+        """
+        The Bundle to use for a new connection now, or ``None`` when there is
+        none that may be used (not ready yet, or expired): the caller must
+        then refuse the connection.
+        """
+
+    def when_ready() -> Deferred[Bundle]:
+        """
+        Fires with the first usable Bundle; cancellable.
+        """
