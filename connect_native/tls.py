@@ -1,0 +1,526 @@
+"""
+TLS for Connect: OpenSSL connection creators built from a
+:class:`~connect_native.certs.Bundle`, their verify callbacks, and the record
+of which peer each connection verified.
+
+Each creator owns one ``OpenSSL.SSL.Context``, configured completely when the
+creator is made and never touched again (pyOpenSSL refuses to modify a context
+that has made a connection).  A new Bundle means new creators; connections
+opened with the old ones keep their context, certificate and roots.
+
+Chain verification is OpenSSL's own, inside the handshake: the context's
+certificate store holds every current root as a trust anchor, and OpenSSL
+builds the chain with the intermediates the peer sends (a cross-signed one
+during a CA rotation, a secondary datacenter's or an external CA's
+intermediate), checks signatures, validity at the current time and basic
+constraints, and the TLS purpose (client authentication when we are the
+server, server authentication when we are the client).  The verify callback
+then checks the leaf (depth 0): the extended key usage, exactly one
+``spiffe://`` service URI (:func:`connect_native.identity.identity_of_certificate`),
+a trust domain that a current root carries, and, for a client, the expected
+service.  ``cryptography.x509.verification`` is not used in the handshake
+because OpenSSL's verify callback is not given the intermediates the peer sent
+(pyOpenSSL sets the peer chain only after verification), and a check after the
+handshake would let a TLS 1.3 client finish its handshake before being
+refused.
+
+Anything unexpected inside a callback refuses the peer (fail closed) and is
+logged with :mod:`twisted.logger`.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from attrs import frozen
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from OpenSSL import SSL, crypto
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
+)
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from connect_native.certs import Bundle
+from connect_native.identity import (
+    InvalidIdentity,
+    ServiceIdentity,
+    identity_of_certificate,
+)
+
+if TYPE_CHECKING:
+    from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+__all__ = [
+    "ClientConnectionCreator",
+    "DecideNow",
+    "PeerIdentityMismatch",
+    "PeerRefused",
+    "ServerConnectionCreator",
+    "VerifiedPeer",
+    "peer_identity",
+    "verified_peer",
+]
+
+_log = Logger()
+
+#: ``decide_now(peer)``: allow (True), deny (False, a TLS alert), or
+#: undecided (None: the authorization gate decides after the handshake).
+DecideNow = Callable[[ServiceIdentity], "bool | None"]
+
+# TLS 1.2 cipher suites: forward-secret AEAD only, as Consul's Go library
+# (connect/tls.go defaultTLSConfig).  TLS 1.3 suites are all AEAD already.
+_TLS12_CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20"
+
+# Resumption would skip the verify callback, and with it every identity
+# check, so it must be impossible: no server session cache, no tickets.
+# TLS 1.3 servers still send (stateful) NewSessionTicket messages with
+# OP_NO_TICKET; with the cache off they name sessions nobody stored, so a
+# client offering one gets a full handshake.  pyOpenSSL has no
+# set_num_tickets to stop sending them.
+_OPTIONS = (
+    SSL.OP_NO_COMPRESSION
+    | SSL.OP_NO_RENEGOTIATION
+    | SSL.OP_NO_TICKET
+    | SSL.OP_CIPHER_SERVER_PREFERENCE
+)
+
+_MAX_PEER_CHAIN_DEPTH = 8
+
+# Which certificate each side verifies.
+_PEER_ROLE = {"server": "client", "client": "server"}
+
+
+class PeerRefused(Exception):  # noqa: N818 (a refusal, named for what happened)
+    """
+    We refused the peer's certificate during the TLS handshake.
+
+    A client connection refused this way is closed with this error as the
+    reason given to the application protocol's ``connectionLost``.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class PeerIdentityMismatch(PeerRefused):
+    """
+    The server's certificate is valid but names another service than the one
+    we meant to reach.
+    """
+
+    def __init__(self, got: str, wanted: str) -> None:
+        super().__init__(f"peer certificate mismatch: got {got}, want {wanted}")
+        self.got = got
+        self.wanted = wanted
+
+
+@frozen
+class VerifiedPeer:
+    """
+    What the verify callback established about a connection's peer.
+
+    :ivar identity: the peer's service identity.
+    :ivar certificate: the peer's leaf certificate.
+    :ivar serial: its serial number in Consul's colon-hex form (as
+        ``ClientCertSerial`` in ``/v1/agent/connect/authorize``).
+    :ivar early_decision: what ``decide_now`` said in the handshake: ``True``
+        (allowed), or ``None`` (undecided, or no ``decide_now``; the
+        authorization gate must decide).  A denial never gets this far.
+    """
+
+    identity: ServiceIdentity
+    certificate: x509.Certificate
+    serial: str
+    early_decision: bool | None = None
+
+
+# Keyed by the OpenSSL connection: Twisted keeps the connection's app data
+# for the TLS protocol, and a weak key lets the record go with the connection.
+_verified: weakref.WeakKeyDictionary[SSL.Connection, VerifiedPeer] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _ssl_connection(transport: object) -> SSL.Connection | None:
+    """
+    Find the OpenSSL connection under ``transport``: the object itself, the
+    handle of a TLS transport (``TLSMemoryBIOProtocol.getHandle()``), or that
+    of a transport further down the ``.transport`` attributes (an HTTP/2
+    stream's connection, say).
+    """
+    current: object = transport
+    for _ in range(_MAX_PEER_CHAIN_DEPTH):
+        if current is None:
+            return None
+        if isinstance(current, SSL.Connection):
+            return current
+        get_handle = getattr(current, "getHandle", None)
+        if callable(get_handle):
+            try:
+                handle = get_handle()
+            except Exception:
+                handle = None
+            if isinstance(handle, SSL.Connection):
+                return handle
+        current = getattr(current, "transport", None)
+    return None
+
+
+def verified_peer(transport: object) -> VerifiedPeer | None:
+    """
+    The peer that the handshake of ``transport`` verified, or ``None`` if it
+    verified none (not a Connect TLS connection, the handshake not done, or
+    the peer refused).  Treat ``None`` as unauthenticated.
+
+    :param transport: a TLS transport, or anything whose ``.transport``
+        chain leads to one, or an ``OpenSSL.SSL.Connection``.
+    """
+    connection = _ssl_connection(transport)
+    if connection is None:
+        return None
+    return _verified.get(connection)
+
+
+def peer_identity(transport: object) -> ServiceIdentity | None:
+    """
+    The service identity of the peer of ``transport``, as verified in its
+    TLS handshake; ``None`` if there is none (see :func:`verified_peer`).
+    """
+    peer = verified_peer(transport)
+    return None if peer is None else peer.identity
+
+
+def _serial(certificate: x509.Certificate) -> str:
+    serial = certificate.serial_number
+    length = max(1, (serial.bit_length() + 7) // 8)
+    return ":".join(f"{b:02x}" for b in serial.to_bytes(length, "big"))
+
+
+def _x509_error_text(errno: int) -> str:
+    try:
+        from OpenSSL._util import ffi, lib
+
+        text: bytes = ffi.string(lib.X509_verify_cert_error_string(errno))
+        return text.decode("ascii", "replace")
+    except Exception:
+        return "unknown error"
+
+
+def _describe(certificate: crypto.X509) -> str:
+    try:
+        cert = certificate.to_cryptography()
+        subject = cert.subject.rfc4514_string() or "empty subject"
+        return f"{subject}, serial {cert.serial_number:#x}"
+    except Exception:
+        return "unreadable certificate"
+
+
+def _check_leaf(
+    bundle: Bundle, leaf: x509.Certificate, usage: x509.ObjectIdentifier, role: str
+) -> ServiceIdentity:
+    """
+    The peer leaf's identity, if it may be a Connect ``role`` ("client" or
+    "server"); :class:`PeerRefused` saying why not otherwise.
+    """
+    try:
+        usages = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        raise PeerRefused(
+            f"the {role} certificate has no extended key usage; a Connect leaf "
+            f"carries TLS {role} authentication"
+        ) from None
+    if usage not in usages:
+        raise PeerRefused(
+            f"the {role} certificate lacks the TLS {role} authentication "
+            "extended key usage"
+        )
+    try:
+        identity = identity_of_certificate(leaf)
+    except InvalidIdentity as e:
+        raise PeerRefused(f"the {role} certificate: {e}") from None
+    if identity.trust_domain not in bundle.trust_domains:
+        raise PeerRefused(
+            f"the {role} certificate's identity {identity.uri} is in trust "
+            f"domain {identity.trust_domain!r}, which no current root carries "
+            f"(roots carry {', '.join(sorted(bundle.trust_domains))})"
+        )
+    return identity
+
+
+def _refused(side: str, reason: str, depth: int, certificate: str) -> None:
+    _log.warn(
+        "TLS {side}: refused the peer's certificate ({certificate}, depth "
+        "{depth}): {reason}",
+        side=side,
+        reason=reason,
+        depth=depth,
+        certificate=certificate,
+        decision="denied",
+    )
+
+
+VerifyCallback = Callable[[SSL.Connection, crypto.X509, int, int, int], bool]
+
+
+def _verify_callback(
+    side: str,
+    check: Callable[[SSL.Connection, x509.Certificate], VerifiedPeer],
+    on_refusal: Callable[[SSL.Connection, PeerRefused], None],
+) -> VerifyCallback:
+    """
+    A pyOpenSSL verify callback: OpenSSL's chain result at every depth, then
+    ``check`` on the leaf, and every failure a refusal.
+    """
+
+    def callback(
+        connection: SSL.Connection,
+        certificate: crypto.X509,
+        errno: int,
+        depth: int,
+        ok: int,
+    ) -> bool:
+        try:
+            if not ok:
+                refusal = PeerRefused(
+                    f"the {_PEER_ROLE[side]} certificate chain does not verify "
+                    f"against the current roots: {_x509_error_text(errno)} "
+                    f"(X509 error {errno})"
+                )
+            elif depth != 0:
+                return True
+            else:
+                try:
+                    _verified[connection] = check(
+                        connection, certificate.to_cryptography()
+                    )
+                    return True
+                except PeerRefused as e:
+                    refusal = e
+            _refused(side, refusal.reason, depth, _describe(certificate))
+            on_refusal(connection, refusal)
+            return False
+        except Exception:
+            _log.failure(
+                "TLS {side}: refused the peer's certificate: error while verifying it",
+                side=side,
+                decision="denied",
+            )
+            return False
+
+    return callback
+
+
+def _context(bundle: Bundle) -> SSL.Context:
+    """
+    The settings both sides share: our leaf and chain, every root as a trust
+    anchor, TLS 1.2 at least, no renegotiation, no resumption.
+    """
+    context = SSL.Context(SSL.TLS_METHOD)
+    context.set_min_proto_version(SSL.TLS1_2_VERSION)
+    context.set_options(_OPTIONS)
+    context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    context.set_cipher_list(_TLS12_CIPHERS)
+    context.use_certificate(bundle.leaf)
+    context.use_privatekey(bundle.private_key())
+    for certificate in bundle.chain:
+        context.add_extra_chain_cert(certificate)
+    context.check_privatekey()
+    store = context.get_cert_store()
+    if store is None:  # pragma: no cover (OpenSSL always makes one)
+        raise RuntimeError("OpenSSL context has no certificate store")
+    for root in bundle.roots:
+        store.add_cert(crypto.X509.from_cryptography(root.certificate))
+    return context
+
+
+def _protocols(alpn_protocols: Sequence[bytes]) -> tuple[bytes, ...]:
+    protocols = tuple(alpn_protocols)
+    for protocol in protocols:
+        if not isinstance(protocol, bytes) or not 0 < len(protocol) < 256:
+            raise ValueError(
+                f"alpn_protocols: {protocol!r} is not an ALPN protocol name "
+                "(1 to 255 bytes, e.g. b'h2' or b'http/1.1')"
+            )
+    return protocols
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerConnectionCreator:
+    """
+    Makes the OpenSSL connections of a Connect server from one Bundle.
+
+    The client must present a certificate that chains to a current root,
+    carries the client authentication key usage and exactly one ``spiffe://``
+    service URI in a trust domain a current root carries; otherwise the
+    handshake fails with a TLS alert.  The verified identity is then
+    available from :func:`peer_identity`.
+
+    :param bundle: our certificates and the roots.
+    :param alpn_protocols: the protocols we speak, most preferred first
+        (``b"h2"``, ``b"http/1.1"``); empty for no ALPN.  A client offering
+        only other protocols is refused (RFC 7301).
+    :param decide_now: called with the verified peer's identity inside the
+        handshake: ``False`` refuses the handshake, ``True`` or ``None``
+        (undecided) lets it complete, recorded as
+        :attr:`VerifiedPeer.early_decision`.
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        *,
+        alpn_protocols: Sequence[bytes] = (),
+        decide_now: DecideNow | None = None,
+    ) -> None:
+        self.bundle = bundle
+        self._protocols = _protocols(alpn_protocols)
+        self._decide_now = decide_now
+        context = _context(bundle)
+        context.set_verify(
+            SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT,
+            _verify_callback("server", self._check, _ignore_refusal),
+        )
+        if self._protocols:
+            context.set_alpn_select_callback(self._select_protocol)
+        self._context = context
+
+    @property
+    def context(self) -> SSL.Context:
+        """
+        The OpenSSL context all this creator's connections share; read it,
+        never modify it.
+        """
+        return self._context
+
+    def _check(
+        self, connection: SSL.Connection, leaf: x509.Certificate
+    ) -> VerifiedPeer:
+        identity = _check_leaf(
+            self.bundle, leaf, ExtendedKeyUsageOID.CLIENT_AUTH, "client"
+        )
+        decision: bool | None = None
+        if self._decide_now is not None:
+            decision = self._decide_now(identity)
+            if decision is False:
+                raise PeerRefused(f"{identity.uri} is not allowed to connect")
+            if decision is not True:
+                decision = None
+        return VerifiedPeer(identity, leaf, _serial(leaf), decision)
+
+    def _select_protocol(
+        self, connection: SSL.Connection, offered: list[bytes]
+    ) -> bytes:
+        for protocol in self._protocols:
+            if protocol in offered:
+                return protocol
+        _log.warn(
+            "TLS server: refused a client offering only ALPN protocols {offered} "
+            "(we speak {ours})",
+            offered=offered,
+            ours=list(self._protocols),
+        )
+        # Empty: pyOpenSSL ends the handshake (no_application_protocol alert).
+        return b""
+
+    def serverConnectionForTLS(
+        self, tlsProtocol: TLSMemoryBIOProtocol
+    ) -> SSL.Connection:
+        """
+        A connection for one accepted client, sharing this creator's context.
+        """
+        return SSL.Connection(self._context, None)
+
+
+def _ignore_refusal(connection: SSL.Connection, refusal: PeerRefused) -> None:
+    # The server lets OpenSSL fail the handshake, which sends the client a
+    # TLS alert; aborting here would drop the alert.
+    pass
+
+
+def _fail_client_connection(connection: SSL.Connection, refusal: PeerRefused) -> None:
+    """
+    Give the application the reason (Twisted's ``failVerification``), as
+    Twisted's own host name check does.
+    """
+    protocol: Any = connection.get_app_data()
+    fail = getattr(protocol, "failVerification", None)
+    if callable(fail):
+        fail(Failure(refusal))  # type: ignore[no-untyped-call]
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class ClientConnectionCreator:
+    """
+    Makes the OpenSSL connections of a Connect client reaching one service.
+
+    We present our leaf and its chain.  The server's chain must verify
+    against a current root, its leaf carry the server authentication key
+    usage and exactly one ``spiffe://`` service URI in a trust domain a
+    current root carries, matching ``expected``
+    (:meth:`ServiceIdentity.matches`: service, namespace, partition and
+    datacenter as Consul's Go library compares them).  There is no host name
+    check: the URI is the server's name.  A refused server's connection is
+    closed with :class:`PeerRefused` (:class:`PeerIdentityMismatch` when it
+    is another service) as the reason.
+
+    :param bundle: our certificates and the roots.
+    :param expected: the service we mean to reach.
+    :param alpn_protocols: the protocols to offer, most preferred first.
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        expected: ServiceIdentity,
+        *,
+        alpn_protocols: Sequence[bytes] = (),
+    ) -> None:
+        if not isinstance(expected, ServiceIdentity):
+            raise TypeError(
+                "expected must be a ServiceIdentity, not "
+                f"{type(expected).__name__}: {expected!r}"
+            )
+        self.bundle = bundle
+        self.expected = expected
+        protocols = _protocols(alpn_protocols)
+        context = _context(bundle)
+        context.set_verify(
+            SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT,
+            _verify_callback("client", self._check, _fail_client_connection),
+        )
+        if protocols:
+            context.set_alpn_protos(list(protocols))
+        self._context = context
+
+    @property
+    def context(self) -> SSL.Context:
+        """
+        The OpenSSL context all this creator's connections share; read it,
+        never modify it.
+        """
+        return self._context
+
+    def _check(
+        self, connection: SSL.Connection, leaf: x509.Certificate
+    ) -> VerifiedPeer:
+        identity = _check_leaf(
+            self.bundle, leaf, ExtendedKeyUsageOID.SERVER_AUTH, "server"
+        )
+        if not identity.matches(self.expected):
+            raise PeerIdentityMismatch(identity.uri, self.expected.uri)
+        return VerifiedPeer(identity, leaf, _serial(leaf))
+
+    def clientConnectionForTLS(
+        self, tlsProtocol: TLSMemoryBIOProtocol
+    ) -> SSL.Connection:
+        """
+        A connection to one server, sharing this creator's context.
+        """
+        return SSL.Connection(self._context, None)

@@ -1,0 +1,868 @@
+"""
+Tests for connect_native.tls: in-memory mutual TLS between connection
+creators built from Bundles (two TLSMemoryBIOFactory, a shared Clock, iosim),
+no sockets.
+
+Certificates carry wall-clock validity that OpenSSL checks against real time,
+so the test certificates are made around ``time.time()`` and the Clock starts
+there.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pytest
+from attrs import frozen
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from OpenSSL import SSL
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
+)
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.logger import LogEvent, capturedLogs
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
+from twisted.test.iosim import IOPump, connectedServerAndClient
+from zope.interface import implementer
+
+from connect_native import _certbuild as cb
+from connect_native.certs import Bundle, RootPEMs
+from connect_native.identity import ServiceIdentity
+from connect_native.tls import (
+    ClientConnectionCreator,
+    PeerIdentityMismatch,
+    PeerRefused,
+    ServerConnectionCreator,
+    peer_identity,
+    verified_peer,
+)
+
+HOUR = 3600.0
+DAY = 24 * HOUR
+
+
+# --- certificates ---------------------------------------------------------
+#
+# A small CA shaped like Consul's (via the project's certificate builder),
+# able to make the bad leaves the server must refuse.
+
+
+@frozen
+class Leaf:
+    certificate: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+    chain: tuple[x509.Certificate, ...] = ()
+
+    @property
+    def cert_pem(self) -> str:
+        return "".join(cb.certificate_pem(c) for c in (self.certificate, *self.chain))
+
+    @property
+    def key_pem(self) -> str:
+        return cb.private_key_pem(self.key)
+
+
+class CA:
+    def __init__(self, trust_domain: str | None = None, name: str = "ca") -> None:
+        self.trust_domain = trust_domain or f"{uuid.uuid4()}.consul"
+        self.key = cb.generate_private_key()
+        self.name = cb.common_name(
+            f"pri-{name}.consul.ca.{self.trust_domain[:8]}.consul"
+        )
+        now = time.time()
+        self.certificate = cb.build_certificate(
+            subject=self.name,
+            issuer=self.name,
+            public_key=self.key.public_key(),
+            signing_key=self.key,
+            serial=1,
+            not_before=cb.utc_from_timestamp(now - 60),
+            not_after=cb.utc_from_timestamp(now + 365 * DAY),
+            ca=True,
+            uris=[cb.signing_uri(self.trust_domain)],
+        )
+        self._serial = 1
+        # (certificate that signs leaves, key) and what a leaf's chain holds
+        self._signer: tuple[x509.Name, Any, bytes] = (
+            self.name,
+            self.key,
+            cb.subject_key_id_of(self.certificate),
+        )
+        self._chain: tuple[x509.Certificate, ...] = ()
+
+    def _next_serial(self) -> int:
+        self._serial += 1
+        return self._serial
+
+    def uri(self, service: str) -> str:
+        return cb.service_uri(self.trust_domain, service)
+
+    def identity(self, service: str) -> ServiceIdentity:
+        return ServiceIdentity.parse(self.uri(service))
+
+    def leaf(
+        self,
+        service: str = "web",
+        *,
+        uris: Sequence[str] | None = None,
+        extended_key_usages: Sequence[x509.ObjectIdentifier]
+        | None = cb.LEAF_EXTENDED_KEY_USAGES,
+        not_before: float | None = None,
+        not_after: float | None = None,
+        self_signed: bool = False,
+    ) -> Leaf:
+        now = time.time()
+        key = cb.generate_private_key()
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        issuer, signing_key, akid = self._signer
+        if self_signed:
+            issuer, signing_key, akid = (
+                cb.common_name(service),
+                key,
+                cb.key_id(key.public_key()),
+            )
+        certificate = cb.build_certificate(
+            subject=cb.common_name(service),
+            issuer=issuer,
+            public_key=key.public_key(),
+            signing_key=signing_key,
+            serial=self._next_serial(),
+            not_before=cb.utc_from_timestamp(
+                now - 60 if not_before is None else not_before
+            ),
+            not_after=cb.utc_from_timestamp(
+                now + 3 * DAY if not_after is None else not_after
+            ),
+            ca=False,
+            uris=[self.uri(service)] if uris is None else uris,
+            extended_key_usages=extended_key_usages,
+            authority_key_id=akid,
+        )
+        return Leaf(certificate, key, () if self_signed else self._chain)
+
+    def cross_signed_by(self, old: CA) -> x509.Certificate:
+        """
+        This CA's root, signed by ``old`` (what Consul puts first in the new
+        root's IntermediateCerts on rotation).
+        """
+        now = time.time()
+        return cb.build_certificate(
+            subject=self.name,
+            issuer=old.name,
+            public_key=self.key.public_key(),
+            signing_key=old.key,
+            serial=old._next_serial(),
+            not_before=cb.utc_from_timestamp(now - 60),
+            not_after=cb.utc_from_timestamp(now + 7 * DAY),
+            ca=True,
+            uris=[cb.signing_uri(self.trust_domain)],
+            authority_key_id=cb.subject_key_id_of(old.certificate),
+        )
+
+    def rotated_from(self, old: CA) -> None:
+        """
+        Leaves from now on carry this root cross-signed by ``old``.
+        """
+        self._chain = (self.cross_signed_by(old),)
+
+    def roots(self, *others: CA) -> list[RootPEMs]:
+        return [
+            RootPEMs(cb.certificate_pem(ca.certificate), ()) for ca in (self, *others)
+        ]
+
+    def bundle(self, leaf: Leaf, *other_roots: CA) -> Bundle:
+        return Bundle.build(
+            leaf_cert_pem=leaf.cert_pem,
+            private_key_pem=leaf.key_pem,
+            roots=self.roots(*other_roots),
+            trust_domain=self.trust_domain,
+            now=time.time(),
+        )
+
+
+# --- in-memory connections --------------------------------------------------
+
+
+@implementer(IHandshakeListener)
+class Recorder(Protocol):
+    def __init__(self) -> None:
+        self.handshake_done = False
+        self.received = b""
+        self.lost: Failure | None = None
+
+    def handshakeCompleted(self) -> None:
+        self.handshake_done = True
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.lost = reason
+
+
+@frozen
+class Connection:
+    client: TLSMemoryBIOProtocol
+    server: TLSMemoryBIOProtocol
+    pump: IOPump
+    client_app: Recorder
+    server_app: Recorder
+
+
+class RecorderFactory(Factory):
+    def __init__(self) -> None:
+        self.built: list[Recorder] = []
+
+    def buildProtocol(self, addr: object) -> Recorder:
+        protocol = Recorder()
+        protocol.factory = self
+        self.built.append(protocol)
+        return protocol
+
+
+@pytest.fixture
+def clock() -> Clock:
+    clock = Clock()
+    clock.advance(time.time())
+    return clock
+
+
+@pytest.fixture
+def logged() -> Iterator[list[LogEvent]]:
+    with capturedLogs() as events:
+        yield events  # type: ignore[misc]
+
+
+def connect(server_creator: Any, client_creator: Any, clock: Clock) -> Connection:
+    server_apps, client_apps = RecorderFactory(), RecorderFactory()
+    server_factory = TLSMemoryBIOFactory(
+        server_creator, False, server_apps, clock=clock
+    )
+    client_factory = TLSMemoryBIOFactory(client_creator, True, client_apps, clock=clock)
+    address = IPv4Address("TCP", "127.0.0.1", 20000)
+    client, server, pump = connectedServerAndClient(
+        lambda: server_factory.buildProtocol(address),
+        lambda: client_factory.buildProtocol(address),
+        clock=clock,
+    )
+    assert isinstance(client, TLSMemoryBIOProtocol)
+    assert isinstance(server, TLSMemoryBIOProtocol)
+    return Connection(client, server, pump, client_apps.built[0], server_apps.built[0])
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class AnyClient:
+    """
+    A TLS client that presents whatever it is given and accepts any server,
+    so that every refusal in these tests can only come from the server.
+    """
+
+    def __init__(
+        self,
+        leaf: Leaf | None,
+        *,
+        version: int | None = None,
+        ciphers: bytes | None = None,
+        session: SSL.Session | None = None,
+    ) -> None:
+        context = SSL.Context(SSL.TLS_METHOD)
+        context.set_verify(SSL.VERIFY_NONE)
+        if leaf is not None:
+            context.use_certificate(leaf.certificate)
+            context.use_privatekey(leaf.key)
+            for certificate in leaf.chain:
+                context.add_extra_chain_cert(certificate)
+        if version is not None:
+            context.set_min_proto_version(version)
+            context.set_max_proto_version(version)
+        if ciphers is not None:
+            context.set_cipher_list(ciphers)
+        self.context = context
+        self.session = session
+        self.connections: list[SSL.Connection] = []
+
+    def clientConnectionForTLS(
+        self, tlsProtocol: TLSMemoryBIOProtocol
+    ) -> SSL.Connection:
+        connection = SSL.Connection(self.context, None)
+        if self.session is not None:
+            connection.set_session(self.session)
+        self.connections.append(connection)
+        return connection
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class AnyServer:
+    """
+    A TLS server that presents whatever it is given and asks for no client
+    certificate, so that every refusal can only come from the client.
+    """
+
+    def __init__(self, leaf: Leaf) -> None:
+        context = SSL.Context(SSL.TLS_METHOD)
+        context.use_certificate(leaf.certificate)
+        context.use_privatekey(leaf.key)
+        for certificate in leaf.chain:
+            context.add_extra_chain_cert(certificate)
+        self.context = context
+
+    def serverConnectionForTLS(
+        self, tlsProtocol: TLSMemoryBIOProtocol
+    ) -> SSL.Connection:
+        return SSL.Connection(self.context, None)
+
+
+def server_refusals(events: list[LogEvent]) -> list[str]:
+    return [
+        e["reason"]
+        for e in events
+        if e.get("side") == "server" and e.get("decision") == "denied"
+    ]
+
+
+def client_refusals(events: list[LogEvent]) -> list[str]:
+    return [
+        e["reason"]
+        for e in events
+        if e.get("side") == "client" and e.get("decision") == "denied"
+    ]
+
+
+def assert_server_refused(conn: Connection) -> None:
+    """
+    The server ended the connection in the handshake: its application never
+    saw a completed handshake, and it recorded no peer.
+    """
+    assert not conn.server_app.handshake_done
+    assert conn.server_app.lost is not None
+    assert peer_identity(conn.server) is None
+    assert conn.server_app.received == b""
+
+
+# --- the handshake ----------------------------------------------------------
+
+
+def test_two_leaves_of_one_ca_connect_and_each_records_the_other(
+    clock: Clock,
+) -> None:
+    """
+    A web server and an api client with leaves from one CA complete the
+    handshake; each side records the other's verified identity and serial.
+    """
+    ca = CA()
+    web, api = ca.leaf("web"), ca.leaf("api")
+    server = ServerConnectionCreator(ca.bundle(web))
+    client = ClientConnectionCreator(ca.bundle(api), ca.identity("web"))
+
+    conn = connect(server, client, clock)
+    conn.client.write(b"hello")
+    conn.pump.flush()
+
+    assert conn.server_app.handshake_done
+    assert conn.client_app.handshake_done
+    assert conn.server_app.received == b"hello"
+    assert peer_identity(conn.server) == ca.identity("api")
+    assert peer_identity(conn.client) == ca.identity("web")
+    peer = verified_peer(conn.server)
+    assert peer is not None
+    assert peer.certificate == api.certificate
+    assert peer.serial == cb.serial_hex(api.certificate.serial_number)
+    assert peer.early_decision is None
+
+
+def test_peer_identity_is_found_through_transport_attributes(clock: Clock) -> None:
+    """
+    Given the application protocol's transport (or something whose
+    ``.transport`` leads to it, as for an HTTP/2 stream), peer_identity finds
+    the TLS connection under it.
+    """
+    ca = CA()
+    conn = connect(
+        ServerConnectionCreator(ca.bundle(ca.leaf("web"))),
+        ClientConnectionCreator(ca.bundle(ca.leaf("api")), ca.identity("web")),
+        clock,
+    )
+
+    class Stream:
+        transport = conn.server_app.transport
+
+    assert peer_identity(conn.server_app.transport) == ca.identity("api")
+    assert peer_identity(Stream()) == ca.identity("api")
+    assert peer_identity(conn.server.getHandle()) == ca.identity("api")
+    assert peer_identity(object()) is None
+
+
+def test_alpn_picks_the_servers_first_protocol_the_client_offers(
+    clock: Clock,
+) -> None:
+    ca = CA()
+    conn = connect(
+        ServerConnectionCreator(
+            ca.bundle(ca.leaf("web")), alpn_protocols=[b"h2", b"http/1.1"]
+        ),
+        ClientConnectionCreator(
+            ca.bundle(ca.leaf("api")),
+            ca.identity("web"),
+            alpn_protocols=[b"http/1.1", b"h2"],
+        ),
+        clock,
+    )
+    assert conn.server.negotiatedProtocol == b"h2"
+    assert conn.client.negotiatedProtocol == b"h2"
+
+
+def test_alpn_without_overlap_is_refused_by_the_server(
+    clock: Clock, logged: list[LogEvent]
+) -> None:
+    ca = CA()
+    conn = connect(
+        ServerConnectionCreator(ca.bundle(ca.leaf("web")), alpn_protocols=[b"h2"]),
+        ClientConnectionCreator(
+            ca.bundle(ca.leaf("api")), ca.identity("web"), alpn_protocols=[b"spdy/3"]
+        ),
+        clock,
+    )
+    assert_server_refused(conn)
+    assert any("ALPN" in e.get("log_format", "") for e in logged)
+
+
+# --- what the server refuses -----------------------------------------------
+
+
+def test_no_client_certificate_is_refused_by_the_server(clock: Clock) -> None:
+    ca = CA()
+    conn = connect(
+        ServerConnectionCreator(ca.bundle(ca.leaf("web"))), AnyClient(None), clock
+    )
+    assert_server_refused(conn)
+    assert conn.server_app.lost is not None
+    assert "peer did not return a certificate" in str(conn.server_app.lost.value)
+
+
+def _bad_leaves(ca: CA) -> dict[str, tuple[Leaf, str]]:
+    """
+    Client leaves the server must refuse, each with a fragment of the reason
+    the server gives.
+    """
+    now = time.time()
+    td = ca.trust_domain
+    stranger = CA(trust_domain=td, name="stranger")
+    return {
+        "self-signed": (ca.leaf("api", self_signed=True), "X509 error 18"),
+        "another CA, same trust domain": (stranger.leaf("api"), "X509 error 20"),
+        "expired": (
+            ca.leaf("api", not_before=now - 4 * DAY, not_after=now - DAY),
+            "X509 error 10",
+        ),
+        "not yet valid": (
+            ca.leaf("api", not_before=now + DAY, not_after=now + 4 * DAY),
+            "X509 error 9",
+        ),
+        "no URI SAN": (ca.leaf("api", uris=[]), "no spiffe:// URI SAN"),
+        "two URI SANs": (
+            ca.leaf("api", uris=[ca.uri("api"), ca.uri("admin")]),
+            "2 spiffe:// URI SANs",
+        ),
+        "agent URI": (
+            ca.leaf("api", uris=[cb.agent_uri(td, "node-1")]),
+            "agent identity",
+        ),
+        "CA URI": (ca.leaf("api", uris=[cb.signing_uri(td)]), "CA signing identity"),
+        "trust domain no root carries": (
+            ca.leaf("api", uris=[cb.service_uri(f"{uuid.uuid4()}.consul", "api")]),
+            "which no current root carries",
+        ),
+        "garbage path": (
+            ca.leaf("api", uris=[f"spiffe://{td}/foo/bar"]),
+            "not in a Consul format",
+        ),
+        "no datacenter": (
+            ca.leaf("api", uris=[f"spiffe://{td}/ns/default/svc/api"]),
+            "4 path segments",
+        ),
+        "missing service": (
+            ca.leaf("api", uris=[f"spiffe://{td}/ns/default/dc/dc1/svc"]),
+            "path segments",
+        ),
+        "extra segment": (
+            ca.leaf("api", uris=[f"spiffe://{td}/ns/default/dc/dc1/svc/api/x"]),
+            "path segments",
+        ),
+        "bad escape": (
+            ca.leaf("api", uris=[f"spiffe://{td}/ns/default/dc/dc1/svc/a%zz"]),
+            "bad percent escape",
+        ),
+        "not spiffe-shaped": (
+            ca.leaf("api", uris=["spiffe://"]),
+            "empty trust domain",
+        ),
+        "serverAuth only": (
+            ca.leaf("api", extended_key_usages=[ExtendedKeyUsageOID.SERVER_AUTH]),
+            "X509 error 26",
+        ),
+        "no extended key usage": (
+            ca.leaf("api", extended_key_usages=None),
+            "has no extended key usage",
+        ),
+    }
+
+
+_BAD_LEAF_CASES = list(_bad_leaves(CA()))
+
+
+@pytest.mark.parametrize("case", _BAD_LEAF_CASES)
+def test_bad_client_certificate_is_refused_by_the_servers_verify(
+    case: str, clock: Clock, logged: list[LogEvent]
+) -> None:
+    """
+    The server's verify callback refuses each bad client leaf, logging why,
+    and the handshake fails; the client accepts any server, so the refusal
+    can only be the server's.
+    """
+    ca = CA()
+    leaf, reason = _bad_leaves(ca)[case]
+    conn = connect(
+        ServerConnectionCreator(ca.bundle(ca.leaf("web"))), AnyClient(leaf), clock
+    )
+    assert_server_refused(conn)
+    refusals = server_refusals(logged)
+    assert len(refusals) == 1, refusals
+    assert reason in refusals[0]
+
+
+@pytest.mark.parametrize(
+    "version", [SSL.TLS1_VERSION, SSL.TLS1_1_VERSION], ids=["TLS1.0", "TLS1.1"]
+)
+def test_tls_below_1_2_is_refused_by_the_server(version: int, clock: Clock) -> None:
+    """
+    A client configured to offer only TLS 1.0 or 1.1 (security level 0, so
+    its own OpenSSL lets it) is refused by the server with a protocol
+    version alert.
+    """
+    ca = CA()
+    client = AnyClient(ca.leaf("api"), version=version, ciphers=b"DEFAULT:@SECLEVEL=0")
+    conn = connect(ServerConnectionCreator(ca.bundle(ca.leaf("web"))), client, clock)
+    assert_server_refused(conn)
+    assert conn.server_app.lost is not None
+    assert "unsupported protocol" in str(conn.server_app.lost.value)
+    assert conn.client_app.lost is not None
+    assert "protocol version" in str(conn.client_app.lost.value)
+
+
+def _options(context: SSL.Context) -> int:
+    # pyOpenSSL has set_options but no getter; setting nothing returns the
+    # current options.  Only for an unused context.
+    return context.set_options(0)
+
+
+def test_server_context_forbids_renegotiation_and_resumption() -> None:
+    ca = CA()
+    context = ServerConnectionCreator(ca.bundle(ca.leaf("web"))).context
+    options = _options(context)
+    assert options & SSL.OP_NO_RENEGOTIATION
+    assert options & SSL.OP_NO_TICKET
+    assert context.get_session_cache_mode() == SSL.SESS_CACHE_OFF
+    assert context.get_verify_mode() == (
+        SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+    )
+
+
+def test_renegotiation_is_refused_by_the_server(clock: Clock) -> None:
+    """
+    A TLS 1.2 client that asks to renegotiate after the handshake gets no
+    second handshake: the server answers with a no_renegotiation alert.
+
+    OpenSSL 3 and later refuse client-initiated renegotiation by default as
+    well; the test above checks that the server does not rely on that.
+    """
+    ca = CA()
+    client = AnyClient(ca.leaf("api"), version=SSL.TLS1_2_VERSION)
+    conn = connect(ServerConnectionCreator(ca.bundle(ca.leaf("web"))), client, clock)
+    assert conn.server_app.handshake_done
+    server_tls = conn.server.getHandle()
+    assert server_tls.get_protocol_version_name() == "TLSv1.2"
+
+    # The client's OpenSSL writes a renegotiation ClientHello; put it on the
+    # wire ourselves (Twisted sends nothing until it has application data).
+    client_tls = conn.client.getHandle()
+    assert client_tls.renegotiate()
+    with pytest.raises(SSL.WantReadError):
+        client_tls.do_handshake()
+    conn.client.transport.write(client_tls.bio_read(65536))
+    conn.pump.flush()
+
+    assert server_tls.total_renegotiations() == 0
+    assert conn.client_app.lost is not None
+    assert "no renegotiation" in str(conn.client_app.lost.value)
+
+
+def session_reused(connection: SSL.Connection) -> bool:
+    # pyOpenSSL wraps SSL_session_reused in no public method.
+    from OpenSSL._util import lib
+
+    return bool(lib.SSL_session_reused(connection._ssl))
+
+
+def test_a_session_cannot_be_resumed(clock: Clock) -> None:
+    """
+    A second connection offering the first one's session gets a full
+    handshake, so the server verifies the client's certificate again.
+    """
+    ca = CA()
+    server = ServerConnectionCreator(ca.bundle(ca.leaf("web")))
+    api = ca.leaf("api")
+    client = AnyClient(api)
+    first = connect(server, client, clock)
+    first.client.write(b"1")
+    first.pump.flush()
+    assert first.server_app.handshake_done
+    session = first.client.getHandle().get_session()
+    assert session is not None
+
+    client.session = session
+    second = connect(server, client, clock)
+    second.client.write(b"2")
+    second.pump.flush()
+
+    assert second.server_app.handshake_done
+    assert not session_reused(second.server.getHandle())
+    assert not session_reused(client.connections[1])
+    assert peer_identity(second.server) == ca.identity("api")
+
+
+# --- decide_now -------------------------------------------------------------
+
+
+def test_decide_now_false_refuses_the_handshake(
+    clock: Clock, logged: list[LogEvent]
+) -> None:
+    ca = CA()
+    asked: list[ServiceIdentity] = []
+
+    def deny(peer: ServiceIdentity) -> bool:
+        asked.append(peer)
+        return False
+
+    conn = connect(
+        ServerConnectionCreator(ca.bundle(ca.leaf("web")), decide_now=deny),
+        AnyClient(ca.leaf("api")),
+        clock,
+    )
+    assert asked == [ca.identity("api")]
+    assert_server_refused(conn)
+    assert "not allowed" in server_refusals(logged)[0]
+
+
+@pytest.mark.parametrize("decision", [True, None])
+def test_decide_now_allowing_or_undecided_is_recorded(
+    decision: bool | None, clock: Clock
+) -> None:
+    ca = CA()
+    conn = connect(
+        ServerConnectionCreator(
+            ca.bundle(ca.leaf("web")), decide_now=lambda peer: decision
+        ),
+        AnyClient(ca.leaf("api")),
+        clock,
+    )
+    assert conn.server_app.handshake_done
+    peer = verified_peer(conn.server)
+    assert peer is not None
+    assert peer.early_decision is decision
+
+
+def test_an_error_in_decide_now_refuses_the_peer(
+    clock: Clock, logged: list[LogEvent]
+) -> None:
+    """
+    Fail closed: an exception inside the verify callback refuses the
+    handshake and is logged.
+    """
+    ca = CA()
+
+    def broken(peer: ServiceIdentity) -> bool:
+        raise RuntimeError("authorizer exploded")
+
+    conn = connect(
+        ServerConnectionCreator(ca.bundle(ca.leaf("web")), decide_now=broken),
+        AnyClient(ca.leaf("api")),
+        clock,
+    )
+    assert_server_refused(conn)
+    failures = [e for e in logged if e.get("log_failure") is not None]
+    assert len(failures) == 1
+    assert failures[0]["side"] == "server"
+    assert failures[0]["log_failure"].check(RuntimeError)
+
+
+# --- the client side --------------------------------------------------------
+
+
+def test_client_refuses_a_server_of_another_service_naming_both_uris(
+    clock: Clock, logged: list[LogEvent]
+) -> None:
+    ca = CA()
+    conn = connect(
+        ServerConnectionCreator(ca.bundle(ca.leaf("db"))),
+        ClientConnectionCreator(ca.bundle(ca.leaf("api")), ca.identity("web")),
+        clock,
+    )
+    assert conn.client_app.lost is not None
+    error = conn.client_app.lost.value
+    assert isinstance(error, PeerIdentityMismatch)
+    assert error.got == ca.uri("db")
+    assert error.wanted == ca.uri("web")
+    assert ca.uri("db") in str(error)
+    assert ca.uri("web") in str(error)
+    assert peer_identity(conn.client) is None
+    assert not conn.server_app.handshake_done or conn.server_app.lost is not None
+    assert client_refusals(logged) == [str(error)]
+
+
+def test_client_matches_service_names_as_consul_does(clock: Clock) -> None:
+    """
+    The expected service compares ASCII case-insensitively (Go's
+    strings.EqualFold), so a client expecting ``Web`` reaches ``web``.
+    """
+    ca = CA()
+    conn = connect(
+        ServerConnectionCreator(ca.bundle(ca.leaf("web"))),
+        ClientConnectionCreator(ca.bundle(ca.leaf("api")), ca.identity("Web")),
+        clock,
+    )
+    assert conn.client_app.handshake_done
+    assert peer_identity(conn.client) == ca.identity("web")
+
+
+def test_client_refuses_a_server_of_another_ca(clock: Clock) -> None:
+    ca = CA()
+    stranger = CA(trust_domain=ca.trust_domain, name="stranger")
+    conn = connect(
+        ServerConnectionCreator(stranger.bundle(stranger.leaf("web"))),
+        ClientConnectionCreator(ca.bundle(ca.leaf("api")), ca.identity("web")),
+        clock,
+    )
+    assert conn.client_app.lost is not None
+    error = conn.client_app.lost.value
+    assert isinstance(error, PeerRefused)
+    assert "does not verify" in str(error)
+    assert peer_identity(conn.client) is None
+
+
+def test_client_refuses_a_server_leaf_without_server_auth(clock: Clock) -> None:
+    ca = CA()
+    server_leaf = ca.leaf("web", extended_key_usages=[ExtendedKeyUsageOID.CLIENT_AUTH])
+    conn = connect(
+        AnyServer(server_leaf),
+        ClientConnectionCreator(ca.bundle(ca.leaf("api")), ca.identity("web")),
+        clock,
+    )
+    assert conn.client_app.lost is not None
+    assert isinstance(conn.client_app.lost.value, PeerRefused)
+    assert peer_identity(conn.client) is None
+
+
+# --- rotation and renewal -----------------------------------------------------
+
+
+def test_after_rotation_a_new_leaf_verifies_with_peers_trusting_only_the_old_root(
+    clock: Clock,
+) -> None:
+    """
+    During a CA rotation a leaf from the new root carries the new root
+    cross-signed by the old one; a peer that still knows only the old root
+    builds the chain through it, on both sides of the connection.
+    """
+    old, new = CA(name="old"), None
+    new = CA(trust_domain=old.trust_domain, name="new")
+    new.rotated_from(old)
+
+    new_web = new.leaf("web")
+    assert new_web.chain
+    # The new side knows both roots; the old side only the old one.
+    server = ServerConnectionCreator(new.bundle(new_web, old))
+    client = ClientConnectionCreator(old.bundle(old.leaf("api")), old.identity("web"))
+    conn = connect(server, client, clock)
+    assert conn.client_app.handshake_done
+    assert conn.server_app.handshake_done
+    assert peer_identity(conn.client) == old.identity("web")
+
+    server = ServerConnectionCreator(old.bundle(old.leaf("web")))
+    client = ClientConnectionCreator(
+        new.bundle(new.leaf("api"), old), old.identity("web")
+    )
+    conn = connect(server, client, clock)
+    assert conn.client_app.handshake_done
+    assert conn.server_app.handshake_done
+    assert peer_identity(conn.server) == old.identity("api")
+
+
+def test_without_the_cross_signed_certificate_old_root_peers_refuse(
+    clock: Clock,
+) -> None:
+    """
+    The counterpart of the test above: the same new leaf, without the
+    cross-signed intermediate, is refused by a server knowing only the old
+    root.
+    """
+    old = CA(name="old")
+    new = CA(trust_domain=old.trust_domain, name="new")
+    conn = connect(
+        ServerConnectionCreator(old.bundle(old.leaf("web"))),
+        AnyClient(new.leaf("api")),
+        clock,
+    )
+    assert_server_refused(conn)
+
+
+def test_a_new_bundle_gives_a_new_context_and_open_connections_keep_theirs(
+    clock: Clock,
+) -> None:
+    """
+    After a leaf renewal, new creators own a new context; a connection made
+    before keeps the old certificate and keeps working, and a new connection
+    presents the new one.
+    """
+    ca = CA()
+    api = ClientConnectionCreator(ca.bundle(ca.leaf("api")), ca.identity("web"))
+    before_leaf, after_leaf = ca.leaf("web"), ca.leaf("web")
+    before = ServerConnectionCreator(ca.bundle(before_leaf))
+    old_conn = connect(before, api, clock)
+    assert old_conn.client_app.handshake_done
+
+    after = ServerConnectionCreator(ca.bundle(after_leaf))
+    new_conn = connect(after, api, clock)
+
+    assert after.context is not before.context
+    assert verified_peer(old_conn.client) is not None
+    assert verified_peer(old_conn.client).certificate == before_leaf.certificate  # type: ignore[union-attr]
+    assert verified_peer(new_conn.client).certificate == after_leaf.certificate  # type: ignore[union-attr]
+    # The old connection still carries traffic, with its old context.
+    old_conn.client.write(b"still here")
+    old_conn.pump.flush()
+    assert old_conn.server_app.received == b"still here"
+    assert old_conn.server.getHandle().get_context() is before.context
+    # And the old creator still makes connections with the old leaf.
+    again = connect(before, api, clock)
+    assert verified_peer(again.client).certificate == before_leaf.certificate  # type: ignore[union-attr]
+
+
+def test_creators_refuse_malformed_alpn_protocols() -> None:
+    ca = CA()
+    bundle = ca.bundle(ca.leaf("web"))
+    with pytest.raises(ValueError, match="alpn_protocols"):
+        ServerConnectionCreator(bundle, alpn_protocols=["h2"])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="alpn_protocols"):
+        ClientConnectionCreator(bundle, ca.identity("db"), alpn_protocols=[b""])
+    with pytest.raises(TypeError, match="ServiceIdentity"):
+        ClientConnectionCreator(bundle, ca.uri("db"))  # type: ignore[arg-type]
