@@ -325,6 +325,18 @@ class Bundle:
                 f"carries (roots carry {', '.join(sorted(domains))})"
             )
 
+        try:
+            is_ca = leaf.extensions.get_extension_for_class(
+                x509.BasicConstraints
+            ).value.ca
+        except x509.ExtensionNotFound:
+            is_ca = False
+        if is_ca:
+            raise InvalidBundle(
+                "leaf_cert_pem: the first certificate is a CA certificate "
+                "(BasicConstraints CA:TRUE), not a service's leaf"
+            )
+
         usages = _extended_key_usages(leaf)
         for usage, what in (
             (ExtendedKeyUsageOID.CLIENT_AUTH, "client"),

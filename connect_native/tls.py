@@ -222,6 +222,16 @@ def _describe(certificate: crypto.X509) -> str:
         return "unreadable certificate"
 
 
+def _is_ca(certificate: x509.Certificate) -> bool:
+    try:
+        constraints = certificate.extensions.get_extension_for_class(
+            x509.BasicConstraints
+        ).value
+    except x509.ExtensionNotFound:
+        return False
+    return constraints.ca
+
+
 def _check_leaf(
     bundle: Bundle, leaf: x509.Certificate, usage: x509.ObjectIdentifier, role: str
 ) -> ServiceIdentity:
@@ -229,6 +239,11 @@ def _check_leaf(
     The peer leaf's identity, if it may be a Connect ``role`` ("client" or
     "server"); :class:`PeerRefused` saying why not otherwise.
     """
+    if _is_ca(leaf):
+        raise PeerRefused(
+            f"the {role} certificate is a CA certificate (BasicConstraints "
+            "CA:TRUE), not a service's leaf"
+        )
     try:
         usages = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     except x509.ExtensionNotFound:

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from attrs import frozen
+from attrs import evolve, frozen
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from OpenSSL import SSL
 from twisted.internet.address import IPv4Address
@@ -35,9 +34,10 @@ from twisted.python.failure import Failure
 from twisted.test.iosim import IOPump, connectedServerAndClient
 from zope.interface import implementer
 
-from connect_native import _certbuild as cb
+from connect_native._certbuild import serial_hex
 from connect_native.certs import Bundle, RootPEMs
 from connect_native.identity import ServiceIdentity
+from connect_native.testing import CertificateFactory, TestLeaf
 from connect_native.tls import (
     ClientConnectionCreator,
     PeerIdentityMismatch,
@@ -53,136 +53,52 @@ DAY = 24 * HOUR
 
 # --- certificates ---------------------------------------------------------
 #
-# A small CA shaped like Consul's (via the project's certificate builder),
-# able to make the bad leaves the server must refuse.
+# connect_native.testing's CertificateFactory, with the few conveniences
+# these tests want: identities, Bundles, and a rotation's cross-signed chain.
 
 
-@frozen
-class Leaf:
-    certificate: x509.Certificate
-    key: ec.EllipticCurvePrivateKey
-    chain: tuple[x509.Certificate, ...] = ()
-
-    @property
-    def cert_pem(self) -> str:
-        return "".join(cb.certificate_pem(c) for c in (self.certificate, *self.chain))
-
-    @property
-    def key_pem(self) -> str:
-        return cb.private_key_pem(self.key)
+def chain_of(leaf: TestLeaf) -> list[x509.Certificate]:
+    """
+    The certificates a peer presents after its leaf.
+    """
+    return x509.load_pem_x509_certificates(leaf.chain_pem.encode())[1:]
 
 
 class CA:
-    def __init__(self, trust_domain: str | None = None, name: str = "ca") -> None:
-        self.trust_domain = trust_domain or f"{uuid.uuid4()}.consul"
-        self.key = cb.generate_private_key()
-        self.name = cb.common_name(
-            f"pri-{name}.consul.ca.{self.trust_domain[:8]}.consul"
-        )
-        now = time.time()
-        self.certificate = cb.build_certificate(
-            subject=self.name,
-            issuer=self.name,
-            public_key=self.key.public_key(),
-            signing_key=self.key,
-            serial=1,
-            not_before=cb.utc_from_timestamp(now - 60),
-            not_after=cb.utc_from_timestamp(now + 365 * DAY),
-            ca=True,
-            uris=[cb.signing_uri(self.trust_domain)],
-        )
-        self._serial = 1
-        # (certificate that signs leaves, key) and what a leaf's chain holds
-        self._signer: tuple[x509.Name, Any, bytes] = (
-            self.name,
-            self.key,
-            cb.subject_key_id_of(self.certificate),
-        )
-        self._chain: tuple[x509.Certificate, ...] = ()
-
-    def _next_serial(self) -> int:
-        self._serial += 1
-        return self._serial
+    def __init__(self, trust_domain: str | None = None) -> None:
+        self.factory = CertificateFactory(trust_domain)
+        self.trust_domain = self.factory.trust_domain
+        self._extra_chain = ""
 
     def uri(self, service: str) -> str:
-        return cb.service_uri(self.trust_domain, service)
+        return self.factory.service_uri(service)
 
     def identity(self, service: str) -> ServiceIdentity:
         return ServiceIdentity.parse(self.uri(service))
 
-    def leaf(
-        self,
-        service: str = "web",
-        *,
-        uris: Sequence[str] | None = None,
-        extended_key_usages: Sequence[x509.ObjectIdentifier]
-        | None = cb.LEAF_EXTENDED_KEY_USAGES,
-        not_before: float | None = None,
-        not_after: float | None = None,
-        self_signed: bool = False,
-    ) -> Leaf:
-        now = time.time()
-        key = cb.generate_private_key()
-        assert isinstance(key, ec.EllipticCurvePrivateKey)
-        issuer, signing_key, akid = self._signer
-        if self_signed:
-            issuer, signing_key, akid = (
-                cb.common_name(service),
-                key,
-                cb.key_id(key.public_key()),
-            )
-        certificate = cb.build_certificate(
-            subject=cb.common_name(service),
-            issuer=issuer,
-            public_key=key.public_key(),
-            signing_key=signing_key,
-            serial=self._next_serial(),
-            not_before=cb.utc_from_timestamp(
-                now - 60 if not_before is None else not_before
-            ),
-            not_after=cb.utc_from_timestamp(
-                now + 3 * DAY if not_after is None else not_after
-            ),
-            ca=False,
-            uris=[self.uri(service)] if uris is None else uris,
-            extended_key_usages=extended_key_usages,
-            authority_key_id=akid,
-        )
-        return Leaf(certificate, key, () if self_signed else self._chain)
+    def leaf(self, service: str = "web", **kwargs: Any) -> TestLeaf:
+        leaf = self.factory.leaf(service, **kwargs)
+        return evolve(leaf, chain_pem=leaf.chain_pem + self._extra_chain)
 
-    def cross_signed_by(self, old: CA) -> x509.Certificate:
+    def another_ca(self) -> CA:
         """
-        This CA's root, signed by ``old`` (what Consul puts first in the new
-        root's IntermediateCerts on rotation).
+        Another CA with the same trust domain: only the signatures differ.
         """
-        now = time.time()
-        return cb.build_certificate(
-            subject=self.name,
-            issuer=old.name,
-            public_key=self.key.public_key(),
-            signing_key=old.key,
-            serial=old._next_serial(),
-            not_before=cb.utc_from_timestamp(now - 60),
-            not_after=cb.utc_from_timestamp(now + 7 * DAY),
-            ca=True,
-            uris=[cb.signing_uri(self.trust_domain)],
-            authority_key_id=cb.subject_key_id_of(old.certificate),
-        )
+        return CA(self.trust_domain)
 
     def rotated_from(self, old: CA) -> None:
         """
-        Leaves from now on carry this root cross-signed by ``old``.
+        Leaves from now on carry this root cross-signed by ``old``, as after
+        a Consul CA rotation.
         """
-        self._chain = (self.cross_signed_by(old),)
+        self._extra_chain = old.factory.cross_sign(self.factory)
 
     def roots(self, *others: CA) -> list[RootPEMs]:
-        return [
-            RootPEMs(cb.certificate_pem(ca.certificate), ()) for ca in (self, *others)
-        ]
+        return [RootPEMs(ca.factory.root_pem, ()) for ca in (self, *others)]
 
-    def bundle(self, leaf: Leaf, *other_roots: CA) -> Bundle:
+    def bundle(self, leaf: TestLeaf, *other_roots: CA) -> Bundle:
         return Bundle.build(
-            leaf_cert_pem=leaf.cert_pem,
+            leaf_cert_pem=leaf.chain_pem,
             private_key_pem=leaf.key_pem,
             roots=self.roots(*other_roots),
             trust_domain=self.trust_domain,
@@ -269,7 +185,7 @@ class AnyClient:
 
     def __init__(
         self,
-        leaf: Leaf | None,
+        leaf: TestLeaf | None,
         *,
         version: int | None = None,
         ciphers: bytes | None = None,
@@ -279,8 +195,8 @@ class AnyClient:
         context.set_verify(SSL.VERIFY_NONE)
         if leaf is not None:
             context.use_certificate(leaf.certificate)
-            context.use_privatekey(leaf.key)
-            for certificate in leaf.chain:
+            context.use_privatekey(leaf.private_key)
+            for certificate in chain_of(leaf):
                 context.add_extra_chain_cert(certificate)
         if version is not None:
             context.set_min_proto_version(version)
@@ -308,11 +224,11 @@ class AnyServer:
     certificate, so that every refusal can only come from the client.
     """
 
-    def __init__(self, leaf: Leaf) -> None:
+    def __init__(self, leaf: TestLeaf) -> None:
         context = SSL.Context(SSL.TLS_METHOD)
         context.use_certificate(leaf.certificate)
-        context.use_privatekey(leaf.key)
-        for certificate in leaf.chain:
+        context.use_privatekey(leaf.private_key)
+        for certificate in chain_of(leaf):
             context.add_extra_chain_cert(certificate)
         self.context = context
 
@@ -376,7 +292,7 @@ def test_two_leaves_of_one_ca_connect_and_each_records_the_other(
     peer = verified_peer(conn.server)
     assert peer is not None
     assert peer.certificate == api.certificate
-    assert peer.serial == cb.serial_hex(api.certificate.serial_number)
+    assert peer.serial == serial_hex(api.certificate.serial_number)
     assert peer.early_decision is None
 
 
@@ -449,37 +365,27 @@ def test_no_client_certificate_is_refused_by_the_server(clock: Clock) -> None:
     assert "peer did not return a certificate" in str(conn.server_app.lost.value)
 
 
-def _bad_leaves(ca: CA) -> dict[str, tuple[Leaf, str]]:
+def _bad_leaves(ca: CA) -> dict[str, tuple[TestLeaf, str]]:
     """
     Client leaves the server must refuse, each with a fragment of the reason
     the server gives.
     """
-    now = time.time()
     td = ca.trust_domain
-    stranger = CA(trust_domain=td, name="stranger")
+    f = ca.factory
     return {
-        "self-signed": (ca.leaf("api", self_signed=True), "X509 error 18"),
-        "another CA, same trust domain": (stranger.leaf("api"), "X509 error 20"),
-        "expired": (
-            ca.leaf("api", not_before=now - 4 * DAY, not_after=now - DAY),
-            "X509 error 10",
-        ),
-        "not yet valid": (
-            ca.leaf("api", not_before=now + DAY, not_after=now + 4 * DAY),
-            "X509 error 9",
-        ),
+        "self-signed": (f.self_signed("api"), "X509 error 18"),
+        "another CA, same trust domain": (f.another_ca().leaf("api"), "X509 error 20"),
+        "expired": (f.expired_leaf("api"), "X509 error 10"),
+        "not yet valid": (f.not_yet_valid_leaf("api"), "X509 error 9"),
         "no URI SAN": (ca.leaf("api", uris=[]), "no spiffe:// URI SAN"),
         "two URI SANs": (
             ca.leaf("api", uris=[ca.uri("api"), ca.uri("admin")]),
             "2 spiffe:// URI SANs",
         ),
-        "agent URI": (
-            ca.leaf("api", uris=[cb.agent_uri(td, "node-1")]),
-            "agent identity",
-        ),
-        "CA URI": (ca.leaf("api", uris=[cb.signing_uri(td)]), "CA signing identity"),
+        "agent URI": (f.agent_leaf("node-1"), "agent identity"),
+        "CA URI": (ca.leaf("api", uris=[f.ca_uri]), "CA signing identity"),
         "trust domain no root carries": (
-            ca.leaf("api", uris=[cb.service_uri(f"{uuid.uuid4()}.consul", "api")]),
+            ca.leaf("api", trust_domain=f"{uuid.uuid4()}.consul"),
             "which no current root carries",
         ),
         "garbage path": (
@@ -502,7 +408,7 @@ def _bad_leaves(ca: CA) -> dict[str, tuple[Leaf, str]]:
             ca.leaf("api", uris=[f"spiffe://{td}/ns/default/dc/dc1/svc/a%zz"]),
             "bad percent escape",
         ),
-        "not spiffe-shaped": (
+        "empty trust domain": (
             ca.leaf("api", uris=["spiffe://"]),
             "empty trust domain",
         ),
@@ -514,6 +420,7 @@ def _bad_leaves(ca: CA) -> dict[str, tuple[Leaf, str]]:
             ca.leaf("api", extended_key_usages=None),
             "has no extended key usage",
         ),
+        "a CA certificate": (ca.leaf("api", ca=True), "is a CA certificate"),
     }
 
 
@@ -746,7 +653,7 @@ def test_client_matches_service_names_as_consul_does(clock: Clock) -> None:
 
 def test_client_refuses_a_server_of_another_ca(clock: Clock) -> None:
     ca = CA()
-    stranger = CA(trust_domain=ca.trust_domain, name="stranger")
+    stranger = ca.another_ca()
     conn = connect(
         ServerConnectionCreator(stranger.bundle(stranger.leaf("web"))),
         ClientConnectionCreator(ca.bundle(ca.leaf("api")), ca.identity("web")),
@@ -783,12 +690,12 @@ def test_after_rotation_a_new_leaf_verifies_with_peers_trusting_only_the_old_roo
     cross-signed by the old one; a peer that still knows only the old root
     builds the chain through it, on both sides of the connection.
     """
-    old, new = CA(name="old"), None
-    new = CA(trust_domain=old.trust_domain, name="new")
+    old = CA()
+    new = old.another_ca()
     new.rotated_from(old)
 
     new_web = new.leaf("web")
-    assert new_web.chain
+    assert chain_of(new_web)
     # The new side knows both roots; the old side only the old one.
     server = ServerConnectionCreator(new.bundle(new_web, old))
     client = ClientConnectionCreator(old.bundle(old.leaf("api")), old.identity("web"))
@@ -815,8 +722,8 @@ def test_without_the_cross_signed_certificate_old_root_peers_refuse(
     cross-signed intermediate, is refused by a server knowing only the old
     root.
     """
-    old = CA(name="old")
-    new = CA(trust_domain=old.trust_domain, name="new")
+    old = CA()
+    new = old.another_ca()
     conn = connect(
         ServerConnectionCreator(old.bundle(old.leaf("web"))),
         AnyClient(new.leaf("api")),
