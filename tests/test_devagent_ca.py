@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from cryptography import x509
@@ -30,6 +31,7 @@ from twisted.internet.task import Clock
 
 from connect_native import _certbuild
 from connect_native.devagent.ca import DevCA, LeafRequestError
+from tests.consul_agent import RealConsulAgent
 
 REAL = Path(__file__).parent / "fixtures" / "real-1.8.7"
 REAL_CLUSTER = "35fbb6e4-f678-8abb-17a1-d9437ce1a4b3"
@@ -708,3 +710,119 @@ def test_time_comes_from_the_clock(clock: Clock) -> None:
     clock.advance(3 * 86400)
     second = ca.sign_leaf("web")
     assert second.valid_after - first.valid_after == datetime.timedelta(days=3)
+
+
+# --- against a live real Consul 1.8.7 ---
+
+
+def live_json(agent: RealConsulAgent, path: str, body: object = None) -> Any:
+    status, data = agent.request("GET" if body is None else "PUT", path, body)
+    assert status == 200, (path, data)
+    return json.loads(data) if data else None
+
+
+def test_leaf_and_roots_match_a_live_agents(
+    real_consul: RealConsulAgent, unique_name: str, clock: Clock
+) -> None:
+    # An awkward name exercises the CN mangling and URI escaping end to end.
+    service = f"{unique_name}_Ab c"
+    roots = live_json(real_consul, "/v1/agent/connect/ca/roots")
+    leaf = live_json(real_consul, "/v1/agent/connect/ca/leaf/" + quote(service))
+    [real_root] = [r for r in roots["Roots"] if r["Active"]]
+    [real_leaf_cert] = pem_certs(leaf["CertPEM"])
+    real_root_cert = pem_certs(real_root["RootCert"])[0]
+
+    ca = DevCA(clock, cluster_id=real_root["ExternalTrustDomain"])
+    ours = ca.sign_leaf(service)
+    [our_cert] = pem_certs(ours.cert_pem)
+
+    assert json_types(ca.roots().to_json()) == json_types(roots)
+    assert json_types(ours.to_json()) == json_types(leaf)
+    assert shape(active_root_cert(ca)) == shape(real_root_cert)
+    assert shape(our_cert, active_root_cert(ca)) == shape(
+        real_leaf_cert, real_root_cert
+    )
+    assert our_cert.subject == real_leaf_cert.subject
+    assert (ours.service, ours.service_uri) == (leaf["Service"], leaf["ServiceURI"])
+    assert ca.trust_domain == roots["TrustDomain"]
+    [real_cn] = real_root_cert.subject
+    [our_cn] = active_root_cert(ca).subject
+    assert str(our_cn.value).split(".", 1)[1] == str(real_cn.value).split(".", 1)[1]
+
+
+SAME_FOR_THE_SAME_ROOT = (
+    "ID",
+    "Name",
+    "SerialNumber",
+    "SigningKeyID",
+    "RootCert",
+    "NotBefore",
+    "NotAfter",
+    "PrivateKeyType",
+    "PrivateKeyBits",
+)
+
+
+def by_active(root: dict[str, Any]) -> bool:
+    return not root["Active"]
+
+
+def test_rotation_to_a_supplied_root_matches_a_live_agents(
+    fresh_real_consul: RealConsulAgent, clock: Clock
+) -> None:
+    agent = fresh_real_consul
+    before = live_json(agent, "/v1/connect/ca/roots")
+    [real_old] = before["Roots"]
+    # The same supplied root goes to both CAs.
+    key = _certbuild.generate_private_key("ec")
+    subject = _certbuild.common_name("Supplied Test Root")
+    supplied = _certbuild.build_certificate(
+        subject=subject,
+        issuer=subject,
+        public_key=key.public_key(),
+        signing_key=key,
+        serial=x509.random_serial_number(),
+        not_before=now_of(clock),
+        not_after=now_of(clock) + datetime.timedelta(days=3650),
+        ca=True,
+        uris=[_certbuild.signing_uri(before["TrustDomain"])],
+    )
+    key_pem = _certbuild.private_key_pem(key)
+    cert_pem = _certbuild.certificate_pem(supplied)
+    live_json(
+        agent,
+        "/v1/connect/ca/configuration",
+        {"Provider": "consul", "Config": {"PrivateKey": key_pem, "RootCert": cert_pem}},
+    )
+    after = live_json(agent, "/v1/connect/ca/roots")
+    real_leaf = live_json(agent, "/v1/agent/connect/ca/leaf/fresh-after-rotation")
+
+    ca = DevCA(clock, cluster_id=real_old["ExternalTrustDomain"])
+    our_old_root = active_root_cert(ca)
+    ca.rotate(key_pem, cert_pem)
+    ours = ca.roots().to_json()
+    our_leaf = ca.sign_leaf("fresh-after-rotation")
+
+    # Both list roots in ID order (Consul's state store index), so which root
+    # comes first depends on the old roots' random IDs: compare by activity.
+    assert [r["ID"] for r in after["Roots"]] == sorted(r["ID"] for r in after["Roots"])
+    assert [r["ID"] for r in ours["Roots"]] == sorted(r["ID"] for r in ours["Roots"])
+    assert json_types(dict(ours, Roots=sorted(ours["Roots"], key=by_active))) == (
+        json_types(dict(after, Roots=sorted(after["Roots"], key=by_active)))
+    )
+    real_new = next(r for r in after["Roots"] if r["Active"])
+    our_new = next(r for r in ours["Roots"] if r["Active"])
+    for field in SAME_FOR_THE_SAME_ROOT:
+        assert our_new[field] == real_new[field], field
+    assert [r["Active"] for r in after["Roots"] if r["ID"] == real_old["ID"]] == [False]
+    [real_cross] = [pem_certs(p)[0] for p in real_new["IntermediateCerts"]]
+    [our_cross] = [pem_certs(p)[0] for p in our_new["IntermediateCerts"]]
+    real_old_cert = pem_certs(real_old["RootCert"])[0]
+    assert shape(our_cross, our_old_root) == shape(real_cross, real_old_cert)
+    real_chain, our_chain = (
+        pem_certs(real_leaf["CertPEM"]),
+        pem_certs(our_leaf.cert_pem),
+    )
+    assert len(real_chain) == len(our_chain) == 2
+    assert shape(our_chain[0], supplied) == shape(real_chain[0], supplied)
+    assert our_chain[0].subject == real_chain[0].subject
