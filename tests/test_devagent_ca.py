@@ -363,7 +363,7 @@ def test_set_leaf_ttl_changes_the_lifetime_of_new_leaves(ca: DevCA) -> None:
     assert ca.leaf_ttl == 120
 
 
-@pytest.mark.parametrize("bad", [0, -5, float("nan"), "72h"])
+@pytest.mark.parametrize("bad", [0, -5, float("nan"), float("inf"), True, "72h"])
 def test_leaf_ttl_must_be_positive_seconds(clock: Clock, bad: Any) -> None:
     with pytest.raises(ValueError, match="leaf_ttl"):
         DevCA(clock, leaf_ttl=bad)

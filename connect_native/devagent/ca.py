@@ -341,7 +341,12 @@ class DevCA:
         configuration endpoint enforces Consul's one-hour minimum; this takes
         any positive number of seconds.
         """
-        if not isinstance(seconds, int | float) or not seconds > 0:
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, int | float)
+            or not seconds > 0
+            or seconds == float("inf")
+        ):
             raise ValueError(
                 f"leaf_ttl must be a positive number of seconds, not {seconds!r}"
             )
