@@ -59,6 +59,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ClientConnectionCreator",
     "DecideNow",
+    "DecidePeerNow",
     "PeerIdentityMismatch",
     "PeerRefused",
     "ServerConnectionCreator",
@@ -72,6 +73,11 @@ _log = Logger()
 #: ``decide_now(peer)``: allow (True), deny (False, a TLS alert), or
 #: undecided (None: the authorization gate decides after the handshake).
 DecideNow = Callable[[ServiceIdentity], "bool | None"]
+
+#: ``decide_peer_now(identity, serial)``: as :data:`DecideNow`, also given the
+#: leaf's serial in Consul's colon-hex form (what an authorizer that remembers
+#: decisions per certificate needs).
+DecidePeerNow = Callable[[ServiceIdentity, str], "bool | None"]
 
 # TLS 1.2 cipher suites: forward-secret AEAD only, as Consul's Go library
 # (connect/tls.go defaultTLSConfig).  TLS 1.3 suites are all AEAD already.
@@ -385,6 +391,8 @@ class ServerConnectionCreator:
         handshake: ``False`` refuses the handshake, ``True`` or ``None``
         (undecided) lets it complete, recorded as
         :attr:`VerifiedPeer.early_decision`.
+    :param decide_peer_now: as ``decide_now``, called with the identity and
+        the leaf's colon-hex serial; give one or the other.
     """
 
     def __init__(
@@ -393,10 +401,20 @@ class ServerConnectionCreator:
         *,
         alpn_protocols: Sequence[bytes] = (),
         decide_now: DecideNow | None = None,
+        decide_peer_now: DecidePeerNow | None = None,
     ) -> None:
+        if decide_now is not None and decide_peer_now is not None:
+            raise ValueError("give decide_now or decide_peer_now, not both")
+        if decide_now is not None:
+            # Bind it now: a default argument keeps mypy's narrowing.
+            def decide_peer_now(
+                identity: ServiceIdentity, serial: str, decide: DecideNow = decide_now
+            ) -> bool | None:
+                return decide(identity)
+
         self.bundle = bundle
         self._protocols = _protocols(alpn_protocols)
-        self._decide_now = decide_now
+        self._decide_now = decide_peer_now
         context = _context(bundle)
         context.set_verify(
             SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT,
@@ -422,7 +440,7 @@ class ServerConnectionCreator:
         )
         decision: bool | None = None
         if self._decide_now is not None:
-            decision = self._decide_now(identity)
+            decision = self._decide_now(identity, _serial(leaf))
             if decision is False:
                 raise PeerRefused(f"{identity.uri} is not allowed to connect")
             if decision is not True:
