@@ -588,6 +588,37 @@ def test_decide_now_allowing_or_undecided_is_recorded(
     assert peer.early_decision is decision
 
 
+def test_decide_peer_now_is_given_the_identity_and_colon_hex_serial(
+    clock: Clock, logged: list[LogEvent]
+) -> None:
+    ca = CA()
+    api = ca.leaf("api")
+    asked: list[tuple[ServiceIdentity, str]] = []
+
+    def deny(peer: ServiceIdentity, serial: str) -> bool:
+        asked.append((peer, serial))
+        return False
+
+    conn = connect(
+        ServerConnectionCreator(ca.bundle(ca.leaf("web")), decide_peer_now=deny),
+        AnyClient(api),
+        clock,
+    )
+    assert asked == [(ca.identity("api"), serial_hex(api.certificate.serial_number))]
+    assert_server_refused(conn)
+    assert "not allowed" in server_refusals(logged)[0]
+
+
+def test_decide_now_and_decide_peer_now_are_exclusive() -> None:
+    ca = CA()
+    with pytest.raises(ValueError, match="not both"):
+        ServerConnectionCreator(
+            ca.bundle(ca.leaf("web")),
+            decide_now=lambda peer: None,
+            decide_peer_now=lambda peer, serial: None,
+        )
+
+
 def test_an_error_in_decide_now_refuses_the_peer(
     clock: Clock, logged: list[LogEvent]
 ) -> None:
