@@ -8,21 +8,28 @@ what the client sent and what it decoded.  Timeouts run on a ``Clock``.
 
 from __future__ import annotations
 
+import ipaddress
 import json
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_twisted
 from attrs import define, field
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from treq.testing import StubTreq
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.ssl import Certificate, PrivateCertificate
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from connect_native.consul.client import (
     DEFAULT_WAIT,
@@ -960,3 +967,368 @@ def test_no_token_sends_no_token_header() -> None:
     client, _ = make(resource)
     result(client.leaf("web"))
     assert "x-consul-token" not in resource.last.headers
+
+
+# -- configuration from the environment --------------------------------------------
+
+
+def env_client(environ: dict[str, str], **overrides: Any) -> ConsulClient:
+    return ConsulClient.from_environment(MemoryReactorClock(), environ, **overrides)
+
+
+def test_the_default_address() -> None:
+    client = env_client({})
+    assert client.address == "http://127.0.0.1:8500"
+    assert not client.has_token
+    assert client.namespace is None
+
+
+@pytest.mark.parametrize(
+    ("environ", "address"),
+    [
+        ({"CONSUL_HTTP_ADDR": "10.0.0.5:8500"}, "http://10.0.0.5:8500"),
+        ({"CONSUL_HTTP_ADDR": "consul.local"}, "http://consul.local:8500"),
+        ({"CONSUL_HTTP_ADDR": "http://127.0.0.1:18500"}, "http://127.0.0.1:18500"),
+        ({"CONSUL_HTTP_ADDR": "https://127.0.0.1:8501/"}, "https://127.0.0.1:8501"),
+        ({"CONSUL_HTTP_ADDR": "[::1]:8500"}, "http://[::1]:8500"),
+        (
+            {"CONSUL_HTTP_ADDR": "127.0.0.1:8501", "CONSUL_HTTP_SSL": "true"},
+            "https://127.0.0.1:8501",
+        ),
+        (
+            {"CONSUL_HTTP_ADDR": "consul.local", "CONSUL_HTTP_SSL": "1"},
+            "https://consul.local:8501",
+        ),
+        # A scheme in the address wins over CONSUL_HTTP_SSL, as in Consul's Go client.
+        (
+            {"CONSUL_HTTP_ADDR": "http://127.0.0.1:8500", "CONSUL_HTTP_SSL": "true"},
+            "http://127.0.0.1:8500",
+        ),
+        (
+            {"CONSUL_HTTP_ADDR": "unix:///run/consul/http.sock"},
+            "unix:///run/consul/http.sock",
+        ),
+    ],
+)
+def test_consul_http_addr_forms(environ: dict[str, str], address: str) -> None:
+    assert env_client(environ).address == address
+
+
+@pytest.mark.parametrize(
+    "bad", ["ftp://host:1", "unix://relative.sock", "host:port", "host:99999", "a b:1"]
+)
+def test_a_bad_consul_http_addr_is_named(bad: str) -> None:
+    with pytest.raises(ValueError, match="CONSUL_HTTP_ADDR") as caught:
+        env_client({"CONSUL_HTTP_ADDR": bad})
+    assert isinstance(caught.value, ConsulError)
+
+
+@pytest.mark.parametrize("variable", ["CONSUL_HTTP_SSL", "CONSUL_HTTP_SSL_VERIFY"])
+def test_a_bad_boolean_is_named(variable: str) -> None:
+    with pytest.raises(ValueError, match=variable):
+        env_client({variable: "yes please"})
+
+
+def test_the_unix_socket_address_connects_to_the_socket() -> None:
+    reactor = MemoryReactorClock()
+    client = ConsulClient.from_environment(
+        reactor, {"CONSUL_HTTP_ADDR": "unix:///run/consul/http.sock"}
+    )
+    client.agent_self()
+    assert reactor.unixClients[0][0] == "/run/consul/http.sock"
+    assert reactor.tcpClients == []
+
+
+def test_the_token_from_the_environment(tmp_path: Path) -> None:
+    assert env_client({"CONSUL_HTTP_TOKEN": TOKEN}).has_token
+    token_file = tmp_path / "token"
+    token_file.write_text(f"  {TOKEN}-from-file\n")
+    resource = replay("leaf-web.http")
+    client = ConsulClient.from_environment(
+        Clock(),
+        {"CONSUL_HTTP_TOKEN": TOKEN, "CONSUL_HTTP_TOKEN_FILE": str(token_file)},
+        http_client=StubTreq(resource),
+    )
+    result(client.leaf("web"))
+    # The file wins over the variable, as in Consul's Go client.
+    assert resource.last.headers["x-consul-token"] == f"{TOKEN}-from-file"
+
+
+def test_an_explicit_token_wins_over_the_environment(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("from-file")
+    resource = replay("leaf-web.http")
+    client = ConsulClient.from_environment(
+        Clock(),
+        {"CONSUL_HTTP_TOKEN": "from-env", "CONSUL_HTTP_TOKEN_FILE": str(token_file)},
+        token="explicit",
+        namespace=None,  # None means "not given"
+        http_client=StubTreq(resource),
+    )
+    result(client.leaf("web"))
+    assert resource.last.headers["x-consul-token"] == "explicit"
+
+
+def test_an_unreadable_token_file_is_named(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    with pytest.raises(ValueError, match="CONSUL_HTTP_TOKEN_FILE") as caught:
+        env_client({"CONSUL_HTTP_TOKEN_FILE": str(missing)})
+    assert str(missing) in str(caught.value)
+
+
+def test_namespace_and_partition_from_the_environment_and_overrides() -> None:
+    client = env_client({"CONSUL_NAMESPACE": "team-a", "CONSUL_PARTITION": "p1"})
+    assert (client.namespace, client.partition) == ("team-a", "p1")
+    client = env_client({"CONSUL_NAMESPACE": "team-a"}, namespace="team-b")
+    assert client.namespace == "team-b"
+
+
+def test_unknown_overrides_are_refused() -> None:
+    with pytest.raises(TypeError, match="adress"):
+        env_client({}, adress="127.0.0.1:1")
+
+
+def test_client_certificate_without_key_is_refused() -> None:
+    with pytest.raises(ValueError, match="CONSUL_CLIENT_KEY"):
+        env_client(
+            {
+                "CONSUL_HTTP_ADDR": "https://127.0.0.1:8501",
+                "CONSUL_CLIENT_CERT": str(FIXTURES / "leaf-web.pem"),
+            }
+        )
+
+
+def test_a_ca_file_without_certificates_is_refused(tmp_path: Path) -> None:
+    empty = tmp_path / "ca.pem"
+    empty.write_text("not a certificate\n")
+    with pytest.raises(ValueError, match="CONSUL_CACERT"):
+        env_client(
+            {"CONSUL_HTTP_ADDR": "https://127.0.0.1:8501", "CONSUL_CACERT": str(empty)}
+        )
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("nan"), float("inf")])
+def test_a_bad_timeout_is_refused(timeout: float) -> None:
+    with pytest.raises(ValueError, match="timeout"):
+        ConsulClient(Clock(), timeout=timeout)
+
+
+# -- real sockets: HTTPS to the agent, and its UNIX socket --------------------------
+#
+# The point of these is the real TLS handshake (service_identity checking the
+# agent's certificate) and a real UNIX socket, so they run on the real reactor
+# against a local twisted.web server that replays the agent-self capture.
+
+
+def _pem_pair(
+    key: ec.EllipticCurvePrivateKey, cert: x509.Certificate
+) -> tuple[bytes, bytes]:
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    return key_pem, cert.public_bytes(serialization.Encoding.PEM)
+
+
+@define
+class Issued:
+    key_pem: bytes
+    cert_pem: bytes
+
+    def write(self, directory: Path, stem: str) -> tuple[str, str]:
+        cert, key = directory / f"{stem}.pem", directory / f"{stem}-key.pem"
+        cert.write_bytes(self.cert_pem)
+        key.write_bytes(self.key_pem)
+        return str(cert), str(key)
+
+    def private_certificate(self) -> PrivateCertificate:
+        return PrivateCertificate.loadPEM(self.cert_pem + self.key_pem)
+
+
+class TestCA:
+    """A throwaway CA that issues certificates for the agent and its clients."""
+
+    __test__ = False
+
+    def __init__(self, name: str) -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        now = datetime.now(timezone.utc)
+        self.cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(days=1))
+            .add_extension(
+                x509.BasicConstraints(ca=True, path_length=None), critical=True
+            )
+            .sign(self.key, hashes.SHA256())
+        )
+        self.cert_pem = self.cert.public_bytes(serialization.Encoding.PEM)
+
+    def issue(self, dns: list[str], ips: list[str] = ()) -> Issued:  # type: ignore[assignment]
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.now(timezone.utc)
+        names: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
+        names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns[0])]))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(
+                x509.BasicConstraints(ca=False, path_length=None), critical=True
+            )
+            .sign(self.key, hashes.SHA256())
+        )
+        return Issued(*_pem_pair(key, cert))
+
+    def write(self, directory: Path, name: str = "ca.pem") -> str:
+        path = directory / name
+        path.write_bytes(self.cert_pem)
+        return str(path)
+
+
+@pytest.fixture(scope="module")
+def agent_ca() -> TestCA:
+    return TestCA("agent test CA")
+
+
+async def _listen_https(agent_ca: TestCA, *, client_ca: TestCA | None = None) -> Any:
+    from twisted.internet import reactor
+
+    server = agent_ca.issue(["server.dc1.consul"], ["127.0.0.1"])
+    authorities = [] if client_ca is None else [Certificate.loadPEM(client_ca.cert_pem)]
+    options = server.private_certificate().options(*authorities)
+    return reactor.listenSSL(  # type: ignore[attr-defined]
+        0, Site(replay("agent-self.http")), options, interface="127.0.0.1"
+    )
+
+
+async def _agent_self_via(environ: dict[str, str]) -> Any:
+    from twisted.internet import reactor
+
+    client = ConsulClient.from_environment(reactor, environ, timeout=5)
+    try:
+        return await client.agent_self()
+    finally:
+        await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_https_verifies_the_agent_against_the_ca_file(
+    agent_ca: TestCA, tmp_path: Path
+) -> None:
+    port = await _listen_https(agent_ca)
+    try:
+        addr = f"https://127.0.0.1:{port.getHost().port}"
+        me = await _agent_self_via(
+            {"CONSUL_HTTP_ADDR": addr, "CONSUL_CACERT": agent_ca.write(tmp_path)}
+        )
+        assert me.datacenter == "dc1"
+        # The same CA from a directory, and a server name the cert carries.
+        ca_dir = tmp_path / "cas"
+        ca_dir.mkdir()
+        agent_ca.write(ca_dir, "agent.crt")
+        (ca_dir / "README").write_text("not a certificate")
+        me = await _agent_self_via(
+            {
+                "CONSUL_HTTP_ADDR": addr,
+                "CONSUL_CAPATH": str(ca_dir),
+                "CONSUL_TLS_SERVER_NAME": "server.dc1.consul",
+            }
+        )
+        assert me.node_name == "vm"
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_https_refuses_an_agent_the_ca_did_not_sign(
+    agent_ca: TestCA, tmp_path: Path
+) -> None:
+    port = await _listen_https(agent_ca)
+    other = TestCA("some other CA")
+    try:
+        addr = f"https://127.0.0.1:{port.getHost().port}"
+        with pytest.raises(ConsulUnavailable) as caught:
+            await _agent_self_via(
+                {"CONSUL_HTTP_ADDR": addr, "CONSUL_CACERT": other.write(tmp_path)}
+            )
+        assert "certificate" in str(caught.value).lower()
+        # CONSUL_HTTP_SSL_VERIFY=false turns checking off (development only).
+        me = await _agent_self_via(
+            {
+                "CONSUL_HTTP_ADDR": addr,
+                "CONSUL_CACERT": other.write(tmp_path),
+                "CONSUL_HTTP_SSL_VERIFY": "false",
+            }
+        )
+        assert me.datacenter == "dc1"
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_https_refuses_a_certificate_for_another_name(
+    agent_ca: TestCA, tmp_path: Path
+) -> None:
+    port = await _listen_https(agent_ca)
+    try:
+        with pytest.raises(ConsulUnavailable) as caught:
+            await _agent_self_via(
+                {
+                    "CONSUL_HTTP_ADDR": f"127.0.0.1:{port.getHost().port}",
+                    "CONSUL_HTTP_SSL": "true",
+                    "CONSUL_CACERT": agent_ca.write(tmp_path),
+                    "CONSUL_TLS_SERVER_NAME": "server.dc2.consul",
+                }
+            )
+        assert "server.dc2.consul" in str(caught.value)
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_https_presents_the_client_certificate(
+    agent_ca: TestCA, tmp_path: Path
+) -> None:
+    clients = TestCA("client CA")
+    port = await _listen_https(agent_ca, client_ca=clients)
+    try:
+        environ = {
+            "CONSUL_HTTP_ADDR": f"https://127.0.0.1:{port.getHost().port}",
+            "CONSUL_CACERT": agent_ca.write(tmp_path),
+        }
+        with pytest.raises(ConsulUnavailable):
+            await _agent_self_via(environ)
+        cert, key = clients.issue(["client.dc1.consul"]).write(tmp_path, "client")
+        me = await _agent_self_via(
+            {**environ, "CONSUL_CLIENT_CERT": cert, "CONSUL_CLIENT_KEY": key}
+        )
+        assert me.datacenter == "dc1"
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_unix_socket(tmp_path: Path) -> None:
+    from twisted.internet import reactor
+
+    path = str(tmp_path / "consul.sock")
+    resource = replay("agent-self.http")
+    port = reactor.listenUNIX(path, Site(resource))  # type: ignore[attr-defined]
+    try:
+        me = await _agent_self_via({"CONSUL_HTTP_ADDR": f"unix://{path}"})
+        assert me.datacenter == "dc1"
+        assert resource.last.uri == "/v1/agent/self"
+    finally:
+        await port.stopListening()

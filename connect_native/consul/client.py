@@ -274,7 +274,7 @@ class _Address:
 
 _DEFAULT_PORTS = {"http": 8500, "https": 8501}
 _HOST_PORT = re.compile(
-    r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:/\[\]@]+))(?::(?P<port>\d+))?"
+    r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:/\[\]@\s?#]+))(?::(?P<port>\d+))?"
 )
 
 
