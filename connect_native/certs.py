@@ -8,12 +8,20 @@ fault, anything a peer would refuse: a leaf that does not chain to a current
 root, that is outside its validity, whose key is not the certificate's, or
 whose identity is not exactly one ``spiffe://`` service URI in a trust domain
 that a current root carries.
+
+:class:`CertManager` (an ``IService``) keeps one service's Bundle fresh from
+the local agent's CA roots and leaf certificate, and says how it stands
+(:class:`ManagerState`): starting, ready, degraded or expired.
 """
 
 from __future__ import annotations
 
 import datetime
-from collections.abc import Iterable, Sequence
+import enum
+import math
+import random
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
 
 from attrs import field, frozen
 from cryptography import x509
@@ -21,9 +29,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from OpenSSL import crypto
-from twisted.internet.defer import Deferred
-from zope.interface import Interface
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
+from zope.interface import Interface, implementer
 
+from connect_native.consul.blocking import Watch
+from connect_native.consul.client import ConsulPermissionDenied
+from connect_native.consul.records import CARoots, Indexed, LeafCert
 from connect_native.identity import (
     InvalidIdentity,
     ServiceIdentity,
@@ -36,8 +51,15 @@ from connect_native.identity import (
 
 __all__ = [
     "Bundle",
+    "CertManager",
+    "CertManagerStopped",
+    "CertificateAuthorityClient",
+    "IBundleSource",
     "InvalidBundle",
+    "LeafPermissionDenied",
+    "ManagerState",
     "RootPEMs",
+    "StateChange",
     "TrustedRoot",
 ]
 
@@ -397,3 +419,577 @@ class IBundleSource(Interface):
         """
         Fires with the first usable Bundle; cancellable.
         """
+
+
+# --- CertManager ---
+#
+# Keeps one service's Bundle fresh from the local agent: two blocking
+# watches (CA roots, leaf), a new Bundle whenever either changes and the pair
+# checks out, the last good one kept while the agent is away, never one past
+# its expiry.
+
+
+class ManagerState(enum.Enum):
+    """
+    Where a :class:`CertManager` stands.
+
+    ``STARTING``: no certificate yet.  ``READY``: a valid certificate and the
+    agent answering.  ``DEGRADED``: a valid certificate, but the agent is
+    unreachable or what it sends cannot be used; the certificate stays in use
+    until it expires.  ``EXPIRED``: the certificate ran out before a new one
+    came; :meth:`CertManager.current` returns ``None`` (fail closed).
+    ``STOPPED``: the service was stopped.
+    """
+
+    STARTING = "starting"
+    READY = "ready"
+    DEGRADED = "degraded"
+    EXPIRED = "expired"
+    STOPPED = "stopped"
+
+
+@frozen
+class StateChange:
+    """
+    What a :meth:`CertManager.subscribe` callback receives: the new state,
+    why (a sentence for logs and health checks), and the state before.
+    """
+
+    state: ManagerState
+    reason: str
+    previous: ManagerState
+
+
+class LeafPermissionDenied(Exception):  # noqa: N818 (a refusal, named for it)
+    """
+    The agent answered 403 to the leaf certificate request: the ACL token
+    lacks ``service:write`` on the service.
+    """
+
+    def __init__(self, service: str, agent_said: str) -> None:
+        self.service = service
+        super().__init__(
+            f"the Consul agent refused the leaf certificate for service "
+            f"{service!r} (403: {agent_said or 'Permission denied'}): the ACL "
+            f"token this process uses (token=, CONSUL_HTTP_TOKEN or "
+            f"CONSUL_HTTP_TOKEN_FILE) is missing, unknown, or lacks "
+            f'service:write on {service!r}. Give it a policy with service "'
+            f'{service}" {{ policy = "write" }}; the manager keeps retrying '
+            "with backoff and becomes ready once the token allows it"
+        )
+
+
+class CertManagerStopped(CancelledError):  # noqa: N818 (like WatchStoppedError)
+    """
+    The :class:`CertManager` was stopped before it had a certificate (fired
+    into pending :meth:`CertManager.when_ready` Deferreds).
+    """
+
+    def __init__(self, service: str) -> None:
+        super().__init__(
+            f"the certificate manager for service {service!r} was stopped "
+            "before it had a certificate"
+        )
+        self.service = service
+
+
+class CertificateAuthorityClient(Protocol):
+    """
+    The two agent reads a :class:`CertManager` needs
+    (:class:`connect_native.consul.client.ConsulClient` has them).
+    """
+
+    def agent_ca_roots(
+        self, index: int | None = None, wait: float | None = None
+    ) -> Deferred[Indexed[CARoots]]: ...
+
+    def leaf(
+        self, service: str, index: int | None = None, wait: float | None = None
+    ) -> Deferred[Indexed[LeafCert]]: ...
+
+
+def _never_equal(old: object, new: object) -> bool:
+    # The manager wants every answer (a repeated value after errors is the
+    # sign that the agent is back) and compares values itself.
+    return False
+
+
+def _iso(seconds: float) -> str:
+    moment = datetime.datetime.fromtimestamp(seconds, tz=datetime.timezone.utc)
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def _root_pems(roots: CARoots) -> list[RootPEMs]:
+    return [RootPEMs(r.root_cert_pem, r.intermediate_certs_pem) for r in roots.roots]
+
+
+@implementer(IBundleSource)
+class CertManager(Service):
+    """
+    Keep the Bundle of one service fresh, from the local Consul agent.
+
+    A Twisted service: ``startService`` starts two blocking watches, on
+    ``/v1/agent/connect/ca/roots`` and ``/v1/agent/connect/ca/leaf/<service>``;
+    ``stopService`` stops them and fails pending :meth:`when_ready` Deferreds
+    with :class:`CertManagerStopped`.  Each time either answer changes, a new
+    :class:`Bundle` is built from the latest leaf and *all* the latest roots
+    (the roots are replaced as a whole set: roots that the agent no longer
+    lists, e.g. those of a development agent that restarted with a new trust
+    domain, stop being trusted).  A pair that does not make a valid Bundle
+    (typically new roots whose leaf has not arrived yet) is logged and the
+    previous Bundle stays in use while it is valid.
+
+    Processes normally share one manager per service through
+    :mod:`connect_native.service` rather than making their own.
+
+    :param clock: schedules the watches, the expiry warning and the expiry;
+        ``clock.seconds()`` is the time certificates are checked at.
+    :param client: reads the agent, see :class:`CertificateAuthorityClient`.
+    :param service: the service name whose leaf certificate to use.
+    :param wait: seconds each blocking read may be held by the agent.
+    :param expiry_warning: log a warning this many seconds before the
+        certificate expires when no renewal has come; by default a twentieth
+        of the certificate's lifetime (the agent renews by 90 % of it).
+    :param min_interval: least seconds between two reads of the same watch.
+    :param backoff_initial: first retry delay after an error, in seconds.
+    :param backoff_max: cap on the retry delay, in seconds.
+    :param jitter: randomness for the retry delays (tests pass a seeded
+        :class:`random.Random`).
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        client: CertificateAuthorityClient,
+        service: str,
+        *,
+        wait: float = 300.0,
+        expiry_warning: float | None = None,
+        min_interval: float = 1.0,
+        backoff_initial: float = 1.0,
+        backoff_max: float = 60.0,
+        jitter: random.Random | Callable[[], float] | None = None,
+    ) -> None:
+        if not isinstance(service, str) or not service:
+            raise ValueError(
+                f"service must be a non-empty service name, not {service!r}"
+            )
+        if expiry_warning is not None and not (
+            isinstance(expiry_warning, int | float)
+            and math.isfinite(expiry_warning)
+            and expiry_warning >= 0
+        ):
+            raise ValueError(
+                "expiry_warning must be None or a finite number of seconds >= 0, "
+                f"not {expiry_warning!r}"
+            )
+        self.clock = clock
+        self.client = client
+        self.service = service
+        self.expiry_warning = expiry_warning
+        settings: dict[str, Any] = {
+            "wait": wait,
+            "min_interval": min_interval,
+            "backoff_initial": backoff_initial,
+            "backoff_max": backoff_max,
+            "jitter": jitter,
+            "equal": _never_equal,
+        }
+        self._roots_watch: Watch[CARoots] = Watch(
+            clock,
+            self._fetch_roots,
+            self._roots_answered,
+            name=f"CA roots (for {service})",
+            on_error=self._roots_failed,
+            **settings,
+        )
+        self._leaf_watch: Watch[LeafCert] = Watch(
+            clock,
+            self._fetch_leaf,
+            self._leaf_answered,
+            name=f"leaf {service}",
+            on_error=self._leaf_failed,
+            **settings,
+        )
+        self._roots: CARoots | None = None
+        self._leaf: LeafCert | None = None
+        self._bundle: Bundle | None = None
+        self._expired = False
+        self._expired_at = 0.0
+        self._roots_error: str | None = None
+        self._leaf_error: str | None = None
+        self._build_error: str | None = None
+        self._denied: LeafPermissionDenied | None = None
+        self._stopped = False
+        self._state = ManagerState.STARTING
+        self._reason = self._waiting_reason()
+        self._waiters: list[Deferred[Bundle]] = []
+        self._subscribers: list[Callable[[StateChange], object]] = []
+        self._warning_call: IDelayedCall | None = None
+        self._expiry_call: IDelayedCall | None = None
+
+    def __repr__(self) -> str:
+        return f"<CertManager service={self.service!r} state={self._state.value}>"
+
+    # -- IBundleSource ---------------------------------------------------------
+
+    def current(self) -> Bundle | None:
+        """
+        The Bundle for a new connection, or ``None`` when there is none that
+        may be used: not started, not ready yet, stopped, or expired.
+        """
+        bundle = self._bundle
+        if not self.running or bundle is None:
+            return None
+        if self.clock.seconds() >= bundle.not_after:
+            # The expiry call may not have run yet; never hand out a
+            # certificate past its end.
+            return None
+        return bundle
+
+    def when_ready(self) -> Deferred[Bundle]:
+        """
+        A Deferred that fires with a usable Bundle: at once if there is one,
+        else with the next one.  It fails with :class:`LeafPermissionDenied`
+        as soon as the agent answers 403 for the leaf (and at once while that
+        lasts), and with :class:`CertManagerStopped` when the service stops.
+        Cancelling it only drops this waiter.
+        """
+        bundle = self.current()
+        if bundle is not None:
+            return succeed(bundle)
+        if self._stopped:
+            return fail(CertManagerStopped(self.service))
+        if self._denied is not None:
+            return fail(self._denied)
+
+        def forget(waiter: Deferred[Bundle]) -> None:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+        waiter: Deferred[Bundle] = Deferred(forget)
+        self._waiters.append(waiter)
+        return waiter
+
+    # -- observing ----------------------------------------------------------------
+
+    @property
+    def state(self) -> ManagerState:
+        """The current :class:`ManagerState`."""
+        return self._state
+
+    @property
+    def reason(self) -> str:
+        """Why the manager is in its state, as a sentence."""
+        return self._reason
+
+    def subscribe(
+        self, callback: Callable[[StateChange], object]
+    ) -> Callable[[], None]:
+        """
+        Call ``callback`` with a :class:`StateChange` whenever the state or its
+        reason changes (a new certificate changes the reason of ``READY``).
+        An exception it raises is logged and ignored.
+
+        :returns: a function that unsubscribes ``callback``.
+        """
+        self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            if callback in self._subscribers:
+                self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    # -- IService -------------------------------------------------------------------
+
+    def startService(self) -> None:
+        if self.running:
+            return
+        super().startService()  # type: ignore[no-untyped-call]
+        self._stopped = False
+        self._log.info(
+            "certificate manager for {service} starting", service=self.service
+        )
+        if self._bundle is not None:
+            self._schedule_timers(self._bundle)
+        self._refresh_state()
+        self._roots_watch.start()
+        self._leaf_watch.start()
+
+    def stopService(self) -> None:
+        if not self.running:
+            return
+        super().stopService()  # type: ignore[no-untyped-call]
+        self._stopped = True
+        self._roots_watch.stop()
+        self._leaf_watch.stop()
+        self._cancel_timers()
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.errback(CertManagerStopped(self.service))
+        self._set_state(ManagerState.STOPPED, "the service was stopped")
+        self._log.info(
+            "certificate manager for {service} stopped", service=self.service
+        )
+
+    # -- the watches --------------------------------------------------------------
+
+    def _fetch_roots(self, index: int, wait: float) -> Deferred[Indexed[CARoots]]:
+        return self.client.agent_ca_roots(index=index, wait=wait)
+
+    def _fetch_leaf(self, index: int, wait: float) -> Deferred[Indexed[LeafCert]]:
+        return self.client.leaf(self.service, index=index, wait=wait)
+
+    def _roots_answered(self, roots: CARoots) -> None:
+        self._roots_error = None
+        if roots == self._roots:
+            self._refresh_state()
+            return
+        self._roots = roots
+        self._rebuild()
+
+    def _leaf_answered(self, leaf: LeafCert) -> None:
+        self._leaf_error = None
+        self._denied = None
+        if leaf == self._leaf:
+            self._refresh_state()
+            return
+        self._leaf = leaf
+        self._rebuild()
+
+    def _roots_failed(self, failure: Failure) -> None:
+        self._roots_error = (
+            f"reading the CA roots from the agent failed: {failure.getErrorMessage()}"
+        )
+        self._refresh_state()
+
+    def _leaf_failed(self, failure: Failure) -> None:
+        error = failure.value
+        if isinstance(error, ConsulPermissionDenied):
+            denied = LeafPermissionDenied(self.service, error.body)
+            self._denied = denied
+            self._leaf_error = str(denied)
+            self._log.error("{message}", message=str(denied))
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                waiter.errback(denied)
+        else:
+            self._denied = None
+            self._leaf_error = (
+                f"reading the leaf certificate for {self.service!r} from the "
+                f"agent failed: {failure.getErrorMessage()}"
+            )
+        self._refresh_state()
+
+    # -- building ------------------------------------------------------------------
+
+    def _rebuild(self) -> None:
+        roots, leaf = self._roots, self._leaf
+        if roots is None or leaf is None:
+            self._refresh_state()
+            return
+        try:
+            bundle = Bundle.build(
+                leaf_cert_pem=leaf.cert_pem,
+                private_key_pem=leaf.private_key_pem,
+                roots=_root_pems(roots),
+                trust_domain=roots.trust_domain,
+                now=self.clock.seconds(),
+            )
+            if bundle.identity.service != self.service:
+                raise InvalidBundle(
+                    f"leaf_cert_pem: the leaf names service "
+                    f"{bundle.identity.service!r} ({bundle.identity.uri}), not "
+                    f"{self.service!r}"
+                )
+        except InvalidBundle as e:
+            kept = self.current()
+            what = (
+                f"keeping the certificate serial {kept.leaf.serial_number:x} "
+                f"until the agent sends a leaf that matches its roots (it "
+                f"expires at {_iso(kept.not_after)})"
+                if kept is not None
+                else "no certificate to use yet"
+            )
+            self._build_error = (
+                f"the leaf (serial {leaf.serial_number}) and the "
+                f"{len(roots.roots)} CA root(s) of trust domain "
+                f"{roots.trust_domain!r} from the agent make no usable "
+                f"certificate: {e}; {what}"
+            )
+            self._log.warn(
+                "certificate manager for {service}: {problem}",
+                service=self.service,
+                problem=self._build_error,
+            )
+            self._refresh_state()
+            return
+        self._build_error = None
+        self._install(bundle)
+
+    def _install(self, bundle: Bundle) -> None:
+        previous = self._bundle
+        self._bundle = bundle
+        self._expired = False
+        self._schedule_timers(bundle)
+        self._log.info(
+            "certificate manager for {service}: new certificate for {identity}, "
+            "serial {serial}, valid until {not_after}, trusting {roots} root(s) "
+            "of {trust_domains}",
+            service=self.service,
+            identity=bundle.identity.uri,
+            serial=f"{bundle.leaf.serial_number:x}",
+            not_after=_iso(bundle.not_after),
+            roots=len(bundle.roots),
+            trust_domains=", ".join(sorted(bundle.trust_domains)),
+            replaces=None if previous is None else f"{previous.leaf.serial_number:x}",
+        )
+        self._refresh_state()
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(bundle)
+
+    # -- expiry --------------------------------------------------------------------
+
+    def _warning_lead(self, bundle: Bundle) -> float:
+        if self.expiry_warning is not None:
+            return self.expiry_warning
+        return (bundle.not_after - bundle.not_before) / 20
+
+    def _schedule_timers(self, bundle: Bundle) -> None:
+        self._cancel_timers()
+        now = self.clock.seconds()
+        warn_at = bundle.not_after - self._warning_lead(bundle)
+        self._warning_call = self.clock.callLater(
+            max(0.0, warn_at - now), self._warn, bundle
+        )
+        self._expiry_call = self.clock.callLater(
+            max(0.0, bundle.not_after - now), self._expire, bundle
+        )
+
+    def _cancel_timers(self) -> None:
+        for call in (self._warning_call, self._expiry_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._warning_call = self._expiry_call = None
+
+    def _warn(self, bundle: Bundle) -> None:
+        self._warning_call = None
+        if bundle is not self._bundle:
+            return
+        self._log.warn(
+            "certificate manager for {service}: the certificate for {identity} "
+            "(serial {serial}) expires at {not_after}, in {remaining:.0f}s, and "
+            "no renewed one has come from the agent ({state}: {reason}); "
+            "connections will be refused once it expires",
+            service=self.service,
+            identity=bundle.identity.uri,
+            serial=f"{bundle.leaf.serial_number:x}",
+            not_after=_iso(bundle.not_after),
+            remaining=bundle.not_after - self.clock.seconds(),
+            state=self._state.value,
+            reason=self._reason,
+        )
+
+    def _expire(self, bundle: Bundle) -> None:
+        self._expiry_call = None
+        if bundle is not self._bundle:
+            return
+        if self._warning_call is not None and self._warning_call.active():
+            self._warning_call.cancel()
+        self._warning_call = None
+        self._bundle = None
+        self._expired = True
+        self._expired_at = bundle.not_after
+        self._log.error(
+            "certificate manager for {service}: the certificate for {identity} "
+            "(serial {serial}) expired at {not_after}; refusing connections "
+            "until the agent sends a new one",
+            service=self.service,
+            identity=bundle.identity.uri,
+            serial=f"{bundle.leaf.serial_number:x}",
+            not_after=_iso(bundle.not_after),
+        )
+        self._refresh_state()
+
+    # -- state ---------------------------------------------------------------------
+
+    def _waiting_reason(self) -> str:
+        return (
+            f"waiting for the CA roots and the leaf certificate for "
+            f"{self.service!r} from the agent"
+        )
+
+    def _problems(self) -> list[str]:
+        return [
+            p
+            for p in (self._roots_error, self._leaf_error, self._build_error)
+            if p is not None
+        ]
+
+    def _refresh_state(self) -> None:
+        if not self.running:
+            return
+        problems = self._problems()
+        bundle = self._bundle
+        if bundle is None:
+            if self._expired:
+                state = ManagerState.EXPIRED
+                reason = (
+                    f"the certificate for {self.service!r} expired at "
+                    f"{_iso(self._expired_at)} and no new one has come"
+                )
+                if problems:
+                    reason += ": " + "; ".join(problems)
+            else:
+                state = ManagerState.STARTING
+                reason = "; ".join(problems) if problems else self._waiting_reason()
+        elif problems:
+            state = ManagerState.DEGRADED
+            reason = "; ".join(problems) + (
+                f"; the certificate serial {bundle.leaf.serial_number:x} stays "
+                f"in use until it expires at {_iso(bundle.not_after)}"
+            )
+        else:
+            state = ManagerState.READY
+            reason = (
+                f"serving {bundle.identity.uri} with certificate serial "
+                f"{bundle.leaf.serial_number:x}, valid until "
+                f"{_iso(bundle.not_after)}"
+            )
+        self._set_state(state, reason)
+
+    def _set_state(self, state: ManagerState, reason: str) -> None:
+        if state is self._state and reason == self._reason:
+            return
+        previous = self._state
+        self._state = state
+        self._reason = reason
+        if state is not previous:
+            level = (
+                LogLevel.info
+                if state in (ManagerState.READY, ManagerState.STOPPED)
+                else LogLevel.warn
+            )
+            self._log.emit(
+                level,
+                "certificate manager for {service}: {previous} -> {state}: {reason}",
+                service=self.service,
+                previous=previous.value,
+                state=state.value,
+                reason=reason,
+            )
+        change = StateChange(state=state, reason=reason, previous=previous)
+        for callback in list(self._subscribers):
+            try:
+                callback(change)
+            except Exception:
+                self._log.failure(
+                    "certificate manager for {service}: a state subscriber "
+                    "raised; ignoring it",
+                    level=LogLevel.error,
+                    service=self.service,
+                )
