@@ -655,3 +655,101 @@ def _now(clock: IReactorTime | None) -> datetime.datetime:
 
 
 # --- end of Certificates ---
+
+
+# --- Authorizers ---
+#
+# An ``IAuthorizer`` whose answers a test chooses: by the peer's service
+# name, at once or held until the test releases them, and optionally known
+# in the TLS handshake (``decide_now``), where a denial is a TLS alert.
+
+from collections.abc import Iterable  # noqa: E402
+
+from twisted.internet.defer import Deferred, succeed  # noqa: E402
+from zope.interface import implementer  # noqa: E402
+
+from connect_native.authorize import Decision, IAuthorizer, Peer  # noqa: E402
+
+
+@implementer(IAuthorizer)
+class FakeAuthorizer:
+    """
+    An authorizer for tests: a peer whose service name is in ``allowed`` may
+    connect, any other is denied.
+
+    :param allowed: the source service names to allow (change
+        :attr:`allowed` at any time).
+    :param in_handshake: if true, ``decide_now`` answers too, so a denied
+        peer is refused with a TLS alert; otherwise it says "don't know yet".
+    :param hold: if true, ``authorize`` returns a Deferred that fires only
+        when the test calls :meth:`release` (to test what happens while the
+        decision is pending, or when it never comes).
+
+    :ivar decide_now_calls: every ``(peer, target)`` given to ``decide_now``.
+    :ivar authorize_calls: every ``(peer, target)`` given to ``authorize``.
+    :ivar pending: the held ``(peer, target, deferred)`` not yet released.
+    :ivar cancelled: how many held Deferreds their caller cancelled.
+    """
+
+    def __init__(
+        self,
+        allowed: Iterable[str] = (),
+        *,
+        in_handshake: bool = False,
+        hold: bool = False,
+        source: str = "fake",
+    ) -> None:
+        self.allowed = set(allowed)
+        self.in_handshake = in_handshake
+        self.hold = hold
+        self.source = source
+        self.decide_now_calls: list[tuple[Peer, str]] = []
+        self.authorize_calls: list[tuple[Peer, str]] = []
+        self.pending: list[tuple[Peer, str, Deferred[Decision]]] = []
+        self.cancelled = 0
+
+    def decision_for(self, peer: Peer, target: str) -> Decision:
+        """
+        What this authorizer decides for ``peer`` reaching ``target``.
+        """
+        service = peer.identity.service
+        if service in self.allowed:
+            return Decision(True, f"{service!r} may reach {target!r}", self.source)
+        return Decision(False, f"{service!r} may not reach {target!r}", self.source)
+
+    def decide_now(self, peer: Peer, target: str) -> Decision | None:
+        self.decide_now_calls.append((peer, target))
+        if not self.in_handshake:
+            return None
+        return self.decision_for(peer, target)
+
+    def authorize(self, peer: Peer, target: str) -> Deferred[Decision]:
+        self.authorize_calls.append((peer, target))
+        if not self.hold:
+            return succeed(self.decision_for(peer, target))
+        entry: tuple[Peer, str, Deferred[Decision]]
+
+        def cancel(d: Deferred[Decision]) -> None:
+            self.cancelled += 1
+            if entry in self.pending:
+                self.pending.remove(entry)
+
+        held: Deferred[Decision] = Deferred(cancel)
+        entry = (peer, target, held)
+        self.pending.append(entry)
+        return held
+
+    def release(self, decision: Decision | None = None) -> int:
+        """
+        Answer every held call: with ``decision`` if given, otherwise with
+        :meth:`decision_for`.  Returns how many were answered.
+        """
+        pending, self.pending = self.pending, []
+        for peer, target, held in pending:
+            held.callback(
+                decision if decision is not None else self.decision_for(peer, target)
+            )
+        return len(pending)
+
+
+# --- end of Authorizers ---
