@@ -737,10 +737,18 @@ class CertManager(Service):
 
     # -- the watches --------------------------------------------------------------
 
+    # After a failure the next read asks for an immediate answer (index 0):
+    # a read blocked at the old index would leave the manager degraded for
+    # up to ``wait`` seconds after the agent is back.
+
     def _fetch_roots(self, index: int, wait: float) -> Deferred[Indexed[CARoots]]:
+        if self._roots_error is not None:
+            index = 0
         return self.client.agent_ca_roots(index=index, wait=wait)
 
     def _fetch_leaf(self, index: int, wait: float) -> Deferred[Indexed[LeafCert]]:
+        if self._leaf_error is not None:
+            index = 0
         return self.client.leaf(self.service, index=index, wait=wait)
 
     def _roots_answered(self, roots: CARoots) -> None:
