@@ -1,0 +1,811 @@
+"""
+Serving over Connect: :class:`ConnectServerEndpoint`, a server endpoint that
+wraps any other (TCP, UNIX, ...) in Connect's mutual TLS and lets a connection
+reach the application only once an authorizer has allowed its peer; and
+:func:`peer_identity`, which tells the application who that peer is.
+
+A connection goes through three steps:
+
+1. TLS, with the server connection creator of the Bundle current when the
+   connection was accepted (:mod:`connect_native.tls`): the client's chain and
+   SPIFFE identity are verified in the handshake, and the authorizer's
+   ``decide_now`` may refuse it there with a TLS alert.
+2. The authorization gate: after the handshake it pauses the transport, keeps
+   whatever bytes already arrived, and waits for ``authorizer.authorize``.
+   The handshake and the authorization are each bounded in time.
+3. Allowed: the gate steps aside.  The application's protocol becomes the TLS
+   protocol's wrapped protocol and gets the TLS transport itself, so
+   twisted.web sees ``isSecure()``, the peer certificate and the negotiated
+   ALPN protocol.  Denied, failed or too slow: the connection is aborted and
+   the application's factory never builds a protocol for it.
+
+Every decision is logged with :mod:`twisted.logger` fields ``peer``,
+``target``, ``allowed``, ``decision``, ``reason``, ``source`` and ``elapsed``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    TimeoutError,
+    fail,
+    maybeDeferred,
+)
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHandshakeListener,
+    IListeningPort,
+    IOpenSSLServerConnectionCreator,
+    IProtocol,
+    IProtocolFactory,
+    IPushProducer,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from connect_native.authorize import Decision, IAuthorizer, Peer
+from connect_native.certs import Bundle, IBundleSource
+from connect_native.identity import ServiceIdentity
+from connect_native.tls import ServerConnectionCreator, verified_peer
+
+__all__ = [
+    "ConnectServerEndpoint",
+    "NotAConnectConnection",
+    "alpn_protocols_for",
+    "peer_identity",
+]
+
+log = Logger()
+
+#: How many application bytes a client may send before it is authorized.
+#: The transport is paused as soon as the handshake completes, so only what
+#: arrived with the last handshake flight is held; more is a misbehaving
+#: client, and is refused rather than buffered without bound.
+MAX_EARLY_BYTES = 256 * 1024
+
+StopHook = Callable[[], "Deferred[Any] | None"]
+
+
+class NotAConnectConnection(ValueError):  # noqa: N818 (names what the input is not)
+    """
+    :func:`peer_identity` was given something that is not a connection whose
+    peer a Connect TLS handshake verified.
+    """
+
+
+def peer_identity(connection: object) -> ServiceIdentity:
+    """
+    The service identity of the peer of a Connect connection, as verified in
+    its TLS handshake.
+
+    :param connection: the TLS transport a :class:`ConnectServerEndpoint` (or
+        a Connect client) gave the application, a protocol whose
+        ``transport`` it is, or a twisted.web ``Request`` (its
+        ``channel.transport``).
+
+    :raises NotAConnectConnection: if no verified Connect peer is found: the
+        object is not (or is no longer) a Connect TLS connection.  Treat the
+        peer as unauthenticated.
+    """
+    candidates: list[object] = []
+    channel = getattr(connection, "channel", None)
+    if channel is not None:
+        candidates.append(getattr(channel, "transport", None))
+    candidates.append(connection)
+    for candidate in candidates:
+        if candidate is None:
+            continue
+        peer = verified_peer(candidate)
+        if peer is not None:
+            return peer.identity
+    raise NotAConnectConnection(
+        f"{type(connection).__name__} is not a Connect TLS connection with a "
+        "verified peer: give peer_identity() the transport of a connection "
+        "accepted by ConnectServerEndpoint (or made by a Connect client), a "
+        "protocol connected to one, or a twisted.web Request served over one; "
+        "a closed connection has no peer either"
+    )
+
+
+def alpn_protocols_for(factory: IProtocolFactory) -> tuple[bytes, ...]:
+    """
+    The ALPN protocols to offer for an application factory: a twisted.web
+    ``Site`` speaks ``h2`` (when twisted.web's HTTP/2 support is installed)
+    and ``http/1.1``; a factory with an ``acceptableProtocols`` attribute or
+    method speaks those; any other factory gets no ALPN.
+    """
+    acceptable = getattr(factory, "acceptableProtocols", None)
+    if acceptable is not None:
+        protocols = acceptable() if callable(acceptable) else acceptable
+        return tuple(protocols)
+    try:
+        from twisted.web.http import H2_ENABLED, HTTPFactory
+    except ImportError:  # pragma: no cover (twisted.web ships with Twisted)
+        return ()
+    if isinstance(factory, HTTPFactory):
+        return (b"h2", b"http/1.1") if H2_ENABLED else (b"http/1.1",)
+    return ()
+
+
+def _decision_text(decision: Decision) -> str:
+    return "allowed" if decision.allowed else "denied"
+
+
+def _log_decision(
+    peer: Peer | ServiceIdentity | None,
+    target: str,
+    decision: Decision,
+    elapsed: float,
+    address: IAddress | None,
+    stage: str,
+) -> None:
+    if isinstance(peer, Peer):
+        uri, serial = peer.uri, peer.serial
+    elif peer is None:
+        uri, serial = "(unverified peer)", ""
+    else:
+        uri, serial = peer.uri, ""
+    emit = log.info if decision.allowed else log.warn
+    emit(
+        "Connect {target}: {decision} {peer} from {address} {stage} "
+        "({reason}; decided by {source} in {elapsed:.3f}s)",
+        peer=uri,
+        serial=serial,
+        target=target,
+        allowed=decision.allowed,
+        decision=_decision_text(decision),
+        reason=decision.reason,
+        source=decision.source,
+        elapsed=elapsed,
+        address=str(address) if address is not None else "?",
+        stage=stage,
+    )
+
+
+def _abort(tls: Any) -> None:
+    tls.abortConnection()
+
+
+def _underlying(tls: Any) -> IPushProducer:
+    """
+    The transport under a TLS protocol: pausing it stops reading from the
+    socket.
+    """
+    transport: IPushProducer = tls.transport
+    return transport
+
+
+class _Creators:
+    """
+    The server connection creator for each new connection: one per Bundle
+    (each owns one OpenSSL context), made when the source first hands out
+    that Bundle and kept while it stays current.
+    """
+
+    def __init__(
+        self,
+        source: IBundleSource,
+        service: str,
+        alpn_protocols: Sequence[bytes],
+        authorizer: IAuthorizer,
+        clock: IReactorTime,
+    ) -> None:
+        self._source = source
+        self._service = service
+        self._alpn = tuple(alpn_protocols)
+        self._authorizer = authorizer
+        self._clock = clock
+        self._bundle: Bundle | None = None
+        self._creator: ServerConnectionCreator | None = None
+
+    def current(self, address: IAddress | None) -> ServerConnectionCreator | None:
+        try:
+            bundle = self._source.current()
+        except Exception:
+            log.failure(
+                "Connect {target}: refused a connection from {address}: the "
+                "certificate source failed",
+                target=self._service,
+                address=str(address),
+                allowed=False,
+                decision="denied",
+            )
+            return None
+        if not isinstance(bundle, Bundle):
+            log.warn(
+                "Connect {target}: refused a connection from {address}: no usable "
+                "certificate for the service right now (not issued yet, or "
+                "expired and the agent cannot renew it)",
+                target=self._service,
+                address=str(address),
+                allowed=False,
+                decision="denied",
+                reason="no certificate",
+            )
+            return None
+        if bundle is self._bundle and self._creator is not None:
+            return self._creator
+        try:
+            creator = ServerConnectionCreator(
+                bundle,
+                alpn_protocols=self._alpn,
+                decide_peer_now=self._decide_now,
+            )
+        except Exception:
+            log.failure(
+                "Connect {target}: refused a connection from {address}: could not "
+                "set up TLS with the current certificate",
+                target=self._service,
+                address=str(address),
+                allowed=False,
+                decision="denied",
+            )
+            return None
+        self._bundle, self._creator = bundle, creator
+        return creator
+
+    def _decide_now(self, identity: ServiceIdentity, serial: str) -> bool | None:
+        """
+        The authorizer's early answer, inside the verify callback: a denial
+        here ends the handshake with a TLS alert.
+        """
+        peer = Peer(identity, serial)
+        try:
+            decision = self._authorizer.decide_now(peer, self._service)
+        except Exception:
+            log.failure(
+                "Connect {target}: denied {peer} in the TLS handshake: the "
+                "authorizer's decide_now failed",
+                peer=peer.uri,
+                target=self._service,
+                allowed=False,
+                decision="denied",
+                source="error",
+            )
+            return False
+        if decision is None:
+            return None
+        if not isinstance(decision, Decision):
+            decision = Decision.deny(
+                f"the authorizer's decide_now returned {type(decision).__name__}, "
+                "not a Decision"
+            )
+        if not decision.allowed:
+            _log_decision(
+                peer, self._service, decision, 0.0, None, "in the TLS handshake"
+            )
+            return False
+        # An early "allowed" still goes through the gate, which asks
+        # authorize() (answered at once by an authorizer that knows) and logs.
+        return True
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class _GateCreator:
+    """
+    Hands each TLS connection to the creator its gate was given when the
+    connection was accepted.
+    """
+
+    def serverConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> Any:
+        gate = tlsProtocol.wrappedProtocol
+        if not isinstance(gate, _Gate):  # pragma: no cover (only we build these)
+            raise RuntimeError("a Connect TLS connection without its gate")
+        return gate.creator.serverConnectionForTLS(tlsProtocol)
+
+
+class _ConnectTLSFactory(TLSMemoryBIOFactory):
+    """
+    A ``TLSMemoryBIOFactory`` that refuses a connection (closing the socket)
+    when its gate cannot be built, e.g. for want of a certificate.
+    """
+
+    def buildProtocol(  # type: ignore[override]
+        self, addr: IAddress | None
+    ) -> TLSMemoryBIOProtocol | None:
+        gate = self.wrappedFactory.buildProtocol(addr)
+        if gate is None:
+            return None
+        return self.protocol(self, gate)
+
+
+class _GateFactory(Factory):
+    """
+    Builds the gate for each accepted connection.
+    """
+
+    noisy = False
+
+    def __init__(
+        self,
+        app_factory: IProtocolFactory,
+        creators: _Creators,
+        authorizer: IAuthorizer,
+        service: str,
+        clock: IReactorTime,
+        handshake_timeout: float,
+        authorize_timeout: float,
+    ) -> None:
+        self.app_factory = app_factory
+        self.creators = creators
+        self.authorizer = authorizer
+        self.service = service
+        self.clock = clock
+        self.handshake_timeout = handshake_timeout
+        self.authorize_timeout = authorize_timeout
+
+    def doStart(self) -> None:
+        self.app_factory.doStart()
+
+    def doStop(self) -> None:
+        self.app_factory.doStop()
+
+    def buildProtocol(self, addr: IAddress | None) -> _Gate | None:
+        creator = self.creators.current(addr)
+        if creator is None:
+            return None
+        return _Gate(self, creator, addr)
+
+
+@implementer(IHandshakeListener)
+class _Gate(Protocol):
+    """
+    The TLS protocol's wrapped protocol until the peer is authorized.
+
+    It bounds the handshake, pauses the transport once the handshake is done,
+    holds the bytes that arrived meanwhile, and asks the authorizer (bounded
+    too).  Allowed: it puts the application's protocol in its place.
+    Otherwise: it aborts the connection.
+    """
+
+    transport: TLSMemoryBIOProtocol
+
+    def __init__(
+        self, factory: _GateFactory, creator: ServerConnectionCreator, addr: Any
+    ) -> None:
+        self.gate_factory = factory
+        self.creator = creator
+        self.address = addr
+        self.early_bytes: list[bytes] = []
+        self._early_length = 0
+        self._timer: IDelayedCall | None = None
+        self._pending: Deferred[Decision] | None = None
+        self._timed_out = False
+        self._finished = False
+        self._started = 0.0
+        self._peer: Peer | None = None
+
+    def connectionMade(self) -> None:
+        factory = self.gate_factory
+        self._timer = factory.clock.callLater(
+            factory.handshake_timeout, self._handshake_timed_out
+        )
+
+    def _handshake_timed_out(self) -> None:
+        self._timer = None
+        self._finished = True
+        log.warn(
+            "Connect {target}: aborted a connection from {address}: the TLS "
+            "handshake did not complete within {timeout:g}s",
+            target=self.gate_factory.service,
+            address=str(self.address),
+            timeout=self.gate_factory.handshake_timeout,
+            allowed=False,
+            decision="denied",
+            reason="handshake timeout",
+        )
+        _abort(self.transport)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def handshakeCompleted(self) -> None:
+        self._cancel_timer()
+        if self._finished:
+            return
+        factory = self.gate_factory
+        # Hold the client until it is authorized: nothing more is read from
+        # the socket, so the early bytes stay bounded.
+        _underlying(self.transport).pauseProducing()
+        self._started = factory.clock.seconds()
+        verified = verified_peer(self.transport)
+        if verified is None:
+            self._decide(
+                Decision.deny("the TLS handshake verified no peer identity"), None
+            )
+            return
+        peer = self._peer = Peer(verified.identity, verified.serial)
+        try:
+            pending = factory.authorizer.authorize(peer, factory.service)
+        except Exception as e:
+            failure = Failure(e)  # type: ignore[no-untyped-call]
+            self._decide(
+                Decision.deny(
+                    f"the authorizer failed: {failure.getErrorMessage()}", "error"
+                ),
+                peer,
+            )
+            log.failure("the authorizer raised", failure)
+            return
+        if not isinstance(pending, Deferred):
+            self._decide(
+                Decision.deny(
+                    f"the authorizer returned {type(pending).__name__}, not a Deferred",
+                    "error",
+                ),
+                peer,
+            )
+            return
+        self._pending = pending
+        self._timer = factory.clock.callLater(
+            factory.authorize_timeout, self._authorize_timed_out
+        )
+        pending.addCallbacks(
+            lambda decision: self._answered(decision, peer),
+            lambda failure: self._failed(failure, peer),
+        )
+
+    def _authorize_timed_out(self) -> None:
+        self._timer = None
+        self._timed_out = True
+        if self._pending is not None:
+            self._pending.cancel()
+        if not self._finished:
+            # An authorizer whose Deferred ignores cancellation still denies.
+            self._decide(
+                Decision.deny(
+                    "the authorizer did not answer within "
+                    f"{self.gate_factory.authorize_timeout:g}s",
+                    "timeout",
+                ),
+                self._peer,
+            )
+
+    def _answered(self, decision: object, peer: Peer) -> None:
+        self._pending = None
+        if not isinstance(decision, Decision):
+            decision = Decision.deny(
+                f"the authorizer answered {type(decision).__name__}, not a Decision"
+            )
+        self._decide(decision, peer)
+
+    def _failed(self, failure: Failure, peer: Peer) -> None:
+        self._pending = None
+        if self._timed_out and isinstance(failure.value, CancelledError):
+            self._decide(
+                Decision.deny(
+                    "the authorizer did not answer within "
+                    f"{self.gate_factory.authorize_timeout:g}s",
+                    "timeout",
+                ),
+                peer,
+            )
+        elif isinstance(failure.value, CancelledError) and self._finished:
+            pass  # we cancelled it: the connection went away
+        else:
+            self._decide(
+                Decision.deny(
+                    f"the authorizer failed: {failure.getErrorMessage()}", "error"
+                ),
+                peer,
+            )
+
+    def _decide(self, decision: Decision, peer: Peer | None) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        self._cancel_timer()
+        factory = self.gate_factory
+        elapsed = factory.clock.seconds() - self._started
+        app: IProtocol | None = None
+        if decision.allowed:
+            try:
+                app = factory.app_factory.buildProtocol(self.address)
+            except Exception:
+                log.failure(
+                    "Connect {target}: the application's factory failed to "
+                    "build a protocol",
+                    target=factory.service,
+                )
+                app = None
+            if app is None:
+                decision = Decision(
+                    False,
+                    f"{decision.reason}; but the application refused the "
+                    "connection (its factory built no protocol)",
+                    decision.source,
+                )
+        _log_decision(
+            peer,
+            factory.service,
+            decision,
+            elapsed,
+            self.address,
+            "after the handshake",
+        )
+        if not decision.allowed or app is None:
+            self.early_bytes = []
+            _abort(self.transport)
+            return
+        self._hand_over(app)
+
+    def _hand_over(self, app: IProtocol) -> None:
+        tls = self.transport
+        early, self.early_bytes = self.early_bytes, []
+        tls.wrappedProtocol = app
+        # Resume first: from here the application owns the transport's
+        # pause state (twisted.web pauses it while it handles a request, and
+        # a resume after the early bytes would undo that).  Resuming reads
+        # nothing synchronously, so the order of bytes is unchanged.
+        _underlying(tls).resumeProducing()
+        app.makeConnection(tls)
+        if IHandshakeListener.providedBy(app):
+            app.handshakeCompleted()
+        for data in early:
+            if tls.disconnecting and getattr(tls, "_aborted", False):
+                break
+            app.dataReceived(data)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._finished:
+            return
+        self._early_length += len(data)
+        if self._early_length > MAX_EARLY_BYTES:
+            self._decide(
+                Decision.deny(
+                    f"the client sent more than {MAX_EARLY_BYTES} bytes before "
+                    "it was authorized",
+                    "gate",
+                ),
+                self._peer,
+            )
+            return
+        self.early_bytes.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._cancel_timer()
+        self.early_bytes = []
+        if not self._finished:
+            self._finished = True
+            if self._peer is not None:
+                log.info(
+                    "Connect {target}: {peer} from {address} went away before it "
+                    "was authorized",
+                    target=self.gate_factory.service,
+                    peer=self._peer.uri,
+                    address=str(self.address),
+                )
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.cancel()
+
+
+@implementer(IListeningPort)
+class _ConnectPort:
+    """
+    The wrapped endpoint's port; stopping it also runs the endpoint's stop
+    hook (releasing the service's certificate manager).
+    """
+
+    def __init__(
+        self,
+        port: IListeningPort,
+        factory: _ConnectTLSFactory,
+        stop_hook: StopHook | None,
+    ) -> None:
+        self.port = port
+        self.factory = factory
+        self._stop_hook = stop_hook
+        self._stopped = False
+
+    def startListening(self) -> None:
+        self.port.startListening()
+
+    def stopListening(self) -> Deferred[Any]:
+        stopping: Deferred[Any] = maybeDeferred(self.port.stopListening)
+        hook = self._stop_hook
+        if self._stopped or hook is None:
+            return stopping
+        self._stopped = True
+
+        def run_hook(result: object) -> Deferred[object]:
+            released: Deferred[Any] = maybeDeferred(hook)
+            released.addErrback(
+                lambda failure: log.failure(
+                    "Connect: the endpoint's stop hook failed", failure
+                )
+            )
+            # The port's own outcome (stopped, or why not) is the answer.
+            return released.addCallback(lambda _: result)
+
+        return stopping.addBoth(run_hook)
+
+    def getHost(self) -> IAddress:
+        return self.port.getHost()
+
+
+@implementer(IStreamServerEndpoint)
+class ConnectServerEndpoint:
+    """
+    A server endpoint for a Connect service: mutual TLS with the service's
+    certificates over ``wrapped_endpoint``, and an authorization gate before
+    the application.
+
+    :param reactor: the clock for every bound and for TLS's write
+        scheduling (``TLSMemoryBIOFactory(clock=...)``).
+    :param wrapped_endpoint: where to listen, e.g. ``TCP4ServerEndpoint``.
+    :param bundle_source: the service's certificates; asked once per new
+        connection.
+    :param authorizer: decides, per connection, whether its verified peer
+        may reach ``service``.
+    :param service: the service being served: the authorization target.
+    :param ready_timeout: how long ``listen()`` waits for the first
+        certificate before failing.
+    :param handshake_timeout: how long a client has to complete the TLS
+        handshake before it is disconnected.
+    :param authorize_timeout: how long the authorizer has to decide before
+        the connection is denied.
+    :param alpn_protocols: the ALPN protocols to offer; by default, taken
+        from the application's factory (:func:`alpn_protocols_for`).
+    :param start_hook: called at the start of every ``listen()`` (e.g. to
+        start or take a reference on the service's certificate manager).
+    :param stop_hook: called once when a port from ``listen()`` stops, or
+        when ``listen()`` fails after ``start_hook`` ran; may return a
+        Deferred.
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        wrapped_endpoint: IStreamServerEndpoint,
+        bundle_source: IBundleSource,
+        authorizer: IAuthorizer,
+        service: str,
+        *,
+        ready_timeout: float = 60.0,
+        handshake_timeout: float = 10.0,
+        authorize_timeout: float = 10.0,
+        alpn_protocols: Sequence[bytes] | None = None,
+        start_hook: Callable[[], object] | None = None,
+        stop_hook: StopHook | None = None,
+    ) -> None:
+        if not isinstance(service, str) or not service:
+            raise ValueError(
+                f"service must be the name of the service being served, not {service!r}"
+            )
+        for name, value in (
+            ("ready_timeout", ready_timeout),
+            ("handshake_timeout", handshake_timeout),
+            ("authorize_timeout", authorize_timeout),
+        ):
+            if not isinstance(value, int | float) or not value > 0:
+                raise ValueError(
+                    f"{name} must be a positive number of seconds, not {value!r}"
+                )
+        self._reactor = reactor
+        self._wrapped = wrapped_endpoint
+        self._source = bundle_source
+        self._authorizer = authorizer
+        self.service = service
+        self._ready_timeout = float(ready_timeout)
+        self._handshake_timeout = float(handshake_timeout)
+        self._authorize_timeout = float(authorize_timeout)
+        self._alpn = None if alpn_protocols is None else tuple(alpn_protocols)
+        self._start_hook = start_hook
+        self._stop_hook = stop_hook
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        """
+        Wait (at most ``ready_timeout``) for the service's first certificate,
+        then listen on the wrapped endpoint.
+
+        Fires with the port; stopping it runs the stop hook.  Fails with
+        ``TimeoutError`` saying what is missing if no certificate came in
+        time, or with the wrapped endpoint's error.
+        """
+        try:
+            if self._start_hook is not None:
+                self._start_hook()
+        except Exception:
+            return fail()
+        ready: Deferred[Any] = self._wait_until_ready()
+        ready.addCallback(lambda bundle: self._listen(protocolFactory))
+
+        def release(failure: Failure) -> Deferred[Any] | Failure:
+            if self._stop_hook is None:
+                return failure
+            return maybeDeferred(self._stop_hook).addBoth(lambda _: failure)
+
+        ready.addErrback(release)
+        return ready
+
+    def _wait_until_ready(self) -> Deferred[Bundle]:
+        try:
+            waiting = self._source.when_ready()
+        except Exception:
+            return fail()
+        timed_out: list[bool] = []
+
+        def give_up() -> None:
+            timed_out.append(True)
+            waiting.cancel()
+
+        timer = self._reactor.callLater(self._ready_timeout, give_up)
+
+        def done(result: object) -> object:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        def explain(failure: Failure) -> Failure:
+            if timed_out and isinstance(failure.value, CancelledError):
+                return Failure(TimeoutError(self._not_ready_message()))  # type: ignore[no-untyped-call]
+            return failure
+
+        waiting.addBoth(done)
+        waiting.addErrback(explain)
+        return waiting
+
+    def _not_ready_message(self) -> str:
+        message = (
+            f"no certificate for service {self.service!r} after "
+            f"{self._ready_timeout:g}s"
+        )
+        why = getattr(self._source, "why_not_ready", None)
+        detail: object = None
+        if callable(why):
+            try:
+                detail = why()
+            except Exception:
+                detail = None
+        if detail:
+            return f"{message}: {detail}"
+        return (
+            f"{message}: the certificate source has no leaf certificate and CA "
+            "roots for it yet; check that the Consul agent is reachable, that "
+            "Connect is enabled on it, and that the token may write the "
+            "service (service:write is needed for its leaf certificate)"
+        )
+
+    def _listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        alpn = self._alpn
+        if alpn is None:
+            alpn = alpn_protocols_for(protocolFactory)
+        creators = _Creators(
+            self._source, self.service, alpn, self._authorizer, self._reactor
+        )
+        gates = _GateFactory(
+            protocolFactory,
+            creators,
+            self._authorizer,
+            self.service,
+            self._reactor,
+            self._handshake_timeout,
+            self._authorize_timeout,
+        )
+        tls_factory = _ConnectTLSFactory(
+            _GateCreator(), isClient=False, wrappedFactory=gates, clock=self._reactor
+        )
+        listening: Deferred[IListeningPort] = self._wrapped.listen(tls_factory)
+
+        def wrap(port: IListeningPort) -> IListeningPort:
+            log.info(
+                "Connect {target}: listening on {address}",
+                target=self.service,
+                address=str(port.getHost()),
+            )
+            return _ConnectPort(port, tls_factory, self._stop_hook)
+
+        return listening.addCallback(wrap)

@@ -1,0 +1,902 @@
+"""
+Tests for connect_native.server, in memory: ConnectServerEndpoint listening
+on a MemoryReactorClock, each connection built from the listening factory and
+joined to a Connect TLS client with iosim (FakeTransports, the same clock),
+no sockets and no sleeps.
+
+Certificates carry wall-clock validity that OpenSSL checks against real time,
+so they are made around ``time.time()`` and the clock starts there.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from attrs import define, field
+from OpenSSL import SSL
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail, succeed
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.interfaces import IHandshakeListener, IListeningPort
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogEvent, capturedLogs
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
+from twisted.test.iosim import FakeTransport, IOPump, connect
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+from zope.interface import implementer
+
+from connect_native import server as server_module
+from connect_native.authorize import Decision, IAuthorizer, Peer, colon_hex_serial
+from connect_native.certs import Bundle, IBundleSource, RootPEMs
+from connect_native.identity import ServiceIdentity
+from connect_native.server import (
+    ConnectServerEndpoint,
+    NotAConnectConnection,
+    alpn_protocols_for,
+    peer_identity,
+)
+from connect_native.testing import CertificateFactory, FakeAuthorizer, TestLeaf
+from connect_native.tls import ClientConnectionCreator, verified_peer
+
+ADDRESS = IPv4Address("TCP", "127.0.0.1", 40000)
+
+
+# --- certificates and a bundle source ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ca() -> CertificateFactory:
+    return CertificateFactory()
+
+
+def bundle(
+    ca: CertificateFactory, leaf: TestLeaf, *other_cas: CertificateFactory
+) -> Bundle:
+    return Bundle.build(
+        leaf_cert_pem=leaf.chain_pem,
+        private_key_pem=leaf.key_pem,
+        roots=[RootPEMs(c.root_pem) for c in (ca, *other_cas)],
+        trust_domain=ca.trust_domain,
+        now=time.time(),
+    )
+
+
+def identity(ca: CertificateFactory, service: str) -> ServiceIdentity:
+    return ServiceIdentity.parse(ca.service_uri(service))
+
+
+@implementer(IBundleSource)
+class StaticSource:
+    """
+    A bundle source the test sets by hand: ``current()`` is whatever
+    ``bundle`` is now, ``when_ready()`` fires once it is set.
+    """
+
+    def __init__(self, bundle: Bundle | None = None) -> None:
+        self.bundle = bundle
+        self.waiters: list[Deferred[Bundle]] = []
+        self.cancelled = 0
+
+    def current(self) -> Bundle | None:
+        return self.bundle
+
+    def when_ready(self) -> Deferred[Bundle]:
+        if self.bundle is not None:
+            return succeed(self.bundle)
+
+        def cancel(d: Deferred[Bundle]) -> None:
+            self.cancelled += 1
+            self.waiters.remove(d)
+
+        waiter: Deferred[Bundle] = Deferred(cancel)
+        self.waiters.append(waiter)
+        return waiter
+
+    def set(self, bundle: Bundle) -> None:
+        self.bundle = bundle
+        waiters, self.waiters = self.waiters, []
+        for waiter in waiters:
+            waiter.callback(bundle)
+
+
+# --- protocols --------------------------------------------------------------
+
+
+@implementer(IHandshakeListener)
+class App(Protocol):
+    """
+    The application's protocol: records what happens to it, in order.
+    """
+
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+        self.received = b""
+
+    def makeConnection(self, transport: Any) -> None:
+        self.events.append(("makeConnection", transport))
+        super().makeConnection(transport)
+
+    def handshakeCompleted(self) -> None:
+        self.events.append(("handshakeCompleted",))
+
+    def dataReceived(self, data: bytes) -> None:
+        self.events.append(("data", data))
+        self.received += data
+
+    def connectionLost(self, reason: Failure | None = None) -> None:  # type: ignore[override]
+        self.events.append(("connectionLost",))
+
+
+class AppFactory(Factory):
+    def __init__(self) -> None:
+        self.built: list[App] = []
+        self.addresses: list[Any] = []
+
+    def buildProtocol(self, addr: Any) -> App:
+        self.addresses.append(addr)
+        app = App()
+        app.factory = self
+        self.built.append(app)
+        return app
+
+
+@implementer(IHandshakeListener)
+class Client(Protocol):
+    """
+    The Connect client's application: sends ``early`` as soon as its side of
+    the handshake completes, before the server has decided anything.
+    """
+
+    def __init__(self, early: list[bytes]) -> None:
+        self.early = early
+        self.handshake_done = False
+        self.received = b""
+        self.lost: Failure | None = None
+
+    def handshakeCompleted(self) -> None:
+        self.handshake_done = True
+        for chunk in self.early:
+            self.transport.write(chunk)  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Failure | None = None) -> None:  # type: ignore[override]
+        self.lost = reason
+
+
+class ClientFactory(Factory):
+    def __init__(self, early: list[bytes]) -> None:
+        self.early = early
+        self.built: list[Client] = []
+
+    def buildProtocol(self, addr: Any) -> Client:
+        client = Client(self.early)
+        self.built.append(client)
+        return client
+
+
+class PausableTransport(FakeTransport):
+    """
+    An iosim transport that remembers whether it was paused.
+    """
+
+    paused = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+
+# --- the harness ------------------------------------------------------------
+
+
+@define
+class Connection:
+    server: TLSMemoryBIOProtocol
+    server_transport: PausableTransport
+    client: TLSMemoryBIOProtocol
+    client_app: Client
+    pump: IOPump
+
+
+@define
+class Harness:
+    """
+    A ConnectServerEndpoint for ``web`` listening on a MemoryReactorClock.
+    """
+
+    ca: CertificateFactory
+    authorizer: IAuthorizer
+    source: StaticSource
+    reactor: MemoryReactorClock = field(factory=MemoryReactorClock)
+    apps: AppFactory = field(factory=AppFactory)
+    endpoint: ConnectServerEndpoint | None = None
+    port: Any = None
+
+    def listen(self, factory: Any = None, **options: Any) -> Deferred[IListeningPort]:
+        if self.reactor.seconds() == 0:
+            self.reactor.advance(time.time())
+        self.endpoint = ConnectServerEndpoint(
+            self.reactor,
+            TCP4ServerEndpoint(self.reactor, 8443),
+            self.source,
+            self.authorizer,
+            "web",
+            **options,
+        )
+        listening = self.endpoint.listen(self.apps if factory is None else factory)
+        listening.addCallback(lambda port: setattr(self, "port", port) or port)
+        return listening
+
+    @property
+    def tls_factory(self) -> Any:
+        [(_, factory, _, _)] = self.reactor.tcpServers
+        return factory
+
+    def connect(
+        self,
+        early: list[bytes] | None = None,
+        *,
+        client_leaf: TestLeaf | None = None,
+        client_ca: CertificateFactory | None = None,
+        alpn: tuple[bytes, ...] = (),
+    ) -> Connection:
+        """
+        A Connect client for ``web`` holding ``client_leaf`` (a good ``api``
+        leaf by default) from ``client_ca`` (the server's CA by default; the
+        client trusts both).
+        """
+        leaf = self.ca.leaf("api") if client_leaf is None else client_leaf
+        issuer = self.ca if client_ca is None else client_ca
+        creator = ClientConnectionCreator(
+            bundle(issuer, leaf, self.ca), identity(self.ca, "web"), alpn_protocols=alpn
+        )
+        client_apps = ClientFactory(early or [])
+        client = TLSMemoryBIOFactory(
+            creator, True, client_apps, clock=self.reactor
+        ).buildProtocol(ADDRESS)
+        server = self.tls_factory.buildProtocol(ADDRESS)
+        assert server is not None
+        server_transport = PausableTransport(server, isServer=True)
+        pump = connect(
+            server,
+            server_transport,
+            client,
+            FakeTransport(client, isServer=False),
+            clock=self.reactor,
+        )
+        return Connection(server, server_transport, client, client_apps.built[0], pump)
+
+
+@pytest.fixture
+def logged() -> Iterator[list[LogEvent]]:
+    with capturedLogs() as events:
+        yield events  # type: ignore[misc]
+
+
+def decisions(events: list[LogEvent]) -> list[LogEvent]:
+    return [e for e in events if "decision" in e and e.get("target") == "web"]
+
+
+def harness(ca: CertificateFactory, authorizer: IAuthorizer, **options: Any) -> Harness:
+    h = Harness(ca, authorizer, StaticSource(bundle(ca, ca.leaf("web"))))
+    assert isinstance(h.listen(**options).result, server_module._ConnectPort)
+    return h
+
+
+# --- allow ------------------------------------------------------------------
+
+
+def test_allowed_peer_reaches_the_application_with_the_tls_transport(
+    ca: CertificateFactory, logged: list[LogEvent]
+) -> None:
+    h = harness(ca, FakeAuthorizer({"api"}))
+    conn = h.connect([b"ping"])
+
+    [app] = h.apps.built
+    assert app.events == [
+        ("makeConnection", conn.server),
+        ("handshakeCompleted",),
+        ("data", b"ping"),
+    ]
+    # The gate stepped aside: the TLS protocol talks to the application.
+    assert conn.server.wrappedProtocol is app
+    assert app.transport is conn.server
+    assert h.apps.addresses == [ADDRESS]
+    assert peer_identity(app) == identity(ca, "api")
+    assert peer_identity(conn.server) == identity(ca, "api")
+
+    app.transport.write(b"pong")  # type: ignore[union-attr]
+    conn.pump.flush()
+    assert conn.client_app.received == b"pong"
+
+    [decision] = decisions(logged)
+    assert decision["allowed"] is True
+    assert decision["decision"] == "allowed"
+    assert decision["peer"] == ca.service_uri("api")
+    assert decision["source"] == "fake"
+    assert "elapsed" in decision
+
+
+def test_bytes_sent_before_the_decision_arrive_in_order_after_allow(
+    ca: CertificateFactory,
+) -> None:
+    authorizer = FakeAuthorizer({"api"}, hold=True)
+    h = harness(ca, authorizer)
+    conn = h.connect([b"one ", b"two ", b"three"])
+
+    assert conn.client_app.handshake_done
+    assert len(authorizer.pending) == 1
+    assert h.apps.built == [], "the application must not see an undecided peer"
+    assert conn.server_transport.paused, "the gate holds the client"
+
+    authorizer.release()
+    conn.pump.flush()
+
+    [app] = h.apps.built
+    assert [e[0] for e in app.events] == [
+        "makeConnection",
+        "handshakeCompleted",
+        *(["data"] * (len(app.events) - 2)),
+    ]
+    assert app.received == b"one two three"
+    assert not conn.server_transport.paused
+
+
+def test_the_authorizer_is_asked_about_the_verified_peer_and_serial(
+    ca: CertificateFactory,
+) -> None:
+    authorizer = FakeAuthorizer({"api"})
+    h = harness(ca, authorizer)
+    leaf = ca.leaf("api")
+    h.connect(client_leaf=leaf)
+
+    [(peer, target)] = authorizer.authorize_calls
+    assert peer == Peer(
+        identity(ca, "api"), colon_hex_serial(leaf.certificate.serial_number)
+    )
+    assert target == "web"
+
+
+def test_application_pausing_the_transport_during_early_bytes_stays_paused(
+    ca: CertificateFactory,
+) -> None:
+    """
+    The gate resumes the transport before handing over the early bytes, so an
+    application that pauses it while handling them (as twisted.web does while
+    it serves a request) is not overridden.
+    """
+
+    class Pausing(App):
+        def dataReceived(self, data: bytes) -> None:
+            super().dataReceived(data)
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+
+    class PausingFactory(AppFactory):
+        def buildProtocol(self, addr: Any) -> App:
+            app = Pausing()
+            self.built.append(app)
+            return app
+
+    authorizer = FakeAuthorizer({"api"}, hold=True)
+    h = Harness(ca, authorizer, StaticSource(bundle(ca, ca.leaf("web"))))
+    apps = PausingFactory()
+    h.listen(apps)
+    conn = h.connect([b"request"])
+    authorizer.release()
+
+    assert apps.built[0].received == b"request"
+    assert conn.server_transport.paused
+
+
+def test_a_plain_protocol_gets_the_connection_without_handshake_notice(
+    ca: CertificateFactory,
+) -> None:
+    class Plain(Protocol):
+        received = b""
+
+        def dataReceived(self, data: bytes) -> None:
+            self.received += data
+
+    built: list[Plain] = []
+
+    def build() -> Plain:
+        built.append(Plain())
+        return built[-1]
+
+    h = Harness(ca, FakeAuthorizer({"api"}), StaticSource(bundle(ca, ca.leaf("web"))))
+    h.listen(Factory.forProtocol(build))
+    conn = h.connect([b"data"])
+    assert built[0].received == b"data"
+    assert built[0].transport is conn.server
+
+
+# --- deny and fail closed ---------------------------------------------------
+
+
+def test_denied_peer_is_aborted_and_never_reaches_the_application(
+    ca: CertificateFactory, logged: list[LogEvent]
+) -> None:
+    authorizer = FakeAuthorizer(set())
+    h = harness(ca, authorizer)
+    conn = h.connect([b"let me in"])
+
+    assert len(authorizer.authorize_calls) == 1
+    assert h.apps.built == []
+    assert conn.server_transport.disconnecting
+    assert conn.client_app.lost is not None
+    [decision] = decisions(logged)
+    assert decision["allowed"] is False
+    assert decision["decision"] == "denied"
+    assert decision["reason"] == "'api' may not reach 'web'"
+    assert decision["peer"] == ca.service_uri("api")
+    assert decision["log_level"].name == "warn"
+
+
+def test_authorizer_timeout_denies_and_cancels_its_deferred(
+    ca: CertificateFactory, logged: list[LogEvent]
+) -> None:
+    authorizer = FakeAuthorizer({"api"}, hold=True)
+    h = harness(ca, authorizer, authorize_timeout=3)
+    conn = h.connect([b"early"])
+
+    h.reactor.advance(2.9)
+    assert not conn.server_transport.disconnecting
+    h.reactor.advance(0.1)
+    conn.pump.flush()
+
+    assert authorizer.cancelled == 1
+    assert authorizer.pending == []
+    assert h.apps.built == []
+    assert conn.server_transport.disconnecting
+    [decision] = decisions(logged)
+    assert decision["allowed"] is False
+    assert decision["source"] == "timeout"
+    assert "did not answer within 3s" in decision["reason"]
+    assert decision["elapsed"] == pytest.approx(3.0)
+
+
+def test_authorizer_ignoring_cancellation_still_times_out(
+    ca: CertificateFactory,
+) -> None:
+    @implementer(IAuthorizer)
+    class Deaf:
+        def decide_now(self, peer: Peer, target: str) -> Decision | None:
+            return None
+
+        def authorize(self, peer: Peer, target: str) -> Deferred[Decision]:
+            return Deferred(lambda d: None)  # cancelling does nothing
+
+    h = harness(ca, Deaf(), authorize_timeout=1)
+    conn = h.connect()
+    h.reactor.advance(1)
+    assert conn.server_transport.disconnecting
+    assert h.apps.built == []
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        (lambda: fail(RuntimeError("boom")), "the authorizer failed: boom"),
+        (lambda: succeed("yes"), "answered str, not a Decision"),
+        (lambda: 1 / 0, "the authorizer failed"),
+        (lambda: True, "returned bool, not a Deferred"),
+    ],
+)
+def test_authorizer_errors_deny(
+    ca: CertificateFactory, logged: list[LogEvent], answer: Any, reason: str
+) -> None:
+    @implementer(IAuthorizer)
+    class Broken:
+        def decide_now(self, peer: Peer, target: str) -> Decision | None:
+            return None
+
+        def authorize(self, peer: Peer, target: str) -> Any:
+            return answer()
+
+    h = harness(ca, Broken())
+    conn = h.connect([b"x"])
+    assert h.apps.built == []
+    assert conn.server_transport.disconnecting
+    [decision] = decisions(logged)
+    assert decision["allowed"] is False
+    assert reason in decision["reason"]
+
+
+def test_application_factory_refusing_aborts_the_connection(
+    ca: CertificateFactory, logged: list[LogEvent]
+) -> None:
+    class Refusing(Factory):
+        def buildProtocol(self, addr: Any) -> None:
+            return None
+
+    h = Harness(ca, FakeAuthorizer({"api"}), StaticSource(bundle(ca, ca.leaf("web"))))
+    h.listen(Refusing())
+    conn = h.connect()
+    assert conn.server_transport.disconnecting
+    [decision] = decisions(logged)
+    assert decision["allowed"] is False
+    assert "application refused" in decision["reason"]
+
+
+def test_too_many_early_bytes_deny(ca: CertificateFactory) -> None:
+    authorizer = FakeAuthorizer({"api"}, hold=True)
+    h = harness(ca, authorizer)
+    conn = h.connect([b"x" * 16384] * (server_module.MAX_EARLY_BYTES // 16384 + 1))
+    assert conn.server_transport.disconnecting
+    assert authorizer.cancelled == 1
+    authorizer.release()
+    assert h.apps.built == []
+
+
+def test_client_going_away_while_pending_cancels_the_authorizer(
+    ca: CertificateFactory,
+) -> None:
+    authorizer = FakeAuthorizer({"api"}, hold=True)
+    h = harness(ca, authorizer)
+    conn = h.connect([b"bye"])
+    conn.client.abortConnection()
+    conn.pump.flush()
+    assert authorizer.cancelled == 1
+    assert h.apps.built == []
+    assert h.reactor.getDelayedCalls() == []
+
+
+def test_decide_now_denial_is_a_tls_alert_and_authorize_is_never_called(
+    ca: CertificateFactory, logged: list[LogEvent]
+) -> None:
+    authorizer = FakeAuthorizer(set(), in_handshake=True)
+    h = harness(ca, authorizer)
+    leaf = ca.leaf("api")
+    conn = h.connect([b"hello"], client_leaf=leaf)
+
+    assert authorizer.decide_now_calls == [
+        (
+            Peer(identity(ca, "api"), colon_hex_serial(leaf.certificate.serial_number)),
+            "web",
+        )
+    ]
+    assert authorizer.authorize_calls == []
+    assert h.apps.built == []
+    assert verified_peer(conn.server) is None
+    # The client hears why: a TLS alert from the server, not a bare close.
+    assert conn.client_app.lost is not None
+    assert isinstance(conn.client_app.lost.value, SSL.Error)
+    assert "alert" in str(conn.client_app.lost.value)
+    [decision] = decisions(logged)
+    assert decision["allowed"] is False
+    assert decision["stage"] == "in the TLS handshake"
+
+
+def test_decide_now_allowing_still_goes_through_the_gate(
+    ca: CertificateFactory, logged: list[LogEvent]
+) -> None:
+    authorizer = FakeAuthorizer({"api"}, in_handshake=True)
+    h = harness(ca, authorizer)
+    h.connect([b"hi"])
+    assert len(authorizer.decide_now_calls) == 1
+    assert len(authorizer.authorize_calls) == 1
+    assert h.apps.built[0].received == b"hi"
+
+
+def test_handshake_timeout_aborts_and_frees_the_connection(
+    ca: CertificateFactory, logged: list[LogEvent]
+) -> None:
+    authorizer = FakeAuthorizer({"api"})
+    h = harness(ca, authorizer, handshake_timeout=5)
+    server = h.tls_factory.buildProtocol(ADDRESS)
+    silent = Protocol()  # connects, never says a word of TLS
+    server_transport = FakeTransport(server, isServer=True)
+    pump = connect(
+        server, server_transport, silent, FakeTransport(silent, isServer=False)
+    )
+    assert server in h.tls_factory.protocols
+
+    h.reactor.advance(4.9)
+    assert not server_transport.disconnecting
+    h.reactor.advance(0.1)
+    pump.flush()
+
+    assert server_transport.disconnecting
+    assert server not in h.tls_factory.protocols
+    assert h.reactor.getDelayedCalls() == []
+    assert authorizer.authorize_calls == []
+    [event] = [e for e in logged if e.get("reason") == "handshake timeout"]
+    assert event["timeout"] == 5
+
+
+def test_refused_certificate_never_asks_the_authorizer(
+    ca: CertificateFactory,
+) -> None:
+    authorizer = FakeAuthorizer({"api"})
+    h = harness(ca, authorizer)
+    other = ca.another_ca()
+    conn = h.connect(client_leaf=other.leaf("api"), client_ca=other)
+    assert authorizer.authorize_calls == []
+    assert h.apps.built == []
+    assert conn.client_app.lost is not None
+    assert h.reactor.getDelayedCalls() == []
+
+
+# --- certificates -----------------------------------------------------------
+
+
+def test_no_bundle_refuses_the_connection(
+    ca: CertificateFactory, logged: list[LogEvent]
+) -> None:
+    h = harness(ca, FakeAuthorizer({"api"}))
+    h.source.bundle = None
+    assert h.tls_factory.buildProtocol(ADDRESS) is None
+    [event] = [e for e in logged if e.get("reason") == "no certificate"]
+    assert event["decision"] == "denied"
+
+
+def test_a_failing_source_refuses_the_connection(ca: CertificateFactory) -> None:
+    h = harness(ca, FakeAuthorizer({"api"}))
+
+    def broken() -> Bundle:
+        raise RuntimeError("source exploded")
+
+    h.source.current = broken  # type: ignore[method-assign]
+    assert h.tls_factory.buildProtocol(ADDRESS) is None
+
+
+def test_one_creator_per_bundle(ca: CertificateFactory) -> None:
+    h = harness(ca, FakeAuthorizer({"api"}))
+    first = h.tls_factory.buildProtocol(ADDRESS).wrappedProtocol
+    second = h.tls_factory.buildProtocol(ADDRESS).wrappedProtocol
+    assert first.creator is second.creator
+    h.source.bundle = bundle(ca, ca.leaf("web"))
+    third = h.tls_factory.buildProtocol(ADDRESS).wrappedProtocol
+    assert third.creator is not first.creator
+
+
+def test_new_bundle_new_connections_present_the_new_leaf_old_keep_working(
+    ca: CertificateFactory,
+) -> None:
+    old_leaf, new_leaf = ca.leaf("web"), ca.leaf("web")
+    h = Harness(ca, FakeAuthorizer({"api"}), StaticSource(bundle(ca, old_leaf)))
+    h.listen()
+    before = h.connect([b"a"])
+    old_serial = colon_hex_serial(old_leaf.certificate.serial_number)
+    assert verified_peer(before.client).serial == old_serial  # type: ignore[union-attr]
+
+    h.source.bundle = bundle(ca, new_leaf)
+    after = h.connect([b"b"])
+    new_serial = colon_hex_serial(new_leaf.certificate.serial_number)
+    assert verified_peer(after.client).serial == new_serial  # type: ignore[union-attr]
+
+    # The connection opened before still carries data both ways.
+    before.client.write(b"still here")
+    before.pump.flush()
+    assert h.apps.built[0].received == b"astill here"
+    h.apps.built[0].transport.write(b"so am I")  # type: ignore[union-attr]
+    before.pump.flush()
+    assert before.client_app.received == b"so am I"
+
+
+def test_a_new_root_new_connections_verify_with_it(ca: CertificateFactory) -> None:
+    """
+    After a CA rotation the source hands out a Bundle with the new root: a
+    client with a leaf from the new CA is accepted on a new connection.
+    """
+    new_ca = CertificateFactory(ca.trust_domain)
+    h = harness(ca, FakeAuthorizer({"api"}))
+    refused = h.connect(client_leaf=new_ca.leaf("api"), client_ca=new_ca)
+    assert refused.client_app.lost is not None
+    assert h.apps.built == []
+
+    h.source.bundle = Bundle.build(
+        leaf_cert_pem=(leaf := new_ca.leaf("web")).chain_pem,
+        private_key_pem=leaf.key_pem,
+        roots=[RootPEMs(new_ca.root_pem), RootPEMs(ca.root_pem)],
+        trust_domain=ca.trust_domain,
+        now=time.time(),
+    )
+    accepted = h.connect([b"rotated"], client_leaf=new_ca.leaf("api"), client_ca=new_ca)
+    assert h.apps.built[0].received == b"rotated"
+    assert peer_identity(accepted.server) == identity(ca, "api")
+
+
+# --- listen -----------------------------------------------------------------
+
+
+def test_listen_waits_for_the_first_certificate(ca: CertificateFactory) -> None:
+    h = Harness(ca, FakeAuthorizer({"api"}), StaticSource(None))
+    listening = h.listen()
+    assert not listening.called
+    assert h.reactor.tcpServers == []
+
+    h.reactor.advance(59)
+    h.source.set(bundle(ca, ca.leaf("web")))
+
+    port = listening.result
+    assert IListeningPort.providedBy(port)
+    assert len(h.reactor.tcpServers) == 1
+    assert h.reactor.getDelayedCalls() == []
+
+
+def test_listen_fails_after_ready_timeout_saying_what_is_missing(
+    ca: CertificateFactory,
+) -> None:
+    stops: list[bool] = []
+    h = Harness(ca, FakeAuthorizer({"api"}), StaticSource(None))
+    listening = h.listen(stop_hook=lambda: stops.append(True))
+    h.reactor.advance(59.9)
+    assert not listening.called
+    h.reactor.advance(0.1)
+
+    failure = listening.result
+    assert isinstance(failure, Failure)
+    assert failure.check(TimeoutError)
+    message = failure.getErrorMessage()
+    assert message.startswith("no certificate for service 'web' after 60s: ")
+    assert "token" in message
+    assert h.source.cancelled == 1
+    assert h.reactor.tcpServers == []
+    assert stops == [True], "a failed listen releases what start_hook took"
+
+
+def test_ready_timeout_message_includes_the_sources_explanation(
+    ca: CertificateFactory,
+) -> None:
+    source = StaticSource(None)
+    source.why_not_ready = lambda: (  # type: ignore[attr-defined]
+        "the agent at 127.0.0.1:8500 did not answer"
+    )
+    h = Harness(ca, FakeAuthorizer({"api"}), source)
+    listening = h.listen(ready_timeout=5)
+    h.reactor.advance(5)
+    assert listening.result.getErrorMessage() == (
+        "no certificate for service 'web' after 5s: the agent at "
+        "127.0.0.1:8500 did not answer"
+    )
+
+
+def test_a_when_ready_failure_fails_listen_with_it(ca: CertificateFactory) -> None:
+    source = StaticSource(None)
+    h = Harness(ca, FakeAuthorizer({"api"}), source)
+    listening = h.listen()
+    source.waiters[0].errback(PermissionError("the token may not read the leaf"))
+    assert listening.result.check(PermissionError)
+    assert h.reactor.getDelayedCalls() == []
+
+
+def test_cancelling_listen_stops_waiting(ca: CertificateFactory) -> None:
+    h = Harness(ca, FakeAuthorizer({"api"}), StaticSource(None))
+    listening = h.listen()
+    listening.cancel()
+    assert listening.result.check(CancelledError)
+    assert h.source.cancelled == 1
+    assert h.reactor.getDelayedCalls() == []
+
+
+def test_start_hook_runs_on_listen_and_stop_hook_when_the_port_stops(
+    ca: CertificateFactory,
+) -> None:
+    calls: list[str] = []
+    h = Harness(ca, FakeAuthorizer({"api"}), StaticSource(bundle(ca, ca.leaf("web"))))
+    port = h.listen(
+        start_hook=lambda: calls.append("start"),
+        stop_hook=lambda: calls.append("stop"),
+    ).result
+    assert calls == ["start"]
+    stopped = port.stopListening()
+    assert stopped.called
+    assert calls == ["start", "stop"]
+    port.stopListening()
+    assert calls == ["start", "stop"], "the stop hook runs once"
+
+
+def test_bad_arguments_are_refused(ca: CertificateFactory) -> None:
+    reactor = MemoryReactorClock()
+    wrapped = TCP4ServerEndpoint(reactor, 0)
+    with pytest.raises(ValueError, match="service"):
+        ConnectServerEndpoint(reactor, wrapped, StaticSource(), FakeAuthorizer(), "")
+    with pytest.raises(ValueError, match="handshake_timeout"):
+        ConnectServerEndpoint(
+            reactor,
+            wrapped,
+            StaticSource(),
+            FakeAuthorizer(),
+            "web",
+            handshake_timeout=0,
+        )
+
+
+# --- ALPN and twisted.web ---------------------------------------------------
+
+
+class Whoami(Resource):
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        negotiated = request.transport.negotiatedProtocol  # type: ignore[union-attr]
+        return (
+            f"secure={request.isSecure()} peer={peer_identity(request).uri} "
+            f"alpn={negotiated!r}"
+        ).encode()
+
+
+def test_a_site_sees_a_secure_request_and_the_peer_identity(
+    ca: CertificateFactory,
+) -> None:
+    site = Site(Whoami())
+    h = Harness(ca, FakeAuthorizer({"api"}), StaticSource(bundle(ca, ca.leaf("web"))))
+    h.listen(site)
+    conn = h.connect(
+        [b"GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n"],
+        alpn=(b"http/1.1",),
+    )
+    conn.pump.flush()
+
+    response = conn.client_app.received
+    assert response.startswith(b"HTTP/1.1 200 OK\r\n")
+    body = response.split(b"\r\n\r\n", 1)[1]
+    assert body == (
+        f"secure=True peer={ca.service_uri('api')} alpn=b'http/1.1'".encode()
+    )
+
+
+def test_alpn_offered_from_the_factory() -> None:
+    from twisted.web.http import H2_ENABLED
+
+    site = Site(Resource())
+    assert alpn_protocols_for(site) == (
+        (b"h2", b"http/1.1") if H2_ENABLED else (b"http/1.1",)
+    )
+
+    class Speaks(Factory):
+        acceptableProtocols = [b"x-custom"]
+
+    class Method(Factory):
+        def acceptableProtocols(self) -> list[bytes]:
+            return [b"a", b"b"]
+
+    assert alpn_protocols_for(Speaks()) == (b"x-custom",)
+    assert alpn_protocols_for(Method()) == (b"a", b"b")
+    assert alpn_protocols_for(Factory()) == ()
+
+
+def test_a_client_offering_only_other_protocols_is_refused_for_a_site(
+    ca: CertificateFactory,
+) -> None:
+    h = Harness(ca, FakeAuthorizer({"api"}), StaticSource(bundle(ca, ca.leaf("web"))))
+    h.listen(Site(Resource()))
+    conn = h.connect(alpn=(b"x-other",))
+    assert not conn.client_app.handshake_done
+    assert conn.client_app.lost is not None
+
+
+# --- peer_identity ----------------------------------------------------------
+
+
+def test_peer_identity_refuses_what_is_not_a_connect_connection(
+    ca: CertificateFactory,
+) -> None:
+    with pytest.raises(NotAConnectConnection, match="not a Connect TLS connection"):
+        peer_identity(object())
+    plain = Protocol()
+    plain.makeConnection(FakeTransport(plain, isServer=True))
+    with pytest.raises(NotAConnectConnection):
+        peer_identity(plain)
+
+
+def test_peer_identity_is_gone_with_the_connection(ca: CertificateFactory) -> None:
+    h = harness(ca, FakeAuthorizer({"api"}))
+    conn = h.connect()
+    app = h.apps.built[0]
+    assert peer_identity(app.transport) == identity(ca, "api")
+    conn.client.loseConnection()
+    conn.pump.flush()
+    with pytest.raises(NotAConnectConnection):
+        peer_identity(app.transport)
