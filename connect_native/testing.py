@@ -753,3 +753,86 @@ class FakeAuthorizer:
 
 
 # --- end of Authorizers ---
+
+
+# --- Bundle sources ---
+#
+# An ``IBundleSource`` a test drives by hand, for endpoints and TLS tests that
+# need certificates without a CertManager and an agent.
+
+from connect_native.certs import Bundle, IBundleSource, RootPEMs  # noqa: E402
+
+
+def make_bundle(
+    factory: CertificateFactory,
+    service: str,
+    *,
+    now: float | None = None,
+    extra_roots: Sequence[CertificateFactory] = (),
+) -> Bundle:
+    """
+    A :class:`~connect_native.certs.Bundle` for ``service`` with a good leaf
+    from ``factory``, trusting ``factory``'s root (and those of
+    ``extra_roots``), checked at ``now`` (default: the wall clock).
+    """
+    leaf = factory.leaf(service)
+    # The leaf's chain carries any intermediates; only roots are anchors.
+    roots = [RootPEMs(f.root_pem) for f in (factory, *extra_roots)]
+    return Bundle.build(
+        leaf_cert_pem=leaf.chain_pem,
+        private_key_pem=leaf.key_pem,
+        roots=roots,
+        trust_domain=factory.trust_domain,
+        now=time.time() if now is None else now,
+    )
+
+
+@implementer(IBundleSource)
+class FakeBundleSource:
+    """
+    A bundle source for tests: :meth:`current` is whatever the test last
+    :meth:`set` (``None`` to act as not ready or expired), and
+    :meth:`when_ready` waits for the next :meth:`set` or fails on
+    :meth:`fail`.
+
+    :ivar current_calls: how many times :meth:`current` was asked (once per
+        new connection, for an endpoint).
+    """
+
+    def __init__(self, bundle: Bundle | None = None) -> None:
+        self._bundle = bundle
+        self._waiters: list[Deferred[Bundle]] = []
+        self.current_calls = 0
+
+    def current(self) -> Bundle | None:
+        self.current_calls += 1
+        return self._bundle
+
+    def when_ready(self) -> Deferred[Bundle]:
+        if self._bundle is not None:
+            return succeed(self._bundle)
+
+        def forget(waiter: Deferred[Bundle]) -> None:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+        waiter: Deferred[Bundle] = Deferred(forget)
+        self._waiters.append(waiter)
+        return waiter
+
+    def set(self, bundle: Bundle | None) -> None:
+        """Make ``bundle`` current; a Bundle also fires pending waiters."""
+        self._bundle = bundle
+        if bundle is not None:
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                waiter.callback(bundle)
+
+    def fail(self, error: Exception) -> None:
+        """Fail pending waiters with ``error`` (e.g. ``LeafPermissionDenied``)."""
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.errback(error)
+
+
+# --- end of Bundle sources ---

@@ -37,6 +37,7 @@ from connect_native.consul.records import (
     decode_leaf,
 )
 from connect_native.devagent.ca import DevCA
+from connect_native.testing import CertificateFactory, FakeBundleSource, make_bundle
 
 LEAF_TTL = 3600.0
 
@@ -666,3 +667,32 @@ def test_bad_arguments_are_refused_by_name(argument: str, value: object) -> None
     kwargs: dict[str, Any] = {"service": "web", argument: value}
     with pytest.raises(ValueError, match=argument):
         CertManager(clock, agent, **kwargs)
+
+
+# -- the fake in connect_native.testing ----------------------------------------
+
+
+def test_fake_bundle_source_is_driven_by_the_test() -> None:
+    factory = CertificateFactory()
+    bundle = make_bundle(factory, "web")
+    assert bundle.identity.service == "web"
+    assert bundle.trust_domains == {factory.trust_domain}
+
+    source = FakeBundleSource()
+    assert verifyObject(IBundleSource, source)
+    assert source.current() is None
+    waiter = source.when_ready()
+    cancelled = source.when_ready()
+    cancelled.cancel()
+    cancelled.addErrback(lambda f: None)
+    assert not_fired(waiter)
+    source.set(bundle)
+    assert result_of(waiter) is bundle
+    assert source.current() is bundle
+    assert source.current_calls == 2
+
+    source.set(None)
+    failing = source.when_ready()
+    source.fail(LeafPermissionDenied("web", "Permission denied"))
+    with pytest.raises(LeafPermissionDenied):
+        result_of(failing)
