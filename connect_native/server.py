@@ -26,7 +26,7 @@ Every decision is logged with :mod:`twisted.logger` fields ``peer``,
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet.defer import (
     CancelledError,
@@ -53,12 +53,32 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from connect_native.authorize import Decision, IAuthorizer, Peer
-from connect_native.certs import Bundle, IBundleSource
+from connect_native.authorize import (
+    AgentAuthorizer,
+    AuthorizeCall,
+    Decision,
+    IAuthorizer,
+    Peer,
+)
+from connect_native.certs import (
+    Bundle,
+    CertificateAuthorityClient,
+    CertManager,
+    IBundleSource,
+)
 from connect_native.identity import ServiceIdentity
+from connect_native.service import (
+    CertManagerLease,
+    CertManagerRegistry,
+    cert_managers,
+)
 from connect_native.tls import ServerConnectionCreator, verified_peer
 
+if TYPE_CHECKING:
+    from connect_native.consul.client import ConsulClient
+
 __all__ = [
+    "CertificateNotReady",
     "ConnectServerEndpoint",
     "NotAConnectConnection",
     "alpn_protocols_for",
@@ -74,6 +94,14 @@ log = Logger()
 MAX_EARLY_BYTES = 256 * 1024
 
 StopHook = Callable[[], "Deferred[Any] | None"]
+
+
+class CertificateNotReady(TimeoutError):  # noqa: N818 (a state, like TimeoutError)
+    """
+    ``listen()`` gave up: the service had no certificate within
+    ``ready_timeout``.  The message says what the certificate source was
+    waiting for and what to check.
+    """
 
 
 class NotAConnectConnection(ValueError):  # noqa: N818 (names what the input is not)
@@ -636,6 +664,60 @@ class _ConnectPort:
         return self.port.getHost()
 
 
+@implementer(IBundleSource)
+class _LeasedSource:
+    """
+    The shared certificate manager of one service, as an ``IBundleSource``
+    for an endpoint: ``acquire`` (each ``listen()``) takes a lease on it,
+    ``release`` (each port stopping) gives one back.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        client: CertificateAuthorityClient,
+        service: str,
+        registry: CertManagerRegistry,
+    ) -> None:
+        self._clock = clock
+        self._client = client
+        self._service = service
+        self._registry = registry
+        self._leases: list[CertManagerLease] = []
+
+    def _manager(self) -> CertManager | None:
+        return self._leases[-1].manager if self._leases else None
+
+    def acquire(self) -> None:
+        self._leases.append(
+            self._registry.acquire(self._clock, self._client, self._service)
+        )
+
+    def release(self) -> None:
+        if self._leases:
+            self._leases.pop().release()
+
+    @property
+    def reason(self) -> str | None:
+        manager = self._manager()
+        return None if manager is None else manager.reason
+
+    def current(self) -> Bundle | None:
+        manager = self._manager()
+        return None if manager is None else manager.current()
+
+    def when_ready(self) -> Deferred[Bundle]:
+        manager = self._manager()
+        if manager is None:
+            return fail(
+                RuntimeError(
+                    f"no certificate manager for service {self._service!r}: "
+                    "nothing holds a lease on it"
+                )
+            )
+        return manager.when_ready()
+
+
 @implementer(IStreamServerEndpoint)
 class ConnectServerEndpoint:
     """
@@ -706,14 +788,62 @@ class ConnectServerEndpoint:
         self._start_hook = start_hook
         self._stop_hook = stop_hook
 
+    @classmethod
+    def for_service(
+        cls,
+        reactor: IReactorTime,
+        wrapped_endpoint: IStreamServerEndpoint,
+        client: ConsulClient,
+        service: str,
+        *,
+        authorizer: IAuthorizer | None = None,
+        registry: CertManagerRegistry | None = None,
+        **options: Any,
+    ) -> ConnectServerEndpoint:
+        """
+        An endpoint for ``service`` whose certificates come from the
+        process's shared :class:`~connect_native.certs.CertManager` for
+        (``client``, ``service``): each ``listen()`` takes a lease on it
+        (starting it if it is the first), each port stopping gives its lease
+        back (the last one stops it).
+
+        :param client: the Consul agent's client
+            (:class:`~connect_native.consul.client.ConsulClient`).
+        :param authorizer: by default an
+            :class:`~connect_native.authorize.AgentAuthorizer` on ``client``.
+        :param registry: where managers are shared; the process's
+            :data:`connect_native.service.cert_managers` by default.
+        :param options: the constructor's keyword arguments.
+        """
+        source = _LeasedSource(
+            reactor, client, service, cert_managers if registry is None else registry
+        )
+        if authorizer is None:
+            # ConsulClient.authorize is what AuthorizeCall describes, but its
+            # Deferred[AuthorizeResult] is not a Deferred[_AuthorizeResult]
+            # to mypy (Deferred is invariant).
+            authorizer = AgentAuthorizer(cast("AuthorizeCall", client), reactor)
+        return cls(
+            reactor,
+            wrapped_endpoint,
+            source,
+            authorizer,
+            service,
+            start_hook=source.acquire,
+            stop_hook=source.release,
+            **options,
+        )
+
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
         """
         Wait (at most ``ready_timeout``) for the service's first certificate,
         then listen on the wrapped endpoint.
 
         Fires with the port; stopping it runs the stop hook.  Fails with
-        ``TimeoutError`` saying what is missing if no certificate came in
-        time, or with the wrapped endpoint's error.
+        :class:`CertificateNotReady` saying what is missing if no certificate
+        came in time, with the source's error if it gave up first (e.g.
+        :class:`~connect_native.certs.LeafPermissionDenied`), or with the
+        wrapped endpoint's error.
         """
         try:
             if self._start_hook is not None:
@@ -751,7 +881,7 @@ class ConnectServerEndpoint:
 
         def explain(failure: Failure) -> Failure:
             if timed_out and isinstance(failure.value, CancelledError):
-                return Failure(TimeoutError(self._not_ready_message()))  # type: ignore[no-untyped-call]
+                return Failure(CertificateNotReady(self._not_ready_message()))  # type: ignore[no-untyped-call]
             return failure
 
         waiting.addBoth(done)
@@ -759,24 +889,18 @@ class ConnectServerEndpoint:
         return waiting
 
     def _not_ready_message(self) -> str:
-        message = (
-            f"no certificate for service {self.service!r} after "
-            f"{self._ready_timeout:g}s"
-        )
-        why = getattr(self._source, "why_not_ready", None)
-        detail: object = None
-        if callable(why):
-            try:
-                detail = why()
-            except Exception:
-                detail = None
-        if detail:
-            return f"{message}: {detail}"
+        # A CertManager says where it is stuck in ``reason`` (e.g. "reading
+        # the leaf certificate for 'web' from the agent failed: connection
+        # refused"); any other source may offer one too.
+        detail = getattr(self._source, "reason", None)
+        if not isinstance(detail, str) or not detail:
+            detail = "the certificate source has no leaf certificate and CA roots yet"
         return (
-            f"{message}: the certificate source has no leaf certificate and CA "
-            "roots for it yet; check that the Consul agent is reachable, that "
-            "Connect is enabled on it, and that the token may write the "
-            "service (service:write is needed for its leaf certificate)"
+            f"no certificate for service {self.service!r} after "
+            f"{self._ready_timeout:g}s: {detail}. Check that the Consul agent "
+            "is reachable, that Connect is enabled on it, and that the token "
+            f"may write service {self.service!r} (its leaf certificate needs "
+            "service:write)"
         )
 
     def _listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:

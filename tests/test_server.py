@@ -36,6 +36,7 @@ from connect_native.authorize import Decision, IAuthorizer, Peer, colon_hex_seri
 from connect_native.certs import Bundle, IBundleSource, RootPEMs
 from connect_native.identity import ServiceIdentity
 from connect_native.server import (
+    CertificateNotReady,
     ConnectServerEndpoint,
     NotAConnectConnection,
     alpn_protocols_for,
@@ -737,10 +738,11 @@ def test_listen_fails_after_ready_timeout_saying_what_is_missing(
 
     failure = listening.result
     assert isinstance(failure, Failure)
+    assert failure.check(CertificateNotReady)
     assert failure.check(TimeoutError)
     message = failure.getErrorMessage()
     assert message.startswith("no certificate for service 'web' after 60s: ")
-    assert "token" in message
+    assert "service:write" in message
     assert h.source.cancelled == 1
     assert h.reactor.tcpServers == []
     assert stops == [True], "a failed listen releases what start_hook took"
@@ -750,15 +752,16 @@ def test_ready_timeout_message_includes_the_sources_explanation(
     ca: CertificateFactory,
 ) -> None:
     source = StaticSource(None)
-    source.why_not_ready = lambda: (  # type: ignore[attr-defined]
-        "the agent at 127.0.0.1:8500 did not answer"
+    source.reason = (  # type: ignore[attr-defined]
+        "reading the leaf certificate for 'web' from the agent failed: "
+        "Connection refused"
     )
     h = Harness(ca, FakeAuthorizer({"api"}), source)
     listening = h.listen(ready_timeout=5)
     h.reactor.advance(5)
-    assert listening.result.getErrorMessage() == (
-        "no certificate for service 'web' after 5s: the agent at "
-        "127.0.0.1:8500 did not answer"
+    assert listening.result.getErrorMessage().startswith(
+        "no certificate for service 'web' after 5s: reading the leaf "
+        "certificate for 'web' from the agent failed: Connection refused. Check"
     )
 
 
@@ -900,3 +903,103 @@ def test_peer_identity_is_gone_with_the_connection(ca: CertificateFactory) -> No
     conn.pump.flush()
     with pytest.raises(NotAConnectConnection):
         peer_identity(app.transport)
+
+
+# --- sharing the service's certificate manager ------------------------------
+
+
+class FakeManager:
+    """
+    Stands in for a CertManager in a registry: a bundle source that records
+    being started and stopped.
+    """
+
+    def __init__(self, clock: Any, client: Any, service: str) -> None:
+        self.service = service
+        self.client = client
+        self.source = StaticSource(None)
+        self.running = False
+        self.reason = "waiting for the agent"
+
+    def startService(self) -> None:
+        self.running = True
+
+    def stopService(self) -> None:
+        self.running = False
+
+    def current(self) -> Bundle | None:
+        return self.source.current()
+
+    def when_ready(self) -> Deferred[Bundle]:
+        return self.source.when_ready()
+
+
+def test_for_service_shares_one_manager_per_service_and_releases_it(
+    ca: CertificateFactory,
+) -> None:
+    from connect_native.service import CertManagerRegistry
+
+    made: list[FakeManager] = []
+
+    def factory(clock: Any, client: Any, service: str) -> Any:
+        made.append(FakeManager(clock, client, service))
+        return made[-1]
+
+    registry = CertManagerRegistry(factory)
+    reactor = MemoryReactorClock()
+    client: Any = object()
+    endpoints = [
+        ConnectServerEndpoint.for_service(
+            reactor,
+            TCP4ServerEndpoint(reactor, port),
+            client,
+            "web",
+            authorizer=FakeAuthorizer({"api"}),
+            registry=registry,
+        )
+        for port in (8443, 8444)
+    ]
+    first, second = (e.listen(AppFactory()) for e in endpoints)
+    [manager] = made
+    assert manager.running
+    assert not first.called
+
+    manager.source.set(bundle(ca, ca.leaf("web")))
+    ports = [first.result, second.result]
+    assert len(reactor.tcpServers) == 2
+    assert reactor.tcpServers[0][1].buildProtocol(ADDRESS) is not None
+
+    ports[0].stopListening()
+    assert manager.running, "the other port still uses it"
+    ports[1].stopListening()
+    assert not manager.running
+    assert registry.managers() == []
+
+
+def test_for_service_releases_the_manager_when_listen_times_out(
+    ca: CertificateFactory,
+) -> None:
+    from connect_native.service import CertManagerRegistry
+
+    made: list[FakeManager] = []
+
+    def factory(clock: Any, client: Any, service: str) -> Any:
+        made.append(FakeManager(clock, client, service))
+        return made[-1]
+
+    registry = CertManagerRegistry(factory)
+    reactor = MemoryReactorClock()
+    endpoint = ConnectServerEndpoint.for_service(
+        reactor,
+        TCP4ServerEndpoint(reactor, 8443),
+        object(),  # type: ignore[arg-type]
+        "web",
+        authorizer=FakeAuthorizer(),
+        registry=registry,
+        ready_timeout=10,
+    )
+    listening = endpoint.listen(AppFactory())
+    reactor.advance(10)
+    assert "waiting for the agent" in listening.result.getErrorMessage()
+    assert not made[0].running
+    assert registry.managers() == []
