@@ -710,6 +710,9 @@ class CertManager(Service):
             return
         super().startService()  # type: ignore[no-untyped-call]
         self._stopped = False
+        # What went wrong before a stop says nothing about the agent now.
+        self._roots_error = self._leaf_error = self._build_error = None
+        self._denied = None
         self._log.info(
             "certificate manager for {service} starting", service=self.service
         )

@@ -618,6 +618,19 @@ def test_stop_after_ready_cancels_timers_and_stops_serving() -> None:
     assert [c for c in clock.getDelayedCalls() if c.active()] == []
 
 
+def test_restart_after_stop_serves_again() -> None:
+    clock, _, agent, manager = make()
+    manager.startService()
+    bundle = manager.current()
+    clock.advance(1.0)
+    agent.go_down()
+    manager.stopService()
+    agent.come_back()
+    manager.startService()
+    assert manager.state is ManagerState.READY
+    assert manager.current() is bundle
+
+
 def test_a_cancelled_waiter_is_dropped() -> None:
     clock, _, agent, manager = make()
     agent.hold = True
