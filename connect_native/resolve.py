@@ -1,0 +1,1101 @@
+"""
+Finding the instances of a Connect service to dial: the :class:`IResolver`
+seam and its implementations.
+
+A resolver answers a Deferred of :class:`Instance` records: where to connect
+(address and port) and which identity the server there must prove
+(:class:`ExpectedIdentity`).  :class:`~connect_native.client.ConnectClientEndpoint`
+picks among them and checks the identity in the TLS handshake.
+
+* :class:`ConsulResolver`: ``/v1/health/connect/<service>?passing=1``, kept
+  fresh by one blocking watch per (agent client, query) in the process.
+* :class:`PreparedQueryResolver`: ``/v1/query/<name>/execute?connect=true``
+  (prepared queries cannot block, so answers are cached briefly).
+* :class:`DnsResolver`: SRV records of ``<service>.connect.consul`` from the
+  agent's DNS interface, with :mod:`twisted.names`.
+* :class:`StaticResolver`: fixed instances.
+
+The expected identity carries the service, namespace, datacenter and
+partition; its trust domain is usually left open, meaning "any trust domain a
+current CA root carries", which is what the chain check already guarantees
+(Consul's Go library does the same by copying the server's trust domain into
+the expected URI).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from attrs import field, frozen
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import TimeoutError as DeferredTimeoutError
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Attribute, Interface, implementer
+
+from connect_native.consul.blocking import Watch
+from connect_native.consul.records import (
+    AgentSelf,
+    HealthEntry,
+    Indexed,
+    PreparedQueryResult,
+)
+from connect_native.identity import (
+    InvalidIdentity,
+    ServiceIdentity,
+    normalize_trust_domain,
+)
+
+__all__ = [
+    "ConsulResolver",
+    "DnsResolver",
+    "ExpectedIdentity",
+    "IResolver",
+    "Instance",
+    "PreparedQueryResolver",
+    "ResolveError",
+    "StaticResolver",
+]
+
+log = Logger()
+
+_failure: Callable[[BaseException], Failure] = Failure
+
+# Stands in for the trust domain while the other fields are checked.
+_ANY_TRUST_DOMAIN = "any-trusted-trust-domain.invalid"
+
+
+class ResolveError(Exception):
+    """
+    A resolver could not find the instances of its service: the agent or the
+    DNS server failed or did not answer in time, or answered something that
+    cannot be used.  The message names the resolver and what went wrong.
+    """
+
+
+# --- records -----------------------------------------------------------------
+
+
+def _normalize_partition(partition: str | None) -> str | None:
+    if partition is None or partition == "":
+        return None
+    return partition.lower() if partition.lower() != "default" else None
+
+
+def _optional_trust_domain(value: str | None) -> str | None:
+    if value is None:
+        return None
+    return normalize_trust_domain(value)
+
+
+@frozen
+class ExpectedIdentity:
+    """
+    The identity a server must prove: a service's SPIFFE ID, with the trust
+    domain left open (``None``: any trust domain a current CA root carries)
+    or fixed.
+
+    Compared as Consul's Go library compares (:meth:`ServiceIdentity.matches`):
+    service, namespace and datacenter ASCII case-insensitively, the partition
+    exactly (``None`` is the default partition).
+    """
+
+    service: str
+    datacenter: str
+    namespace: str = "default"
+    partition: str | None = field(default=None, converter=_normalize_partition)
+    trust_domain: str | None = field(default=None, converter=_optional_trust_domain)
+
+    def __attrs_post_init__(self) -> None:
+        # ServiceIdentity validates every field and names the one at fault.
+        self.in_trust_domain(self.trust_domain or _ANY_TRUST_DOMAIN)
+
+    @classmethod
+    def of(cls, identity: ServiceIdentity) -> ExpectedIdentity:
+        """
+        Expect exactly ``identity``, trust domain included.
+        """
+        return cls(
+            service=identity.service,
+            datacenter=identity.datacenter,
+            namespace=identity.namespace,
+            partition=identity.partition,
+            trust_domain=identity.trust_domain,
+        )
+
+    def in_trust_domain(self, trust_domain: str) -> ServiceIdentity:
+        """
+        This identity as a SPIFFE ID in ``trust_domain`` (ignored when the
+        trust domain is fixed).
+        """
+        return ServiceIdentity(
+            trust_domain=self.trust_domain or trust_domain,
+            namespace=self.namespace,
+            datacenter=self.datacenter,
+            service=self.service,
+            partition=self.partition,
+        )
+
+    def matches(self, peer: ServiceIdentity, trusted: frozenset[str]) -> bool:
+        """
+        Whether ``peer`` is this identity, ``trusted`` being the trust domains
+        of the current CA roots.
+        """
+        if peer.trust_domain not in trusted:
+            return False
+        if self.trust_domain is not None and peer.trust_domain != self.trust_domain:
+            return False
+        return peer.matches(self.in_trust_domain(peer.trust_domain))
+
+    def __str__(self) -> str:
+        shown = self.in_trust_domain(_ANY_TRUST_DOMAIN).uri
+        if self.trust_domain is None:
+            shown = shown.replace(_ANY_TRUST_DOMAIN, "<any trusted trust domain>")
+        return shown
+
+
+def _expected(value: ExpectedIdentity | ServiceIdentity) -> ExpectedIdentity:
+    if isinstance(value, ServiceIdentity):
+        return ExpectedIdentity.of(value)
+    if not isinstance(value, ExpectedIdentity):
+        raise TypeError(
+            "identity must be an ExpectedIdentity or a ServiceIdentity, not "
+            f"{type(value).__name__}: {value!r}"
+        )
+    return value
+
+
+def _check_address(instance: object, attribute: object, value: Any) -> None:
+    if not isinstance(value, str) or not value or value != value.strip():
+        raise ValueError(
+            f"Instance address must be a non-empty host name or IP address, "
+            f"not {value!r}"
+        )
+
+
+def _check_port(instance: object, attribute: object, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+        raise ValueError(f"Instance port must be an integer 1-65535, not {value!r}")
+
+
+@frozen
+class Instance:
+    """
+    One instance of a service to dial.
+
+    :ivar address: a host name or an IP address.
+    :ivar port: the TCP port.
+    :ivar identity: what the server there must prove (a
+        :class:`~connect_native.identity.ServiceIdentity` given here becomes
+        an :class:`ExpectedIdentity` with its trust domain fixed).
+    :ivar node: the Consul node it runs on, for logs and errors.
+    :ivar instance_id: the service instance ID, for logs and errors.
+    """
+
+    address: str = field(validator=_check_address)
+    port: int = field(validator=_check_port)
+    identity: ExpectedIdentity = field(converter=_expected)
+    node: str = ""
+    instance_id: str = ""
+
+    def __str__(self) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        name = self.instance_id or self.identity.service
+        where = f" on node {self.node}" if self.node else ""
+        return f"{name} at {host}:{self.port}{where}"
+
+
+# --- the interface --------------------------------------------------------------
+
+
+class IResolver(Interface):
+    """
+    Finds the instances of one service.
+    """
+
+    description = Attribute(
+        "What is being resolved, for errors and logs: "
+        "\"Consul service 'db' (healthy instances)\"."
+    )
+
+    def resolve() -> Deferred[Sequence[Instance]]:
+        """
+        The instances to try, healthy ones only; an empty sequence when there
+        are none.  Fails with :class:`ResolveError` when they cannot be
+        found.  Cancelling it abandons the lookup.
+        """
+
+
+# --- static --------------------------------------------------------------------
+
+
+@implementer(IResolver)
+class StaticResolver:
+    """
+    Always the same instances.
+
+    :param instances: the instances (an empty sequence resolves to none).
+    :param description: names them in errors.
+    """
+
+    def __init__(
+        self, instances: Sequence[Instance], description: str | None = None
+    ) -> None:
+        instances = tuple(instances)
+        for index, instance in enumerate(instances):
+            if not isinstance(instance, Instance):
+                raise TypeError(
+                    f"instances[{index}] must be an Instance, not "
+                    f"{type(instance).__name__}: {instance!r}"
+                )
+        self.instances: tuple[Instance, ...] = instances
+        services = sorted({i.identity.service for i in instances})
+        self.description = description or (
+            f"static instances of {', '.join(repr(s) for s in services)}"
+            if services
+            else "an empty static resolver"
+        )
+
+    def resolve(self) -> Deferred[Sequence[Instance]]:
+        return succeed(self.instances)
+
+    def __repr__(self) -> str:
+        return f"StaticResolver({list(self.instances)!r})"
+
+
+# --- helpers ---------------------------------------------------------------------
+
+
+def _nonempty_name(what: str, value: object) -> str:
+    if not isinstance(value, str) or not value or "/" in value:
+        raise ValueError(f"{what} must be a non-empty name without '/', not {value!r}")
+    return value
+
+
+def _optional_name(what: str, value: str | None) -> str | None:
+    if value is None or value == "":
+        return None
+    return _nonempty_name(what, value)
+
+
+def _positive_seconds(what: str, value: float) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not (math.isfinite(value) and value > 0)
+    ):
+        raise ValueError(
+            f"{what} must be a finite number of seconds > 0, not {value!r}"
+        )
+    return float(value)
+
+
+def _bounded(
+    clock: IReactorTime,
+    d: Deferred[Any],
+    seconds: float,
+    on_timeout: Callable[[], Exception],
+) -> Deferred[Any]:
+    """
+    ``d``, failing with ``on_timeout()`` after ``seconds`` (and cancelling
+    ``d``) even if ``d`` ignores the cancellation.
+    """
+    result: Deferred[Any] = Deferred(lambda _: d.cancel())
+    done: list[bool] = []
+
+    def expire() -> None:
+        if done:
+            return
+        done.append(True)
+        d.cancel()
+        result.errback(_failure(on_timeout()))
+
+    call = clock.callLater(seconds, expire)
+
+    def settle(outcome: object) -> None:
+        if call.active():
+            call.cancel()
+        if done:
+            # Already failed with the timeout; what the abandoned lookup
+            # says now is of no interest.
+            return
+        done.append(True)
+        if isinstance(outcome, Failure):
+            result.errback(outcome)
+        else:
+            result.callback(outcome)
+
+    d.addBoth(settle)
+    return result
+
+
+def _instances_from_entries(
+    entries: Sequence[HealthEntry],
+    *,
+    datacenter: str,
+    namespace: str,
+    partition: str | None,
+    what: str,
+) -> tuple[Instance, ...]:
+    """
+    Health entries as instances: the service's address or else the node's;
+    a proxy's expected identity is its destination service.
+    """
+    instances = []
+    for entry in entries:
+        if entry.port <= 0 or entry.port >= 65536 or not entry.address:
+            log.warn(
+                "{what}: skipping instance {id} on node {node}: it has no "
+                "usable address and port ({address!r}, {port})",
+                what=what,
+                id=entry.service.id,
+                node=entry.node.name,
+                address=entry.address,
+                port=entry.port,
+            )
+            continue
+        try:
+            identity = ExpectedIdentity(
+                service=entry.connect_service,
+                datacenter=entry.node.datacenter or datacenter,
+                namespace=namespace,
+                partition=partition,
+            )
+            instances.append(
+                Instance(
+                    address=entry.address,
+                    port=entry.port,
+                    identity=identity,
+                    node=entry.node.name,
+                    instance_id=entry.service.id,
+                )
+            )
+        except (ValueError, InvalidIdentity) as e:
+            log.warn(
+                "{what}: skipping instance {id} on node {node}: {error}",
+                what=what,
+                id=entry.service.id,
+                node=entry.node.name,
+                error=str(e),
+            )
+    return tuple(instances)
+
+
+def _default_reactor() -> Any:
+    from twisted.internet import reactor
+
+    return reactor
+
+
+# --- Consul health -------------------------------------------------------------
+
+
+class HealthClient(Protocol):
+    """
+    What :class:`ConsulResolver` needs of
+    :class:`~connect_native.consul.client.ConsulClient`.
+    """
+
+    datacenter: str | None
+    namespace: str | None
+    partition: str | None
+
+    def health_connect(
+        self,
+        service: str,
+        *,
+        passing: bool = True,
+        index: int | None = None,
+        wait: float | None = None,
+        datacenter: str | None = None,
+        namespace: str | None = None,
+        partition: str | None = None,
+        filter: str | None = None,
+        near: str | None = None,
+    ) -> Deferred[Indexed[tuple[HealthEntry, ...]]]: ...
+
+    def agent_self(self) -> Deferred[AgentSelf]: ...
+
+
+@frozen
+class _HealthQuery:
+    service: str
+    datacenter: str | None
+    namespace: str | None
+    partition: str | None
+    filter: str | None
+    near: str | None
+
+    def __str__(self) -> str:
+        text = f"/v1/health/connect/{self.service}?passing=1"
+        for name in ("datacenter", "namespace", "partition", "filter", "near"):
+            value = getattr(self, name)
+            if value is not None:
+                text += f"&{'dc' if name == 'datacenter' else name}={value}"
+        return text
+
+
+class _SharedHealth:
+    """
+    One blocking watch on a health query, shared by every
+    :class:`ConsulResolver` of the same client and query; it runs while at
+    least one of them holds a lease.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        client: HealthClient,
+        query: _HealthQuery,
+        forget: Callable[[], None],
+        watch_settings: dict[str, Any],
+    ) -> None:
+        self.query = query
+        self.leases = 0
+        self._forget = forget
+        self._client = client
+        self.entries: tuple[HealthEntry, ...] | None = None
+        self.error: Failure | None = None
+        self._waiters: list[Deferred[tuple[HealthEntry, ...]]] = []
+        self.watch: Watch[tuple[HealthEntry, ...]] = Watch(
+            clock,
+            self._fetch,
+            self._changed,
+            name=f"health/connect {query.service}",
+            on_error=self._failed,
+            **watch_settings,
+        )
+
+    def _fetch(
+        self, index: int, wait: float
+    ) -> Deferred[Indexed[tuple[HealthEntry, ...]]]:
+        q = self.query
+        return self._client.health_connect(
+            q.service,
+            passing=True,
+            index=index,
+            wait=wait,
+            datacenter=q.datacenter,
+            namespace=q.namespace,
+            partition=q.partition,
+            filter=q.filter,
+            near=q.near,
+        )
+
+    def _changed(self, entries: tuple[HealthEntry, ...]) -> None:
+        self.entries = entries
+        self.error = None
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(entries)
+
+    def _failed(self, failure: Failure) -> None:
+        self.error = failure
+        if self.entries is None:
+            # Before the first answer, a waiter learns why at once rather
+            # than waiting out its deadline while the watch backs off.
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                waiter.errback(failure)
+
+    def acquire(self) -> None:
+        self.leases += 1
+        if self.leases == 1:
+            self.watch.start()
+
+    def release(self) -> None:
+        self.leases -= 1
+        if self.leases <= 0:
+            self.watch.stop()
+            self.entries = None
+            self.error = None
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                waiter.cancel()
+            self._forget()
+
+    def next_entries(self) -> Deferred[tuple[HealthEntry, ...]]:
+        """
+        The first answer, or the first error, whichever comes first.
+        """
+        waiter: Deferred[tuple[HealthEntry, ...]] = Deferred(
+            lambda d: self._waiters.remove(d) if d in self._waiters else None
+        )
+        self._waiters.append(waiter)
+        return waiter
+
+
+# Watches shared per (client, query); a client going away takes its watches
+# with it.
+_shared_health: weakref.WeakKeyDictionary[Any, dict[_HealthQuery, _SharedHealth]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _shared_watch(
+    clock: IReactorTime,
+    client: HealthClient,
+    query: _HealthQuery,
+    watch_settings: dict[str, Any],
+) -> _SharedHealth:
+    try:
+        per_client = _shared_health.setdefault(client, {})
+    except TypeError:
+        # A client that cannot be weakly referenced gets its own watch.
+        per_client = {}
+    shared = per_client.get(query)
+    if shared is None:
+
+        def forget() -> None:
+            if per_client.get(query) is shared:
+                del per_client[query]
+
+        shared = _SharedHealth(clock, client, query, forget, watch_settings)
+        per_client[query] = shared
+    return shared
+
+
+def _release(shared: _SharedHealth) -> None:
+    shared.release()
+
+
+@implementer(IResolver)
+class ConsulResolver:
+    """
+    The healthy Connect-capable instances of a service, from the Consul
+    agent: ``/v1/health/connect/<service>?passing=1`` (native instances and
+    sidecar proxies), kept fresh by a blocking watch.
+
+    The watch starts with the first :meth:`resolve` and is shared with every
+    other ``ConsulResolver`` of the same client and query in the process; it
+    stops when the last of them is closed (:meth:`close`) or garbage
+    collected.  When the agent stops answering, the last answer keeps being
+    used; before the first answer, :meth:`resolve` fails as soon as the
+    agent's first request fails.
+
+    For each entry: the address is ``Service.Address``, else
+    ``Node.Address``; the port ``Service.Port``; the expected identity is the
+    service itself for a native instance and the proxy's destination service
+    for a sidecar proxy, in the instance's datacenter (``Node.Datacenter``,
+    else the one queried, else the agent's) and the namespace and partition
+    queried (else the client's, else the defaults).
+
+    :param client: a :class:`~connect_native.consul.client.ConsulClient`.
+    :param service: the service to reach.
+    :param datacenter: query another datacenter than the agent's.
+    :param namespace: Consul Enterprise namespace.
+    :param partition: Consul Enterprise admin partition.
+    :param filter: a Consul filter expression, e.g. ``'"v2" in Service.Tags'``.
+    :param near: sort by round-trip time from this node (``_agent``: ours).
+    :param reactor: schedules the watch (the global reactor by default).
+    :param wait: seconds each blocking request may be held by the agent.
+    """
+
+    def __init__(
+        self,
+        client: HealthClient,
+        service: str,
+        datacenter: str | None = None,
+        namespace: str | None = None,
+        partition: str | None = None,
+        filter: str | None = None,
+        near: str | None = None,
+        *,
+        reactor: IReactorTime | None = None,
+        wait: float = 300.0,
+        min_interval: float = 1.0,
+    ) -> None:
+        self.client = client
+        self.query = _HealthQuery(
+            service=_nonempty_name("service", service),
+            datacenter=_optional_name("datacenter", datacenter),
+            namespace=_optional_name("namespace", namespace),
+            partition=_optional_name("partition", partition),
+            filter=filter or None,
+            near=near or None,
+        )
+        self._clock: IReactorTime = (
+            reactor if reactor is not None else _default_reactor()
+        )
+        self._watch_settings = {
+            "wait": _positive_seconds("wait", wait),
+            "min_interval": _positive_seconds("min_interval", min_interval),
+        }
+        self._shared: _SharedHealth | None = None
+        self._finalizer: weakref.finalize[Any, Any] | None = None
+        self._agent_datacenter: str | None = None
+        where = f" in datacenter {datacenter!r}" if datacenter else ""
+        self.description = f"Consul service {service!r}{where} (healthy instances)"
+
+    @property
+    def service(self) -> str:
+        return self.query.service
+
+    def __repr__(self) -> str:
+        return f"ConsulResolver({self.query})"
+
+    def _lease(self) -> _SharedHealth:
+        if self._shared is None:
+            shared = _shared_watch(
+                self._clock, self.client, self.query, self._watch_settings
+            )
+            shared.acquire()
+            self._shared = shared
+            self._finalizer = weakref.finalize(self, _release, shared)
+        return self._shared
+
+    def close(self) -> None:
+        """
+        Let go of the shared watch (it stops when no resolver holds it).  A
+        later :meth:`resolve` takes it again.
+        """
+        finalizer, self._finalizer = self._finalizer, None
+        self._shared = None
+        if finalizer is not None:
+            finalizer()
+
+    def resolve(self) -> Deferred[Sequence[Instance]]:
+        """
+        The healthy instances (at once when the watch has an answer).
+        """
+        shared = self._lease()
+        if shared.entries is not None:
+            entries: Deferred[tuple[HealthEntry, ...]] = succeed(shared.entries)
+        elif shared.error is not None:
+            entries = Deferred()
+            entries.errback(shared.error)
+        else:
+            entries = shared.next_entries()
+        entries.addErrback(self._explain)
+        return entries.addCallback(self._instances)
+
+    def _explain(self, failure: Failure) -> Failure:
+        if isinstance(failure.value, CancelledError):
+            return failure
+        return _failure(
+            ResolveError(
+                f"cannot find the instances of {self.description}: "
+                f"{self.query} failed: {failure.getErrorMessage()}"
+            )
+        )
+
+    def _instances(
+        self, entries: tuple[HealthEntry, ...]
+    ) -> Deferred[Sequence[Instance]] | Sequence[Instance]:
+        datacenter = self.query.datacenter or self.client.datacenter
+        if datacenter is None and any(not e.node.datacenter for e in entries):
+            # Consul always sends Node.Datacenter; without it, the agent's.
+            return self._agent_dc().addCallback(lambda dc: self._convert(entries, dc))
+        return self._convert(entries, datacenter or "")
+
+    def _agent_dc(self) -> Deferred[str]:
+        if self._agent_datacenter is not None:
+            return succeed(self._agent_datacenter)
+
+        def remember(agent: AgentSelf) -> str:
+            self._agent_datacenter = agent.datacenter
+            return agent.datacenter
+
+        def explain(failure: Failure) -> Failure:
+            if isinstance(failure.value, CancelledError):
+                return failure
+            return _failure(
+                ResolveError(
+                    f"cannot find the instances of {self.description}: the "
+                    "health entries name no datacenter, and reading the "
+                    "agent's own (/v1/agent/self) failed: "
+                    f"{failure.getErrorMessage()}"
+                )
+            )
+
+        return self.client.agent_self().addCallbacks(remember, explain)
+
+    def _convert(
+        self, entries: tuple[HealthEntry, ...], datacenter: str
+    ) -> Sequence[Instance]:
+        return _instances_from_entries(
+            entries,
+            datacenter=datacenter,
+            namespace=self.query.namespace or self.client.namespace or "default",
+            partition=self.query.partition or self.client.partition,
+            what=repr(self),
+        )
+
+
+# --- prepared queries ------------------------------------------------------------
+
+
+class PreparedQueryClient(Protocol):
+    """
+    What :class:`PreparedQueryResolver` needs of
+    :class:`~connect_native.consul.client.ConsulClient`.
+    """
+
+    namespace: str | None
+    partition: str | None
+
+    def execute_prepared_query(
+        self,
+        name: str,
+        *,
+        connect: bool = True,
+        datacenter: str | None = None,
+        near: str | None = None,
+    ) -> Deferred[Indexed[PreparedQueryResult]]: ...
+
+
+@implementer(IResolver)
+class PreparedQueryResolver:
+    """
+    The Connect-capable instances a prepared query returns:
+    ``/v1/query/<name>/execute?connect=true``.
+
+    Prepared queries cannot block, so an answer is reused for
+    ``cache_seconds`` and concurrent :meth:`resolve` calls share one
+    request.  The query may fail over to another datacenter: the expected
+    identity is in the datacenter the answer names.
+
+    :param client: a :class:`~connect_native.consul.client.ConsulClient`.
+    :param name: the query's name or ID.
+    :param datacenter: execute it in another datacenter than the agent's.
+    :param reactor: the clock the cache is kept by.
+    :param cache_seconds: how long an answer is reused.
+    """
+
+    def __init__(
+        self,
+        client: PreparedQueryClient,
+        name: str,
+        datacenter: str | None = None,
+        *,
+        reactor: IReactorTime | None = None,
+        cache_seconds: float = 2.0,
+    ) -> None:
+        self.client = client
+        self.name = _nonempty_name("name", name)
+        self.datacenter = _optional_name("datacenter", datacenter)
+        self._clock: IReactorTime = (
+            reactor if reactor is not None else _default_reactor()
+        )
+        self.cache_seconds = _positive_seconds("cache_seconds", cache_seconds)
+        self._cached: tuple[float, tuple[Instance, ...]] | None = None
+        self._in_flight: list[Deferred[Sequence[Instance]]] | None = None
+        where = f" in datacenter {datacenter!r}" if datacenter else ""
+        self.description = f"Consul prepared query {name!r}{where}"
+
+    def __repr__(self) -> str:
+        return f"PreparedQueryResolver({self.name!r}, datacenter={self.datacenter!r})"
+
+    def resolve(self) -> Deferred[Sequence[Instance]]:
+        now = self._clock.seconds()
+        if self._cached is not None and now < self._cached[0] + self.cache_seconds:
+            return succeed(self._cached[1])
+
+        def forget(waiter: Deferred[Sequence[Instance]]) -> None:
+            if self._in_flight is not None and waiter in self._in_flight:
+                self._in_flight.remove(waiter)
+
+        waiter: Deferred[Sequence[Instance]] = Deferred(forget)
+        if self._in_flight is not None:
+            self._in_flight.append(waiter)
+            return waiter
+        self._in_flight = [waiter]
+        asked = self._clock.seconds()
+        request = self.client.execute_prepared_query(
+            self.name, connect=True, datacenter=self.datacenter
+        )
+        request.addCallbacks(
+            lambda answer: self._answered(answer.value, asked),
+            self._failed,
+        )
+        return waiter
+
+    def _answered(self, result: PreparedQueryResult, asked: float) -> None:
+        instances = _instances_from_entries(
+            result.nodes,
+            datacenter=result.datacenter or self.datacenter or "",
+            namespace=self.client.namespace or "default",
+            partition=self.client.partition,
+            what=repr(self),
+        )
+        self._cached = (asked, instances)
+        waiters, self._in_flight = self._in_flight or [], None
+        for waiter in waiters:
+            waiter.callback(instances)
+
+    def _failed(self, failure: Failure) -> None:
+        waiters, self._in_flight = self._in_flight or [], None
+        error = ResolveError(
+            f"cannot find the instances of {self.description}: executing it "
+            f"failed: {failure.getErrorMessage()}"
+        )
+        for waiter in waiters:
+            waiter.errback(_failure(error))
+
+
+# --- Consul DNS ------------------------------------------------------------------
+
+
+def _dns_label(what: str, value: str) -> str:
+    if not value or "." in value or len(value) > 63 or not value.isascii():
+        raise ValueError(
+            f"{what} must be a single DNS label (1 to 63 ASCII characters, no "
+            f"'.'), not {value!r}"
+        )
+    return value
+
+
+@implementer(IResolver)
+class DnsResolver:
+    """
+    The Connect-capable instances of a service from the Consul agent's DNS
+    interface: the SRV records of ``<service>.connect[.<datacenter>].<domain>``
+    (native instances and sidecar proxies, healthy ones only), each target's
+    address from the A/AAAA records the agent adds (asked for separately when
+    missing).  The expected identity is ``service`` in the datacenter the
+    target's name carries (``<hex>.addr.<dc>.consul``,
+    ``<node>.node.<dc>.consul``), else ``datacenter``.
+
+    The seed's ``<service>.connect`` syntax is accepted as ``service``.
+
+    :param service: the service to reach.
+    :param datacenter: ask for another datacenter than the agent's.
+    :param namespace: the namespace of the expected identity.
+    :param partition: the partition of the expected identity.
+    :param domain: the agent's DNS domain.
+    :param dns_address: the agent's DNS server ``(host, port)``.
+    :param reactor: does the UDP (and TCP) queries and the timeouts.
+    :param timeout: seconds each query may take.
+    """
+
+    def __init__(
+        self,
+        service: str,
+        *,
+        datacenter: str | None = None,
+        namespace: str = "default",
+        partition: str | None = None,
+        domain: str = "consul",
+        dns_address: tuple[str, int] = ("127.0.0.1", 8600),
+        reactor: Any = None,
+        timeout: float = 2.0,
+    ) -> None:
+        if isinstance(service, str) and service.endswith(".connect"):
+            service = service[: -len(".connect")]
+        self.service = _dns_label("service", service)
+        self.datacenter = (
+            None if datacenter is None else _dns_label("datacenter", datacenter)
+        )
+        self.namespace = _nonempty_name("namespace", namespace)
+        self.partition = partition
+        self.domain = domain.strip(".").lower()
+        if not self.domain:
+            raise ValueError(
+                f"domain must be a DNS domain such as 'consul', not {domain!r}"
+            )
+        host, port = dns_address
+        if (
+            not isinstance(host, str)
+            or not isinstance(port, int)
+            or not 0 < port < 65536
+        ):
+            raise ValueError(
+                f"dns_address must be (host, port), such as ('127.0.0.1', 8600), "
+                f"not {dns_address!r}"
+            )
+        self.dns_address = (host, port)
+        self.timeout = _positive_seconds("timeout", timeout)
+        self._reactor: Any = reactor if reactor is not None else _default_reactor()
+        from twisted.names import client
+
+        make_resolver: Any = client.Resolver
+        self._resolver: Any = make_resolver(
+            servers=[self.dns_address], reactor=self._reactor
+        )
+        dc = f".{self.datacenter}" if self.datacenter else ""
+        self.name = f"{self.service}.connect{dc}.{self.domain}"
+        self.description = f"Consul DNS {self.name} SRV at {host}:{port}"
+
+    def __repr__(self) -> str:
+        return f"DnsResolver({self.name!r}, dns_address={self.dns_address!r})"
+
+    def _query(self, d: Deferred[Any], what: str) -> Deferred[Any]:
+        """
+        One DNS lookup, bounded, its failures explained (except NXDOMAIN,
+        which the callers handle).
+        """
+        from twisted.names import error
+
+        def timed_out() -> Exception:
+            return ResolveError(
+                f"cannot find the instances of {self.description}: the DNS "
+                f"query for {what} did not answer within {self.timeout:g}s"
+            )
+
+        def explain(failure: Failure) -> Failure:
+            value = failure.value
+            if isinstance(value, error.DNSNameError | ResolveError | CancelledError):
+                return failure
+            if isinstance(value, DeferredTimeoutError):
+                return _failure(timed_out())
+            return _failure(
+                ResolveError(
+                    f"cannot find the instances of {self.description}: the DNS "
+                    f"query for {what} failed: "
+                    f"{failure.getErrorMessage() or type(value).__name__}"
+                )
+            )
+
+        # twisted.names gives up after its own timeout; the bound is for a
+        # lookup that would not.
+        bounded = _bounded(self._reactor, d, self.timeout + 1.0, timed_out)
+        return bounded.addErrback(explain)
+
+    def resolve(self) -> Deferred[Sequence[Instance]]:
+        from twisted.names import dns, error
+
+        lookup = self._query(
+            self._resolver.lookupService(self.name, timeout=(self.timeout,)),
+            f"{self.name} SRV",
+        )
+
+        def nxdomain(failure: Failure) -> Failure | Sequence[Instance]:
+            if isinstance(failure.value, error.DNSNameError):
+                # NXDOMAIN: Consul's answer for a service with no healthy
+                # Connect instance.
+                return ()
+            return failure
+
+        def answered(
+            result: tuple[list[Any], list[Any], list[Any]],
+        ) -> Deferred[Sequence[Instance]]:
+            answers, _authority, additional = result
+            records = [
+                r.payload
+                for r in answers
+                if r.type == dns.SRV and isinstance(r.payload, dns.Record_SRV)
+            ]
+            addresses: dict[str, list[str]] = {}
+            for r in additional:
+                if r.type in (dns.A, dns.AAAA):
+                    addresses.setdefault(str(r.name).lower(), []).append(
+                        r.payload.dottedQuad()
+                        if r.type == dns.A
+                        else _ipv6_text(r.payload.address)
+                    )
+            return self._instances(records, addresses)
+
+        return lookup.addCallbacks(answered, nxdomain)
+
+    def _instances(
+        self, records: list[Any], addresses: dict[str, list[str]]
+    ) -> Deferred[Sequence[Instance]]:
+        from twisted.internet.defer import gatherResults
+
+        pending: list[Deferred[str | None]] = []
+        for srv in records:
+            target = str(srv.target).lower().rstrip(".")
+            known = addresses.get(target)
+            if known:
+                pending.append(succeed(known[0]))
+            else:
+                pending.append(self._address_of(target))
+        gathered: Deferred[list[str | None]] = gatherResults(
+            pending, consumeErrors=True
+        )
+
+        def build(found: list[str | None]) -> Sequence[Instance]:
+            instances = []
+            for srv, address in zip(records, found, strict=True):
+                target = str(srv.target).lower().rstrip(".")
+                if address is None:
+                    continue
+                datacenter = self._datacenter_of(target)
+                if datacenter is None:
+                    log.warn(
+                        "{resolver}: skipping SRV target {target}: its name "
+                        "says no datacenter, and no datacenter= was given",
+                        resolver=repr(self),
+                        target=target,
+                    )
+                    continue
+                instances.append(
+                    Instance(
+                        address=address,
+                        port=srv.port,
+                        identity=ExpectedIdentity(
+                            service=self.service,
+                            datacenter=datacenter,
+                            namespace=self.namespace,
+                            partition=self.partition,
+                        ),
+                        node=self._node_of(target),
+                        instance_id="",
+                    )
+                )
+            return tuple(instances)
+
+        def unwrap(failure: Failure) -> Failure:
+            from twisted.internet.defer import FirstError
+
+            if isinstance(failure.value, FirstError):
+                return failure.value.subFailure
+            return failure
+
+        return gathered.addCallbacks(build, unwrap)
+
+    def _address_of(self, target: str) -> Deferred[str | None]:
+        d = self._query(
+            self._resolver.lookupAddress(target, timeout=(self.timeout,)),
+            f"{target} A",
+        )
+
+        def first(result: tuple[list[Any], list[Any], list[Any]]) -> str | None:
+            from twisted.names import dns
+
+            for r in result[0]:
+                if r.type == dns.A:
+                    address: str = r.payload.dottedQuad()
+                    return address
+            log.warn(
+                "{resolver}: skipping SRV target {target}: it has no A record",
+                resolver=repr(self),
+                target=target,
+            )
+            return None
+
+        def missing(failure: Failure) -> Failure | None:
+            from twisted.names import error
+
+            if isinstance(failure.value, error.DNSNameError):
+                return None
+            return failure
+
+        return d.addCallbacks(first, missing)
+
+    def _labels(self, target: str) -> list[str] | None:
+        suffix = "." + self.domain
+        if not target.endswith(suffix):
+            return None
+        return target[: -len(suffix)].split(".")
+
+    def _datacenter_of(self, target: str) -> str | None:
+        labels = self._labels(target)
+        if labels is not None and len(labels) >= 3 and labels[-2] in ("addr", "node"):
+            return labels[-1]
+        return self.datacenter
+
+    def _node_of(self, target: str) -> str:
+        labels = self._labels(target)
+        if labels is not None and len(labels) >= 3 and labels[-2] == "node":
+            return ".".join(labels[:-2])
+        return ""
+
+
+def _ipv6_text(packed: bytes) -> str:
+    return str(ipaddress.IPv6Address(packed))
