@@ -1,0 +1,1831 @@
+"""
+The development agent's HTTP API: Consul 1.8.7's endpoints for Connect-native
+applications as a plain ``twisted.web`` resource over a
+:class:`~connect_native.devagent.state.DevAgent`.
+
+The resource speaks the wire format the real agent speaks (``REAL-BEHAVIOUR.md``
+and ``tests/fixtures/real-1.8.7/``): pretty JSON with Go's escaping,
+plain-text error bodies with Consul's exact messages, ``Vary:
+Accept-Encoding`` everywhere, gzip for large bodies when asked, the
+``X-Consul-*`` and ``X-Cache``/``Age`` headers per endpoint, 405 with
+``Allow``, Go's JSON decoding rules for request bodies (keys matched
+case-insensitively, unknown fields refused, Go's error texts), and blocking
+queries with the real index/wait rules: up to ``wait/16`` jitter and a 5
+minute default on catalog-backed endpoints, none and no timeout at all on
+agent-cache ones.
+
+Blocking reads answer later (``NOT_DONE_YET``); a client that goes away
+cancels its wait.  Every handler answers: an unexpected exception becomes a
+500 with a plain-text body and a logged traceback, never a dropped
+connection.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import re
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+from urllib.parse import unquote_to_bytes
+
+from attrs import frozen
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from connect_native.devagent.state import (
+    CAConfigInput,
+    CheckDefinition,
+    ConsulError,
+    DevAgent,
+    GoDurationError,
+    IntentionInput,
+    LeafAnswer,
+    ProxyConfig,
+    ServiceDefinition,
+    go_quote,
+    parse_go_duration,
+)
+
+__all__ = ["AgentResource", "GoJSONError", "decode_go_json"]
+
+log = Logger()
+
+T = TypeVar("T")
+
+# gziphandler's DefaultMinSize, below which the real agent does not compress.
+GZIP_MIN_SIZE = 1400
+MAX_QUERY_TIME = 600.0
+DEFAULT_QUERY_TIME = 300.0
+JITTER_FRACTION = 16
+TEXT_PLAIN = "text/plain; charset=utf-8"
+
+# --------------------------------------------------------------------------
+# Go's encoding/json, as Consul decodes request bodies
+
+
+class GoJSONError(ValueError):
+    """
+    Go's ``encoding/json`` refused a body; the message is Go's (``EOF``,
+    ``invalid character 'x' looking for beginning of value``,
+    ``json: unknown field "X"``, ...).
+    """
+
+
+class JNumber(str):
+    """
+    A JSON number, as its literal text.
+    """
+
+    __slots__ = ()
+
+
+class JObject(list[tuple[str, Any]]):
+    """
+    A JSON object as its key/value pairs, in order, duplicates kept.
+    """
+
+    __slots__ = ()
+
+
+_SPACE = frozenset(b" \t\r\n")
+_DIGITS = frozenset(b"0123456789")
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+_ESCAPES = {
+    ord('"'): '"',
+    ord("\\"): "\\",
+    ord("/"): "/",
+    ord("b"): "\b",
+    ord("f"): "\f",
+    ord("n"): "\n",
+    ord("r"): "\r",
+    ord("t"): "\t",
+}
+
+
+def _quote_char(c: int) -> str:
+    # encoding/json quoteChar
+    if c == ord("'"):
+        return "'\\''"
+    if c == ord('"'):
+        return "'\"'"
+    return "'" + go_quote(chr(c))[1:-1] + "'"
+
+
+def _syntax(c: int, context: str) -> GoJSONError:
+    return GoJSONError(f"invalid character {_quote_char(c)} {context}")
+
+
+class _Scanner:
+    """
+    One JSON value from the front of a body, as ``json.Decoder.Decode``
+    reads it: Go's syntax errors, trailing bytes ignored, no recursion (so no
+    nesting depth can crash it).
+    """
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.i = 0
+
+    def _skip(self) -> None:
+        data, i = self.data, self.i
+        while i < len(data) and data[i] in _SPACE:
+            i += 1
+        self.i = i
+
+    def _peek(self) -> int:
+        if self.i >= len(self.data):
+            raise GoJSONError("unexpected EOF")
+        return self.data[self.i]
+
+    def value(self) -> Any:
+        self._skip()
+        if self.i >= len(self.data):
+            raise GoJSONError("EOF")
+        # open containers, and the keys of the object values being read
+        stack: list[tuple[Any, bool]] = []
+        keys: list[str] = []
+        while True:
+            # expecting a value
+            c = self._peek()
+            done: Any
+            if c == ord("{"):
+                self.i += 1
+                self._skip()
+                if self._peek() == ord("}"):
+                    self.i += 1
+                    done = JObject()
+                else:
+                    keys.append(self._key())
+                    stack.append((JObject(), True))
+                    continue
+            elif c == ord("["):
+                self.i += 1
+                self._skip()
+                if self._peek() == ord("]"):
+                    self.i += 1
+                    done = []
+                else:
+                    stack.append(([], False))
+                    continue
+            elif c == ord('"'):
+                done = self._string()
+            elif c == ord("-") or c in _DIGITS:
+                done = self._number(top=not stack)
+            elif c == ord("t"):
+                self._literal(b"true")
+                done = True
+            elif c == ord("f"):
+                self._literal(b"false")
+                done = False
+            elif c == ord("n"):
+                self._literal(b"null")
+                done = None
+            else:
+                raise _syntax(c, "looking for beginning of value")
+            # a value is complete: hand it to its container
+            while True:
+                if not stack:
+                    return done
+                container, is_object = stack[-1]
+                self._skip()
+                c = self._peek()
+                if is_object:
+                    container.append((keys.pop(), done))
+                    if c == ord(","):
+                        self.i += 1
+                        self._skip()
+                        keys.append(self._key())
+                        break
+                    if c == ord("}"):
+                        self.i += 1
+                        stack.pop()
+                        done = container
+                        continue
+                    raise _syntax(c, "after object key:value pair")
+                container.append(done)
+                if c == ord(","):
+                    self.i += 1
+                    self._skip()
+                    break
+                if c == ord("]"):
+                    self.i += 1
+                    stack.pop()
+                    done = container
+                    continue
+                raise _syntax(c, "after array element")
+
+    def _key(self) -> str:
+        c = self._peek()
+        if c != ord('"'):
+            raise _syntax(c, "looking for beginning of object key string")
+        key = self._string()
+        self._skip()
+        c = self._peek()
+        if c != ord(":"):
+            raise _syntax(c, "after object key")
+        self.i += 1
+        self._skip()
+        return key
+
+    def _literal(self, word: bytes) -> None:
+        for expected in word:
+            c = self._peek()
+            if c != expected:
+                raise _syntax(
+                    c,
+                    f"in literal {word.decode()} (expecting {_quote_char(expected)})",
+                )
+            self.i += 1
+
+    def _digits(self) -> None:
+        data = self.data
+        while self.i < len(data) and data[self.i] in _DIGITS:
+            self.i += 1
+
+    def _number(self, *, top: bool) -> JNumber:
+        data, start = self.data, self.i
+
+        def peek() -> int | None:
+            if self.i < len(data):
+                return data[self.i]
+            if top:
+                return None
+            raise GoJSONError("unexpected EOF")
+
+        if data[self.i] == ord("-"):
+            self.i += 1
+            c = peek()
+            if c is None:
+                raise GoJSONError("unexpected EOF")
+            if c not in _DIGITS:
+                raise _syntax(c, "in numeric literal")
+        if data[self.i] == ord("0"):
+            self.i += 1
+        else:
+            self._digits()
+        c = peek()
+        if c == ord("."):
+            self.i += 1
+            c = peek()
+            if c is None:
+                raise GoJSONError("unexpected EOF")
+            if c not in _DIGITS:
+                raise _syntax(c, "after decimal point in numeric literal")
+            self._digits()
+            c = peek()
+        if c in (ord("e"), ord("E")):
+            self.i += 1
+            c = peek()
+            if c in (ord("+"), ord("-")):
+                self.i += 1
+                c = peek()
+            if c is None:
+                raise GoJSONError("unexpected EOF")
+            if c not in _DIGITS:
+                raise _syntax(c, "in exponent of numeric literal")
+            self._digits()
+        return JNumber(data[start : self.i].decode("ascii"))
+
+    def _string(self) -> str:
+        data = self.data
+        self.i += 1
+        out = bytearray()
+        pieces: list[str] = []
+
+        def flush() -> None:
+            if out:
+                pieces.append(out.decode("utf-8", errors="replace"))
+                out.clear()
+
+        while True:
+            if self.i >= len(data):
+                raise GoJSONError("unexpected EOF")
+            c = data[self.i]
+            if c == ord('"'):
+                self.i += 1
+                flush()
+                return "".join(pieces)
+            if c < 0x20:
+                raise _syntax(c, "in string literal")
+            if c != ord("\\"):
+                out.append(c)
+                self.i += 1
+                continue
+            self.i += 1
+            c = self._peek()
+            if c in _ESCAPES:
+                out.extend(_ESCAPES[c].encode())
+                self.i += 1
+                continue
+            if c != ord("u"):
+                raise _syntax(c, "in string escape code")
+            self.i += 1
+            code = self._hex4()
+            flush()
+            if 0xD800 <= code < 0xDC00 and data[self.i : self.i + 2] == b"\\u":
+                saved = self.i
+                self.i += 2
+                low = self._hex4()
+                if 0xDC00 <= low < 0xE000:
+                    code = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00)
+                else:
+                    self.i = saved
+                    code = 0xFFFD
+            if 0xD800 <= code < 0xE000:
+                code = 0xFFFD
+            pieces.append(chr(code))
+
+    def _hex4(self) -> int:
+        value = 0
+        for _ in range(4):
+            c = self._peek()
+            if c not in _HEX:
+                raise _syntax(c, "in \\u hexadecimal character escape")
+            value = value * 16 + int(chr(c), 16)
+            self.i += 1
+        return value
+
+
+def parse_go_json(data: bytes) -> Any:
+    """
+    The first JSON value of ``data`` as Go's ``json.Decoder`` reads it.
+
+    :raises GoJSONError: with Go's syntax message.
+    """
+    return _Scanner(data).value()
+
+
+# ---- schemas: the Go types Consul decodes into
+
+
+class _Schema:
+    go_type = "interface {}"
+
+
+class _Str(_Schema):
+    go_type = "string"
+
+
+class _Int(_Schema):
+    def __init__(self, go_type: str = "int", bits: int = 64, signed: bool = True):
+        self.go_type = go_type
+        self.bits = bits
+        self.signed = signed
+
+
+class _Bool(_Schema):
+    go_type = "bool"
+
+
+class _Any(_Schema):
+    go_type = "interface {}"
+
+
+class _Bytes(_Schema):
+    go_type = "[]uint8"
+
+
+class _Time(_Schema):
+    go_type = "time.Time"
+
+
+class _List(_Schema):
+    def __init__(self, elem: _Schema, go_type: str | None = None):
+        self.elem = elem
+        self.go_type = go_type or f"[]{elem.go_type}"
+
+
+class _Map(_Schema):
+    def __init__(self, elem: _Schema, go_type: str | None = None):
+        self.elem = elem
+        self.go_type = go_type or f"map[string]{elem.go_type}"
+
+
+class _Struct(_Schema):
+    """
+    A Go struct: ``fields`` maps the JSON name (and snake_case aliases) to
+    (schema, the canonical name in the decoded dict).  ``custom`` structs
+    have their own ``UnmarshalJSON`` in Consul: errors inside them abort at
+    once and name the outer field.
+    """
+
+    def __init__(
+        self,
+        go_type: str,
+        context_name: str,
+        fields: dict[str, _Schema],
+        *,
+        aliases: dict[str, str] | None = None,
+        custom: bool = False,
+        post: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> None:
+        self.go_type = go_type
+        self.context_name = context_name
+        self.fields = fields
+        self.aliases = aliases or {}
+        self.custom = custom
+        self.post = post
+
+    def lookup(self, key: str) -> tuple[str, _Schema, bool] | None:
+        """
+        The field a JSON key sets (exact name first, then Go's
+        case-insensitive match): its canonical name, schema, and whether the
+        key was a snake_case alias.
+        """
+        names = list(self.fields) + list(self.aliases)
+        name = key if key in names else None
+        if name is None:
+            name = next((n for n in names if n.lower() == key.lower()), None)
+        if name is None:
+            return None
+        canonical = self.aliases.get(name, name)
+        return canonical, self.fields[canonical], name in self.aliases
+
+
+class _ImmediateError(Exception):
+    def __init__(self, error: GoJSONError | GoDurationError):
+        self.error = error
+
+
+@frozen
+class _Context:
+    struct: str | None
+    field: str | None
+
+
+class _Decoder:
+    def __init__(self) -> None:
+        self.saved: GoJSONError | None = None
+
+    def save(self, error: GoJSONError) -> None:
+        if self.saved is None:
+            self.saved = error
+
+    def type_error(self, what: str, schema: _Schema, ctx: _Context) -> None:
+        if ctx.field is not None:
+            where = f"Go struct field {ctx.struct or ''}.{ctx.field}"
+        else:
+            where = "Go value"
+        self.save(
+            GoJSONError(
+                f"json: cannot unmarshal {what} into {where} of type {schema.go_type}"
+            )
+        )
+
+    def decode(self, value: Any, schema: _Schema, ctx: _Context) -> Any:
+        if value is None:
+            return None
+        if isinstance(schema, _Any):
+            return _plain(value)
+        if isinstance(schema, _Struct):
+            if not isinstance(value, JObject):
+                self.type_error(_kind(value), schema, ctx)
+                return None
+            if schema.custom:
+                inner = _Decoder()
+                out = inner.struct(value, schema)
+                if inner.saved is None and schema.post is not None:
+                    try:
+                        out = schema.post(out)
+                    except GoDurationError as e:
+                        raise _ImmediateError(e) from None
+                if inner.saved is not None:
+                    error = inner.saved
+                    if ctx.field is not None and str(error).startswith(
+                        "json: cannot unmarshal"
+                    ):
+                        # encoding/json's addErrorContext names the field
+                        # that holds the custom-decoded struct.
+                        text = re.sub(
+                            r"into Go (struct field \S*|value) of",
+                            f"into Go struct field {ctx.struct or ''}.{ctx.field} of",
+                            str(error),
+                        )
+                        error = GoJSONError(text)
+                    raise _ImmediateError(error)
+                return out
+            return self.struct(value, schema)
+        if isinstance(schema, _List):
+            if not isinstance(value, list) or isinstance(value, JObject):
+                self.type_error(_kind(value), schema, ctx)
+                return None
+            return [self.decode(v, schema.elem, ctx) for v in value]
+        if isinstance(schema, _Map):
+            if not isinstance(value, JObject):
+                self.type_error(_kind(value), schema, ctx)
+                return None
+            mapping: dict[str, Any] = {}
+            for key, item in value:
+                mapping[key] = self.decode(item, schema.elem, ctx)
+            return mapping
+        if isinstance(schema, _Str):
+            if isinstance(value, str) and not isinstance(value, JNumber):
+                return value
+            self.type_error(_kind(value), schema, ctx)
+            return None
+        if isinstance(schema, _Bool):
+            if isinstance(value, bool):
+                return value
+            self.type_error(_kind(value), schema, ctx)
+            return None
+        if isinstance(schema, _Int):
+            if isinstance(value, JNumber):
+                if re.fullmatch(r"-?[0-9]+", value):
+                    number = int(value)
+                    low = -(1 << (schema.bits - 1)) if schema.signed else 0
+                    high = (
+                        (1 << (schema.bits - 1)) - 1
+                        if schema.signed
+                        else (1 << schema.bits) - 1
+                    )
+                    if low <= number <= high:
+                        return number
+                self.type_error(f"number {value}", schema, ctx)
+                return None
+            self.type_error(_kind(value), schema, ctx)
+            return None
+        if isinstance(schema, _Bytes):
+            if isinstance(value, str) and not isinstance(value, JNumber):
+                try:
+                    base64.b64decode(value, validate=True)
+                except ValueError:
+                    self.save(GoJSONError("illegal base64 data at input byte 0"))
+                return value
+            self.type_error(_kind(value), schema, ctx)
+            return None
+        if isinstance(schema, _Time):
+            if isinstance(value, str) and not isinstance(value, JNumber):
+                if not re.fullmatch(
+                    r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)", value
+                ):
+                    self.save(
+                        GoJSONError(
+                            f'parsing time "{json.dumps(value)}" as '
+                            '""2006-01-02T15:04:05Z07:00"": cannot parse '
+                            f'"{value}" as "2006"'
+                        )
+                    )
+                return value
+            self.type_error(_kind(value), schema, ctx)
+            return None
+        raise AssertionError(f"unknown schema {schema!r}")
+
+    def struct(self, value: JObject, schema: _Struct) -> dict[str, Any]:
+        out: dict[str, Any] = {name: None for name in schema.fields}
+        for key, item in value:
+            found = schema.lookup(key)
+            if found is None:
+                self.save(GoJSONError(f"json: unknown field {go_quote(key)}"))
+                continue
+            name, field_schema, alias = found
+            decoded = self.decode(
+                item, field_schema, _Context(schema.context_name, name)
+            )
+            if decoded is None:
+                # null, or a type error already saved: the field keeps its value.
+                continue
+            if alias and out[name]:
+                # Consul copies a snake_case alias only over an empty field.
+                continue
+            out[name] = decoded
+        return out
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, JNumber):
+        return "number"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, JObject):
+        return "object"
+    if isinstance(value, list):
+        return "array"
+    return "null"
+
+
+def _plain(value: Any) -> Any:
+    """
+    A parsed value as Python data (``interface{}``): numbers as int or float.
+    """
+    if isinstance(value, JNumber):
+        if re.fullmatch(r"-?[0-9]+", value):
+            return int(value)
+        return float(value)
+    if isinstance(value, JObject):
+        return {k: _plain(v) for k, v in value}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def decode_go_json(data: bytes, schema: _Schema) -> Any:
+    """
+    Decode a request body as Consul does (``json.Decoder`` with
+    ``DisallowUnknownFields``) into ``schema``: a dict with every field of a
+    struct (``None`` when absent).
+
+    :raises GoJSONError: with Go's message.
+    :raises GoDurationError: for a bad duration inside a check.
+    """
+    value = parse_go_json(data)
+    decoder = _Decoder()
+    try:
+        out = decoder.decode(value, schema, _Context(None, None))
+    except _ImmediateError as e:
+        raise e.error from None
+    except RecursionError:
+        raise GoJSONError("exceeded max depth") from None
+    if decoder.saved is not None:
+        raise decoder.saved
+    if out is None and isinstance(schema, _Struct):
+        out = {name: None for name in schema.fields}
+    return out
+
+
+# ---- the request bodies of Consul 1.8.7
+
+_DURATION = _Any()
+_MESH_GATEWAY = _Struct(
+    "structs.MeshGatewayConfig", "MeshGatewayConfig", {"Mode": _Str()}
+)
+_EXPOSE_PATH = _Struct(
+    "structs.ExposePath",
+    "",
+    {
+        "ListenerPort": _Int(),
+        "Path": _Str(),
+        "LocalPathPort": _Int(),
+        "Protocol": _Str(),
+        "ParsedFromCheck": _Bool(),
+    },
+    aliases={"listener_port": "ListenerPort", "local_path_port": "LocalPathPort"},
+    custom=True,
+)
+_EXPOSE = _Struct(
+    "structs.ExposeConfig",
+    "ExposeConfig",
+    {"Checks": _Bool(), "Paths": _List(_EXPOSE_PATH, "[]structs.ExposePath")},
+)
+_UPSTREAM = _Struct(
+    "structs.Upstream",
+    "",
+    {
+        "DestinationType": _Str(),
+        "DestinationNamespace": _Str(),
+        "DestinationName": _Str(),
+        "Datacenter": _Str(),
+        "LocalBindAddress": _Str(),
+        "LocalBindPort": _Int(),
+        "Config": _Map(_Any()),
+        "MeshGateway": _MESH_GATEWAY,
+    },
+    aliases={
+        "destination_type": "DestinationType",
+        "destination_namespace": "DestinationNamespace",
+        "destination_name": "DestinationName",
+        "local_bind_address": "LocalBindAddress",
+        "local_bind_port": "LocalBindPort",
+        "mesh_gateway": "MeshGateway",
+    },
+    custom=True,
+)
+_PROXY = _Struct(
+    "structs.ConnectProxyConfig",
+    "",
+    {
+        "DestinationServiceName": _Str(),
+        "DestinationServiceID": _Str(),
+        "LocalServiceAddress": _Str(),
+        "LocalServicePort": _Int(),
+        "Config": _Map(_Any()),
+        "Upstreams": _List(_UPSTREAM, "structs.Upstreams"),
+        "MeshGateway": _MESH_GATEWAY,
+        "Expose": _EXPOSE,
+    },
+    aliases={
+        "destination_service_name": "DestinationServiceName",
+        "destination_service_id": "DestinationServiceID",
+        "local_service_address": "LocalServiceAddress",
+        "local_service_port": "LocalServicePort",
+        "mesh_gateway": "MeshGateway",
+    },
+    custom=True,
+)
+_LEGACY_PROXY = _Struct(
+    "structs.ServiceDefinitionConnectProxy",
+    "ServiceDefinitionConnectProxy",
+    {
+        "Command": _List(_Str()),
+        "ExecMode": _Str(),
+        "Config": _Map(_Any()),
+        "Upstreams": _List(_UPSTREAM, "structs.Upstreams"),
+    },
+)
+_CHECK_DURATIONS = ("Interval", "Timeout", "TTL", "DeregisterCriticalServiceAfter")
+
+
+def _check_durations(d: dict[str, Any]) -> dict[str, Any]:
+    # CheckType.UnmarshalJSON: a string is a Go duration, a number is
+    # nanoseconds, anything else is ignored.
+    for key in _CHECK_DURATIONS:
+        value = d[key]
+        if isinstance(value, str):
+            d[key] = parse_go_duration(value)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            d[key] = int(value)
+        else:
+            d[key] = 0
+    return d
+
+
+_CHECK = _Struct(
+    "structs.CheckType",
+    "",
+    {
+        "CheckID": _Str(),
+        "Name": _Str(),
+        "Status": _Str(),
+        "Notes": _Str(),
+        "ScriptArgs": _List(_Str()),
+        "HTTP": _Str(),
+        "Header": _Map(_List(_Str())),
+        "Method": _Str(),
+        "Body": _Str(),
+        "TCP": _Str(),
+        "Interval": _DURATION,
+        "AliasNode": _Str(),
+        "AliasService": _Str(),
+        "DockerContainerID": _Str(),
+        "Shell": _Str(),
+        "GRPC": _Str(),
+        "GRPCUseTLS": _Bool(),
+        "TLSSkipVerify": _Bool(),
+        "Timeout": _DURATION,
+        "TTL": _DURATION,
+        "SuccessBeforePassing": _Int(),
+        "FailuresBeforeCritical": _Int(),
+        "ProxyHTTP": _Str(),
+        "ProxyGRPC": _Str(),
+        "DeregisterCriticalServiceAfter": _DURATION,
+        "OutputMaxSize": _Int(),
+        "ServiceID": _Str(),
+    },
+    aliases={
+        "args": "ScriptArgs",
+        "script_args": "ScriptArgs",
+        "deregister_critical_service_after": "DeregisterCriticalServiceAfter",
+        "docker_container_id": "DockerContainerID",
+        "tls_skip_verify": "TLSSkipVerify",
+        "grpc_use_tls": "GRPCUseTLS",
+    },
+    custom=True,
+    post=_check_durations,
+)
+_SERVICE_FIELDS: dict[str, _Schema] = {}
+_SERVICE = _Struct(
+    "structs.ServiceDefinition",
+    "",
+    _SERVICE_FIELDS,
+    aliases={
+        "enable_tag_override": "EnableTagOverride",
+        "tagged_addresses": "TaggedAddresses",
+    },
+    custom=True,
+)
+_SERVICE_FIELDS.update(
+    {
+        "Kind": _Str(),
+        "ID": _Str(),
+        "Name": _Str(),
+        "Tags": _List(_Str()),
+        "Address": _Str(),
+        "TaggedAddresses": _Map(
+            _Struct(
+                "structs.ServiceAddress",
+                "ServiceAddress",
+                {"Address": _Str(), "Port": _Int()},
+            )
+        ),
+        "Meta": _Map(_Str()),
+        "Port": _Int(),
+        "Check": _CHECK,
+        "Checks": _List(_CHECK, "structs.CheckTypes"),
+        "Weights": _Struct(
+            "structs.Weights", "Weights", {"Passing": _Int(), "Warning": _Int()}
+        ),
+        "Token": _Str(),
+        "EnableTagOverride": _Bool(),
+        "Proxy": _PROXY,
+        "Connect": _Struct(
+            "structs.ServiceConnect",
+            "ServiceConnect",
+            {
+                "Native": _Bool(),
+                "Proxy": _LEGACY_PROXY,
+                "SidecarService": _SERVICE,
+            },
+            aliases={"sidecar_service": "SidecarService"},
+        ),
+    }
+)
+_AUTHORIZE = _Struct(
+    "structs.ConnectAuthorizeRequest",
+    "ConnectAuthorizeRequest",
+    {"Target": _Str(), "ClientCertURI": _Str(), "ClientCertSerial": _Str()},
+)
+_CHECK_UPDATE = _Struct(
+    "agent.checkUpdate", "checkUpdate", {"Status": _Str(), "Output": _Str()}
+)
+_INTENTION = _Struct(
+    "structs.Intention",
+    "Intention",
+    {
+        "ID": _Str(),
+        "Description": _Str(),
+        "SourceNS": _Str(),
+        "SourceName": _Str(),
+        "DestinationNS": _Str(),
+        "DestinationName": _Str(),
+        "SourceType": _Str(),
+        "Action": _Str(),
+        "DefaultAddr": _Str(),
+        "DefaultPort": _Int(),
+        "Meta": _Map(_Str()),
+        "Precedence": _Int(),
+        "CreatedAt": _Time(),
+        "UpdatedAt": _Time(),
+        "Hash": _Bytes(),
+        "CreateIndex": _Int("uint64", 64, signed=False),
+        "ModifyIndex": _Int("uint64", 64, signed=False),
+    },
+)
+_CA_CONFIGURATION = _Struct(
+    "structs.CAConfiguration",
+    "CAConfiguration",
+    {
+        "ClusterID": _Str(),
+        "Provider": _Str(),
+        "Config": _Map(_Any()),
+        "State": _Map(_Str()),
+        "ForceWithoutCrossSigning": _Bool(),
+        "CreateIndex": _Int("uint64", 64, signed=False),
+        "ModifyIndex": _Int("uint64", 64, signed=False),
+    },
+)
+
+
+def _check_definition(d: dict[str, Any] | None) -> CheckDefinition:
+    if d is None:
+        return CheckDefinition()
+    return CheckDefinition(
+        check_id=d["CheckID"] or "",
+        name=d["Name"] or "",
+        status=d["Status"] or "",
+        notes=d["Notes"] or "",
+        script_args=tuple(d["ScriptArgs"] or ()),
+        http=d["HTTP"] or "",
+        header=d["Header"],
+        method=d["Method"] or "",
+        body=d["Body"] or "",
+        tcp=d["TCP"] or "",
+        interval=d["Interval"] or 0,
+        alias_node=d["AliasNode"] or "",
+        alias_service=d["AliasService"] or "",
+        docker_container_id=d["DockerContainerID"] or "",
+        shell=d["Shell"] or "",
+        grpc=d["GRPC"] or "",
+        grpc_use_tls=bool(d["GRPCUseTLS"]),
+        tls_skip_verify=bool(d["TLSSkipVerify"]),
+        timeout=d["Timeout"] or 0,
+        ttl=d["TTL"] or 0,
+        success_before_passing=d["SuccessBeforePassing"] or 0,
+        failures_before_critical=d["FailuresBeforeCritical"] or 0,
+        deregister_critical_service_after=d["DeregisterCriticalServiceAfter"] or 0,
+        output_max_size=d["OutputMaxSize"] or 0,
+    )
+
+
+def _upstream_json(u: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"DestinationType": u["DestinationType"] or "service"}
+    if u["DestinationNamespace"]:
+        out["DestinationNamespace"] = u["DestinationNamespace"]
+    out["DestinationName"] = u["DestinationName"] or ""
+    out["Datacenter"] = u["Datacenter"] or ""
+    if u["LocalBindAddress"]:
+        out["LocalBindAddress"] = u["LocalBindAddress"]
+    out["LocalBindPort"] = u["LocalBindPort"] or 0
+    if u["Config"]:
+        out["Config"] = u["Config"]
+    mesh = u["MeshGateway"] or {}
+    out["MeshGateway"] = {"Mode": mesh["Mode"]} if mesh.get("Mode") else {}
+    return out
+
+
+def _proxy_config(d: dict[str, Any] | None) -> ProxyConfig | None:
+    if d is None:
+        return None
+    mesh = d["MeshGateway"] or {}
+    expose = d["Expose"] or {}
+    return ProxyConfig(
+        destination_service_name=d["DestinationServiceName"] or "",
+        destination_service_id=d["DestinationServiceID"] or "",
+        local_service_address=d["LocalServiceAddress"] or "",
+        local_service_port=d["LocalServicePort"] or 0,
+        config=d["Config"],
+        upstreams=tuple(_upstream_json(u) for u in d["Upstreams"] or () if u),
+        mesh_gateway_mode=mesh.get("Mode") or "",
+        expose_checks=bool(expose.get("Checks")),
+        expose_paths=tuple(
+            {k: v for k, v in p.items() if v not in (None, "", 0, False)}
+            for p in expose.get("Paths") or ()
+            if p
+        ),
+    )
+
+
+def service_definition(d: dict[str, Any]) -> ServiceDefinition:
+    """
+    A decoded registration body as a :class:`ServiceDefinition`.
+    """
+    checks = []
+    single = _check_definition(d["Check"])
+    if not single.is_empty():
+        checks.append(single)
+    checks.extend(_check_definition(c) for c in d["Checks"] or ())
+    connect = d["Connect"] or {}
+    sidecar_raw = connect.get("SidecarService")
+    weights = d["Weights"]
+    tagged = d["TaggedAddresses"]
+    return ServiceDefinition(
+        name=d["Name"] or "",
+        id=d["ID"] or "",
+        kind=d["Kind"] or "",
+        tags=None if d["Tags"] is None else tuple(t or "" for t in d["Tags"]),
+        address=d["Address"] or "",
+        tagged_addresses=None
+        if tagged is None
+        else {
+            k: ((v or {}).get("Address") or "", (v or {}).get("Port") or 0)
+            for k, v in tagged.items()
+        },
+        meta=None if d["Meta"] is None else {k: v or "" for k, v in d["Meta"].items()},
+        port=d["Port"] or 0,
+        checks=tuple(checks),
+        weights=None
+        if weights is None
+        else (weights["Passing"] or 0, weights["Warning"] or 0),
+        enable_tag_override=bool(d["EnableTagOverride"]),
+        proxy=_proxy_config(d["Proxy"]),
+        connect_native=bool(connect.get("Native")),
+        sidecar=None if sidecar_raw is None else service_definition(sidecar_raw),
+        sidecar_given=sidecar_raw is not None,
+    )
+
+
+# --------------------------------------------------------------------------
+# HTTP plumbing
+
+
+def _go_json_bytes(value: Any) -> bytes:
+    """
+    Go's ``json.MarshalIndent(v, "", "    ")`` plus a newline, as a ``-dev``
+    agent writes every body: ``<``, ``>``, ``&``, U+2028 and U+2029 escaped.
+    """
+    text = json.dumps(value, indent=4, ensure_ascii=False, allow_nan=False)
+    text = (
+        text.replace("<", "\\u003c")
+        .replace(">", "\\u003e")
+        .replace("&", "\\u0026")
+        .replace("\u2028", "\\u2028")
+        .replace("\u2029", "\\u2029")
+    )
+    return (text + "\n").encode("utf-8", errors="replace")
+
+
+def _query(request: Request) -> dict[str, list[str]]:
+    """
+    Go's ``url.ParseQuery`` (1.15: ``&`` and ``;`` separate pairs; a pair
+    with a bad escape is dropped).
+    """
+    uri = request.uri
+    raw = uri.split(b"?", 1)[1] if b"?" in uri else b""
+    out: dict[str, list[str]] = {}
+    for pair in re.split(rb"[&;]", raw):
+        if not pair:
+            continue
+        key, _, value = pair.partition(b"=")
+        try:
+            k = _query_unescape(key)
+            v = _query_unescape(value)
+        except ValueError:
+            continue
+        out.setdefault(k, []).append(v)
+    return out
+
+
+def _query_unescape(raw: bytes) -> str:
+    if re.search(rb"%(?![0-9A-Fa-f]{2})", raw):
+        raise ValueError("invalid URL escape")
+    return unquote_to_bytes(raw.replace(b"+", b" ")).decode("utf-8", errors="replace")
+
+
+def _get(query: dict[str, list[str]], key: str) -> str:
+    values = query.get(key)
+    return values[0] if values else ""
+
+
+def _parse_bool(text: str) -> bool:
+    # strconv.ParseBool
+    if text in ("1", "t", "T", "TRUE", "true", "True"):
+        return True
+    if text in ("0", "f", "F", "FALSE", "false", "False"):
+        return False
+    raise ValueError(text)
+
+
+@frozen
+class QueryOptions:
+    """
+    The blocking and consistency parameters of a read.
+    """
+
+    index: int
+    wait: float
+    stale: bool
+    consistent: bool
+    cached: bool
+    datacenter: str | None
+
+    @property
+    def consistency(self) -> str:
+        if self.consistent:
+            return "consistent"
+        if self.stale:
+            return "stale"
+        return "leader"
+
+
+def _query_options(request: Request, query: dict[str, list[str]]) -> QueryOptions:
+    """
+    Consul's ``parseDC``, ``parseConsistency``, ``parseCacheControl`` and
+    ``parseWait``, in that order, with their 400s.
+    """
+    stale = "stale" in query
+    consistent = "consistent" in query
+    cached = "cached" in query
+    max_stale = _get(query, "max_stale")
+    if max_stale:
+        try:
+            if parse_go_duration(max_stale) > 0:
+                stale = True
+        except GoDurationError:
+            raise ConsulError(
+                400, f"Invalid max_stale value {go_quote(max_stale)}"
+            ) from None
+    if stale and consistent:
+        raise ConsulError(
+            400, "Cannot specify ?stale with ?consistent, conflicting semantics."
+        )
+    if cached and consistent:
+        raise ConsulError(
+            400, "Cannot specify ?cached with ?consistent, conflicting semantics."
+        )
+    cache_control = request.getHeader("cache-control")
+    if cache_control:
+        for directive in cache_control.split(","):
+            name, _, value = directive.strip().partition("=")
+            if name.lower() in ("max-age", "stale-if-error") and not re.fullmatch(
+                r"[0-9]+", value
+            ):
+                raise ConsulError(400, "Invalid Cache-Control header.")
+    wait = 0.0
+    wait_text = _get(query, "wait")
+    if wait_text:
+        try:
+            wait = parse_go_duration(wait_text) * 1e-9
+        except GoDurationError:
+            raise ConsulError(400, "Invalid wait time") from None
+    index = 0
+    index_text = _get(query, "index")
+    if index_text:
+        if not re.fullmatch(r"[0-9]+", index_text) or int(index_text) >= 1 << 64:
+            raise ConsulError(400, "Invalid index")
+        index = int(index_text)
+    dc = _get(query, "dc") or None
+    return QueryOptions(
+        index=index,
+        wait=wait,
+        stale=stale,
+        consistent=consistent,
+        cached=cached,
+        datacenter=dc,
+    )
+
+
+def _no_namespaces(request: Request, query: dict[str, list[str]]) -> None:
+    # parseEntMeta in Consul OSS.
+    if request.getHeader("x-consul-namespace"):
+        raise ConsulError(
+            400,
+            'Bad request: Invalid header: "X-Consul-Namespace" - Namespaces are a '
+            "Consul Enterprise feature",
+        )
+    if _get(query, "ns"):
+        raise ConsulError(
+            400,
+            'Bad request: Invalid query parameter: "ns" - Namespaces are a Consul '
+            "Enterprise feature",
+        )
+
+
+@frozen
+class _Route:
+    pattern: str
+    prefix: bool
+    methods: tuple[str, ...]
+    handler: str
+
+
+_ROUTES = (
+    _Route("/v1/agent/self", False, ("GET",), "agent_self"),
+    _Route("/v1/agent/services", False, ("GET",), "agent_services"),
+    _Route("/v1/agent/service/register", False, ("PUT",), "service_register"),
+    _Route("/v1/agent/service/deregister/", True, ("PUT",), "service_deregister"),
+    _Route("/v1/agent/service/", True, ("GET",), "agent_service"),
+    _Route("/v1/agent/checks", False, ("GET",), "agent_checks"),
+    _Route("/v1/agent/check/pass/", True, ("PUT",), "check_pass"),
+    _Route("/v1/agent/check/warn/", True, ("PUT",), "check_warn"),
+    _Route("/v1/agent/check/fail/", True, ("PUT",), "check_fail"),
+    _Route("/v1/agent/check/update/", True, ("PUT",), "check_update"),
+    _Route("/v1/agent/connect/authorize", False, ("POST",), "authorize"),
+    _Route("/v1/agent/connect/ca/roots", False, ("GET",), "agent_roots"),
+    _Route("/v1/agent/connect/ca/leaf/", True, ("GET",), "leaf"),
+    _Route("/v1/connect/ca/roots", False, ("GET",), "server_roots"),
+    _Route("/v1/connect/ca/configuration", False, ("GET", "PUT"), "ca_configuration"),
+    _Route("/v1/connect/intentions", False, ("GET", "POST"), "intentions"),
+    _Route("/v1/connect/intentions/match", False, ("GET",), "intentions_match"),
+    _Route("/v1/connect/intentions/check", False, ("GET",), "intentions_check"),
+    _Route("/v1/connect/intentions/", True, ("GET", "PUT", "DELETE"), "intention"),
+    _Route("/v1/health/service/", True, ("GET",), "health_service"),
+    _Route("/v1/health/connect/", True, ("GET",), "health_connect"),
+)
+
+
+def _route(path: str) -> tuple[_Route, str] | None:
+    """
+    Go's ``ServeMux``: an exact pattern, else the longest matching prefix.
+    """
+    best: tuple[_Route, str] | None = None
+    for route in _ROUTES:
+        if not route.prefix and path == route.pattern:
+            return route, ""
+        if route.prefix and path.startswith(route.pattern):
+            if best is None or len(route.pattern) > len(best[0].pattern):
+                best = (route, path[len(route.pattern) :])
+    return best
+
+
+class _Reply:
+    """
+    One response being built: status, headers, body.
+    """
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.gone = False
+        request.notifyFinish().addErrback(self._lost)
+
+    def _lost(self, failure: Failure) -> None:
+        self.gone = True
+
+    def send(
+        self,
+        status: int,
+        body: bytes,
+        *,
+        content_type: str | None,
+        headers: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        request = self.request
+        if self.gone or request.finished:
+            return
+        request.setResponseCode(status)
+        response_headers = request.responseHeaders
+        response_headers.removeHeader(b"server")
+        response_headers.removeHeader(b"content-type")
+        request.defaultContentType = None
+        for name, value in headers:
+            response_headers.setRawHeaders(name, [value])
+        if content_type is not None:
+            response_headers.setRawHeaders("Content-Type", [content_type])
+        response_headers.setRawHeaders("Vary", ["Accept-Encoding"])
+        accept = (request.getHeader("accept-encoding") or "").lower()
+        if "gzip" in accept and len(body) >= GZIP_MIN_SIZE:
+            body = gzip.compress(body)
+            response_headers.setRawHeaders("Content-Encoding", ["gzip"])
+        response_headers.setRawHeaders("Content-Length", [str(len(body))])
+        request.write(body)  # type: ignore[no-untyped-call]
+        request.finish()  # type: ignore[no-untyped-call]
+
+    def json(
+        self, value: Any, headers: Sequence[tuple[str, str]] = (), status: int = 200
+    ) -> None:
+        self.send(
+            status,
+            _go_json_bytes(value),
+            content_type="application/json",
+            headers=headers,
+        )
+
+    def empty(self) -> None:
+        self.send(200, b"", content_type=None)
+
+    def error(self, error: ConsulError) -> None:
+        headers = [] if error.allow is None else [("Allow", error.allow)]
+        self.send(
+            error.status,
+            error.message.encode("utf-8", errors="replace"),
+            content_type=None
+            if error.status == 404 and not error.message
+            else TEXT_PLAIN,
+            headers=headers,
+        )
+
+    def failure(self, failure: Failure) -> None:
+        if failure.check(CancelledError):  # type: ignore[no-untyped-call]
+            return
+        error = failure.value
+        if isinstance(error, ConsulError):
+            self.error(error)
+            return
+        log.failure("unexpected error answering {uri}", failure, uri=self.request.uri)
+        self.error(ConsulError(500, f"dev agent internal error: {error!r}"))
+
+
+def _meta_headers(
+    index: int, *, known_leader: bool, consistency: str | None = None
+) -> list[tuple[str, str]]:
+    # setMeta: index (never 0), known leader, last contact, consistency.
+    headers = [
+        ("X-Consul-Index", str(max(index, 1))),
+        ("X-Consul-Knownleader", "true" if known_leader else "false"),
+        ("X-Consul-Lastcontact", "0"),
+    ]
+    if consistency is not None:
+        headers.append(("X-Consul-Effective-Consistency", consistency))
+    return headers
+
+
+def _cache_headers(hit: bool, age: float | None = 0.0) -> list[tuple[str, str]]:
+    if not hit:
+        return [("X-Cache", "MISS")]
+    return [("X-Cache", "HIT"), ("Age", f"{age or 0.0:.0f}")]
+
+
+class AgentResource(Resource):
+    """
+    The agent's HTTP API.  ``StubTreq(AgentResource(agent))`` talks to it in
+    memory; ``Site(AgentResource(agent))`` serves it.
+    """
+
+    isLeaf = True
+
+    def __init__(self, agent: DevAgent) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.agent = agent
+
+    def render(self, request: Request) -> bytes | int:
+        reply = _Reply(request)
+        try:
+            self._dispatch(request, reply)
+        except ConsulError as e:
+            reply.error(e)
+        except Exception:
+            reply.failure(Failure())  # type: ignore[no-untyped-call]
+        method = (request.method or b"").decode("ascii", "replace")
+        log.info(
+            "{method} {uri} -> {status}",
+            method=method,
+            uri=request.uri.decode("ascii", "replace"),
+            status=request.code if request.finished else "(blocking)",
+        )
+        return NOT_DONE_YET
+
+    def _dispatch(self, request: Request, reply: _Reply) -> None:
+        raw_path = request.uri.split(b"?", 1)[0].split(b"#", 1)[0]
+        path = unquote_to_bytes(raw_path).decode("utf-8", errors="replace")
+        method = (request.method or b"GET").decode("ascii", "replace")
+        found = _route(path)
+        if found is None:
+            if path == "/":
+                reply.send(200, b"Consul Agent", content_type=TEXT_PLAIN)
+            else:
+                reply.send(404, b"", content_type=None)
+            return
+        route, rest = found
+        allow = ",".join(("OPTIONS", *route.methods))
+        if method == "OPTIONS":
+            reply.send(200, b"", content_type=None, headers=[("Allow", allow)])
+            return
+        if method not in route.methods:
+            raise ConsulError(405, f"method {method} not allowed", allow=allow)
+        handler: Callable[[Request, _Reply, str, str], None] = getattr(
+            self, "_" + route.handler
+        )
+        handler(request, reply, rest, method)
+
+    # ---- helpers
+
+    def _check_dc(self, options: QueryOptions) -> None:
+        if (
+            options.datacenter is not None
+            and options.datacenter != self.agent.datacenter
+        ):
+            raise ConsulError(500, "No path to datacenter")
+
+    def _body(self, request: Request) -> bytes:
+        content = request.content
+        if content is None:
+            return b""
+        content.seek(0)
+        data: bytes = content.read()
+        return data
+
+    def _after(
+        self,
+        reply: _Reply,
+        waiting: Deferred[T],
+        then: Callable[[T], None],
+    ) -> None:
+        """
+        Answer with ``then`` once ``waiting`` fires; a client that goes away
+        cancels it.
+        """
+
+        def cancel(failure: Failure) -> None:
+            waiting.cancel()
+
+        reply.request.notifyFinish().addErrback(cancel)
+        waiting.addCallback(then).addErrback(reply.failure)
+
+    def _rpc_blocking(
+        self,
+        reply: _Reply,
+        options: QueryOptions,
+        index: Callable[[], int],
+        answer: Callable[[], None],
+    ) -> None:
+        """
+        A server-side blocking query (``blockingQuery`` in Consul's RPC
+        layer): at once without an index or when the data moved past it,
+        else until it does or the wait (5 minutes by default, 10 at most)
+        plus up to 1/16 of it as jitter runs out.
+        """
+        min_index = options.index
+        if min_index == 0 or index() > min_index:
+            answer()
+            return
+        timeout = options.wait
+        if timeout > MAX_QUERY_TIME:
+            timeout = MAX_QUERY_TIME
+        elif timeout <= 0:
+            timeout = DEFAULT_QUERY_TIME
+        timeout += self.agent.rng.random() * (timeout / JITTER_FRACTION)
+        waiting = self.agent.wait_until(lambda: index() > min_index, timeout)
+        self._after(reply, waiting, lambda changed: answer())
+
+    def _cache_blocking(
+        self,
+        reply: _Reply,
+        options: QueryOptions,
+        existed: bool,
+        index: Callable[[], int],
+        answer: Callable[[bool], None],
+    ) -> None:
+        """
+        A read through a background-refreshed agent cache entry: a hit at
+        once unless the caller blocks at (or above) its index; a blocking
+        call has no jitter and, without a positive ``wait``, no timeout.
+        """
+        min_index = options.index
+        if not (min_index > 0 and min_index >= index()):
+            answer(existed)
+            return
+        timeout = options.wait if options.wait > 0 else None
+        waiting = self.agent.wait_until(lambda: index() > min_index, timeout)
+        self._after(reply, waiting, lambda changed: answer(False))
+
+    # ---- agent
+
+    def _agent_self(
+        self, request: Request, reply: _Reply, rest: str, method: str
+    ) -> None:
+        reply.json(self.agent.agent_self())
+
+    def _agent_services(
+        self, request: Request, reply: _Reply, rest: str, method: str
+    ) -> None:
+        query = _query(request)
+        _no_namespaces(request, query)
+        reply.json(self.agent.services_json())
+
+    def _agent_service(
+        self, request: Request, reply: _Reply, rest: str, method: str
+    ) -> None:
+        query = _query(request)
+        _no_namespaces(request, query)
+        options = _query_options(request, query)
+        digest = self.agent.service_json(rest)[1]
+        wanted = _get(query, "hash")
+
+        def answer() -> None:
+            try:
+                body, digest = self.agent.service_json(rest)
+            except ConsulError as e:
+                reply.error(e)
+                return
+            reply.json(body, [("X-Consul-Contenthash", digest)])
+
+        if not wanted or wanted != digest:
+            answer()
+            return
+        # agentLocalBlockingQuery: hash-based, 5 minutes by default, at most
+        # 10, plus jitter.
+        timeout = options.wait or DEFAULT_QUERY_TIME
+        timeout = min(timeout, MAX_QUERY_TIME)
+        timeout += self.agent.rng.random() * (timeout / JITTER_FRACTION)
+
+        def moved() -> bool:
+            try:
+                return self.agent.service_json(rest)[1] != wanted
+            except ConsulError:
+                return True
+
+        waiting = self.agent.wait_until(moved, timeout)
+        self._after(reply, waiting, lambda changed: answer())
+
+    def _agent_checks(
+        self, request: Request, reply: _Reply, rest: str, method: str
+    ) -> None:
+        query = _query(request)
+        _no_namespaces(request, query)
+        reply.json(self.agent.checks_json())
+
+    def _service_register(
+        self, request: Request, reply: _Reply, rest: str, method: str
+    ) -> None:
+        query = _query(request)
+        _no_namespaces(request, query)
+        try:
+            decoded = decode_go_json(self._body(request), _SERVICE)
+        except (GoJSONError, GoDurationError) as e:
+            raise ConsulError(400, f"Request decode failed: {e}") from None
+        replace = "replace-existing-checks" in query
+        if replace:
+            value = _get(query, "replace-existing-checks")
+            if value:
+                try:
+                    replace = _parse_bool(value)
+                except ValueError:
+                    raise ConsulError(
+                        400, f"Invalid value for ?replace-existing-checks: {value}"
+                    ) from None
+        self.agent.register_service(
+            service_definition(decoded), replace_existing_checks=replace
+        )
+        reply.empty()
+
+    def _service_deregister(
+        self, request: Request, reply: _Reply, rest: str, method: str
+    ) -> None:
+        _no_namespaces(request, _query(request))
+        self.agent.deregister_service(rest)
+        reply.empty()
+
+    def _check_status(
+        self, request: Request, reply: _Reply, check_id: str, status: str
+    ) -> None:
+        query = _query(request)
+        _no_namespaces(request, query)
+        self.agent.update_ttl_check(check_id, status, _get(query, "note"))
+        reply.empty()
+
+    def _check_pass(
+        self, request: Request, reply: _Reply, rest: str, method: str
+    ) -> None:
+        self._check_status(request, reply, rest, "passing")
+
+    def _check_warn(
+        self, request: Request, reply: _Reply, rest: str, method: str
+    ) -> None:
+        self._check_status(request, reply, rest, "warning")
+
+    def _check_fail(
+        self, request: Request, reply: _Reply, rest: str, method: str
+    ) -> None:
+        self._check_status(request, reply, rest, "critical")
+
+    def _check_update(
+        self, request: Request, reply: _Reply, rest: str, method: str
+    ) -> None:
+        _no_namespaces(request, _query(request))
+        try:
+            update = decode_go_json(self._body(request), _CHECK_UPDATE)
+        except GoJSONError as e:
+            raise ConsulError(400, f"Request decode failed: {e}") from None
+        status = update["Status"] or ""
+        if status not in ("passing", "warning", "critical"):
+            raise ConsulError(400, f"Invalid check status: '{status}'")
+        self.agent.update_ttl_check(rest, status, update["Output"] or "")
+        reply.empty()
+
+    # ---- Connect: CA, leaf, authorize
+
+    def _agent_roots(
+        self, request: Request, reply: _Reply, rest: str, method: str
+    ) -> None:
+        options = _query_options(request, _query(request))
+        self._check_dc(options)
+        existed = self.agent.roots_cache_lookup()
+
+        def answer(hit: bool) -> None:
+            reply.json(
+                self.agent.roots_json(),
+                _cache_headers(hit)
+                + _meta_headers(self.agent.roots_index, known_leader=False),
+            )
+
+        self._cache_blocking(
+            reply, options, existed, lambda: self.agent.roots_index, answer
+        )
+
+    def _server_roots(
+        self, request: Request, reply: _Reply, rest: str, method: str
+    ) -> None:
+        options = _query_options(request, _query(request))
+        self._check_dc(options)
+
+        def answer() -> None:
+            reply.json(
+                self.agent.roots_json(),
+                _meta_headers(self.agent.roots_index, known_leader=False),
+            )
+
+        self._rpc_blocking(reply, options, lambda: self.agent.roots_index, answer)
+
+    def _ca_configuration(
+        self, request: Request, reply: _Reply, rest: str, method: str
+    ) -> None:
+        options = _query_options(request, _query(request))
+        self._check_dc(options)
+        if method == "GET":
+            reply.json(self.agent.ca_config_json())
+            return
+        try:
+            decoded = decode_go_json(self._body(request), _CA_CONFIGURATION)
+        except GoJSONError as e:
+            raise ConsulError(400, f"Bad request: Request decode failed: {e}") from None
+        self.agent.set_ca_config(
+            CAConfigInput(
+                provider=decoded["Provider"] or "",
+                config=decoded["Config"],
+                force_without_cross_signing=bool(decoded["ForceWithoutCrossSigning"]),
+            )
+        )
+        reply.empty()
+
+    def _leaf(self, request: Request, reply: _Reply, rest: str, method: str) -> None:
+        query = _query(request)
+        _no_namespaces(request, query)
+        options = _query_options(request, query)
+        waiting = self.agent.leaf(
+            rest,
+            min_index=options.index,
+            wait=options.wait if options.wait > 0 else None,
+            datacenter=options.datacenter,
+        )
+
+        def answer(leaf: LeafAnswer) -> None:
+            reply.json(
+                leaf.body,
+                [
+                    *_cache_headers(leaf.cache_hit, leaf.age),
+                    ("X-Consul-Index", str(max(leaf.index, 1))),
+                ],
+            )
+
+        self._after(reply, waiting, answer)
+
+    def _authorize(
+        self, request: Request, reply: _Reply, rest: str, method: str
+    ) -> None:
+        _no_namespaces(request, _query(request))
+        try:
+            decoded = decode_go_json(self._body(request), _AUTHORIZE)
+        except GoJSONError as e:
+            raise ConsulError(400, f"Bad request: Request decode failed: {e}") from None
+        authorized, reason, hit = self.agent.authorize(
+            decoded["Target"] or "", decoded["ClientCertURI"] or ""
+        )
+        reply.json({"Authorized": authorized, "Reason": reason}, _cache_headers(hit))
+
+    # ---- intentions
+
+    def _intentions(
+        self, request: Request, reply: _Reply, rest: str, method: str
+    ) -> None:
+        query = _query(request)
+        _no_namespaces(request, query)
+        options = _query_options(request, query)
+        self._check_dc(options)
+        if method == "POST":
+            try:
+                decoded = decode_go_json(self._body(request), _INTENTION)
+            except GoJSONError as e:
+                raise ConsulError(500, f"Failed to decode request body: {e}") from None
+            new_id = self.agent.intention_create(_intention_input(decoded))
+            reply.json({"ID": new_id})
+            return
+
+        def answer() -> None:
+            reply.json(
+                self.agent.intentions_list(),
+                _meta_headers(self.agent.intentions_index, known_leader=True),
+            )
+
+        self._rpc_blocking(reply, options, lambda: self.agent.intentions_index, answer)
+
+    def _intentions_match(
+        self, request: Request, reply: _Reply, rest: str, method: str
+    ) -> None:
+        query = _query(request)
+        _no_namespaces(request, query)
+        options = _query_options(request, query)
+        self._check_dc(options)
+        by = query.get("by")
+        if not by or len(by) != 1:
+            raise ConsulError(500, "required query parameter 'by' not set")
+        if by[0] not in ("source", "destination"):
+            raise ConsulError(
+                500, "'by' parameter must be one of 'source' or 'destination'"
+            )
+        names = query.get("name")
+        if not names:
+            raise ConsulError(500, "required query parameter 'name' not set")
+        # Check the names before blocking, as Consul does.
+        self.agent.intentions_match(by[0], names)
+
+        def body() -> Any:
+            return self.agent.intentions_match(by[0], names)
+
+        if options.cached:
+            existed = self.agent.cache_lookup(("match", by[0], tuple(names)))
+            self._cache_blocking(
+                reply,
+                options,
+                existed,
+                lambda: self.agent.intentions_index,
+                lambda hit: reply.json(body(), _cache_headers(hit)),
+            )
+            return
+        self._rpc_blocking(
+            reply,
+            options,
+            lambda: self.agent.intentions_index,
+            lambda: reply.json(body()),
+        )
+
+    def _intentions_check(
+        self, request: Request, reply: _Reply, rest: str, method: str
+    ) -> None:
+        query = _query(request)
+        _no_namespaces(request, query)
+        options = _query_options(request, query)
+        self._check_dc(options)
+        for key in ("source", "destination"):
+            if not query.get(key):
+                raise ConsulError(500, f"required query parameter '{key}' not set")
+        source_type = "consul"
+        if query.get("source-type"):
+            source_type = query["source-type"][0]
+        allowed = self.agent.intentions_check(
+            query["source"][0], query["destination"][0], source_type
+        )
+        reply.json({"Allowed": allowed})
+
+    def _intention(
+        self, request: Request, reply: _Reply, rest: str, method: str
+    ) -> None:
+        query = _query(request)
+        _no_namespaces(request, query)
+        options = _query_options(request, query)
+        self._check_dc(options)
+        if method == "GET":
+            reply.json(self.agent.intention_get(rest))
+        elif method == "PUT":
+            try:
+                decoded = decode_go_json(self._body(request), _INTENTION)
+            except GoJSONError as e:
+                raise ConsulError(
+                    400, f"Bad request: Request decode failed: {e}"
+                ) from None
+            reply.json(
+                {"ID": self.agent.intention_update(rest, _intention_input(decoded))}
+            )
+        else:
+            self.agent.intention_delete(rest)
+            reply.json(True)
+
+    # ---- health
+
+    def _health_service(
+        self, request: Request, reply: _Reply, rest: str, method: str
+    ) -> None:
+        self._health(request, reply, rest, connect=False)
+
+    def _health_connect(
+        self, request: Request, reply: _Reply, rest: str, method: str
+    ) -> None:
+        self._health(request, reply, rest, connect=True)
+
+    def _health(
+        self, request: Request, reply: _Reply, name: str, *, connect: bool
+    ) -> None:
+        query = _query(request)
+        _no_namespaces(request, query)
+        options = _query_options(request, query)
+        self._check_dc(options)
+        if not name:
+            raise ConsulError(400, "Missing service name")
+        if _get(query, "filter"):
+            raise ConsulError(
+                400,
+                "The development agent does not evaluate ?filter expressions; "
+                "filter the results in the client, or test against a real agent",
+            )
+        tags = query.get("tag", [])
+        node_meta: dict[str, str] = {}
+        for item in query.get("node-meta", []):
+            key, _, value = item.partition(":")
+            node_meta[key] = value
+
+        def index() -> int:
+            return self.agent.health_index(name, connect=connect)
+
+        def answer(cache_headers: list[tuple[str, str]]) -> None:
+            # Consul reads ?passing after the query, so a bad value is only
+            # reported once a blocking call returns.
+            passing = False
+            if "passing" in query:
+                value = _get(query, "passing")
+                if value:
+                    try:
+                        passing = _parse_bool(value)
+                    except ValueError:
+                        reply.error(ConsulError(400, "Invalid value for ?passing"))
+                        return
+                else:
+                    passing = True
+            entries = self.agent.health(
+                name, connect=connect, passing=passing, tags=tags, node_meta=node_meta
+            )
+            reply.json(
+                entries,
+                cache_headers
+                + _meta_headers(
+                    index(), known_leader=True, consistency=options.consistency
+                ),
+            )
+
+        if options.cached:
+            existed = self.agent.cache_lookup(
+                ("health", connect, name.lower(), tuple(tags))
+            )
+            self._cache_blocking(
+                reply, options, existed, index, lambda hit: answer(_cache_headers(hit))
+            )
+            return
+        self._rpc_blocking(reply, options, index, lambda: answer([]))
+
+
+def _intention_input(d: dict[str, Any]) -> IntentionInput:
+    return IntentionInput(
+        id=d["ID"] or "",
+        description=d["Description"] or "",
+        source_ns=d["SourceNS"] or "",
+        source_name=d["SourceName"] or "",
+        destination_ns=d["DestinationNS"] or "",
+        destination_name=d["DestinationName"] or "",
+        source_type=d["SourceType"] or "",
+        action=d["Action"] or "",
+        default_addr=d["DefaultAddr"] or "",
+        default_port=d["DefaultPort"] or 0,
+        meta=None if d["Meta"] is None else {k: v or "" for k, v in d["Meta"].items()},
+    )
