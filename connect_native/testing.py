@@ -836,3 +836,273 @@ class FakeBundleSource:
 
 
 # --- end of Bundle sources ---
+
+
+# --- Resolvers and fake instances ---
+#
+# What a test of a Connect client needs: a resolver it controls, and a fake
+# running instance of a service that accepts, refuses or stalls the
+# connection a ``ConnectClientEndpoint`` makes on a ``MemoryReactor``, with
+# real TLS in memory (``twisted.test.iosim``).
+
+from typing import Any  # noqa: E402
+
+from twisted.internet.address import IPv4Address  # noqa: E402
+from twisted.internet.error import ConnectionRefusedError  # noqa: E402
+from twisted.internet.interfaces import IProtocolFactory  # noqa: E402
+from twisted.internet.protocol import Factory, Protocol  # noqa: E402
+from twisted.python.failure import Failure  # noqa: E402
+
+from connect_native.resolve import (  # noqa: E402
+    ExpectedIdentity,
+    Instance,
+    IResolver,
+)
+
+# The static resolver, for tests that need fixed instances.
+from connect_native.resolve import StaticResolver as StaticResolver  # noqa: E402
+
+
+def fake_instance(
+    service: str,
+    *,
+    address: str = "10.0.0.1",
+    port: int = 8443,
+    datacenter: str = "dc1",
+    namespace: str = "default",
+    partition: str | None = None,
+    trust_domain: str | None = None,
+    node: str = "node1",
+    instance_id: str = "",
+) -> Instance:
+    """
+    An :class:`~connect_native.resolve.Instance` of ``service``, expecting
+    its identity in any trusted trust domain (or ``trust_domain``).
+    """
+    return Instance(
+        address=address,
+        port=port,
+        identity=ExpectedIdentity(
+            service=service,
+            datacenter=datacenter,
+            namespace=namespace,
+            partition=partition,
+            trust_domain=trust_domain,
+        ),
+        node=node,
+        instance_id=instance_id or f"{service}-{port}",
+    )
+
+
+@implementer(IResolver)
+class FakeResolver:
+    """
+    A resolver a test drives: :meth:`resolve` answers :attr:`instances` at
+    once, or, with ``hold=True``, only when the test calls :meth:`release`;
+    :meth:`fail` fails the held (and later) calls.
+
+    :ivar calls: how many times :meth:`resolve` was called.
+    """
+
+    description = "fake resolver"
+
+    def __init__(self, instances: Sequence[Instance] = (), *, hold: bool = False):
+        self.instances = tuple(instances)
+        self.hold = hold
+        self.calls = 0
+        self.error: Exception | None = None
+        self._held: list[Deferred[Sequence[Instance]]] = []
+
+    def resolve(self) -> Deferred[Sequence[Instance]]:
+        self.calls += 1
+        if self.error is not None:
+            failed: Deferred[Sequence[Instance]] = Deferred()
+            failed.errback(self.error)
+            return failed
+        if not self.hold:
+            return succeed(self.instances)
+
+        def forget(d: Deferred[Sequence[Instance]]) -> None:
+            if d in self._held:
+                self._held.remove(d)
+
+        held: Deferred[Sequence[Instance]] = Deferred(forget)
+        self._held.append(held)
+        return held
+
+    def release(self) -> int:
+        """Answer the held calls; returns how many there were."""
+        held, self._held = self._held, []
+        for d in held:
+            d.callback(self.instances)
+        return len(held)
+
+    def fail(self, error: Exception) -> None:
+        """Fail the held calls, and every later one, with ``error``."""
+        self.error = error
+        held, self._held = self._held, []
+        for d in held:
+            d.errback(error)
+
+
+class RecordingProtocol(Protocol):
+    """
+    The default application of a :class:`FakeServiceInstance`: records what
+    it receives, and whether and why the connection was lost.
+    """
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.lost: Failure | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.lost = reason
+
+
+def _iosim() -> Any:
+    # Twisted's in-memory connections (untyped; a test helper module).
+    from twisted.test import iosim
+
+    return iosim
+
+
+class _SwallowAll(Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+
+class FakeServiceInstance:
+    """
+    A running instance of a Connect service, in memory: its
+    :class:`~connect_native.resolve.Instance` record, and a Connect TLS server
+    presenting ``bundle``'s certificate (any client whose certificate
+    verifies is accepted) to take the connections a client makes on a
+    ``twisted.internet.testing.MemoryReactor``.
+
+    :param bundle: the server's certificates (:func:`make_bundle`); the
+        instance's expected identity is its service, namespace, datacenter
+        and partition (what a resolver would expect there, which a test may
+        override with ``identity``).
+    :param app_factory: the server application (default: a factory of
+        :class:`RecordingProtocol`, each kept in :attr:`protocols`).
+    :param alpn_protocols: the ALPN protocols the server speaks.
+
+    :ivar protocols: the server application protocols built, in order.
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        app_factory: IProtocolFactory | None = None,
+        *,
+        address: str = "10.0.0.1",
+        port: int = 8443,
+        node: str = "node1",
+        identity: ExpectedIdentity | None = None,
+        alpn_protocols: Sequence[bytes] = (),
+    ) -> None:
+        from connect_native.tls import ServerConnectionCreator
+
+        served = bundle.identity
+        if identity is None:
+            identity = ExpectedIdentity(
+                service=served.service,
+                datacenter=served.datacenter,
+                namespace=served.namespace,
+                partition=served.partition,
+            )
+        self.instance = Instance(
+            address, port, identity, node=node, instance_id=f"{served.service}-{port}"
+        )
+        self.bundle = bundle
+        self.protocols: list[Protocol] = []
+        if app_factory is None:
+            app_factory = Factory.forProtocol(self._record)
+        self.app_factory = app_factory
+        self.creator = ServerConnectionCreator(bundle, alpn_protocols=alpn_protocols)
+
+    def _record(self) -> Protocol:
+        protocol = RecordingProtocol()
+        self.protocols.append(protocol)
+        return protocol
+
+    def _pending(self, reactor: Any) -> tuple[int, Any]:
+        """
+        The oldest connection attempt to this instance not yet answered.
+        """
+        handled: set[int] = reactor.__dict__.setdefault(
+            "_fake_instances_handled", set()
+        )
+        for index, (host, port, factory, _t, _b) in enumerate(reactor.tcpClients):
+            if (host, port) == (self.instance.address, self.instance.port):
+                if index not in handled:
+                    handled.add(index)
+                    return index, factory
+        raise AssertionError(
+            f"no pending connection to {self.instance.address}:"
+            f"{self.instance.port} on the MemoryReactor"
+        )
+
+    def accept(self, reactor: Any, clock: Any) -> Any:
+        """
+        Accept the pending connection to this instance and run the TLS
+        handshake in memory; returns the ``IOPump`` (pump it to move more
+        bytes).  ``clock`` is the TLS factories' clock (a ``Clock``, which a
+        ``MemoryReactorClock`` is).
+        """
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        iosim = _iosim()
+
+        _, client_factory = self._pending(reactor)
+        address = IPv4Address("TCP", "127.0.0.1", 40000)
+        server_factory = TLSMemoryBIOFactory(
+            self.creator, False, self.app_factory, clock=clock
+        )
+        server = server_factory.buildProtocol(address)
+        client = client_factory.buildProtocol(
+            IPv4Address("TCP", self.instance.address, self.instance.port)
+        )
+        return iosim.connect(
+            server,
+            iosim.makeFakeServer(server),
+            client,
+            iosim.makeFakeClient(client),
+            clock=clock,
+        )
+
+    def accept_and_stall(self, reactor: Any, clock: Any) -> Any:
+        """
+        Accept the pending connection's TCP but never answer the TLS
+        handshake (a server that hangs, or is not TLS).
+        """
+        iosim = _iosim()
+        _, client_factory = self._pending(reactor)
+        server = _SwallowAll()
+        client = client_factory.buildProtocol(
+            IPv4Address("TCP", self.instance.address, self.instance.port)
+        )
+        return iosim.connect(
+            server,
+            iosim.makeFakeServer(server),
+            client,
+            iosim.makeFakeClient(client),
+            clock=clock,
+        )
+
+    def refuse(self, reactor: Any) -> None:
+        """
+        Refuse the pending connection to this instance (nothing listens).
+        """
+        index, client_factory = self._pending(reactor)
+        failure: Any = Failure
+        refused: Any = ConnectionRefusedError
+        client_factory.clientConnectionFailed(
+            reactor.connectors[index], failure(refused())
+        )
+
+
+# --- end of Resolvers and fake instances ---

@@ -34,7 +34,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from attrs import frozen
+from attrs import evolve, frozen
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from OpenSSL import SSL, crypto
@@ -506,6 +506,10 @@ class ClientConnectionCreator:
     :param bundle: our certificates and the roots.
     :param expected: the service we mean to reach.
     :param alpn_protocols: the protocols to offer, most preferred first.
+    :param any_trusted_trust_domain: accept the expected service in any
+        trust domain a current root carries, not only ``expected``'s (as
+        Consul's Go library, which leaves the trust domain to the chain
+        check); ``expected``'s is then only shown in a mismatch error.
     """
 
     def __init__(
@@ -514,6 +518,7 @@ class ClientConnectionCreator:
         expected: ServiceIdentity,
         *,
         alpn_protocols: Sequence[bytes] = (),
+        any_trusted_trust_domain: bool = False,
     ) -> None:
         if not isinstance(expected, ServiceIdentity):
             raise TypeError(
@@ -522,6 +527,7 @@ class ClientConnectionCreator:
             )
         self.bundle = bundle
         self.expected = expected
+        self.any_trusted_trust_domain = any_trusted_trust_domain
         protocols = _protocols(alpn_protocols)
         context = _context(bundle)
         context.set_verify(
@@ -546,7 +552,11 @@ class ClientConnectionCreator:
         identity = _check_leaf(
             self.bundle, leaf, ExtendedKeyUsageOID.SERVER_AUTH, "server"
         )
-        if not identity.matches(self.expected):
+        wanted = self.expected
+        if self.any_trusted_trust_domain:
+            # _check_leaf refused a trust domain no current root carries.
+            wanted = evolve(wanted, trust_domain=identity.trust_domain)
+        if not identity.matches(wanted):
             raise PeerIdentityMismatch(identity.uri, self.expected.uri)
         return VerifiedPeer(identity, leaf, _serial(leaf))
 

@@ -1,0 +1,812 @@
+"""
+Dialing a Connect service: :class:`ConnectClientEndpoint`, a client
+endpoint that resolves the service, connects to one of its instances over
+mutual TLS with our certificate, and hands the application a connection
+only once the server has proved the identity it was expected to have.
+
+One ``connect()`` runs under one deadline, ``timeout`` seconds: waiting for
+our certificate, resolving, and every attempt (TCP connect plus TLS
+handshake).  Instances are tried in random order; a refused connection, a
+TCP connect or handshake that takes longer than ``attempt_timeout``, or a
+handshake that fails (the server's certificate refused, another service's
+identity, a TLS alert, the connection closed) moves on to the next instance
+until the deadline passes or every instance has been tried.  Failures are
+one :class:`ConnectError` family, each kind saying what every attempt did.
+
+The application's protocol is built and connected only after the handshake
+verified the server, so it can never write to an unverified peer.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from attrs import frozen
+from OpenSSL import SSL
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+)
+from twisted.internet.error import (
+    ConnectingCancelledError,
+    ConnectionDone,
+    ConnectionLost,
+    ConnectionRefusedError,
+    NoProtocol,
+)
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHandshakeListener,
+    IProtocol,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from connect_native.certs import Bundle, IBundleSource
+from connect_native.resolve import ExpectedIdentity, Instance, IResolver
+from connect_native.tls import (
+    ClientConnectionCreator,
+    PeerIdentityMismatch,
+    PeerRefused,
+    verified_peer,
+)
+
+__all__ = [
+    "AllInstancesFailed",
+    "Attempt",
+    "ConnectClientEndpoint",
+    "ConnectError",
+    "ConnectTimeout",
+    "HandshakeTimeout",
+    "IdentityMismatch",
+    "NoCertificate",
+    "NoHealthyInstances",
+    "ResolutionFailed",
+]
+
+log = Logger()
+
+_failure: Callable[[BaseException], Failure] = Failure
+
+
+# --- errors ---------------------------------------------------------------------
+
+
+@frozen
+class Attempt:
+    """
+    What one attempt to reach one instance did.
+
+    :ivar instance: the instance tried.
+    :ivar outcome: what happened, as a phrase ("connection refused").
+    :ivar error: the exception behind it.
+    """
+
+    instance: Instance
+    outcome: str
+    error: BaseException
+
+    def __str__(self) -> str:
+        return f"{self.instance}: {self.outcome}"
+
+
+def _attempts_text(attempts: Sequence[Attempt]) -> str:
+    return "; ".join(str(a) for a in attempts)
+
+
+class ConnectError(Exception):
+    """
+    A Connect client could not reach the service.
+
+    :ivar target: what was being dialed (the resolver's description).
+    :ivar attempts: what each instance tried did, in order.
+    """
+
+    def __init__(self, message: str, target: str, attempts: Sequence[Attempt] = ()):
+        super().__init__(message)
+        self.target = target
+        self.attempts = tuple(attempts)
+
+
+class NoCertificate(ConnectError):  # noqa: N818 (the kinds are named in the API)
+    """
+    We have no usable certificate of our own to present (not issued yet,
+    expired, or the agent refused it).
+    """
+
+
+class ResolutionFailed(ConnectError):  # noqa: N818 (the kinds are named in the API)
+    """
+    The resolver could not say where the service's instances are.
+    """
+
+
+class NoHealthyInstances(ConnectError):  # noqa: N818 (the kinds are named in the API)
+    """
+    The resolver found no healthy instance of the service.
+    """
+
+
+class IdentityMismatch(ConnectError):  # noqa: N818 (the kinds are named in the API)
+    """
+    The server presented a valid certificate of another service than the
+    one expected: every instance tried did (or the last one before the
+    deadline).  ``got`` and ``wanted`` are the SPIFFE IDs.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        target: str,
+        attempts: Sequence[Attempt],
+        got: str,
+        wanted: str,
+    ) -> None:
+        super().__init__(message, target, attempts)
+        self.got = got
+        self.wanted = wanted
+
+
+class ConnectTimeout(ConnectError):  # noqa: N818 (the kinds are named in the API)
+    """
+    The deadline passed before a verified connection was made.
+    """
+
+
+class HandshakeTimeout(ConnectTimeout):
+    """
+    A server accepted the TCP connection but did not complete the TLS
+    handshake in time.
+    """
+
+
+class AllInstancesFailed(ConnectError):  # noqa: N818 (the kinds are named in the API)
+    """
+    Every instance was tried, and each failed; :attr:`attempts` says how.
+    """
+
+
+def _abort(transport: Any) -> None:
+    transport.abortConnection()
+
+
+# --- the gate ---------------------------------------------------------------------
+
+
+@implementer(IHandshakeListener)
+class _Gate(Protocol):
+    """
+    The TLS protocol's wrapped protocol until the handshake has verified the
+    server: the application's protocol does not exist before that.
+    """
+
+    transport: TLSMemoryBIOProtocol
+
+    def __init__(self, attempt: _AttemptState) -> None:
+        self.attempt = attempt
+
+    def connectionMade(self) -> None:
+        self.attempt.tcp_connected(self)
+
+    def handshakeCompleted(self) -> None:
+        self.attempt.handshake_completed(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        # TLS delivers no application data before the handshake completes,
+        # and the gate is replaced right then.
+        pass
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.attempt.lost_before_verified(reason)
+
+
+class _GateFactory(Factory):
+    noisy = False
+
+    def __init__(self, attempt: _AttemptState) -> None:
+        self.attempt = attempt
+
+    def buildProtocol(self, addr: IAddress | None) -> _Gate:
+        self.attempt.address = addr
+        return _Gate(self.attempt)
+
+    def doStart(self) -> None:
+        pass
+
+    def doStop(self) -> None:
+        self.attempt.factory_stopped()
+
+
+class _AttemptState:
+    """
+    One instance being tried: TCP, then the handshake, then the hand-over.
+    """
+
+    def __init__(self, dial: _Dial, instance: Instance) -> None:
+        self.dial = dial
+        self.instance = instance
+        self.phase = "connecting"
+        self.address: IAddress | None = None
+        self.connecting: Deferred[Any] | None = None
+        self.gate: _Gate | None = None
+        self.timer: IDelayedCall | None = None
+        self.started = dial.clock.seconds()
+        self.done = False
+        self.app_factory_started = False
+
+    # -- events -------------------------------------------------------------
+
+    def tcp_connected(self, gate: _Gate) -> None:
+        self.gate = gate
+        if self.done:
+            _abort(gate.transport)
+            return
+        self.phase = "handshaking"
+
+    def handshake_completed(self, gate: _Gate) -> None:
+        if self.done:
+            return
+        tls = gate.transport
+        peer = verified_peer(tls)
+        if peer is None or not self.instance.identity.matches(
+            peer.identity, self.dial.bundle_trust_domains()
+        ):
+            # The verify callback checks this already; never trust a
+            # connection it did not record.
+            self.failed(
+                "the TLS handshake completed without a verified server identity",
+                PeerRefused("no verified server identity"),
+            )
+            _abort(tls)
+            return
+        self.dial.verified(self, tls)
+
+    def lost_before_verified(self, reason: Failure) -> None:
+        if self.done:
+            return
+        self.failed(*_describe_loss(reason, self.phase))
+
+    def connect_failed(self, failure: Failure) -> None:
+        if self.done:
+            return
+        self.failed(*_describe_connect_failure(failure))
+
+    def timed_out(self) -> None:
+        self.timer = None
+        if self.done:
+            return
+        seconds = f"{self.dial.clock.seconds() - self.started:.3g}s"
+        if self.phase == "handshaking":
+            outcome = f"the TLS handshake did not complete within {seconds}"
+        else:
+            outcome = f"the TCP connection was not established within {seconds}"
+        self.failed(outcome, TimeoutError(outcome), timed_out=True)
+
+    def factory_stopped(self) -> None:
+        if self.app_factory_started:
+            self.app_factory_started = False
+            self.dial.app_factory.doStop()
+
+    # -- outcomes -----------------------------------------------------------
+
+    def failed(
+        self, outcome: str, error: BaseException, *, timed_out: bool = False
+    ) -> None:
+        self.finish()
+        self.dial.attempt_failed(
+            self, Attempt(self.instance, outcome, error), timed_out=timed_out
+        )
+
+    def finish(self) -> None:
+        """
+        Stop this attempt: no timer, no connection left behind.
+        """
+        self.done = True
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        if self.connecting is not None and not self.connecting.called:
+            self.connecting.cancel()
+        if self.gate is not None and self.gate.transport is not None:
+            transport = self.gate.transport
+            if transport.wrappedProtocol is self.gate and transport.connected:
+                _abort(transport)
+
+
+def _describe_connect_failure(failure: Failure) -> tuple[str, BaseException]:
+    error: Any = failure.value
+    if isinstance(error, ConnectionRefusedError):
+        return "connection refused", error
+    if isinstance(error, ConnectingCancelledError | CancelledError):
+        return "connecting was cancelled", error
+    return f"TCP connection failed: {failure.getErrorMessage()}", error
+
+
+def _describe_loss(reason: Failure, phase: str) -> tuple[str, BaseException]:
+    error: Any = reason.value
+    if isinstance(error, PeerIdentityMismatch):
+        return (
+            f"the server is another service: got {error.got}, want {error.wanted}",
+            error,
+        )
+    if isinstance(error, PeerRefused):
+        return f"the server's certificate was refused: {error.reason}", error
+    if isinstance(error, SSL.Error):
+        return f"the TLS handshake failed: {_ssl_error_text(error)}", error
+    if isinstance(error, ConnectionDone | ConnectionLost):
+        if phase == "handshaking":
+            return "the server closed the connection during the TLS handshake", error
+        return "the connection closed before the TLS handshake", error
+    return f"the connection failed: {reason.getErrorMessage()}", error
+
+
+def _ssl_error_text(error: SSL.Error) -> str:
+    parts = []
+    for item in error.args[0] if error.args and isinstance(error.args[0], list) else []:
+        if isinstance(item, tuple) and item:
+            parts.append(str(item[-1]))
+    return ", ".join(parts) or str(error) or "TLS error"
+
+
+# --- one connect() -------------------------------------------------------------------
+
+
+class _Dial:
+    """
+    One ``connect()``: certificate, resolution, attempts, under one deadline.
+    """
+
+    def __init__(
+        self, endpoint: ConnectClientEndpoint, app_factory: IProtocolFactory
+    ) -> None:
+        self.endpoint = endpoint
+        self.app_factory = app_factory
+        self.clock = endpoint._reactor
+        self.target = endpoint.target
+        self.result: Deferred[IProtocol] = Deferred(self._cancel)
+        self.started = self.clock.seconds()
+        self.deadline = self.started + endpoint.timeout
+        self.phase = "certificate"
+        self.pending: Deferred[Any] | None = None
+        self.bundle: Bundle | None = None
+        self.candidates: list[Instance] = []
+        self.attempts: list[Attempt] = []
+        self.current: _AttemptState | None = None
+        self.finished = False
+        self.last_timed_out_handshake = False
+        self.deadline_call: IDelayedCall | None = self.clock.callLater(
+            endpoint.timeout, self._deadline
+        )
+
+    # -- the steps ------------------------------------------------------------
+
+    def start(self) -> Deferred[IProtocol]:
+        try:
+            bundle = self.endpoint._source.current()
+        except Exception as e:
+            self._fail(
+                NoCertificate(
+                    f"cannot connect to {self.target}: the certificate source "
+                    f"failed: {e}",
+                    self.target,
+                )
+            )
+            return self.result
+        if bundle is not None:
+            self._have_bundle(bundle)
+            return self.result
+        try:
+            waiting = self.endpoint._source.when_ready()
+        except Exception:
+            self._no_bundle(Failure())  # type: ignore[no-untyped-call]
+            return self.result
+        self.pending = waiting
+        waiting.addCallbacks(self._have_bundle, self._no_bundle)
+        return self.result
+
+    def _have_bundle(self, bundle: Bundle) -> None:
+        self.pending = None
+        if self.finished:
+            return
+        self.bundle = bundle
+        self.phase = "resolving"
+        try:
+            resolving = self.endpoint.resolver.resolve()
+        except Exception:
+            self._resolve_failed(Failure())  # type: ignore[no-untyped-call]
+            return
+        self.pending = resolving
+        resolving.addCallbacks(self._resolved, self._resolve_failed)
+
+    def _no_bundle(self, failure: Failure) -> None:
+        self.pending = None
+        if self.finished:
+            return
+        self._fail(
+            NoCertificate(
+                f"cannot connect to {self.target}: we have no certificate to "
+                f"present: {failure.getErrorMessage()}",
+                self.target,
+            )
+        )
+
+    def _resolve_failed(self, failure: Failure) -> None:
+        self.pending = None
+        if self.finished:
+            return
+        self._fail(
+            ResolutionFailed(
+                f"cannot connect to {self.target}: {failure.getErrorMessage()}",
+                self.target,
+            )
+        )
+
+    def _resolved(self, instances: Sequence[Instance]) -> None:
+        self.pending = None
+        if self.finished:
+            return
+        self.candidates = list(instances)
+        if not self.candidates:
+            self._fail(
+                NoHealthyInstances(
+                    f"cannot connect to {self.target}: it has no healthy "
+                    "instance (none registered, none passing its health "
+                    "checks, or none this token may see)",
+                    self.target,
+                )
+            )
+            return
+        self.phase = "connecting"
+        self._next()
+
+    def _next(self) -> None:
+        remaining = self.deadline - self.clock.seconds()
+        if not self.candidates or remaining <= 0:
+            self._give_up()
+            return
+        index = self.endpoint._rng.randrange(len(self.candidates))
+        instance = self.candidates.pop(index)
+        attempt = _AttemptState(self, instance)
+        self.current = attempt
+        # The last candidate may use all the time left; the others are
+        # capped so that a silent instance leaves time for the next.
+        budget = remaining
+        if self.candidates:
+            budget = min(self.endpoint.attempt_timeout, remaining)
+        if budget < remaining:
+            attempt.timer = self.clock.callLater(budget, attempt.timed_out)
+        try:
+            creator = self.endpoint._creator(self.bundle, instance.identity)
+            tls_factory = TLSMemoryBIOFactory(
+                creator,
+                isClient=True,
+                wrappedFactory=_GateFactory(attempt),
+                clock=self.clock,
+            )
+            connecting = self.endpoint._tcp_endpoint(instance, budget).connect(
+                tls_factory
+            )
+        except Exception as e:
+            attempt.failed(f"could not start connecting: {e}", e)
+            return
+        attempt.connecting = connecting
+        connecting.addErrback(attempt.connect_failed)
+
+    # -- attempts report here --------------------------------------------------
+
+    def bundle_trust_domains(self) -> frozenset[str]:
+        return self.bundle.trust_domains if self.bundle is not None else frozenset()
+
+    def attempt_failed(
+        self, attempt: _AttemptState, what: Attempt, *, timed_out: bool
+    ) -> None:
+        if self.finished or attempt is not self.current:
+            return
+        self.current = None
+        self.attempts.append(what)
+        self.last_timed_out_handshake = timed_out and attempt.phase == "handshaking"
+        log.info(
+            "Connect client: {target}: {attempt}; {left} instance(s) left to try",
+            target=self.target,
+            attempt=str(what),
+            left=len(self.candidates),
+        )
+        self._next()
+
+    def verified(self, attempt: _AttemptState, tls: TLSMemoryBIOProtocol) -> None:
+        if self.finished or attempt is not self.current:
+            _abort(tls)
+            return
+        attempt.done = True
+        if attempt.timer is not None and attempt.timer.active():
+            attempt.timer.cancel()
+        attempt.timer = None
+        try:
+            app = self.app_factory.buildProtocol(attempt.address)  # type: ignore[arg-type]
+        except Exception as e:
+            _abort(tls)
+            self._fail_with(_failure(e))
+            return
+        if app is None:
+            _abort(tls)
+            self._fail_with(
+                _failure(
+                    NoProtocol(
+                        f"the application's factory built no protocol for "
+                        f"{attempt.instance}"
+                    )
+                )
+            )
+            return
+        self._finish()
+        attempt.app_factory_started = True
+        self.app_factory.doStart()
+        tls.wrappedProtocol = app
+        app.makeConnection(tls)
+        if IHandshakeListener.providedBy(app):
+            app.handshakeCompleted()
+        peer = verified_peer(tls)
+        log.info(
+            "Connect client: connected to {target} at {instance}, verified as "
+            "{peer} in {elapsed:.3f}s",
+            target=self.target,
+            instance=str(attempt.instance),
+            peer=peer.identity.uri if peer is not None else "?",
+            elapsed=self.clock.seconds() - self.started,
+        )
+        self.result.callback(app)
+
+    # -- the end -------------------------------------------------------------------
+
+    def _give_up(self) -> None:
+        attempts = self.attempts
+        text = _attempts_text(attempts)
+        mismatches = [a for a in attempts if isinstance(a.error, PeerIdentityMismatch)]
+        handshake_timeouts = [
+            a
+            for a in attempts
+            if isinstance(a.error, TimeoutError) and "handshake" in a.outcome
+        ]
+        out_of_time = self.clock.seconds() >= self.deadline and bool(self.candidates)
+        error: ConnectError
+        if attempts and len(mismatches) == len(attempts):
+            first = mismatches[0].error
+            assert isinstance(first, PeerIdentityMismatch)
+            error = IdentityMismatch(
+                f"cannot connect to {self.target}: the server is another "
+                f"service: got {first.got}, want {first.wanted} ({text})",
+                self.target,
+                attempts,
+                first.got,
+                first.wanted,
+            )
+        elif attempts and len(handshake_timeouts) == len(attempts):
+            error = HandshakeTimeout(
+                f"cannot connect to {self.target}: the TLS handshake did not "
+                f"complete in time ({text})",
+                self.target,
+                attempts,
+            )
+        elif out_of_time and self.last_timed_out_handshake:
+            error = HandshakeTimeout(
+                f"cannot connect to {self.target} within "
+                f"{self.endpoint.timeout:g}s: the last server tried did not "
+                f"complete the TLS handshake; {len(self.candidates)} "
+                f"instance(s) left untried ({text})",
+                self.target,
+                attempts,
+            )
+        elif out_of_time:
+            error = ConnectTimeout(
+                f"cannot connect to {self.target} within "
+                f"{self.endpoint.timeout:g}s; {len(self.candidates)} instance(s) "
+                f"left untried ({text})",
+                self.target,
+                attempts,
+            )
+        else:
+            error = AllInstancesFailed(
+                f"cannot connect to {self.target}: all {len(attempts)} "
+                f"instance(s) failed: {text}",
+                self.target,
+                attempts,
+            )
+        self._fail(error)
+
+    def _deadline(self) -> None:
+        self.deadline_call = None
+        if self.finished:
+            return
+        seconds = f"{self.endpoint.timeout:g}s"
+        if self.phase == "certificate":
+            self._fail(
+                NoCertificate(
+                    f"cannot connect to {self.target}: we had no certificate "
+                    f"to present within {seconds}; check that the Consul agent "
+                    "is reachable and that the token may write our service "
+                    "(service:write is needed for its leaf certificate)",
+                    self.target,
+                )
+            )
+            return
+        if self.phase == "resolving":
+            self._fail(
+                ConnectTimeout(
+                    f"cannot connect to {self.target}: finding its instances "
+                    f"did not finish within {seconds}",
+                    self.target,
+                )
+            )
+            return
+        attempt = self.current
+        if attempt is None:  # pragma: no cover (between attempts is synchronous)
+            self._give_up()
+            return
+        # As the attempt's own timeout: it records what it was doing, and
+        # with the time gone _next() gives up.
+        attempt.timed_out()
+
+    def _cancel(self, result: Deferred[IProtocol]) -> None:
+        if self.finished:
+            return
+        self._finish()
+
+    def _finish(self) -> None:
+        self.finished = True
+        if self.deadline_call is not None and self.deadline_call.active():
+            self.deadline_call.cancel()
+        self.deadline_call = None
+        pending, self.pending = self.pending, None
+        if pending is not None and not pending.called:
+            pending.cancel()
+        current, self.current = self.current, None
+        if current is not None and not current.done:
+            current.finish()
+
+    def _fail(self, error: ConnectError) -> None:
+        log.warn("Connect client: {message}", message=str(error), target=self.target)
+        self._fail_with(_failure(error))
+
+    def _fail_with(self, failure: Failure) -> None:
+        if self.result.called:
+            return
+        self._finish()
+        self.result.errback(failure)
+
+
+# --- the endpoint -------------------------------------------------------------------
+
+
+def _seconds(what: str, value: float) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not (math.isfinite(value) and value > 0)
+    ):
+        raise ValueError(
+            f"{what} must be a finite number of seconds > 0, not {value!r}"
+        )
+    return float(value)
+
+
+@implementer(IStreamClientEndpoint)
+class ConnectClientEndpoint:
+    """
+    A client endpoint for a Connect service.
+
+    ``connect(factory)`` waits for our certificate, resolves the service,
+    and tries its instances in random order (TCP, then mutual TLS with our
+    certificate, the server's identity checked in the handshake) until one
+    is verified, the instances run out or ``timeout`` passes.  It fires
+    with the application's protocol, connected to the TLS transport (so
+    :func:`connect_native.tls.peer_identity` works on it), or fails with a
+    :class:`ConnectError`: :class:`NoCertificate`, :class:`ResolutionFailed`,
+    :class:`NoHealthyInstances`, :class:`IdentityMismatch`,
+    :class:`HandshakeTimeout`, :class:`ConnectTimeout` or
+    :class:`AllInstancesFailed`.  Cancelling it stops everything.
+
+    :param reactor: connects (``IReactorTCP``) and keeps time.
+    :param resolver: finds the instances (:class:`~connect_native.resolve.IResolver`).
+    :param bundle_source: our own service's certificates; its identity is
+        what the server sees.
+    :param timeout: seconds for the whole of ``connect()``.
+    :param attempt_timeout: seconds one instance may take (TCP and TLS)
+        before the next is tried; the last instance may use all the time
+        left.
+    :param alpn_protocols: ALPN protocols to offer, most preferred first.
+    :param rng: picks the order of the instances (tests pass a seeded
+        :class:`random.Random`).
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        resolver: IResolver,
+        bundle_source: IBundleSource,
+        *,
+        timeout: float = 10.0,
+        attempt_timeout: float = 3.0,
+        alpn_protocols: Sequence[bytes] = (),
+        rng: random.Random | None = None,
+    ) -> None:
+        if not IResolver.providedBy(resolver):
+            raise TypeError(
+                f"resolver must provide IResolver, not {type(resolver).__name__}"
+            )
+        if not IBundleSource.providedBy(bundle_source):
+            raise TypeError(
+                "bundle_source must provide IBundleSource, not "
+                f"{type(bundle_source).__name__}"
+            )
+        self._reactor: IReactorTime = reactor
+        self.resolver = resolver
+        self._source = bundle_source
+        self.timeout = _seconds("timeout", timeout)
+        self.attempt_timeout = _seconds("attempt_timeout", attempt_timeout)
+        self.alpn_protocols = tuple(alpn_protocols)
+        self._rng = rng if rng is not None else random.SystemRandom()
+        self._creators: dict[ExpectedIdentity, ClientConnectionCreator] = {}
+        self._creators_bundle: Bundle | None = None
+
+    @property
+    def target(self) -> str:
+        description = getattr(self.resolver, "description", None)
+        return str(description) if description else repr(self.resolver)
+
+    def __repr__(self) -> str:
+        return f"<ConnectClientEndpoint to {self.target}>"
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        return _Dial(self, protocolFactory).start()
+
+    def _creator(
+        self, bundle: Bundle | None, expected: ExpectedIdentity
+    ) -> ClientConnectionCreator:
+        """
+        The connection creator for ``expected`` with ``bundle``: one per
+        (Bundle, expected identity), since each owns an OpenSSL context.
+        """
+        if bundle is None:  # pragma: no cover (attempts start with a bundle)
+            raise RuntimeError("no certificate")
+        if bundle is not self._creators_bundle:
+            self._creators = {}
+            self._creators_bundle = bundle
+        creator = self._creators.get(expected)
+        if creator is None:
+            creator = ClientConnectionCreator(
+                bundle,
+                expected.in_trust_domain(bundle.identity.trust_domain),
+                alpn_protocols=self.alpn_protocols,
+                any_trusted_trust_domain=expected.trust_domain is None,
+            )
+            self._creators[expected] = creator
+        return creator
+
+    def _tcp_endpoint(self, instance: Instance, budget: float) -> IStreamClientEndpoint:
+        seconds = max(1, math.ceil(budget))
+        reactor: Any = self._reactor
+        if isIPAddress(instance.address):
+            return TCP4ClientEndpoint(
+                reactor, instance.address, instance.port, timeout=seconds
+            )
+        if isIPv6Address(instance.address):
+            make_tcp6: Any = TCP6ClientEndpoint
+            return make_tcp6(  # type: ignore[no-any-return]
+                reactor, instance.address, instance.port, timeout=seconds
+            )
+        return HostnameEndpoint(
+            reactor, instance.address, instance.port, timeout=seconds
+        )
