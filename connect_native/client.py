@@ -20,9 +20,11 @@ verified the server, so it can never write to an unverified peer.
 from __future__ import annotations
 
 import math
+import os
 import random
-from collections.abc import Callable, Sequence
-from typing import Any
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from attrs import frozen
 from OpenSSL import SSL
@@ -56,7 +58,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from connect_native.certs import Bundle, IBundleSource
-from connect_native.resolve import ExpectedIdentity, Instance, IResolver
+from connect_native.resolve import (
+    ConsulResolver,
+    ExpectedIdentity,
+    Instance,
+    IResolver,
+)
 from connect_native.tls import (
     ClientConnectionCreator,
     PeerIdentityMismatch,
@@ -64,7 +71,12 @@ from connect_native.tls import (
     verified_peer,
 )
 
+if TYPE_CHECKING:
+    from connect_native.consul.client import ConsulClient
+    from connect_native.service import CertManagerLease, CertManagerRegistry
+
 __all__ = [
+    "SERVICE_VARIABLE",
     "AllInstancesFailed",
     "Attempt",
     "ConnectClientEndpoint",
@@ -75,6 +87,7 @@ __all__ = [
     "NoCertificate",
     "NoHealthyInstances",
     "ResolutionFailed",
+    "our_service_name",
 ]
 
 log = Logger()
@@ -687,6 +700,88 @@ class _Dial:
         self.result.errback(failure)
 
 
+# --- our own service, and its certificates ---------------------------------------
+
+#: The environment variable that names our own service when a client API is
+#: not given ``our_service``.
+SERVICE_VARIABLE = "CONNECT_NATIVE_SERVICE"
+
+
+def our_service_name(
+    our_service: str | None = None, environ: Mapping[str, str] = os.environ
+) -> str:
+    """
+    The name of the service we are: ``our_service`` if given, else
+    ``$CONNECT_NATIVE_SERVICE``.  A Connect client presents its own
+    service's certificate, so it must know which service it is.
+
+    :raises ValueError: when neither names a service.
+    """
+    if our_service is not None:
+        if not isinstance(our_service, str) or not our_service.strip():
+            raise ValueError(
+                f"our_service must be the name of our own service, not {our_service!r}"
+            )
+        return our_service
+    from_environment = environ.get(SERVICE_VARIABLE, "").strip()
+    if from_environment:
+        return from_environment
+    raise ValueError(
+        "a Connect client presents the certificate of its own service, and "
+        "no service was named: pass our_service='<name>' (the service this "
+        f"program is registered as) or set {SERVICE_VARIABLE}"
+    )
+
+
+def _release(lease: CertManagerLease) -> None:
+    lease.release()
+
+
+@implementer(IBundleSource)
+class _LeasedBundleSource:
+    """
+    Our service's shared certificate manager as an ``IBundleSource``: the
+    lease is taken at the first use and given back by :meth:`close` (or
+    when this source is garbage collected).
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        client: ConsulClient,
+        service: str,
+        registry: CertManagerRegistry | None,
+    ) -> None:
+        self._clock = clock
+        self._client = client
+        self.service = service
+        self._registry = registry
+        self._lease: CertManagerLease | None = None
+        self._finalizer: weakref.finalize[Any, Any] | None = None
+
+    def _manager(self) -> IBundleSource:
+        if self._lease is None:
+            from connect_native.service import cert_managers
+
+            registry = self._registry if self._registry is not None else cert_managers
+            lease = registry.acquire(self._clock, self._client, self.service)
+            self._lease = lease
+            self._finalizer = weakref.finalize(self, _release, lease)
+        return self._lease.manager
+
+    def current(self) -> Bundle | None:
+        return self._manager().current()
+
+    def when_ready(self) -> Deferred[Bundle]:
+        return self._manager().when_ready()
+
+    def close(self) -> None:
+        finalizer, self._finalizer = self._finalizer, None
+        self._lease = None
+        if finalizer is not None:
+            finalizer()
+
+
 # --- the endpoint -------------------------------------------------------------------
 
 
@@ -760,6 +855,7 @@ class ConnectClientEndpoint:
         self._rng = rng if rng is not None else random.SystemRandom()
         self._creators: dict[ExpectedIdentity, ClientConnectionCreator] = {}
         self._creators_bundle: Bundle | None = None
+        self._owned: list[ConsulResolver | _LeasedBundleSource] = []
 
     @property
     def target(self) -> str:
@@ -768,6 +864,59 @@ class ConnectClientEndpoint:
 
     def __repr__(self) -> str:
         return f"<ConnectClientEndpoint to {self.target}>"
+
+    @classmethod
+    def for_service(
+        cls,
+        reactor: Any,
+        service: str,
+        *,
+        our_service: str | None = None,
+        consul: ConsulClient | None = None,
+        datacenter: str | None = None,
+        namespace: str | None = None,
+        partition: str | None = None,
+        registry: CertManagerRegistry | None = None,
+        **options: Any,
+    ) -> ConnectClientEndpoint:
+        """
+        An endpoint to ``service``'s healthy instances
+        (:class:`~connect_native.resolve.ConsulResolver`), presenting the
+        certificate of ``our_service`` (else ``$CONNECT_NATIVE_SERVICE``) from
+        the process's shared certificate manager.  :meth:`close` lets go of
+        both when the endpoint is no longer needed.
+
+        :param consul: the agent's client; by default one configured from
+            the ``CONSUL_*`` environment variables.
+        :param options: the constructor's keyword arguments.
+        :raises ValueError: when our own service is not named.
+        """
+        ours = our_service_name(our_service)
+        if consul is None:
+            from connect_native.consul.client import ConsulClient
+
+            consul = ConsulClient.from_environment(reactor)
+        resolver = ConsulResolver(
+            consul,
+            service,
+            datacenter=datacenter,
+            namespace=namespace,
+            partition=partition,
+            reactor=reactor,
+        )
+        source = _LeasedBundleSource(reactor, consul, ours, registry)
+        endpoint = cls(reactor, resolver, source, **options)
+        endpoint._owned = [resolver, source]
+        return endpoint
+
+    def close(self) -> None:
+        """
+        Let go of what :meth:`for_service` took: the shared resolver watch and
+        certificate manager (each stops when nothing else holds it).  A later
+        ``connect()`` takes them again.
+        """
+        for part in self._owned:
+            part.close()
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
         return _Dial(self, protocolFactory).start()
