@@ -285,7 +285,7 @@ def test_backoff_accepts_a_callable_for_jitter() -> None:
     assert watch_calls(h.clock) == [2.0]
 
 
-def test_error_keeps_index_and_value() -> None:
+def test_error_keeps_value_and_retry_asks_for_an_immediate_answer() -> None:
     h = make(jitter=lambda: 0.0, backoff_initial=2.0)
     h.watch.start()
     h.fetch.last.answer("a", 9)
@@ -295,6 +295,13 @@ def test_error_keeps_index_and_value() -> None:
     assert h.watch.last_error is not None
     assert h.watch.last_error.check(AgentDown)
     assert h.errors[0].check(AgentDown)
+    assert h.watch.index == 0
+    h.clock.advance(1.0)
+    # blocking at 9 would hide for up to `wait` that the agent is back
+    assert [r.index for r in h.fetch.requests] == [0, 9, 0]
+    h.fetch.last.answer("a", 9)
+    assert h.watch.healthy
+    assert h.changes == ["a"]
     h.clock.advance(1.0)
     assert h.fetch.last.index == 9
 
@@ -387,7 +394,7 @@ def test_fetch_cancelled_after_its_bound() -> None:
     [error] = h.errors
     assert error.check(WatchTimeoutError)
     assert "175.0s" in str(error.value)
-    # retried after the backoff, with the same index
+    # retried after the backoff
     assert watch_calls(h.clock) == [2.0]
     h.clock.advance(2.0)
     assert len(h.fetch.requests) == 2

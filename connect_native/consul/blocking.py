@@ -17,7 +17,8 @@ The rules follow what the real agent does (Consul 1.8.7, measured):
 * An answer without an index (``/v1/connect/intentions/match``) cannot be
   blocked on; such endpoints are polled every ``poll_interval``.
 * Errors are retried after an exponential backoff with jitter, capped, reset
-  by the next success.
+  by the next success. The retry sends ``index=0``, so a recovered agent
+  answers at once instead of holding the request for ``wait``.
 * Every fetch is bounded by ``wait + wait / 16 + grace`` seconds and cancelled
   after that, whatever the fetch function does.
 * Values equal to the last one delivered are not delivered again; a new index
@@ -400,6 +401,10 @@ class Watch(Generic[T]):
     def _error(self, failure: Failure, sent: int) -> None:
         self._failures += 1
         self._last_error = failure
+        # The retry asks for an immediate answer: blocking on the old index
+        # would hide for up to ``wait`` that the agent is back (and an agent
+        # that restarted may hold lower indexes than ours).
+        self._index = 0
         delay = self._backoff()
         self._log.failure(
             "watch {watch}: request with index={index} failed "
