@@ -118,8 +118,16 @@ class Pending:
 
     def __init__(self, harness: Harness, deferred: Deferred[Any]) -> None:
         self._harness = harness
+        self._deferred = deferred
         self._results: list[Any] = []
         deferred.addBoth(self._results.append)
+
+    def cancel(self) -> None:
+        """
+        The client gives up: its connection to the agent is dropped.
+        """
+        self._deferred.cancel()
+        self._harness.stub.flush()
 
     @property
     def done(self) -> bool:
