@@ -490,7 +490,14 @@ class _Dial:
         if not self.candidates or remaining <= 0:
             self._give_up()
             return
-        index = self.endpoint._rng.randrange(len(self.candidates))
+        # Instances that failed lately are tried after the others.
+        fresh = [
+            i
+            for i, candidate in enumerate(self.candidates)
+            if not self.endpoint._failed_lately(candidate)
+        ]
+        choices = fresh or list(range(len(self.candidates)))
+        index = choices[self.endpoint._rng.randrange(len(choices))]
         instance = self.candidates.pop(index)
         attempt = _AttemptState(self, instance)
         self.current = attempt
@@ -530,6 +537,7 @@ class _Dial:
             return
         self.current = None
         self.attempts.append(what)
+        self.endpoint._remember_failure(what.instance)
         self.last_timed_out_handshake = timed_out and attempt.phase == "handshaking"
         log.info(
             "Connect client: {target}: {attempt}; {left} instance(s) left to try",
@@ -565,6 +573,7 @@ class _Dial:
             )
             return
         self._finish()
+        self.endpoint._forget_failure(attempt.instance)
         attempt.app_factory_started = True
         self.app_factory.doStart()
         tls.wrappedProtocol = app
@@ -824,6 +833,8 @@ class ConnectClientEndpoint:
     :param alpn_protocols: ALPN protocols to offer, most preferred first.
     :param rng: picks the order of the instances (tests pass a seeded
         :class:`random.Random`).
+    :param failure_memory: seconds during which an instance that failed an
+        attempt is tried only after the others.
     """
 
     def __init__(
@@ -836,6 +847,7 @@ class ConnectClientEndpoint:
         attempt_timeout: float = 3.0,
         alpn_protocols: Sequence[bytes] = (),
         rng: random.Random | None = None,
+        failure_memory: float = 30.0,
     ) -> None:
         if not IResolver.providedBy(resolver):
             raise TypeError(
@@ -856,6 +868,8 @@ class ConnectClientEndpoint:
         self._creators: dict[ExpectedIdentity, ClientConnectionCreator] = {}
         self._creators_bundle: Bundle | None = None
         self._owned: list[ConsulResolver | _LeasedBundleSource] = []
+        self.failure_memory = _seconds("failure_memory", failure_memory)
+        self._failures: dict[Instance, float] = {}
 
     @property
     def target(self) -> str:
@@ -920,6 +934,25 @@ class ConnectClientEndpoint:
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
         return _Dial(self, protocolFactory).start()
+
+    def _failed_lately(self, instance: Instance) -> bool:
+        failed_at = self._failures.get(instance)
+        return (
+            failed_at is not None
+            and self._reactor.seconds() < failed_at + self.failure_memory
+        )
+
+    def _remember_failure(self, instance: Instance) -> None:
+        now = self._reactor.seconds()
+        # Keep the memory small: drop what is past remembering.
+        for old in [
+            i for i, t in self._failures.items() if now >= t + self.failure_memory
+        ]:
+            del self._failures[old]
+        self._failures[instance] = now
+
+    def _forget_failure(self, instance: Instance) -> None:
+        self._failures.pop(instance, None)
 
     def _creator(
         self, bundle: Bundle | None, expected: ExpectedIdentity

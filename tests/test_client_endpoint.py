@@ -486,3 +486,96 @@ def test_recording_protocol_is_the_default_server_application(world: World) -> N
     pump = db.accept(world.reactor, world.reactor)
     pump.flush()
     assert isinstance(db.protocols[0], RecordingProtocol)
+
+
+# --- remembering failures -----------------------------------------------------------
+
+
+def test_an_instance_that_failed_lately_is_tried_last(world: World) -> None:
+    down, up = world.server(address="10.0.0.1"), world.server(address="10.0.0.2")
+    endpoint = world.endpoint(down, up, failure_memory=30)
+    first = endpoint.connect(world.app)
+    down.refuse(world.reactor)
+    up.accept(world.reactor, world.reactor)
+    fired(first)
+    # The rng would pick 10.0.0.1 first again; its refusal is remembered.
+    second = endpoint.connect(world.app)
+    assert world.reactor.tcpClients[-1][0] == "10.0.0.2"
+    up.accept(world.reactor, world.reactor)
+    fired(second)
+    world.reactor.advance(30)
+    endpoint.connect(world.app)
+    assert world.reactor.tcpClients[-1][0] == "10.0.0.1"
+
+
+# --- our own service ----------------------------------------------------------------
+
+
+def test_our_service_is_the_argument_else_the_environment() -> None:
+    from connect_native.client import our_service_name
+
+    assert our_service_name("web", {"CONNECT_NATIVE_SERVICE": "api"}) == "web"
+    assert our_service_name(None, {"CONNECT_NATIVE_SERVICE": "api"}) == "api"
+    with pytest.raises(ValueError, match="CONNECT_NATIVE_SERVICE") as info:
+        our_service_name(None, {})
+    assert "our_service=" in str(info.value)
+    with pytest.raises(ValueError, match="our_service must be"):
+        our_service_name("  ", {})
+
+
+class FakeManager:
+    """Stands in for a CertManager in a registry."""
+
+    def __init__(self, clock: Any, client: Any, service: str) -> None:
+        self.service = service
+        self.running = False
+        self.source = FakeBundleSource()
+
+    def startService(self) -> None:
+        self.running = True
+
+    def stopService(self) -> None:
+        self.running = False
+
+    def current(self) -> Any:
+        return self.source.current()
+
+    def when_ready(self) -> Deferred[Any]:
+        return self.source.when_ready()
+
+
+def test_for_service_presents_our_services_shared_certificate(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from connect_native.service import CertManagerRegistry
+
+    made: list[FakeManager] = []
+
+    def factory(clock: Any, client: Any, service: str) -> Any:
+        made.append(FakeManager(clock, client, service))
+        return made[-1]
+
+    registry = CertManagerRegistry(factory)
+    monkeypatch.setenv("CONNECT_NATIVE_SERVICE", "api")
+    consul = object()
+    endpoint = ConnectClientEndpoint.for_service(
+        world.reactor,
+        "db",
+        consul=consul,
+        registry=registry,  # type: ignore[arg-type]
+    )
+    assert endpoint.resolver.service == "db"
+    assert made == []  # nothing is held before it is used
+    endpoint._source.current()
+    (manager,) = made
+    assert (manager.service, manager.running) == ("api", True)
+    endpoint.close()
+    assert not manager.running
+
+
+def test_for_service_without_our_service_says_how_to_name_it(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CONNECT_NATIVE_SERVICE", raising=False)
+    with pytest.raises(ValueError, match="CONNECT_NATIVE_SERVICE"):
+        ConnectClientEndpoint.for_service(world.reactor, "db", consul=object())  # type: ignore[arg-type]
