@@ -1,0 +1,495 @@
+"""
+HTTP to Connect services with treq: :func:`client` makes a
+``treq.HTTPClient`` whose ``https://`` requests to Consul service host names
+go over Connect.
+
+Host names, as Consul's Go library reads them, and more:
+
+* ``<service>.service[.<namespace>.ns][.<partition>.ap][.<datacenter>].consul``:
+  the healthy instances of the service
+  (:class:`~connect_native.resolve.ConsulResolver`);
+* ``<query>.query[.<datacenter>].consul``: what the prepared query returns
+  (:class:`~connect_native.resolve.PreparedQueryResolver`).
+
+Any other host is refused with :class:`NotAConnectHost` (use a plain treq
+client for it), and so is any scheme but ``https`` (Connect is always TLS).
+The requests speak HTTP/1.1 (Twisted's client speaks nothing else, and only
+``http/1.1`` is offered in ALPN), carry a timeout by default, and a request
+that can be repeated (an idempotent method without a body) is sent again on
+a new connection when the connection fails before any response.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from attrs import frozen
+from treq.client import HTTPClient
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import TimeoutError as DeferredTimeoutError
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import URI, Agent, HTTPConnectionPool
+from twisted.web.error import SchemeNotSupported
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
+from zope.interface import implementer
+
+from connect_native.certs import IBundleSource
+from connect_native.client import (
+    ConnectClientEndpoint,
+    _LeasedBundleSource,
+    our_service_name,
+)
+from connect_native.resolve import ConsulResolver, IResolver, PreparedQueryResolver
+
+if TYPE_CHECKING:
+    from connect_native.consul.client import ConsulClient
+    from connect_native.service import CertManagerRegistry
+
+__all__ = [
+    "ConnectEndpointFactory",
+    "ConnectHTTPClient",
+    "ConnectHost",
+    "NotAConnectHost",
+    "RequestTimeout",
+    "client",
+    "parse_connect_host",
+]
+
+log = Logger()
+
+_failure: Callable[[BaseException], Failure] = Failure
+
+#: The only protocol offered in ALPN: Twisted's HTTP client speaks HTTP/1.1.
+ALPN = (b"http/1.1",)
+
+# Methods that may be sent twice (RFC 9110 9.2.2).
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+_FORMS = (
+    "<service>.service[.<namespace>.ns][.<partition>.ap][.<datacenter>].consul "
+    "or <query>.query[.<datacenter>].consul"
+)
+
+
+class NotAConnectHost(SchemeNotSupported, ValueError):  # noqa: N818 (says what it is not)
+    """
+    The URL is not one a Connect client can reach: another scheme than
+    ``https``, or a host that is not a Consul service or prepared query
+    name.  Use a plain HTTP client for it.
+    """
+
+
+class RequestTimeout(DeferredTimeoutError):  # noqa: N818 (like ConnectTimeout)
+    """
+    A request did not complete within the client's default timeout.
+    """
+
+
+@frozen
+class ConnectHost:
+    """
+    What a Connect host name names.
+
+    :ivar kind: ``"service"`` or ``"query"``.
+    :ivar name: the service or prepared query.
+    """
+
+    kind: str
+    name: str
+    datacenter: str | None = None
+    namespace: str | None = None
+    partition: str | None = None
+
+
+def parse_connect_host(host: str) -> ConnectHost:
+    """
+    Read a Consul service or prepared query host name (see the module
+    documentation for the forms).
+
+    :raises NotAConnectHost: naming the host and the forms accepted.
+    """
+    labels = host.rstrip(".").split(".")
+
+    def refuse(why: str) -> NotAConnectHost:
+        return NotAConnectHost(
+            f"{host!r} is not a Connect service host name ({why}); Connect "
+            f"clients reach {_FORMS}. Use a plain HTTP client (treq, Agent) "
+            "for other hosts"
+        )
+
+    if len(labels) < 3 or labels[-1].lower() != "consul":
+        raise refuse("it does not end in .consul")
+    if any(not label for label in labels):
+        raise refuse("it has an empty label")
+    name, kind = labels[0], labels[1].lower()
+    rest = labels[2:-1]
+    if kind == "query":
+        if len(rest) > 1:
+            raise refuse("a query name is <query>.query[.<datacenter>].consul")
+        return ConnectHost("query", name, datacenter=rest[0] if rest else None)
+    if kind != "service":
+        raise refuse(f"the second label is {labels[1]!r}, not 'service' or 'query'")
+    namespace = partition = None
+    if len(rest) >= 2 and rest[1].lower() == "ns":
+        namespace, rest = rest[0], rest[2:]
+    if len(rest) >= 2 and rest[1].lower() == "ap":
+        partition, rest = rest[0], rest[2:]
+    if len(rest) > 1:
+        raise refuse(
+            "after the service come [<namespace>.ns][.<partition>.ap][.<datacenter>]"
+        )
+    return ConnectHost(
+        "service",
+        name,
+        datacenter=rest[0] if rest else None,
+        namespace=namespace,
+        partition=partition,
+    )
+
+
+@implementer(IAgentEndpointFactory)
+class ConnectEndpointFactory:
+    """
+    Gives ``Agent.usingEndpointFactory`` a
+    :class:`~connect_native.client.ConnectClientEndpoint` for each Connect
+    host name (one per host, reused, so that its resolver and its memory of
+    failed instances carry over).
+
+    :param reactor: connects and keeps time.
+    :param consul: the agent's client, for the resolvers.
+    :param bundle_source: our own service's certificates.
+    :param endpoint_options: keyword arguments for each endpoint
+        (``timeout``, ``attempt_timeout``, ...).
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        consul: ConsulClient,
+        bundle_source: IBundleSource,
+        **endpoint_options: Any,
+    ) -> None:
+        self._reactor = reactor
+        self._consul = consul
+        self._source = bundle_source
+        self._options = endpoint_options
+        self._endpoints: dict[ConnectHost, ConnectClientEndpoint] = {}
+
+    def resolver_for(self, host: ConnectHost) -> IResolver:
+        """The resolver a host name stands for."""
+        if host.kind == "query":
+            return PreparedQueryResolver(
+                self._consul, host.name, host.datacenter, reactor=self._reactor
+            )
+        return ConsulResolver(
+            self._consul,
+            host.name,
+            datacenter=host.datacenter,
+            namespace=host.namespace,
+            partition=host.partition,
+            reactor=self._reactor,
+        )
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        """
+        The Connect endpoint for ``uri``'s host.
+
+        :raises NotAConnectHost: for a scheme other than ``https`` or a host
+            that names no Consul service or prepared query.
+        """
+        scheme = uri.scheme.decode("ascii", "replace")
+        host_text = uri.host.decode("ascii", "replace")
+        if scheme != "https":
+            raise NotAConnectHost(
+                f"{scheme}://{host_text}: Connect is always TLS: use "
+                f"https://{host_text}/... (the certificates are Connect's, not "
+                "the web's)"
+            )
+        host = parse_connect_host(host_text)
+        endpoint = self._endpoints.get(host)
+        if endpoint is None:
+            options = {"alpn_protocols": ALPN, **self._options}
+            endpoint = ConnectClientEndpoint(
+                self._reactor, self.resolver_for(host), self._source, **options
+            )
+            self._endpoints[host] = endpoint
+        return endpoint
+
+    def close(self) -> None:
+        """Let go of the resolvers' shared watches."""
+        endpoints, self._endpoints = self._endpoints, {}
+        for endpoint in endpoints.values():
+            close = getattr(endpoint.resolver, "close", None)
+            if callable(close):
+                close()
+
+
+def _retryable(failure: Failure) -> bool:
+    """
+    Whether a request failed with its connection before any response: the
+    only failures after which sending it again is safe (for a request that
+    may be repeated).
+    """
+    from twisted.web._newclient import (
+        RequestNotSent,
+        RequestTransmissionFailed,
+        ResponseNeverReceived,
+    )
+
+    error = failure.value
+    if not isinstance(
+        error, RequestNotSent | RequestTransmissionFailed | ResponseNeverReceived
+    ):
+        return False
+    reasons = getattr(error, "reasons", []) or []
+    return not any(isinstance(r.value, CancelledError) for r in reasons)
+
+
+@implementer(IAgent)
+class _RetryingAgent:
+    """
+    Sends an idempotent request without a body again (at most ``retries``
+    times) when its connection failed before any response; each retry makes
+    a new connection, which prefers an instance that has not failed lately.
+    """
+
+    def __init__(self, agent: IAgent, retries: int) -> None:
+        self._agent = agent
+        self.retries = retries
+
+    def request(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: Headers | None = None,
+        bodyProducer: IBodyProducer | None = None,
+    ) -> Deferred[IResponse]:
+        repeatable = method in _IDEMPOTENT and bodyProducer is None
+        state: dict[str, Any] = {"left": self.retries if repeatable else 0}
+
+        def cancel(_: Deferred[IResponse]) -> None:
+            state["cancelled"] = True
+            state["current"].cancel()
+
+        result: Deferred[IResponse] = Deferred(cancel)
+
+        def send() -> None:
+            current = self._agent.request(method, uri, headers, bodyProducer)
+            state["current"] = current
+            current.addCallbacks(answered, failed)
+
+        def answered(response: IResponse) -> None:
+            if not result.called:
+                result.callback(response)
+
+        def failed(failure: Failure) -> None:
+            if result.called:
+                return
+            if state["left"] > 0 and not state.get("cancelled") and _retryable(failure):
+                state["left"] -= 1
+                log.info(
+                    "Connect HTTP: {method} {uri} lost its connection before a "
+                    "response; sending it again on a new connection",
+                    method=method.decode("ascii", "replace"),
+                    uri=uri.decode("ascii", "replace"),
+                )
+                send()
+                return
+            result.errback(failure)
+
+        send()
+        return result
+
+
+@implementer(IBodyProducer)
+class _BytesProducer:
+    """
+    A request body already in memory, written at once (treq's default for
+    bytes schedules its writes on the global reactor's cooperator).
+    """
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer: Any) -> Deferred[None]:
+        consumer.write(self._data)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+def _body_producer(data: Any) -> IBodyProducer:
+    if isinstance(data, bytes):
+        return _BytesProducer(data)
+    producer: IBodyProducer = IBodyProducer(data)
+    return producer
+
+
+class ConnectHTTPClient(HTTPClient):
+    """
+    A ``treq.HTTPClient`` whose requests carry a timeout (and the injected
+    reactor) unless the caller gives one, and which can :meth:`close` what it
+    holds.  Made by :func:`client`.
+    """
+
+    def __init__(
+        self, agent: IAgent, reactor: Any, timeout: float | None, **kwargs: Any
+    ) -> None:
+        super().__init__(agent, data_to_body_producer=_body_producer, **kwargs)
+        self._reactor = reactor
+        self._timeout = timeout
+        self._pool: HTTPConnectionPool | None = None
+        self._closing: list[Any] = []
+
+    def close(self) -> Deferred[None]:
+        """
+        Close the idle connections and let go of the resolvers' watches and
+        of our certificate manager (each stops when nothing else uses it).
+        """
+        for part in self._closing:
+            part.close()
+        self._closing = []
+        pool: Any = self._pool
+        if pool is None:
+            return succeed(None)
+        closed: Deferred[None] = pool.closeCachedConnections()
+        return closed
+
+    def request(self, method: str, url: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("reactor", self._reactor)
+        if kwargs.get("timeout") is not None or self._timeout is None:
+            return super().request(method, url, **kwargs)
+        seconds = self._timeout
+        d: Deferred[Any] = super().request(method, url, **kwargs)
+        expired: list[bool] = []
+
+        def expire() -> None:
+            expired.append(True)
+            d.cancel()
+
+        call = self._reactor.callLater(seconds, expire)
+
+        def settle(outcome: object) -> object:
+            if call.active():
+                call.cancel()
+            if expired and isinstance(outcome, Failure):
+                return _failure(
+                    RequestTimeout(
+                        f"{method} {url} did not complete within {seconds:g}s "
+                        "(the client's default timeout; pass timeout= to a "
+                        "request for another)"
+                    )
+                )
+            return outcome
+
+        return d.addBoth(settle)
+
+
+def _seconds(
+    what: str, value: float | None, *, allow_none: bool = False
+) -> float | None:
+    if value is None and allow_none:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not (math.isfinite(value) and value > 0)
+    ):
+        raise ValueError(
+            f"{what} must be a finite number of seconds > 0, not {value!r}"
+        )
+    return float(value)
+
+
+def client(
+    our_service: str | None = None,
+    *,
+    reactor: Any = None,
+    consul: ConsulClient | None = None,
+    timeout: float | None = 30.0,
+    connect_timeout: float = 10.0,
+    attempt_timeout: float = 3.0,
+    retries: int = 1,
+    pool: HTTPConnectionPool | None = None,
+    registry: CertManagerRegistry | None = None,
+    bundle_source: IBundleSource | None = None,
+) -> ConnectHTTPClient:
+    """
+    A ``treq.HTTPClient`` for Connect services, presenting the certificate
+    of ``our_service``::
+
+        http = connect_native.http.client("web")
+        response = await http.get("https://db.service.consul/users")
+        ...
+        await http.close()   # idle connections, watches, certificate manager
+
+    :param our_service: the service we are (our certificate's); by default
+        ``$CONNECT_NATIVE_SERVICE``.  An error says so when neither is set.
+    :param reactor: the reactor (the global one by default).
+    :param consul: the agent's client; by default one configured from the
+        ``CONSUL_*`` environment variables.
+    :param timeout: seconds a whole request may take unless the request says
+        otherwise (``None``: no default).
+    :param connect_timeout: seconds to find an instance and make a verified
+        connection to it.
+    :param attempt_timeout: seconds one instance may take before the next is
+        tried.
+    :param retries: how many times an idempotent request without a body is
+        sent again after its connection failed before any response.
+    :param pool: the connection pool (persistent by default).
+    :param registry: where the certificate manager is shared (the process's
+        by default).
+    :param bundle_source: our certificates, instead of the shared certificate
+        manager of ``our_service`` (for tests).
+
+    :raises ValueError: when our own service is not named, or a setting is
+        out of range.
+    """
+    ours = our_service_name(our_service) if bundle_source is None else None
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    request_timeout = _seconds("timeout", timeout, allow_none=True)
+    _seconds("connect_timeout", connect_timeout)
+    _seconds("attempt_timeout", attempt_timeout)
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"retries must be an integer >= 0, not {retries!r}")
+    if consul is None:
+        from connect_native.consul.client import ConsulClient
+
+        consul = ConsulClient.from_environment(reactor)
+    if bundle_source is None:
+        assert ours is not None
+        bundle_source = _LeasedBundleSource(reactor, consul, ours, registry)
+    endpoints = ConnectEndpointFactory(
+        reactor,
+        consul,
+        bundle_source,
+        timeout=connect_timeout,
+        attempt_timeout=attempt_timeout,
+    )
+    if pool is None:
+        make_pool: Any = HTTPConnectionPool
+        pool = make_pool(reactor, persistent=True)
+    make_agent: Any = Agent.usingEndpointFactory
+    agent: IAgent = make_agent(reactor, endpoints, pool=pool)
+    http = ConnectHTTPClient(_RetryingAgent(agent, retries), reactor, request_timeout)
+    http._pool = pool
+    http._closing = [endpoints]
+    if isinstance(bundle_source, _LeasedBundleSource):
+        http._closing.append(bundle_source)
+    return http

@@ -1,0 +1,369 @@
+"""
+Tests for connect_native.http: host names, the endpoint factory, and whole
+treq requests in memory: a ``MemoryReactorClock``, the agent's health API
+behind ``StubTreq``, and a twisted.web site behind a fake Connect instance
+(real TLS through iosim).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import treq
+from treq.testing import StubTreq
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.web._newclient import ResponseNeverReceived
+from twisted.web.client import URI
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from connect_native.client import ConnectClientEndpoint
+from connect_native.consul.client import ConsulClient
+from connect_native.http import (
+    ConnectEndpointFactory,
+    ConnectHost,
+    NotAConnectHost,
+    RequestTimeout,
+    client,
+    parse_connect_host,
+)
+from connect_native.resolve import ConsulResolver, PreparedQueryResolver
+from connect_native.testing import (
+    CertificateFactory,
+    FakeBundleSource,
+    FakeServiceInstance,
+    make_bundle,
+)
+from connect_native.tls import peer_identity
+
+# --- host names ---
+
+
+@pytest.mark.parametrize(
+    ("host", "parsed"),
+    [
+        ("web.service.consul", ConnectHost("service", "web")),
+        ("web.service.dc2.consul", ConnectHost("service", "web", datacenter="dc2")),
+        (
+            "web.service.team.ns.consul",
+            ConnectHost("service", "web", namespace="team"),
+        ),
+        (
+            "web.service.team.ns.p1.ap.dc2.consul",
+            ConnectHost(
+                "service", "web", datacenter="dc2", namespace="team", partition="p1"
+            ),
+        ),
+        ("web.service.p1.ap.consul", ConnectHost("service", "web", partition="p1")),
+        ("Web.SERVICE.Consul.", ConnectHost("service", "Web")),
+        ("db-q.query.consul", ConnectHost("query", "db-q")),
+        ("db-q.query.dc2.consul", ConnectHost("query", "db-q", datacenter="dc2")),
+    ],
+)
+def test_connect_host_names(host: str, parsed: ConnectHost) -> None:
+    assert parse_connect_host(host) == parsed
+
+
+@pytest.mark.parametrize(
+    ("host", "why"),
+    [
+        ("example.com", "does not end in .consul"),
+        ("web.consul", "does not end in .consul"),
+        ("web.node.consul", "'node'"),
+        ("web.service.a.b.consul", "after the service"),
+        ("q.query.a.b.consul", "a query name"),
+        ("web..service.consul", "empty label"),
+    ],
+)
+def test_other_hosts_are_refused_saying_to_use_a_plain_client(
+    host: str, why: str
+) -> None:
+    with pytest.raises(NotAConnectHost) as info:
+        parse_connect_host(host)
+    message = str(info.value)
+    assert repr(host) in message
+    assert why in message
+    assert "plain HTTP client" in message
+
+
+# --- the endpoint factory ---
+
+
+@pytest.fixture
+def endpoints() -> ConnectEndpointFactory:
+    ca = CertificateFactory()
+    return ConnectEndpointFactory(
+        MemoryReactorClock(),
+        ConsulClient(MemoryReactorClock()),
+        FakeBundleSource(make_bundle(ca, "api")),
+        timeout=5,
+    )
+
+
+def test_a_service_host_is_a_consul_resolver_endpoint(
+    endpoints: ConnectEndpointFactory,
+) -> None:
+    endpoint = endpoints.endpointForURI(
+        URI.fromBytes(b"https://db.service.team.ns.dc2.consul/x")
+    )
+    assert isinstance(endpoint, ConnectClientEndpoint)
+    resolver = endpoint.resolver
+    assert isinstance(resolver, ConsulResolver)
+    assert (resolver.query.service, resolver.query.datacenter) == ("db", "dc2")
+    assert resolver.query.namespace == "team"
+    assert endpoint.alpn_protocols == (b"http/1.1",)
+    assert endpoint.timeout == 5
+    # One endpoint per host: its resolver and failure memory carry over.
+    again = endpoints.endpointForURI(
+        URI.fromBytes(b"https://db.service.team.ns.dc2.consul/y")
+    )
+    assert again is endpoint
+
+
+def test_a_query_host_is_a_prepared_query_endpoint(
+    endpoints: ConnectEndpointFactory,
+) -> None:
+    endpoint = endpoints.endpointForURI(URI.fromBytes(b"https://db-q.query.consul/"))
+    assert isinstance(endpoint, ConnectClientEndpoint)
+    assert isinstance(endpoint.resolver, PreparedQueryResolver)
+    assert endpoint.resolver.name == "db-q"
+
+
+def test_plain_http_is_refused(endpoints: ConnectEndpointFactory) -> None:
+    with pytest.raises(NotAConnectHost, match="always TLS"):
+        endpoints.endpointForURI(URI.fromBytes(b"http://db.service.consul/"))
+
+
+# --- whole requests, in memory ---
+
+
+def health_entry(service: str, address: str, port: int) -> dict[str, Any]:
+    return {
+        "Node": {"ID": "n1", "Node": "node1", "Address": address, "Datacenter": "dc1"},
+        "Service": {
+            "ID": f"{service}-{port}",
+            "Service": service,
+            "Address": address,
+            "Port": port,
+            "Connect": {"Native": True},
+        },
+        "Checks": [],
+    }
+
+
+class Health(Resource):
+    isLeaf = True
+
+    def __init__(self, entries: list[dict[str, Any]]) -> None:
+        super().__init__()
+        self.entries = entries
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader("X-Consul-Index", "5")
+        return json.dumps(self.entries).encode()
+
+
+class Hello(Resource):
+    """Says who called, and echoes a POST body."""
+
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        return b"hello " + peer_identity(request.channel.transport).service.encode()  # type: ignore[union-attr]
+
+    def render_POST(self, request: Request) -> bytes:
+        assert request.content is not None
+        return b"got " + request.content.read()
+
+
+class Mesh:
+    """Our service ``api``, one ``web`` instance at 10.0.0.1:8443."""
+
+    def __init__(self, app: Any = None, alpn_protocols: Any = ()) -> None:
+        self.reactor = MemoryReactorClock()
+        ca = CertificateFactory()
+        if app is None:
+            site = Site(Hello(), reactor=self.reactor)
+            site.timeOut = None
+            app = site
+        self.web = FakeServiceInstance(
+            make_bundle(ca, "web"), app, alpn_protocols=alpn_protocols
+        )
+        consul = ConsulClient(
+            self.reactor,
+            http_client=StubTreq(Health([health_entry("web", "10.0.0.1", 8443)])),
+        )
+        self.http = client(
+            reactor=self.reactor,
+            consul=consul,
+            bundle_source=FakeBundleSource(make_bundle(ca, "api")),
+            timeout=20,
+        )
+        self.pumps: list[Any] = []
+
+    def accept(self) -> None:
+        self.pumps.append(self.web.accept(self.reactor, self.reactor))
+
+    def flush(self) -> None:
+        for _ in range(5):
+            for pump in self.pumps:
+                pump.flush()
+
+
+def fired(d: Deferred[Any]) -> Any:
+    out: list[Any] = []
+    d.addBoth(out.append)
+    assert out, "the Deferred has not fired"
+    if isinstance(out[0], Failure):
+        out[0].raiseException()
+    return out[0]
+
+
+def failed(d: Deferred[Any]) -> BaseException:
+    out: list[Any] = []
+    d.addBoth(out.append)
+    assert out, "the Deferred has not fired"
+    assert isinstance(out[0], Failure), f"expected a failure, got {out[0]!r}"
+    return out[0].value
+
+
+def test_get_and_post_reach_the_service_over_connect() -> None:
+    mesh = Mesh()
+    d = mesh.http.get("https://web.service.consul/hello")
+    ((host, port, *_),) = mesh.reactor.tcpClients
+    assert (host, port) == ("10.0.0.1", 8443)
+    mesh.accept()
+    mesh.flush()
+    response = fired(d)
+    assert response.code == 200
+    assert fired(treq.content(response)) == b"hello api"
+    posted = mesh.http.post("https://web.service.consul/echo", data=b"payload")
+    mesh.flush()
+    assert fired(treq.content(fired(posted))) == b"got payload"
+    # The second request reused the persistent connection.
+    assert len(mesh.reactor.tcpClients) == 1
+
+
+def test_only_http_1_1_is_offered() -> None:
+    mesh = Mesh(alpn_protocols=[b"h2", b"http/1.1"])
+    d = mesh.http.get("https://web.service.consul/hello")
+    mesh.accept()
+    mesh.flush()
+    (pump,) = mesh.pumps
+    # The server would rather speak h2; the client offered http/1.1 only.
+    assert pump.server.negotiatedProtocol == b"http/1.1"
+    assert fired(d).code == 200
+
+
+def test_another_host_fails_the_request_saying_to_use_a_plain_client() -> None:
+    mesh = Mesh()
+    error = failed(mesh.http.get("https://example.com/"))
+    assert isinstance(error, NotAConnectHost)
+    assert "plain HTTP client" in str(error)
+    assert mesh.reactor.tcpClients == []
+
+
+def test_a_request_times_out_by_default() -> None:
+    mesh = Mesh(Factory.forProtocol(Protocol))  # accepts, never answers
+    d = mesh.http.get("https://web.service.consul/slow")
+    mesh.accept()
+    mesh.flush()
+    mesh.reactor.advance(19.9)
+    assert not d.called
+    mesh.reactor.advance(0.1)
+    error = failed(d)
+    assert isinstance(error, RequestTimeout)
+    assert "GET https://web.service.consul/slow" in str(error)
+    assert "20s" in str(error)
+
+
+def test_a_request_may_give_its_own_timeout() -> None:
+    mesh = Mesh(Factory.forProtocol(Protocol))
+    d = mesh.http.get("https://web.service.consul/slow", timeout=2)
+    mesh.accept()
+    mesh.flush()
+    mesh.reactor.advance(2)
+    assert d.called
+    assert not isinstance(failed(d), RequestTimeout)
+
+
+class HangUpOnce(Protocol):
+    """Closes the first connection as soon as a request arrives."""
+
+    hung_up = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        HangUpOnce.hung_up += 1
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+
+class FirstHangsUp(Factory):
+    def __init__(self, reactor: Any) -> None:
+        self.built = 0
+        site = Site(Hello(), reactor=reactor)
+        site.timeOut = None
+        self.site = site
+
+    def buildProtocol(self, addr: Any) -> Protocol | None:
+        self.built += 1
+        if self.built == 1:
+            return HangUpOnce()
+        return self.site.buildProtocol(addr)
+
+
+def test_an_idempotent_request_is_sent_again_after_a_reset_before_any_response() -> (
+    None
+):
+    reactor_holder = MemoryReactorClock()
+    mesh = Mesh(FirstHangsUp(reactor_holder))
+    d = mesh.http.get("https://web.service.consul/hello")
+    mesh.accept()
+    mesh.flush()
+    assert not d.called
+    assert len(mesh.reactor.tcpClients) == 2  # a new connection for the retry
+    mesh.accept()
+    mesh.flush()
+    assert fired(treq.content(fired(d))) == b"hello api"
+
+
+def test_a_post_is_not_sent_again_after_a_reset() -> None:
+    mesh = Mesh(FirstHangsUp(MemoryReactorClock()))
+    d = mesh.http.post("https://web.service.consul/echo", data=b"once")
+    mesh.accept()
+    mesh.flush()
+    assert isinstance(failed(d), ResponseNeverReceived)
+    assert len(mesh.reactor.tcpClients) == 1
+
+
+def test_the_client_needs_our_service(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CONNECT_NATIVE_SERVICE", raising=False)
+    with pytest.raises(ValueError, match="CONNECT_NATIVE_SERVICE"):
+        client(reactor=MemoryReactorClock(), consul=ConsulClient(MemoryReactorClock()))
+
+
+def test_bad_settings_are_refused() -> None:
+    reactor = MemoryReactorClock()
+    consul = ConsulClient(reactor)
+    with pytest.raises(ValueError, match="timeout"):
+        client("api", reactor=reactor, consul=consul, timeout=0)
+    with pytest.raises(ValueError, match="retries"):
+        client("api", reactor=reactor, consul=consul, retries=-1)
+
+
+def test_close_closes_idle_connections() -> None:
+    mesh = Mesh()
+    d = mesh.http.get("https://web.service.consul/hello")
+    mesh.accept()
+    mesh.flush()
+    fired(treq.content(fired(d)))
+    (pump,) = mesh.pumps
+    assert not pump.clientIO.disconnected
+    closed = mesh.http.close()
+    mesh.flush()
+    fired(closed)
+    assert pump.clientIO.disconnected
