@@ -6,5 +6,6 @@ intentions, in the process, with no sidecar proxy.
 """
 
 from connect_native._version import __version__
+from connect_native.client import ConnectClientEndpoint, ConnectError
 
-__all__ = ["__version__"]
+__all__ = ["ConnectClientEndpoint", "ConnectError", "__version__"]
