@@ -1197,13 +1197,21 @@ class _Reply:
     One response being built: status, headers, body.
     """
 
-    def __init__(self, request: Request) -> None:
+    def __init__(self, request: Request, clock: Any) -> None:
         self.request = request
         self.gone = False
+        self._clock = clock
+        self._started = clock.seconds()
         request.notifyFinish().addErrback(self._lost)
 
     def _lost(self, failure: Failure) -> None:
         self.gone = True
+        log.info(
+            "{method} {uri}: the client went away after {elapsed:.3f} s",
+            method=_text(self.request.method),
+            uri=_text(self.request.uri),
+            elapsed=self._clock.seconds() - self._started,
+        )
 
     def send(
         self,
@@ -1233,6 +1241,13 @@ class _Reply:
         response_headers.setRawHeaders("Content-Length", [str(len(body))])
         request.write(body)  # type: ignore[no-untyped-call]
         request.finish()  # type: ignore[no-untyped-call]
+        log.info(
+            "{method} {uri} -> {status} ({elapsed:.3f} s)",
+            method=_text(request.method),
+            uri=_text(request.uri),
+            status=status,
+            elapsed=self._clock.seconds() - self._started,
+        )
 
     def json(
         self, value: Any, headers: Sequence[tuple[str, str]] = (), status: int = 200
@@ -1269,6 +1284,10 @@ class _Reply:
         self.error(ConsulError(500, f"dev agent internal error: {error!r}"))
 
 
+def _text(raw: bytes | None) -> str:
+    return (raw or b"").decode("ascii", "replace")
+
+
 def _meta_headers(
     index: int, *, known_leader: bool, consistency: str | None = None
 ) -> list[tuple[str, str]]:
@@ -1302,20 +1321,13 @@ class AgentResource(Resource):
         self.agent = agent
 
     def render(self, request: Request) -> bytes | int:
-        reply = _Reply(request)
+        reply = _Reply(request, self.agent.clock)
         try:
             self._dispatch(request, reply)
         except ConsulError as e:
             reply.error(e)
         except Exception:
             reply.failure(Failure())  # type: ignore[no-untyped-call]
-        method = (request.method or b"").decode("ascii", "replace")
-        log.info(
-            "{method} {uri} -> {status}",
-            method=method,
-            uri=request.uri.decode("ascii", "replace"),
-            status=request.code if request.finished else "(blocking)",
-        )
         return NOT_DONE_YET
 
     def _dispatch(self, request: Request, reply: _Reply) -> None:
