@@ -1332,3 +1332,30 @@ async def test_unix_socket(tmp_path: Path) -> None:
         assert resource.last.uri == "/v1/agent/self"
     finally:
         await port.stopListening()
+
+
+# -- the client under the blocking loop ----------------------------------------------
+
+
+def test_a_watch_drives_the_leaf_with_index_and_wait() -> None:
+    from connect_native.consul.blocking import Watch
+
+    resource = replay("leaf-web.http")
+    client, clock = make(resource)
+    seen: list[Any] = []
+    watch = Watch(
+        clock,
+        lambda index, wait: client.leaf("web", index=index, wait=wait),
+        seen.append,
+        name="leaf web",
+        wait=60,
+        min_interval=1,
+    )
+    watch.start()
+    clock.advance(0)
+    assert resource.last.query == [("index", "0"), ("wait", "60000ms")]
+    assert [leaf.serial_number for leaf in seen] == ["08"]
+    clock.advance(1)
+    # The capture's X-Consul-Index is what the next read blocks on.
+    assert resource.last.query == [("index", "14"), ("wait", "60000ms")]
+    watch.stop()

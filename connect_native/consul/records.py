@@ -924,6 +924,7 @@ class Intention:
     source_partition: str | None = None
     destination_partition: str | None = None
     source_peer: str | None = None
+    source_sameness_group: str | None = None
     meta: FrozenDict[str, str] = field(factory=_empty_map)
     default_addr: str = ""
     default_port: int = 0
@@ -985,6 +986,7 @@ def _decode_intention(ixn: _Obj) -> Intention:
         source_partition=ixn.maybe_str("SourcePartition") or None,
         destination_partition=ixn.maybe_str("DestinationPartition") or None,
         source_peer=ixn.maybe_str("SourcePeer") or None,
+        source_sameness_group=ixn.maybe_str("SourceSamenessGroup") or None,
         source_type=ixn.opt_str("SourceType", "consul"),
         action=action,
         permissions=permissions,
