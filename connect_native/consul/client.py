@@ -992,7 +992,7 @@ class ConsulClient:
         ``RootCert`` rotate the CA (needs operator:write).
         """
         body = {
-            "Provider": _segment("provider", provider) and provider,
+            "Provider": _nonempty("provider", provider),
             "Config": dict(config),
             "ForceWithoutCrossSigning": force_without_cross_signing,
         }
