@@ -74,6 +74,8 @@ class Switch(Resource):
         self.times: list[float] = []
         self.error: tuple[int, bytes] | None = None
         self.hang = False
+        self.hold = False
+        self.held: list[Request] = []
         self.requests: list[tuple[str, str]] = []
 
     def render(self, request: Request) -> bytes | int:
@@ -81,11 +83,25 @@ class Switch(Resource):
         self.times.append(self.clock.seconds())
         if self.hang:
             return NOT_DONE_YET
+        if self.hold:
+            self.held.append(request)
+            return NOT_DONE_YET
         if self.error is not None:
             request.setResponseCode(self.error[0])
             return self.error[1]
         result: bytes | int = self.target.render(request)
         return result
+
+    def release(self) -> None:
+        """Pass the held requests on, and stop holding."""
+        self.hold = False
+        held, self.held = self.held, []
+        for request in held:
+            result = self.target.render(request)
+            if result != NOT_DONE_YET:
+                assert isinstance(result, bytes)
+                request.write(result)
+                request.finish()
 
 
 class World:
@@ -495,7 +511,29 @@ def test_a_silent_agent_is_given_up_on_and_retried(world: World) -> None:
     assert "web-host1-8443" in world.services()
 
 
-def test_a_change_during_a_request_is_sent_after_it(world: World) -> None:
+def test_a_change_while_an_update_is_in_flight_is_sent_when_it_returns(
+    world: World,
+) -> None:
+    started(world)
+    world.switch.hold = True
+    world.readiness.set(ManagerState.READY, "ready")
+    world.flush()
+    assert len(world.switch.held) == 1  # in flight, unanswered
+    world.readiness.set(ManagerState.EXPIRED, "expired meanwhile")
+    world.flush()
+    assert len(world.switch.held) == 1  # one request at a time
+    world.switch.release()
+    world.flush()
+    check = world.checks()["web-host1-8443:ttl"]
+    assert check["Status"] == "critical"
+    assert "expired meanwhile" in check["Output"]
+    updates = [r for r in world.switch.requests if "/check/update/" in r[1]]
+    assert len(updates) == 3  # after registering, then one per change
+
+
+def test_a_change_while_the_agent_hangs_is_sent_after_the_timeout(
+    world: World,
+) -> None:
     started(world)
     world.ready("first")
     world.switch.hang = True
