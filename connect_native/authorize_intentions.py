@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Literal, Protocol
+from typing import Literal, Protocol, cast
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
@@ -36,7 +36,7 @@ from connect_native.authorize import (
     Peer,
 )
 from connect_native.consul.blocking import Watch
-from connect_native.consul.records import Indexed, Intention
+from connect_native.consul.records import AuthorizeResult, Indexed, Intention
 from connect_native.identity import ServiceIdentity
 from connect_native.intentions import (
     DEFAULT_SOURCE,
@@ -54,8 +54,12 @@ __all__ = ["IntentionAuthorizer", "IntentionsClient"]
 log = Logger()
 
 
-class IntentionsClient(AuthorizeCall, Protocol):
+class IntentionsClient(Protocol):
     """What :class:`IntentionAuthorizer` needs of the Consul client."""
+
+    def authorize(
+        self, target: str, client_cert_uri: str, client_cert_serial: str
+    ) -> Deferred[AuthorizeResult]: ...
 
     def intentions_match(
         self,
@@ -157,7 +161,11 @@ class IntentionAuthorizer(Service):
             "agent_cache_ttl", agent_cache_ttl, allow_zero=True
         )
         self._blocking = blocking
-        self._agent = AgentAuthorizer(client, clock, timeout=self.timeout, cache_ttl=0)
+        # AuthorizeCall's structural result type is what AuthorizeResult
+        # provides; Deferred's invariance alone keeps mypy from seeing it.
+        self._agent = AgentAuthorizer(
+            cast(AuthorizeCall, client), clock, timeout=self.timeout, cache_ttl=0
+        )
         self._agent_answers: dict[tuple[str, str, str], tuple[float, Decision]] = {}
         self._table: CompiledIntentions | None = None
         self._held: tuple[Intention, ...] | None = None

@@ -155,7 +155,7 @@ def result(d: Deferred[Decision]) -> Decision:
 
 
 def test_provides_iauthorizer() -> None:
-    assert IAuthorizer.providedBy(IntentionAuthorizer(ScriptedConsul(), Clock(), "api"))  # type: ignore[arg-type]
+    assert IAuthorizer.providedBy(IntentionAuthorizer(ScriptedConsul(), Clock(), "api"))
 
 
 def test_warm_cache_decides_now() -> None:
