@@ -158,6 +158,12 @@ def test_unknown_path_is_404_with_no_body() -> None:
     assert answer.header("Vary") == "Accept-Encoding"
 
 
+def test_subtree_path_without_its_slash_is_redirected_like_go() -> None:
+    answer = Harness().call("GET", "/v1/agent/service?x=1", follow=False)
+    assert answer.status == 301
+    assert answer.header("Location") == "/v1/agent/service/?x=1"
+
+
 def test_options_answers_allowed_methods() -> None:
     answer = Harness().call("OPTIONS", "/v1/connect/intentions")
     assert answer.status == 200

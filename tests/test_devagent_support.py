@@ -190,6 +190,8 @@ class Harness:
         path: str,
         body: bytes | str | None = None,
         headers: dict[str, str] | None = None,
+        *,
+        follow: bool = True,
     ) -> Pending:
         if isinstance(body, str):
             body = body.encode("utf-8")
@@ -198,6 +200,7 @@ class Harness:
             BASE + path,
             data=body,
             headers=headers or {},
+            allow_redirects=follow,
         )
         return Pending(self, d)
 
@@ -207,8 +210,10 @@ class Harness:
         path: str,
         body: bytes | str | None = None,
         headers: dict[str, str] | None = None,
+        *,
+        follow: bool = True,
     ) -> Answer:
-        pending = self.start(method, path, body, headers)
+        pending = self.start(method, path, body, headers, follow=follow)
         return pending.answer()
 
     def get(self, path: str, **kwargs: Any) -> Answer:

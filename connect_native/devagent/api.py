@@ -567,7 +567,7 @@ class _Decoder:
                         GoJSONError(
                             f'parsing time "{json.dumps(value)}" as '
                             '""2006-01-02T15:04:05Z07:00"": cannot parse '
-                            f'"{value}" as "2006"'
+                            f'"{value}"" as "2006"'
                         )
                     )
                 return value
@@ -1335,6 +1335,21 @@ class AgentResource(Resource):
         path = unquote_to_bytes(raw_path).decode("utf-8", errors="replace")
         method = (request.method or b"GET").decode("ascii", "replace")
         found = _route(path)
+        if found is None and _route(path + "/") is not None and not path.endswith("/"):
+            # Go's ServeMux sends a path without its subtree's slash there.
+            location = path + "/"
+            if b"?" in request.uri:
+                location += "?" + _text(request.uri.split(b"?", 1)[1])
+            body = b""
+            if method == "GET":
+                body = f'<a href="{location}">Moved Permanently</a>.\n\n'.encode()
+            reply.send(
+                301,
+                body,
+                content_type="text/html; charset=utf-8",
+                headers=[("Location", location)],
+            )
+            return
         if found is None:
             if path == "/":
                 reply.send(200, b"Consul Agent", content_type=TEXT_PLAIN)

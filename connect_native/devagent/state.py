@@ -70,6 +70,7 @@ META_MAX_PAIRS = 64
 META_KEY_MAX = 128
 META_VALUE_MAX = 512
 INTENTION_DESCRIPTION_MAX = 512
+MAX_LEAF_TTL = 100 * 365 * 86400.0
 
 HEALTH_PASSING = "passing"
 HEALTH_WARNING = "warning"
@@ -1275,11 +1276,13 @@ class DevAgent:
         if problem is not None:
             raise ConsulError(500, f"error configuring provider: {problem}")
         leaf_ttl = parsed["LeafCertTTL"] * NANOSECOND
-        if leaf_ttl <= 0:
+        if not 0 < leaf_ttl <= MAX_LEAF_TTL:
+            # Consul would accept these with SkipValidate and sign leaves that
+            # are already expired or whose dates overflow.
             raise ConsulError(
                 500,
                 "error configuring provider: the development agent needs a "
-                "positive LeafCertTTL, not "
+                "LeafCertTTL above 0 and at most 876000h (100 years), not "
                 + format_go_duration(parsed["LeafCertTTL"]),
             )
         key_pair = (parsed["PrivateKey"], parsed["RootCert"])
