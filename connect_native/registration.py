@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Protocol
 
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime
 from twisted.logger import Logger
@@ -423,7 +423,10 @@ class Registration(Service):
                 "not deregistering {service}: {error}", service=self.service, error=e
             )
             return succeed(None)
-        d = self._bounded(self.client.deregister_service(service_id), self.stop_timeout)
+        d = self._bounded(
+            maybeDeferred(self.client.deregister_service, service_id),
+            self.stop_timeout,
+        )
 
         def deregistered(_: object) -> None:
             log.info(
@@ -463,7 +466,7 @@ class Registration(Service):
         if self._registered:
             status, output = self.check()
             d = self._bounded(
-                self.client.check_update(self.check_id, status, output),
+                maybeDeferred(self.client.check_update, self.check_id, status, output),
                 self.request_timeout,
             )
             self._in_flight = d
@@ -479,7 +482,8 @@ class Registration(Service):
                 )
                 return
             d = self._bounded(
-                self.client.register_service(registration), self.request_timeout
+                maybeDeferred(self.client.register_service, registration),
+                self.request_timeout,
             )
             self._in_flight = d
             d.addBoth(self._registered_answer, registration)

@@ -595,3 +595,30 @@ def test_start_after_stop_registers_again(world: World) -> None:
     registration.startService()
     world.flush()
     assert world.checks()["web-host1-8443:ttl"]["Status"] == "passing"
+
+
+class RaisingClient:
+    """A client whose every call raises before returning a Deferred."""
+
+    calls = 0
+
+    def _boom(self, *args: object) -> Deferred[None]:
+        self.calls += 1
+        raise RuntimeError("boom")
+
+    register_service = deregister_service = check_update = _boom
+
+
+def test_a_client_that_raises_is_retried_and_stop_still_fires(
+    world: World, logged: list[LogEvent]
+) -> None:
+    client = RaisingClient()
+    registration = Registration(
+        world.clock, client, world.readiness, "web", 8443, hostname="host1"
+    )
+    registration.startService()
+    world.clock.advance(10)
+    assert client.calls > 1
+    d = registration.stopService()
+    assert world.successful(d) is None
+    assert any("boom" in formatEvent(e) for e in logged)
