@@ -701,3 +701,45 @@ def test_real_trust_domain_is_replaced_in_replays() -> None:
     assert real_trust_domain() != h.agent.ca.trust_domain
     answer, _ = replay(h, "leaf-name-slash.http")
     assert h.agent.ca.trust_domain in answer.text
+
+
+def _raw(h: Harness, path: str, accept: bytes | None) -> tuple[int, Any, bytes]:
+    import treq
+    from treq.testing import RequestTraversalAgent
+    from twisted.web.http_headers import Headers
+
+    agent = RequestTraversalAgent(h.agent.resource())
+    headers = Headers({b"Accept-Encoding": [accept]} if accept else {})
+    responses: list[Any] = []
+    agent.request(b"GET", f"http://127.0.0.1{path}".encode(), headers).addBoth(
+        responses.append
+    )
+    agent.flush()
+    bodies: list[Any] = []
+    treq.content(responses[0]).addBoth(bodies.append)
+    agent.flush()
+    return responses[0].code, responses[0].headers, bodies[0]
+
+
+def test_large_bodies_are_gzipped_when_asked_and_small_ones_never() -> None:
+    import gzip
+
+    h = Harness()
+    _, headers, body = _raw(h, "/v1/agent/connect/ca/leaf/web", b"gzip")
+    assert headers.getRawHeaders(b"Content-Encoding") == [b"gzip"]
+    assert json.loads(gzip.decompress(body))["Service"] == "web"
+    _, headers, body = _raw(h, "/v1/agent/connect/ca/leaf/web", None)
+    assert headers.getRawHeaders(b"Content-Encoding") is None
+    assert json.loads(body)["Service"] == "web"
+    _, headers, body = _raw(h, "/v1/connect/intentions", b"gzip")
+    assert headers.getRawHeaders(b"Content-Encoding") is None
+    assert headers.getRawHeaders(b"Vary") == [b"Accept-Encoding"]
+
+
+def test_writes_answer_with_no_content_type_and_no_server_header() -> None:
+    h = Harness()
+    _, headers, _ = _raw(h, "/v1/agent/self", None)
+    assert headers.getRawHeaders(b"Server") is None
+    answer = h.put("/v1/agent/service/register", {"Name": "web"})
+    assert answer.header("Content-Type") is None
+    assert answer.body == b""
