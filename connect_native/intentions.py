@@ -124,7 +124,7 @@ def intention_precedence(
 ) -> int:
     """
     The precedence Consul gives an intention (``UpdatePrecedence``): 9 for
-    exact->exact down to 1 for ``*/*``->``*/*``.
+    exact->exact down to 1 when both namespaces are wildcards.
     """
     ceiling = {2: 9, 1: 6, 0: 3}[_count_exact(destination_ns, destination_name)]
     return ceiling - (2 - _count_exact(source_ns, source_name))
