@@ -1,0 +1,777 @@
+"""
+The ``connect:`` endpoint strings: Twisted endpoint-string parsers that make
+:func:`~twisted.internet.endpoints.serverFromString` and
+:func:`~twisted.internet.endpoints.clientFromString` build Connect endpoints,
+so any program that takes an endpoint description (``twistd web --listen``,
+``Klein().run(endpoint_description=...)``) serves or dials over Connect
+without code of its own::
+
+    connect:web:port=8443:interface=127.0.0.1:register=yes
+    connect:web:endpoint=unix\\:/run/web.sock
+    connect:db:source=web:timeout=5
+
+The grammar is documented in ``docs/endpoints.rst``.  The plugin module
+(``twisted/plugins/connect_native_plugins.py``) only instantiates
+:class:`ConnectServerParser` and :class:`ConnectClientParser`; this module
+imports nothing heavy until a description is parsed, since Twisted imports
+every plugin module while it looks for plugins.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from attrs import frozen
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IStreamClientEndpointStringParserWithReactor,
+    IStreamServerEndpoint,
+    IStreamServerEndpointStringParser,
+)
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+    from connect_native.client import ConnectClientEndpoint
+    from connect_native.consul.client import ConsulClient
+    from connect_native.registration import Registration
+    from connect_native.server import ConnectServerEndpoint
+    from connect_native.service import CertManagerLease
+
+__all__ = [
+    "CLIENT_OPTIONS",
+    "PREFIX",
+    "SERVER_OPTIONS",
+    "ClientDescription",
+    "ConnectClientParser",
+    "ConnectServerParser",
+    "ConnectStringServerEndpoint",
+    "EndpointStringError",
+    "ServerDescription",
+    "parse_client_description",
+    "parse_server_description",
+]
+
+#: The endpoint type both parsers answer to.
+PREFIX = "connect"
+
+#: The options of a server description, in the order the docs give them.
+SERVER_OPTIONS = (
+    "port",
+    "interface",
+    "backlog",
+    "endpoint",
+    "consul",
+    "tokenFile",
+    "authorize",
+    "register",
+    "readyTimeout",
+    "handshakeTimeout",
+    "authorizeTimeout",
+)
+
+#: The options of a client description.
+CLIENT_OPTIONS = (
+    "source",
+    "datacenter",
+    "namespace",
+    "partition",
+    "query",
+    "timeout",
+    "consul",
+    "tokenFile",
+)
+
+Authorize = Literal["agent", "intentions"]
+
+_TRUE = frozenset({"yes", "true", "on", "1"})
+_FALSE = frozenset({"no", "false", "off", "0"})
+
+
+class EndpointStringError(ValueError):
+    """
+    A ``connect:`` description that cannot be used: the message names the
+    option (or the missing part) and what it accepts.
+    """
+
+
+def _fail(kind: str, problem: str) -> EndpointStringError:
+    return EndpointStringError(f"{PREFIX}: {kind} endpoint: {problem}")
+
+
+def _check_names(kind: str, given: Mapping[str, str], known: Sequence[str]) -> None:
+    for name in given:
+        if name in known:
+            continue
+        close = difflib.get_close_matches(name, known, n=1) or [
+            k for k in known if k.lower() == name.lower()
+        ]
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise _fail(
+            kind,
+            f"unknown option {name!r}{hint}; the options are {', '.join(known)}",
+        )
+
+
+def _positional(kind: str, args: Sequence[str], usage: str) -> str | None:
+    if len(args) > 1:
+        raise _fail(
+            kind,
+            f"unexpected {args[1]!r} after the service name {args[0]!r}: a "
+            "description is connect:<service> followed by name=value options "
+            f"({usage}); a colon inside a value (an address, a sub-endpoint) "
+            "is escaped with a backslash, e.g. consul=127.0.0.1\\:8500",
+        )
+    if not args:
+        return None
+    return _service_name(kind, "the service name", args[0])
+
+
+def _service_name(kind: str, what: str, value: str) -> str:
+    if not value or value != value.strip() or any(c.isspace() for c in value):
+        raise _fail(
+            kind, f"{what} must be a Consul service name without spaces, not {value!r}"
+        )
+    return value
+
+
+def _text(kind: str, name: str, value: str) -> str:
+    if not value.strip():
+        raise _fail(kind, f"{name}= must not be empty")
+    return value
+
+
+def _seconds(kind: str, name: str, value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise _fail(
+            kind,
+            f"{name}= must be a number of seconds > 0 (e.g. 10 or 2.5), not {value!r}",
+        )
+    return seconds
+
+
+def _integer(kind: str, name: str, value: str, lowest: int, highest: int) -> int:
+    try:
+        number = int(value, 10)
+    except ValueError:
+        number = lowest - 1
+    if not lowest <= number <= highest:
+        raise _fail(
+            kind,
+            f"{name}= must be a whole number from {lowest} to {highest}, not {value!r}",
+        )
+    return number
+
+
+def _boolean(kind: str, name: str, value: str) -> bool:
+    lowered = value.lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise _fail(
+        kind, f"{name}= must be yes or no (or true/false, on/off, 1/0), not {value!r}"
+    )
+
+
+def _interface(kind: str, value: str) -> str:
+    from twisted.internet.abstract import isIPAddress, isIPv6Address
+
+    if value and not (isIPAddress(value) or isIPv6Address(value)):
+        raise _fail(
+            kind,
+            f"interface= must be an IP address to listen on (e.g. 127.0.0.1, "
+            f"0.0.0.0 or \\:\\:), not {value!r}",
+        )
+    return value
+
+
+# --- descriptions -------------------------------------------------------------------
+
+
+@frozen
+class ServerDescription:
+    """
+    A parsed ``connect:`` server description.
+
+    :ivar endpoint: the wrapped endpoint's description, when given with
+        ``endpoint=``; else ``port`` (with ``interface`` and ``backlog``).
+    :ivar token_file: the path of the file holding the ACL token.
+    """
+
+    service: str
+    port: int | None = None
+    interface: str = ""
+    backlog: int = 50
+    endpoint: str | None = None
+    consul: str | None = None
+    token_file: str | None = None
+    authorize: Authorize = "agent"
+    register: bool = False
+    ready_timeout: float = 60.0
+    handshake_timeout: float = 10.0
+    authorize_timeout: float = 10.0
+
+
+@frozen
+class ClientDescription:
+    """
+    A parsed ``connect:`` client description: dial ``service`` (or what the
+    prepared query ``query`` returns) as ``source``.
+    """
+
+    service: str | None
+    source: str
+    datacenter: str | None = None
+    namespace: str | None = None
+    partition: str | None = None
+    query: str | None = None
+    timeout: float | None = None
+    consul: str | None = None
+    token_file: str | None = None
+
+
+_SERVER_USAGE = (
+    "connect:<service>:port=<n>[:interface=<ip>] or "
+    "connect:<service>:endpoint=<description>"
+)
+
+
+def parse_server_description(
+    args: Sequence[str], kwargs: Mapping[str, str]
+) -> ServerDescription:
+    """
+    Read a server description's parts, as Twisted splits them
+    (``connect:web:port=8443`` is ``["web"]``, ``{"port": "8443"}``).
+
+    :raises EndpointStringError: naming the option that is unknown, missing,
+        conflicting or out of range.
+    """
+    kind = "server"
+    _check_names(kind, kwargs, SERVER_OPTIONS)
+    service = _positional(kind, args, _SERVER_USAGE)
+    if service is None:
+        raise _fail(kind, f"no service name: write {_SERVER_USAGE}")
+    has_port, has_endpoint = "port" in kwargs, "endpoint" in kwargs
+    if has_port == has_endpoint:
+        raise _fail(
+            kind,
+            f"service {service!r}: give either port= or endpoint= (exactly one of "
+            f"them): {_SERVER_USAGE}",
+        )
+    if has_endpoint:
+        for name in ("interface", "backlog"):
+            if name in kwargs:
+                raise _fail(
+                    kind,
+                    f"{name}= goes with port=, not with endpoint= (put it in the "
+                    "endpoint= description instead)",
+                )
+        sub = _text(kind, "endpoint", kwargs["endpoint"])
+        if sub.split(":", 1)[0].strip().lower() == PREFIX:
+            raise _fail(
+                kind,
+                f"endpoint= must be a plain server endpoint (tcp:, unix:, ...) "
+                f"for the TLS to run over, not another {PREFIX}: description",
+            )
+        where: dict[str, Any] = {"endpoint": sub}
+    else:
+        where = {
+            "port": _integer(kind, "port", kwargs["port"], 0, 65535),
+            "interface": _interface(kind, kwargs.get("interface", "")),
+            "backlog": _integer(kind, "backlog", kwargs.get("backlog", "50"), 1, 65535),
+        }
+    authorize = kwargs.get("authorize", "agent")
+    if authorize not in ("agent", "intentions"):
+        raise _fail(kind, f"authorize= must be agent or intentions, not {authorize!r}")
+    timeouts = {
+        name: _seconds(kind, name, kwargs[name]) if name in kwargs else default
+        for name, default in (
+            ("readyTimeout", 60.0),
+            ("handshakeTimeout", 10.0),
+            ("authorizeTimeout", 10.0),
+        )
+    }
+    return ServerDescription(
+        service=service,
+        consul=_optional_text(kind, "consul", kwargs),
+        token_file=_optional_text(kind, "tokenFile", kwargs),
+        authorize="intentions" if authorize == "intentions" else "agent",
+        register=_boolean(kind, "register", kwargs.get("register", "no")),
+        ready_timeout=timeouts["readyTimeout"],
+        handshake_timeout=timeouts["handshakeTimeout"],
+        authorize_timeout=timeouts["authorizeTimeout"],
+        **where,
+    )
+
+
+def _optional_text(kind: str, name: str, kwargs: Mapping[str, str]) -> str | None:
+    value = kwargs.get(name)
+    return None if value is None else _text(kind, name, value)
+
+
+def parse_client_description(
+    args: Sequence[str],
+    kwargs: Mapping[str, str],
+    environ: Mapping[str, str] | None = None,
+) -> ClientDescription:
+    """
+    Read a client description's parts (see :func:`parse_server_description`).
+    ``source`` defaults to ``$CONNECT_NATIVE_SERVICE`` from ``environ``
+    (``os.environ`` by default).
+
+    :raises EndpointStringError: naming the option at fault.
+    """
+    kind = "client"
+    _check_names(kind, kwargs, CLIENT_OPTIONS)
+    service = _positional(kind, args, "connect:<service>[:source=<our service>]")
+    query = _optional_text(kind, "query", kwargs)
+    if service is None and query is None:
+        raise _fail(
+            kind,
+            "no service name: write connect:<service>[:source=<our service>] "
+            "(or connect:query=<prepared query>)",
+        )
+    if service is not None and query is not None:
+        raise _fail(
+            kind,
+            f"give either the service name ({service!r}) or query= ({query!r}), "
+            "not both: the prepared query says which service answers",
+        )
+    if query is not None:
+        for name in ("namespace", "partition"):
+            if name in kwargs:
+                raise _fail(
+                    kind,
+                    f"{name}= does not go with query=: the prepared query "
+                    "decides the namespace and partition",
+                )
+    from connect_native.client import SERVICE_VARIABLE
+
+    source = kwargs.get("source")
+    if source is None:
+        source = (
+            (os.environ if environ is None else environ)
+            .get(SERVICE_VARIABLE, "")
+            .strip()
+        )
+        if not source:
+            raise _fail(
+                kind,
+                "no source: a Connect client presents the certificate of its "
+                "own service; add source=<our service> or set "
+                f"{SERVICE_VARIABLE}",
+            )
+    source = _service_name(kind, "source=", source)
+    return ClientDescription(
+        service=service,
+        source=source,
+        datacenter=_optional_text(kind, "datacenter", kwargs),
+        namespace=_optional_text(kind, "namespace", kwargs),
+        partition=_optional_text(kind, "partition", kwargs),
+        query=query,
+        timeout=(
+            _seconds(kind, "timeout", kwargs["timeout"])
+            if "timeout" in kwargs
+            else None
+        ),
+        consul=_optional_text(kind, "consul", kwargs),
+        token_file=_optional_text(kind, "tokenFile", kwargs),
+    )
+
+
+# --- the Consul agent's client -------------------------------------------------------
+
+#: One client per reactor and agent settings, so that every endpoint of the
+#: process shares certificate managers (which are kept per client object).
+_clients: weakref.WeakValueDictionary[tuple[object, ...], ConsulClient] = (
+    weakref.WeakValueDictionary()
+)
+
+
+def _read_token(kind: str, path: str) -> str:
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = getattr(e, "strerror", None) or type(e).__name__
+        raise _fail(kind, f"tokenFile={path!r} cannot be read: {reason}") from None
+    if not token:
+        raise _fail(kind, f"tokenFile={path!r} is empty: it must hold the ACL token")
+    return token
+
+
+def consul_client(
+    reactor: Any,
+    kind: str,
+    consul: str | None,
+    token_file: str | None,
+    environ: Mapping[str, str] | None = None,
+) -> ConsulClient:
+    """
+    The agent's client for a description: ``consul=`` and ``tokenFile=``
+    over the ``CONSUL_*`` environment variables; shared by every description
+    with the same settings on the same reactor.
+    """
+    from connect_native.consul.client import ConsulClient, ConsulConfigurationError
+
+    env = os.environ if environ is None else environ
+    token = None if token_file is None else _read_token(kind, token_file)
+    key = (
+        id(reactor),
+        consul,
+        token,
+        tuple(sorted((k, v) for k, v in env.items() if k.startswith("CONSUL_"))),
+    )
+    client = _clients.get(key)
+    if client is None:
+        try:
+            client = ConsulClient.from_environment(
+                reactor, env, address=consul, token=token
+            )
+        except ConsulConfigurationError as e:
+            what = (
+                f"consul={consul!r}" if consul is not None else "the CONSUL_* variables"
+            )
+            raise _fail(kind, f"{what}: {e}") from None
+        _clients[key] = client
+    return client
+
+
+# --- the server ---------------------------------------------------------------
+
+
+def _settle(waiter: Deferred[Any], result: object) -> None:
+    from twisted.python.failure import Failure
+
+    if isinstance(result, Failure):
+        waiter.errback(result)
+    else:
+        waiter.callback(result)
+
+
+@implementer(IListeningPort)
+class _Port:
+    """
+    A port from :class:`ConnectStringServerEndpoint`: stopping it deregisters
+    the instance (when registered) before the socket closes, then lets go of
+    what the listen took.  The reactor's shutdown stops it too, so a program
+    that just stops its reactor (``Klein().run``) still deregisters.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        port: IListeningPort,
+        registration: Registration | None,
+        release: Callable[[], None],
+    ) -> None:
+        self.port = port
+        self._reactor = reactor
+        self._registration = registration
+        self._release = release
+        self._outcome: list[object] = []
+        self._waiters: list[Deferred[Any]] = []
+        add = getattr(reactor, "addSystemEventTrigger", None)
+        self._trigger = (
+            add("before", "shutdown", self.stopListening) if callable(add) else None
+        )
+
+    def startListening(self) -> None:
+        self.port.startListening()
+
+    def stopListening(self) -> Deferred[Any]:
+        from twisted.internet.defer import Deferred
+
+        waiter: Deferred[Any] = Deferred()
+        if self._outcome:
+            _settle(waiter, self._outcome[0])
+            return waiter
+        self._waiters.append(waiter)
+        if len(self._waiters) == 1:
+            self._stop()
+        return waiter
+
+    def _stop(self) -> None:
+        from twisted.internet.defer import maybeDeferred, succeed
+
+        trigger, self._trigger = self._trigger, None
+        remove = getattr(self._reactor, "removeSystemEventTrigger", None)
+        if trigger is not None and callable(remove):
+            try:
+                remove(trigger)
+            except (ValueError, KeyError):  # it is running: we are shutting down
+                pass
+        registration = self._registration
+        stopping: Deferred[Any] = (
+            maybeDeferred(registration.stopService)
+            if registration is not None
+            else succeed(None)
+        )
+        stopping.addCallback(lambda _: self.port.stopListening())
+
+        def finished(result: object) -> None:
+            self._release()
+            self._outcome.append(result)
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                _settle(waiter, result)
+
+        stopping.addBoth(finished)
+
+    def getHost(self) -> Any:
+        return self.port.getHost()
+
+
+@implementer(IStreamServerEndpoint)
+class ConnectStringServerEndpoint:
+    """
+    What ``serverFromString(reactor, "connect:...")`` returns: a
+    :class:`~connect_native.server.ConnectServerEndpoint` over the described
+    endpoint, plus what the description asks to run while it listens: the
+    :class:`~connect_native.authorize_intentions.IntentionAuthorizer`
+    (``authorize=intentions``) and the
+    :class:`~connect_native.registration.Registration` (``register=yes``).
+
+    :ivar description: the parsed :class:`ServerDescription`.
+    :ivar wrapped: the endpoint the TLS runs over.
+    :ivar consul: the agent's client.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        description: ServerDescription,
+        wrapped: IStreamServerEndpoint,
+        consul: ConsulClient,
+    ) -> None:
+        from connect_native.server import ConnectServerEndpoint
+
+        self.description = description
+        self.wrapped = wrapped
+        self.consul = consul
+        self._reactor = reactor
+        self._listening = 0
+        self._authorizer: Any = None
+        if description.authorize == "intentions":
+            from connect_native.authorize_intentions import IntentionAuthorizer
+
+            # No matching intention: ask the agent, which applies the ACL
+            # default policy exactly as Consul's own proxies see it.
+            self._authorizer = IntentionAuthorizer(
+                consul, reactor, description.service, default="agent"
+            )
+        self.connect: ConnectServerEndpoint = ConnectServerEndpoint.for_service(
+            reactor,
+            wrapped,
+            consul,
+            description.service,
+            authorizer=self._authorizer,
+            ready_timeout=description.ready_timeout,
+            handshake_timeout=description.handshake_timeout,
+            authorize_timeout=description.authorize_timeout,
+        )
+
+    def __repr__(self) -> str:
+        return f"<ConnectStringServerEndpoint {self.description!r}>"
+
+    def _start(self) -> None:
+        self._listening += 1
+        if self._authorizer is not None and self._listening == 1:
+            self._authorizer.startService()
+
+    def _stop(self) -> None:
+        self._listening -= 1
+        if self._authorizer is not None and self._listening == 0:
+            self._authorizer.stopService()
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        """
+        Listen as :class:`~connect_native.server.ConnectServerEndpoint`
+        does (once the service's certificate is ready); then, with
+        ``register=yes``, register the instance with the agent.
+        """
+        self._start()
+        listening: Deferred[IListeningPort] = self.connect.listen(protocolFactory)
+
+        def listened(port: IListeningPort) -> IListeningPort:
+            try:
+                return self._wrap(port)
+            except BaseException:
+                self._stop()
+                port.stopListening()
+                raise
+
+        def failed(failure: Any) -> Any:
+            self._stop()
+            return failure
+
+        return listening.addCallbacks(listened, failed)
+
+    def _wrap(self, port: IListeningPort) -> IListeningPort:
+        registration: Registration | None = None
+        lease: CertManagerLease | None = None
+        if self.description.register:
+            from connect_native.registration import Registration
+            from connect_native.service import cert_managers
+
+            # The same shared manager the endpoint leases: its readiness is
+            # what the check reports.
+            lease = cert_managers.acquire(
+                self._reactor, self.consul, self.description.service
+            )
+            registration = Registration(
+                self._reactor,
+                self.consul,
+                lease.manager,
+                self.description.service,
+                port,
+            )
+            registration.startService()
+
+        def release() -> None:
+            if lease is not None:
+                lease.release()
+            self._stop()
+
+        return _Port(self._reactor, port, registration, release)
+
+
+def _wrapped_server(
+    reactor: Any, description: ServerDescription
+) -> IStreamServerEndpoint:
+    from twisted.internet.endpoints import TCP4ServerEndpoint, serverFromString
+
+    if description.endpoint is None:
+        assert description.port is not None
+        make_tcp: Any = TCP4ServerEndpoint
+        return make_tcp(  # type: ignore[no-any-return]
+            reactor,
+            description.port,
+            backlog=description.backlog,
+            interface=description.interface,
+        )
+    try:
+        parse: Any = serverFromString
+        endpoint: IStreamServerEndpoint = parse(reactor, description.endpoint)
+    except Exception as e:
+        raise _fail(
+            "server", f"endpoint={description.endpoint!r} is not usable: {e}"
+        ) from None
+    return endpoint
+
+
+def build_server(
+    reactor: Any,
+    description: ServerDescription,
+    environ: Mapping[str, str] | None = None,
+) -> ConnectStringServerEndpoint:
+    """The endpoint a :class:`ServerDescription` describes."""
+    wrapped = _wrapped_server(reactor, description)
+    consul = consul_client(
+        reactor, "server", description.consul, description.token_file, environ
+    )
+    return ConnectStringServerEndpoint(reactor, description, wrapped, consul)
+
+
+def build_client(
+    reactor: Any,
+    description: ClientDescription,
+    environ: Mapping[str, str] | None = None,
+) -> ConnectClientEndpoint:
+    """The endpoint a :class:`ClientDescription` describes."""
+    from connect_native.client import ConnectClientEndpoint, _LeasedBundleSource
+    from connect_native.resolve import PreparedQueryResolver
+
+    consul = consul_client(
+        reactor, "client", description.consul, description.token_file, environ
+    )
+    options: dict[str, Any] = {}
+    if description.timeout is not None:
+        options["timeout"] = description.timeout
+    if description.query is not None:
+        resolver = PreparedQueryResolver(
+            consul, description.query, description.datacenter, reactor=reactor
+        )
+        source = _LeasedBundleSource(reactor, consul, description.source, None)
+        endpoint = ConnectClientEndpoint(reactor, resolver, source, **options)
+        endpoint._owned = [source]
+        return endpoint
+    assert description.service is not None
+    return ConnectClientEndpoint.for_service(
+        reactor,
+        description.service,
+        our_service=description.source,
+        consul=consul,
+        datacenter=description.datacenter,
+        namespace=description.namespace,
+        partition=description.partition,
+        **options,
+    )
+
+
+def _strings(
+    args: Sequence[object], kwargs: Mapping[str, object]
+) -> tuple[list[str], dict[str, str]]:
+    # Twisted's parser hands over str; anything else was passed by hand.
+    return [str(a) for a in args], {k: str(v) for k, v in kwargs.items()}
+
+
+# --- the parsers ---------------------------------------------------------------------
+
+
+@implementer(IPlugin, IStreamServerEndpointStringParser)
+class ConnectServerParser:
+    """
+    ``serverFromString(reactor, "connect:<service>:port=<n>...")``: see
+    ``docs/endpoints.rst`` for the grammar.
+
+    :param environ: where the ``CONSUL_*`` variables are read (``os.environ``
+        by default, at each parse).
+    """
+
+    prefix = PREFIX
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        self._environ = environ
+
+    def parseStreamServer(
+        self, reactor: Any, *args: object, **kwargs: object
+    ) -> ConnectStringServerEndpoint:
+        return build_server(
+            reactor, parse_server_description(*_strings(args, kwargs)), self._environ
+        )
+
+
+@implementer(IPlugin, IStreamClientEndpointStringParserWithReactor)
+class ConnectClientParser:
+    """
+    ``clientFromString(reactor, "connect:<service>[:source=<ours>]...")``:
+    see ``docs/endpoints.rst`` for the grammar.
+
+    :param environ: where ``CONNECT_NATIVE_SERVICE`` and the ``CONSUL_*``
+        variables are read (``os.environ`` by default, at each parse).
+    """
+
+    prefix = PREFIX
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        self._environ = environ
+
+    def parseStreamClient(
+        self, reactor: Any, *args: object, **kwargs: object
+    ) -> ConnectClientEndpoint:
+        description = parse_client_description(*_strings(args, kwargs), self._environ)
+        return build_client(reactor, description, self._environ)
