@@ -371,10 +371,10 @@ class Registration(Service):
             id=self.service_id,
             address=self.address if self.address is not None else bound,
             # records.py's converter=tuple is untyped for mypy's attrs plugin
-            tags=self.tags,  # type: ignore[arg-type]
+            tags=self.tags,
             meta=self.meta,
             connect_native=True,
-            checks=(  # type: ignore[arg-type]
+            checks=(
                 TTLCheck(
                     ttl=self.check_ttl,
                     check_id=self.check_id,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Generic, TypeVar
 
@@ -1127,6 +1127,14 @@ def _str_map(value: Mapping[str, str] | None) -> FrozenDict[str, str]:
     return FrozenDict(value or {})
 
 
+def _str_tuple(values: Iterable[str]) -> tuple[str, ...]:
+    return tuple(values)
+
+
+def _check_tuple(values: Iterable[TTLCheck]) -> tuple[TTLCheck, ...]:
+    return tuple(values)
+
+
 @frozen
 class ServiceRegistration:
     """
@@ -1141,10 +1149,10 @@ class ServiceRegistration:
     port: int | None = field(default=None, validator=_port)
     id: str | None = None
     address: str | None = None
-    tags: tuple[str, ...] = field(default=(), converter=tuple)
+    tags: tuple[str, ...] = field(default=(), converter=_str_tuple)
     meta: FrozenDict[str, str] = field(factory=_empty_map, converter=_str_map)
     connect_native: bool = True
-    checks: tuple[TTLCheck, ...] = field(default=(), converter=tuple)
+    checks: tuple[TTLCheck, ...] = field(default=(), converter=_check_tuple)
 
     def to_json(self) -> dict[str, object]:
         """The JSON body the agent expects (it rejects unknown fields)."""
