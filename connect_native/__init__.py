@@ -7,5 +7,12 @@ intentions, in the process, with no sidecar proxy.
 
 from connect_native._version import __version__
 from connect_native.client import ConnectClientEndpoint, ConnectError
+from connect_native.server import ConnectServerEndpoint, peer_identity
 
-__all__ = ["ConnectClientEndpoint", "ConnectError", "__version__"]
+__all__ = [
+    "ConnectClientEndpoint",
+    "ConnectError",
+    "ConnectServerEndpoint",
+    "__version__",
+    "peer_identity",
+]
