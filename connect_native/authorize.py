@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
+from connect_native.consul.records import AuthorizeResult
 from connect_native.identity import ServiceIdentity
 
 log = Logger()
@@ -90,11 +91,6 @@ class IAuthorizer(Interface):
         """
 
 
-class _AuthorizeResult(Protocol):
-    authorized: bool
-    reason: str
-
-
 class AuthorizeCall(Protocol):
     """
     What `AgentAuthorizer` needs of the Consul client.
@@ -102,7 +98,7 @@ class AuthorizeCall(Protocol):
 
     def authorize(
         self, target: str, client_cert_uri: str, client_cert_serial: str
-    ) -> Deferred[_AuthorizeResult]: ...
+    ) -> Deferred[AuthorizeResult]: ...
 
 
 @implementer(IAuthorizer)
@@ -188,7 +184,7 @@ class AgentAuthorizer:
 
         timer: IDelayedCall = self._clock.callLater(self._timeout, on_timeout)
 
-        def decided(result: _AuthorizeResult) -> Decision:
+        def decided(result: AuthorizeResult) -> Decision:
             if not isinstance(result.authorized, bool):
                 return Decision.deny("the agent's answer had no boolean Authorized")
             return Decision(bool(result.authorized), str(result.reason), "agent")

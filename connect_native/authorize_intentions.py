@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Literal, Protocol, cast
+from typing import Literal, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
@@ -30,7 +30,6 @@ from zope.interface import implementer
 
 from connect_native.authorize import (
     AgentAuthorizer,
-    AuthorizeCall,
     Decision,
     IAuthorizer,
     Peer,
@@ -163,9 +162,7 @@ class IntentionAuthorizer(Service):
         self._blocking = blocking
         # AuthorizeCall's structural result type is what AuthorizeResult
         # provides; Deferred's invariance alone keeps mypy from seeing it.
-        self._agent = AgentAuthorizer(
-            cast(AuthorizeCall, client), clock, timeout=self.timeout, cache_ttl=0
-        )
+        self._agent = AgentAuthorizer(client, clock, timeout=self.timeout, cache_ttl=0)
         self._agent_answers: dict[tuple[str, str, str], tuple[float, Decision]] = {}
         self._table: CompiledIntentions | None = None
         self._held: tuple[Intention, ...] | None = None
