@@ -582,7 +582,9 @@ class _Gate(Protocol):
         if IHandshakeListener.providedBy(app):
             app.handshakeCompleted()
         for data in early:
-            if tls.disconnecting and getattr(tls, "_aborted", False):
+            # As TLSMemoryBIOProtocol itself does: after loseConnection the
+            # application still gets what was read, after abortConnection not.
+            if getattr(tls, "_aborted", False):
                 break
             app.dataReceived(data)
 

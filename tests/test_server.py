@@ -1003,3 +1003,26 @@ def test_for_service_releases_the_manager_when_listen_times_out(
     assert "waiting for the agent" in listening.result.getErrorMessage()
     assert not made[0].running
     assert registry.managers() == []
+
+
+def test_an_application_aborting_on_connect_gets_no_early_bytes(
+    ca: CertificateFactory,
+) -> None:
+    class Aborting(App):
+        def connectionMade(self) -> None:
+            self.transport.abortConnection()  # type: ignore[union-attr]
+
+    class AbortingFactory(AppFactory):
+        def buildProtocol(self, addr: Any) -> App:
+            app = Aborting()
+            self.built.append(app)
+            return app
+
+    authorizer = FakeAuthorizer({"api"}, hold=True)
+    h = Harness(ca, authorizer, StaticSource(bundle(ca, ca.leaf("web"))))
+    apps = AbortingFactory()
+    h.listen(apps)
+    conn = h.connect([b"early"])
+    authorizer.release()
+    assert apps.built[0].received == b""
+    assert conn.server_transport.disconnecting
