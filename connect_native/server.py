@@ -26,7 +26,7 @@ Every decision is logged with :mod:`twisted.logger` fields ``peer``,
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import (
     CancelledError,
@@ -55,7 +55,6 @@ from zope.interface import implementer
 
 from connect_native.authorize import (
     AgentAuthorizer,
-    AuthorizeCall,
     Decision,
     IAuthorizer,
     Peer,
@@ -821,10 +820,7 @@ class ConnectServerEndpoint:
             reactor, client, service, cert_managers if registry is None else registry
         )
         if authorizer is None:
-            # ConsulClient.authorize is what AuthorizeCall describes, but its
-            # Deferred[AuthorizeResult] is not a Deferred[_AuthorizeResult]
-            # to mypy (Deferred is invariant).
-            authorizer = AgentAuthorizer(cast("AuthorizeCall", client), reactor)
+            authorizer = AgentAuthorizer(client, reactor)
         return cls(
             reactor,
             wrapped_endpoint,
