@@ -116,7 +116,7 @@ async def test_api_reaches_web_until_an_intention_denies_it(
     web, api = f"{unique_name}-web", f"{unique_name}-api"
     client = ConsulClient(reactor, address=real_consul.http_address)
     # No remembered decisions: each connection asks the agent.
-    authorizer = AgentAuthorizer(client, reactor, cache_ttl=0)  # type: ignore[arg-type]
+    authorizer = AgentAuthorizer(client, reactor, cache_ttl=0)
     endpoint = ConnectServerEndpoint.for_service(
         reactor,
         TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"),
