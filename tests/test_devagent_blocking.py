@@ -129,6 +129,17 @@ def test_leaf_at_higher_index_returns_the_lower_index_after_the_wait() -> None:
     assert pending.answer().header("X-Consul-Index") == str(index)
 
 
+def test_first_leaf_request_above_the_new_index_keeps_blocking() -> None:
+    h = Harness()
+    pending = h.start("GET", "/v1/agent/connect/ca/leaf/web?index=1000&wait=2s")
+    h.advance(1.9)
+    assert not pending.done
+    h.advance(0.1)
+    answer = pending.answer()
+    assert answer.header("X-Cache") == "MISS"
+    assert answer.header("X-Consul-Index") == "14"
+
+
 @pytest.mark.parametrize("wait", ["", "&wait=0s", "&wait=-1s"])
 def test_leaf_without_a_positive_wait_never_times_out(wait: str) -> None:
     h = Harness()

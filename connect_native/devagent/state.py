@@ -1386,6 +1386,7 @@ class DevAgent:
             raise ConsulError(500, "No path to datacenter")
         key = (service, dc)
         entry = self._leaves.get(key)
+        hit = entry is not None
         if entry is None:
             try:
                 leaf, index = self._issue_leaf(service, dc)
@@ -1393,9 +1394,8 @@ class DevAgent:
                 raise ConsulError(500, str(e)) from None
             entry = _LeafEntry(leaf=leaf, index=index, fetched_at=self.now())
             self._leaves[key] = entry
-            return succeed(self._leaf_answer(entry, hit=False))
         if not (min_index > 0 and min_index >= entry.index):
-            return succeed(self._leaf_answer(entry, hit=True))
+            return succeed(self._leaf_answer(entry, hit=hit))
 
         timer: IDelayedCall | None = None
         cache_entry = entry
