@@ -548,6 +548,8 @@ class ConnectStringServerEndpoint:
     :ivar description: the parsed :class:`ServerDescription`.
     :ivar wrapped: the endpoint the TLS runs over.
     :ivar consul: the agent's client.
+    :ivar authorizer: the intention authorizer it runs while listening
+        (``authorize=intentions``), else ``None``: the agent decides.
     """
 
     def __init__(
@@ -564,13 +566,13 @@ class ConnectStringServerEndpoint:
         self.consul = consul
         self._reactor = reactor
         self._listening = 0
-        self._authorizer: Any = None
+        self.authorizer: Any = None
         if description.authorize == "intentions":
             from connect_native.authorize_intentions import IntentionAuthorizer
 
             # No matching intention: ask the agent, which applies the ACL
             # default policy exactly as Consul's own proxies see it.
-            self._authorizer = IntentionAuthorizer(
+            self.authorizer = IntentionAuthorizer(
                 consul, reactor, description.service, default="agent"
             )
         self.connect: ConnectServerEndpoint = ConnectServerEndpoint.for_service(
@@ -578,7 +580,7 @@ class ConnectStringServerEndpoint:
             wrapped,
             consul,
             description.service,
-            authorizer=self._authorizer,
+            authorizer=self.authorizer,
             ready_timeout=description.ready_timeout,
             handshake_timeout=description.handshake_timeout,
             authorize_timeout=description.authorize_timeout,
@@ -589,13 +591,13 @@ class ConnectStringServerEndpoint:
 
     def _start(self) -> None:
         self._listening += 1
-        if self._authorizer is not None and self._listening == 1:
-            self._authorizer.startService()
+        if self.authorizer is not None and self._listening == 1:
+            self.authorizer.startService()
 
     def _stop(self) -> None:
         self._listening -= 1
-        if self._authorizer is not None and self._listening == 0:
-            self._authorizer.stopService()
+        if self.authorizer is not None and self._listening == 0:
+            self.authorizer.stopService()
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
         """
