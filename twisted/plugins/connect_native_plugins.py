@@ -6,8 +6,18 @@ so this module only instantiates plugin objects; anything heavy is imported
 lazily when a plugin is used.
 """
 
+from twisted.application.service import ServiceMaker
+
 from connect_native.endpoints import ConnectClientParser, ConnectServerParser
 
 #: ``connect:`` endpoint strings for serverFromString and clientFromString.
 connect_server_parser = ConnectServerParser()
 connect_client_parser = ConnectClientParser()
+
+#: ``twistd connect-native``: the TLS terminator (connect_native.terminator).
+connect_native_terminator = ServiceMaker(
+    "connect-native",
+    "connect_native.terminator",
+    "A Consul Connect mutual-TLS terminator and upstream listeners",
+    "connect-native",
+)

@@ -1,0 +1,581 @@
+"""
+Byte forwarding between two connections, for the terminator: an accepted
+connection (the *front*) is joined to a connection the forwarder dials (the
+*back*), and bytes are copied both ways unchanged.
+
+- **Backpressure**: each transport is registered as the other's streaming
+  producer, so a side that cannot write fast enough pauses reading on the
+  other; nothing is buffered beyond the transports' own write buffers and
+  the bytes that arrive while the back connection is being dialled (the
+  front is paused then, so that is at most one read).
+- **Half-close**: an end of stream from one side closes only the write
+  direction towards the other side, and the opposite direction keeps
+  flowing until it ends too.  On a plaintext TCP connection that is
+  ``loseWriteConnection()`` (TCP FIN) and ``IHalfCloseableProtocol`` on the
+  way in.  On a TLS connection, Twisted's public API allows one direction:
+  ``loseConnection()`` sends ``close_notify`` and keeps reading until the
+  peer answers with its own; a ``close_notify`` *received* makes Twisted
+  close the whole TLS connection, which the forwarder sees as the end of
+  that connection (see ``docs/terminator.rst``).
+- **Bounds**: the dial has a deadline, and a pair of connections with no
+  bytes moving either way for ``idle_timeout`` seconds is aborted.
+  :class:`ConnectionTracker` bounds how many accepted connections are open
+  at once and drains them on shutdown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IListeningPort,
+    IProtocol,
+    IProtocolFactory,
+    IPushProducer,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+__all__ = [
+    "MAX_PENDING_BYTES",
+    "ConnectionTracker",
+    "Dial",
+    "ForwardingFactory",
+    "TrackedEndpoint",
+]
+
+log = Logger()
+
+#: Bytes a front connection may send before its back connection is up.  The
+#: front is paused as soon as it is accepted, so only what came with the
+#: same read (or a TLS gate's early bytes) arrives; more is refused.
+MAX_PENDING_BYTES = 1024 * 1024
+
+#: Dials the back connection: given the factory of the back protocol, fires
+#: with the connected protocol (an endpoint's ``connect``).
+Dial = Callable[[IProtocolFactory], "Deferred[Any]"]
+
+
+# --- how many connections, and draining them ---------------------------------
+
+
+class ConnectionTracker:
+    """
+    The accepted connections of a process (all listeners that share it),
+    bounded by ``max_connections``, and drained on shutdown.
+
+    :param clock: times the drain's deadline.
+    :param max_connections: accepted connections open at once; one more is
+        refused (closed at once, before any TLS handshake).
+    """
+
+    def __init__(self, clock: IReactorTime, max_connections: int) -> None:
+        if (
+            isinstance(max_connections, bool)
+            or not isinstance(max_connections, int)
+            or max_connections < 1
+        ):
+            raise ValueError(
+                f"max_connections must be a whole number >= 1, not {max_connections!r}"
+            )
+        self.clock = clock
+        self.max_connections = max_connections
+        self.open: set[_Tracked] = set()
+        self.draining = False
+        self._drained: list[Deferred[None]] = []
+
+    def __len__(self) -> int:
+        return len(self.open)
+
+    def refusal(self) -> str | None:
+        """Why a new connection would be refused now, or ``None``."""
+        if self.draining:
+            return "the terminator is shutting down"
+        if len(self.open) >= self.max_connections:
+            return (
+                f"{len(self.open)} connections are open, the maximum "
+                "(--max-connections)"
+            )
+        return None
+
+    def _add(self, connection: _Tracked) -> None:
+        self.open.add(connection)
+
+    def _remove(self, connection: _Tracked) -> None:
+        self.open.discard(connection)
+        if not self.open and self._drained:
+            waiters, self._drained = self._drained, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def drain(self, timeout: float) -> Deferred[int]:
+        """
+        Refuse new connections from now on, wait for the open ones to close
+        (at most ``timeout`` seconds), then abort the rest.  Fires with how
+        many were aborted.
+        """
+        self.draining = True
+        if not self.open:
+            return succeed(0)
+        log.info(
+            "draining {count} open connections (at most {timeout:g}s)",
+            count=len(self.open),
+            timeout=timeout,
+        )
+        waiter: Deferred[None] = Deferred()
+        self._drained.append(waiter)
+        aborted: list[int] = [0]
+
+        def deadline() -> None:
+            remaining = list(self.open)
+            aborted[0] = len(remaining)
+            log.warn(
+                "{count} connections still open after {timeout:g}s: aborting them",
+                count=len(remaining),
+                timeout=timeout,
+            )
+            for connection in remaining:
+                connection.abort()
+            # Aborted connections report their loss on a later turn of the
+            # reactor; the deadline is the end of the wait either way.
+            self.open.clear()
+            waiters, self._drained = self._drained, []
+            for each in waiters:
+                each.callback(None)
+
+        timer = self.clock.callLater(timeout, deadline)
+
+        def done(_: object) -> int:
+            if timer.active():
+                timer.cancel()
+            return aborted[0]
+
+        return waiter.addCallback(done)
+
+
+class _Tracked(ProtocolWrapper):
+    """
+    Counts one accepted connection for its tracker while it is open.
+    """
+
+    factory: _TrackingFactory
+
+    def connectionMade(self) -> None:
+        self.factory.tracker._add(self)
+        super().connectionMade()  # type: ignore[no-untyped-call]
+
+    def abort(self) -> None:
+        transport: Any = self.transport
+        if transport is not None:
+            transport.abortConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.factory.tracker._remove(self)
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]
+
+
+class _TrackingFactory(WrappingFactory):
+    protocol = _Tracked
+    noisy = False
+
+    def __init__(
+        self, wrapped: IProtocolFactory, tracker: ConnectionTracker, label: str
+    ) -> None:
+        super().__init__(wrapped)  # type: ignore[no-untyped-call]
+        self.tracker = tracker
+        self.label = label
+
+    def registerProtocol(self, p: Any) -> None:
+        pass  # the tracker counts; WrappingFactory's dict would hold them twice
+
+    def unregisterProtocol(self, p: Any) -> None:
+        pass
+
+    def buildProtocol(self, addr: IAddress) -> _Tracked | None:  # type: ignore[override]
+        refused = self.tracker.refusal()
+        if refused is not None:
+            log.warn(
+                "{label}: refused a connection from {address}: {reason}",
+                label=self.label,
+                address=str(addr),
+                reason=refused,
+                refused=True,
+            )
+            return None
+        wrapped = self.wrappedFactory.buildProtocol(addr)
+        if wrapped is None:
+            return None
+        return _Tracked(self, wrapped)  # type: ignore[arg-type]
+
+
+@implementer(IStreamServerEndpoint)
+class TrackedEndpoint:
+    """
+    A server endpoint whose accepted connections count against ``tracker``:
+    over its maximum, or while it drains, a new connection is closed as soon
+    as it is accepted, and the refusal is logged.
+    """
+
+    def __init__(
+        self, wrapped: IStreamServerEndpoint, tracker: ConnectionTracker, label: str
+    ) -> None:
+        self._wrapped = wrapped
+        self._tracker = tracker
+        self._label = label
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        return self._wrapped.listen(
+            _TrackingFactory(protocolFactory, self._tracker, self._label)
+        )
+
+
+# --- forwarding --------------------------------------------------------------
+
+
+@implementer(IPushProducer)
+class _Valve:
+    """
+    One transport as the other's producer: pause and resume reach it, but
+    ``stopProducing`` (which a transport calls on its producer when it is
+    lost) does not, since the forwarder closes each side in its own way.
+    """
+
+    def __init__(self, transport: Any) -> None:
+        self._transport = transport
+
+    def pauseProducing(self) -> None:
+        self._transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+def _is_tls(transport: object) -> bool:
+    return isinstance(transport, TLSMemoryBIOProtocol)
+
+
+def _close_write(transport: Any) -> None:
+    """
+    End the byte stream towards ``transport``'s peer and keep reading from
+    it: ``close_notify`` on TLS, a FIN on plain TCP.
+    """
+    transport.unregisterProducer()
+    if _is_tls(transport):
+        # TLSMemoryBIOProtocol.loseConnection sends close_notify and waits
+        # for the peer's, delivering what the peer still sends meanwhile.
+        transport.loseConnection()
+    elif hasattr(transport, "loseWriteConnection"):
+        transport.loseWriteConnection()
+    else:
+        transport.loseConnection()
+
+
+def _close(transport: Any) -> None:
+    transport.unregisterProducer()
+    transport.loseConnection()
+
+
+@implementer(IHalfCloseableProtocol)
+class _Back(Protocol):
+    """
+    The dialled connection's protocol: it reports everything to its front.
+    """
+
+    def __init__(self, front: _Front) -> None:
+        self.front = front
+
+    def connectionMade(self) -> None:
+        self.front._back_made(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.front._from_back(data)
+
+    def readConnectionLost(self) -> None:
+        self.front._back_eof()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.front._back_lost(reason)
+
+
+class _BackFactory(Factory):
+    noisy = False
+
+    def __init__(self, front: _Front) -> None:
+        self.front = front
+
+    def buildProtocol(self, addr: IAddress) -> _Back:  # type: ignore[override]
+        return _Back(self.front)
+
+
+@implementer(IHalfCloseableProtocol)
+class _Front(Protocol):
+    """
+    The accepted connection's protocol, and the owner of its pair: it dials
+    the back connection, joins the two, and closes each side as the other
+    ends.
+    """
+
+    factory: ForwardingFactory
+
+    def __init__(self, factory: ForwardingFactory, address: IAddress | None) -> None:
+        self.factory = factory
+        self.address = address
+        self.back: Any = None
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._front_eof = False
+        self._back_eof_seen = False
+        self._front_gone = False
+        self._back_gone = False
+        self._dialing: Deferred[Any] | None = None
+        self._idle: IDelayedCall | None = None
+        self._last = 0.0
+
+    # -- the front connection -------------------------------------------------
+
+    def connectionMade(self) -> None:
+        factory = self.factory
+        transport: Any = self.transport
+        # Nothing is read from the front until the back can take it.
+        transport.pauseProducing()
+        self._last = factory.clock.seconds()
+        self._idle = factory.clock.callLater(factory.idle_timeout, self._check_idle)
+        try:
+            dialing: Deferred[Any] = factory.dial(_BackFactory(self))
+        except Exception:
+            dialing = fail()
+        dialing.addTimeout(factory.connect_timeout, factory.clock)
+        self._dialing = dialing
+        dialing.addCallbacks(self._dialled, self._dial_failed)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._last = self.factory.clock.seconds()
+        back = self.back
+        if back is not None:
+            back.write(data)
+            return
+        self._pending_size += len(data)
+        if self._pending_size > MAX_PENDING_BYTES:
+            log.warn(
+                "{label}: aborted the connection from {address}: it sent more "
+                "than {limit} bytes before {target} was reached",
+                label=self.factory.label,
+                address=str(self.address),
+                target=self.factory.target,
+                limit=MAX_PENDING_BYTES,
+            )
+            self.abort()
+            return
+        self._pending.append(data)
+
+    def readConnectionLost(self) -> None:
+        self._front_eof = True
+        if self.back is not None:
+            self._front_to_back_ended()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._front_gone = True
+        self._pending = []
+        dialing, self._dialing = self._dialing, None
+        if dialing is not None:
+            dialing.cancel()
+        back = self.back
+        if back is not None and not self._back_gone:
+            if isinstance(reason.value, ConnectionDone):
+                _close(back)
+            else:
+                back.abortConnection()
+        self._maybe_finished()
+
+    # -- the back connection --------------------------------------------------
+
+    def _back_made(self, back_protocol: _Back) -> None:
+        back: Any = back_protocol.transport
+        self.back = back
+        if self._front_gone:
+            back.loseConnection()
+            return
+        front: Any = self.transport
+        front.registerProducer(_Valve(back), True)
+        back.registerProducer(_Valve(front), True)
+        pending, self._pending = self._pending, []
+        for data in pending:
+            back.write(data)
+        if self._front_eof:
+            self._front_to_back_ended()
+        else:
+            front.resumeProducing()
+
+    def _dialled(self, result: object) -> None:
+        self._dialing = None
+
+    def _dial_failed(self, failure: Failure) -> None:
+        self._dialing = None
+        if self._front_gone or self.back is not None:
+            return
+        if isinstance(failure.value, CancelledError) or _is_timeout(failure):
+            why = f"no connection within {self.factory.connect_timeout:g}s"
+        else:
+            why = failure.getErrorMessage()
+        log.warn(
+            "{label}: could not reach {target} for the connection from "
+            "{address}: {error}",
+            label=self.factory.label,
+            target=self.factory.target,
+            address=str(self.address),
+            error=why,
+            upstream_failure=True,
+        )
+        self.abort()
+
+    def _from_back(self, data: bytes) -> None:
+        self._last = self.factory.clock.seconds()
+        transport: Any = self.transport
+        transport.write(data)
+
+    def _back_eof(self) -> None:
+        self._back_eof_seen = True
+        if self._front_gone:
+            return
+        if self._front_eof:
+            _close(self.back)
+            _close(self.transport)
+        else:
+            _close_write(self.transport)
+
+    def _back_lost(self, reason: Failure) -> None:
+        self._back_gone = True
+        if not self._front_gone:
+            if isinstance(reason.value, ConnectionDone):
+                _close(self.transport)
+            else:
+                log.warn(
+                    "{label}: the connection to {target} for {address} failed: {error}",
+                    label=self.factory.label,
+                    target=self.factory.target,
+                    address=str(self.address),
+                    error=reason.getErrorMessage(),
+                    upstream_failure=True,
+                )
+                transport: Any = self.transport
+                transport.abortConnection()
+        self._maybe_finished()
+
+    def _front_to_back_ended(self) -> None:
+        if self._back_eof_seen:
+            _close(self.back)
+            _close(self.transport)
+        else:
+            _close_write(self.back)
+
+    # -- bounds and the end ---------------------------------------------------
+
+    def _check_idle(self) -> None:
+        self._idle = None
+        clock = self.factory.clock
+        remaining = self._last + self.factory.idle_timeout - clock.seconds()
+        if remaining > 0:
+            self._idle = clock.callLater(remaining, self._check_idle)
+            return
+        log.info(
+            "{label}: closed the connection from {address}: no bytes either "
+            "way for {timeout:g}s",
+            label=self.factory.label,
+            address=str(self.address),
+            timeout=self.factory.idle_timeout,
+        )
+        self.abort()
+
+    def abort(self) -> None:
+        """Abort both connections (and the dial, if it is still going)."""
+        dialing, self._dialing = self._dialing, None
+        if dialing is not None:
+            dialing.cancel()
+        if self.back is not None and not self._back_gone:
+            self.back.abortConnection()
+        if not self._front_gone:
+            transport: Any = self.transport
+            transport.abortConnection()
+
+    def _maybe_finished(self) -> None:
+        if self._front_gone and (self.back is None or self._back_gone):
+            if self._idle is not None and self._idle.active():
+                self._idle.cancel()
+            self._idle = None
+
+
+def _is_timeout(failure: Failure) -> bool:
+    from twisted.internet.defer import TimeoutError as DeferredTimeout
+    from twisted.internet.error import TimeoutError as ConnectTimeout
+
+    return isinstance(failure.value, DeferredTimeout | ConnectTimeout)
+
+
+class ForwardingFactory(Factory):
+    """
+    Builds, for each accepted connection, a forwarder to what ``dial``
+    connects to.
+
+    :param clock: times the dial's deadline and the idle timeout.
+    :param dial: connects the back connection, e.g. an endpoint's
+        ``connect``.
+    :param target: what ``dial`` reaches, for the logs.
+    :param connect_timeout: seconds the dial may take; then the accepted
+        connection is aborted.
+    :param idle_timeout: seconds without a byte in either direction after
+        which both connections are aborted.
+    :param label: names this forwarder in the logs.
+    """
+
+    noisy = False
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        dial: Dial,
+        target: str,
+        *,
+        connect_timeout: float,
+        idle_timeout: float,
+        label: str,
+    ) -> None:
+        for name, value in (
+            ("connect_timeout", connect_timeout),
+            ("idle_timeout", idle_timeout),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError(f"{name} must be a number of seconds, not {value!r}")
+            if not 0 < value < float("inf"):
+                raise ValueError(
+                    f"{name} must be a finite number of seconds > 0, not {value!r}"
+                )
+        self.clock = clock
+        self.dial = dial
+        self.target = target
+        self.connect_timeout = float(connect_timeout)
+        self.idle_timeout = float(idle_timeout)
+        self.label = label
+
+    def buildProtocol(self, addr: IAddress) -> IProtocol:  # type: ignore[override]
+        return _Front(self, addr)
