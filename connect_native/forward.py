@@ -274,7 +274,6 @@ def _close_write(transport: Any) -> None:
     End the byte stream towards ``transport``'s peer and keep reading from
     it: ``close_notify`` on TLS, a FIN on plain TCP.
     """
-    transport.unregisterProducer()
     if _is_tls(transport):
         # TLSMemoryBIOProtocol.loseConnection sends close_notify and waits
         # for the peer's, delivering what the peer still sends meanwhile.
@@ -283,11 +282,6 @@ def _close_write(transport: Any) -> None:
         transport.loseWriteConnection()
     else:
         transport.loseConnection()
-
-
-def _close(transport: Any) -> None:
-    transport.unregisterProducer()
-    transport.loseConnection()
 
 
 @implementer(IHalfCloseableProtocol)
@@ -348,6 +342,22 @@ class _Front(Protocol):
         self._dialing: Deferred[Any] | None = None
         self._idle: IDelayedCall | None = None
         self._last = 0.0
+        # The transports a producer is registered on (TLS waits for its
+        # producer to go before it sends close_notify).
+        self._producing: set[int] = set()
+
+    def _unregister(self, transport: Any) -> None:
+        if id(transport) in self._producing:
+            self._producing.discard(id(transport))
+            transport.unregisterProducer()
+
+    def _close_write(self, transport: Any) -> None:
+        self._unregister(transport)
+        _close_write(transport)
+
+    def _close(self, transport: Any) -> None:
+        self._unregister(transport)
+        transport.loseConnection()
 
     # -- the front connection -------------------------------------------------
 
@@ -403,7 +413,7 @@ class _Front(Protocol):
         back = self.back
         if back is not None and not self._back_gone:
             if isinstance(reason.value, ConnectionDone):
-                _close(back)
+                self._close(back)
             else:
                 back.abortConnection()
         self._maybe_finished()
@@ -419,6 +429,7 @@ class _Front(Protocol):
         front: Any = self.transport
         front.registerProducer(_Valve(back), True)
         back.registerProducer(_Valve(front), True)
+        self._producing = {id(front), id(back)}
         pending, self._pending = self._pending, []
         for data in pending:
             back.write(data)
@@ -459,16 +470,16 @@ class _Front(Protocol):
         if self._front_gone:
             return
         if self._front_eof:
-            _close(self.back)
-            _close(self.transport)
+            self._close(self.back)
+            self._close(self.transport)
         else:
-            _close_write(self.transport)
+            self._close_write(self.transport)
 
     def _back_lost(self, reason: Failure) -> None:
         self._back_gone = True
         if not self._front_gone:
             if isinstance(reason.value, ConnectionDone):
-                _close(self.transport)
+                self._close(self.transport)
             else:
                 log.warn(
                     "{label}: the connection to {target} for {address} failed: {error}",
@@ -484,10 +495,10 @@ class _Front(Protocol):
 
     def _front_to_back_ended(self) -> None:
         if self._back_eof_seen:
-            _close(self.back)
-            _close(self.transport)
+            self._close(self.back)
+            self._close(self.transport)
         else:
-            _close_write(self.back)
+            self._close_write(self.back)
 
     # -- bounds and the end ---------------------------------------------------
 
