@@ -315,7 +315,7 @@ def test_a_closed_pair_leaves_no_timer_behind() -> None:
     assert pair.clock.getDelayedCalls() == []
 
 
-# --- half-close on TLS -------------------------------------------------------------------
+# --- half-close on TLS ---------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
