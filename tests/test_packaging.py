@@ -75,3 +75,44 @@ def test_plugins_discovered_from_site_packages(tmp_path: Path) -> None:
     # package directory itself rather than with the whole tree.
     assert package.parent != (SOURCE_TREE / "connect_native").resolve(), package
     assert "site-packages" in package.parts, package
+
+
+LIGHT_IMPORT = """
+import json, sys
+import twisted.plugins.connect_native_plugins
+print(json.dumps(sorted(
+    m for m in sys.modules
+    if m.startswith(("connect_native", "treq", "OpenSSL", "klein"))
+)))
+"""
+
+
+def test_plugin_module_loads_nothing_heavy() -> None:
+    """
+    Twisted imports every plugin module on every plugin lookup (each twistd
+    run, each serverFromString): ours must not pull in TLS, treq or the agent
+    client until a connect: endpoint or the terminator is actually used.
+    """
+    result = subprocess.run(
+        [sys.executable, "-c", LIGHT_IMPORT],
+        cwd=SOURCE_TREE,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    heavy = [
+        m
+        for m in loaded
+        if m.startswith(("treq", "OpenSSL", "klein"))
+        or m
+        in {
+            "connect_native.tls",
+            "connect_native.consul.client",
+            "connect_native.server",
+            "connect_native.client",
+            "connect_native.terminator",
+        }
+    ]
+    assert heavy == [], heavy
