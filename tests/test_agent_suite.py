@@ -1,0 +1,1427 @@
+"""
+One client-level suite, run against the development agent and against a real
+Consul 1.8.7 agent: same requests through the same client code, same
+assertions on status codes, headers, JSON field names and types, error
+bodies and certificate structure.
+
+Every test takes ``agent`` (or ``fresh_agent`` for destructive cases) and runs
+twice: ``[dev]`` is :class:`connect_native.devagent.DevAgent` served over TCP
+on the real reactor, ``[real]`` is ``consul agent -dev``.  What real Consul
+picks at random (trust domain, IDs, indexes, times, serials) is compared by
+shape and type, never by value.
+
+Where the development agent still answers differently, the test carries
+:func:`dev_differs`: an ``xfail(strict=True)`` on the ``[dev]`` run only, so
+the suite stays green and the marker must go as soon as the agent is fixed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gzip
+import hashlib
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+import pytest_twisted
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.name import _ASN1Type
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from twisted.internet import defer
+
+from connect_native.consul.client import ConsulHTTPError
+from connect_native.consul.records import ServiceRegistration, TTLCheck
+from tests.agents import (
+    AgentUnderTest,
+    RawAnswer,
+    colon_hex,
+    load_capture,
+    load_pems,
+    reach_real_agent,
+    serve_dev_agent,
+    sha1_id,
+    shape,
+)
+
+REAL = pytest.param("real", marks=pytest.mark.real_consul)
+AGENTS = ["dev", REAL]
+
+
+def dev_differs(reason: str, *, fixture: str = "agent_kind") -> pytest.MarkDecorator:
+    """
+    Run the test on both agents, expecting the development agent to fail it
+    (strictly: once it passes, remove the marker).
+    """
+    dev = pytest.param(
+        "dev",
+        marks=pytest.mark.xfail(strict=True, reason=f"devagent differs: {reason}"),
+    )
+    return pytest.mark.parametrize(fixture, [dev, REAL], indirect=True)
+
+
+@pytest.fixture(params=AGENTS)
+def agent_kind(request: pytest.FixtureRequest) -> str:
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture(params=AGENTS)
+def fresh_agent_kind(request: pytest.FixtureRequest) -> str:
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def _real_address(request: pytest.FixtureRequest, agent_kind: str) -> str | None:
+    # Only the [real] run starts (or shares) a Consul process.
+    if agent_kind == "real":
+        return request.getfixturevalue("real_consul").http_address  # type: ignore[no-any-return]
+    return None
+
+
+@pytest.fixture
+def _fresh_real_address(
+    request: pytest.FixtureRequest, fresh_agent_kind: str
+) -> str | None:
+    if fresh_agent_kind == "real":
+        return request.getfixturevalue("fresh_real_consul").http_address  # type: ignore[no-any-return]
+    return None
+
+
+async def _agent_under_test(address: str | None) -> AgentUnderTest:
+    return serve_dev_agent() if address is None else reach_real_agent(address)
+
+
+@pytest_twisted.async_yield_fixture
+async def agent(_real_address: str | None) -> AsyncIterator[AgentUnderTest]:
+    """The session's real agent (use ``unique_name``) or a new dev agent."""
+    under_test = await _agent_under_test(_real_address)
+    yield under_test
+    await under_test.close()
+
+
+@pytest_twisted.async_yield_fixture
+async def fresh_agent(
+    _fresh_real_address: str | None,
+) -> AsyncIterator[AgentUnderTest]:
+    """An agent of this test's own: CA rotation, CA configuration."""
+    under_test = await _agent_under_test(_fresh_real_address)
+    yield under_test
+    await under_test.close()
+
+
+# -- helpers -------------------------------------------------------------------
+
+JSON = "application/json"
+TEXT = "text/plain; charset=utf-8"
+UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+COLON_HEX_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2})*")
+RFC3339_S_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
+LEAF_TTL = datetime.timedelta(hours=72)
+
+
+def assert_error(answer: RawAnswer, status: int, body: str) -> None:
+    """A plain-text error exactly as real Consul words it."""
+    assert (answer.status, answer.text) == (status, body)
+    assert answer.header("Content-Type") == TEXT
+
+
+def assert_empty_write(answer: RawAnswer) -> None:
+    """Agent writes: 200, no body, no content type."""
+    assert answer.status == 200, answer.text
+    assert answer.body == b""
+    assert answer.header("Content-Type") is None
+
+
+def parse_time(text: str) -> datetime.datetime:
+    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def key_usages(cert: x509.Certificate) -> tuple[bool, set[str]]:
+    ext = cert.extensions.get_extension_for_class(x509.KeyUsage)
+    ku = ext.value
+    names = {
+        "digital_signature",
+        "content_commitment",
+        "key_encipherment",
+        "data_encipherment",
+        "key_agreement",
+        "key_cert_sign",
+        "crl_sign",
+    }
+    return ext.critical, {n for n in names if getattr(ku, n)}
+
+
+def extension_oids(cert: x509.Certificate) -> set[x509.ObjectIdentifier]:
+    return {ext.oid for ext in cert.extensions}
+
+
+def uri_sans(cert: x509.Certificate) -> list[str]:
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    assert not san.critical
+    assert all(isinstance(n, x509.UniformResourceIdentifier) for n in san.value)
+    return san.value.get_values_for_type(x509.UniformResourceIdentifier)
+
+
+def skid(cert: x509.Certificate) -> bytes:
+    return cert.extensions.get_extension_for_class(
+        x509.SubjectKeyIdentifier
+    ).value.digest
+
+
+def akid(cert: x509.Certificate) -> bytes | None:
+    return cert.extensions.get_extension_for_class(
+        x509.AuthorityKeyIdentifier
+    ).value.key_identifier
+
+
+def only_cn(cert: x509.Certificate) -> str:
+    """The subject is a single PrintableString CN, as Consul writes it."""
+    (rdn,) = cert.subject.rdns
+    (attr,) = rdn
+    assert attr.oid == NameOID.COMMON_NAME
+    assert attr._type == _ASN1Type.PrintableString
+    return attr.value  # type: ignore[return-value]
+
+
+def spki_sha256(cert: x509.Certificate) -> bytes:
+    spki = cert.public_key().public_bytes(
+        serialization.Encoding.DER,
+        serialization.PublicFormat.SubjectPublicKeyInfo,
+    )
+    return hashlib.sha256(spki).digest()
+
+
+def mangled_cn(service: str, trust_domain: str) -> str:
+    """Consul's leaf CN: the name kept to [a-z0-9], cut so the CN fits 64."""
+    suffix = f".svc.default.{trust_domain[:8]}.consul"
+    label = re.sub("[^a-z0-9]", "", service.lower())
+    return label[: 64 - len(suffix)] + suffix
+
+
+async def elapsed(d: Any) -> tuple[Any, float]:
+    start = time.monotonic()
+    result = await d
+    return result, time.monotonic() - start
+
+
+async def register_ttl(
+    agent: AgentUnderTest, name: str, *, port: int = 5001, address: str | None = None
+) -> str:
+    check_id = f"{name}-ttl"
+    await agent.client.register_service(
+        ServiceRegistration(
+            name=name,
+            port=port,
+            address=address,
+            checks=[TTLCheck(ttl=60, check_id=check_id)],
+        )
+    )
+    return check_id
+
+
+# -- agent self ------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_agent_self_shape(agent: AgentUnderTest) -> None:
+    answer = await agent.http.get("/v1/agent/self")
+    assert answer.status == 200
+    assert answer.header_names == {"content-type", "vary"}
+    assert answer.header("Content-Type") == JSON
+    body = answer.json()
+    assert set(body) == {
+        "Config",
+        "Coord",
+        "DebugConfig",
+        "Member",
+        "Meta",
+        "Stats",
+        "xDS",
+    }
+    assert shape(body["Config"]) == {
+        "Datacenter": "str",
+        "NodeName": "str",
+        "NodeID": "str",
+        "Server": "bool",
+        "Version": "str",
+        "Revision": "str",
+    }
+    me = await agent.client.agent_self()
+    assert (me.datacenter, me.server, me.version) == ("dc1", True, "1.8.7")
+    assert UUID_RE.fullmatch(me.node_id)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "content_type"),
+    [
+        ("GET", "/v1/connect/ca/configuration", JSON),
+        ("PUT", "/v1/agent/check/pass/nosuch", TEXT),
+    ],
+)
+@dev_differs("gzip only for bodies of 1400 bytes or more")
+@pytest_twisted.ensureDeferred
+async def test_small_bodies_are_gzipped_when_asked(
+    agent: AgentUnderTest, method: str, path: str, content_type: str
+) -> None:
+    plain = await agent.http.request(method, path)
+    zipped = await agent.http.request(method, path, headers={"Accept-Encoding": "gzip"})
+    assert plain.header("Content-Encoding") is None
+    assert zipped.header("Content-Encoding") == "gzip"
+    assert zipped.header("Content-Type") == content_type
+    assert gzip.decompress(zipped.body) == plain.body
+
+
+@pytest_twisted.ensureDeferred
+async def test_large_bodies_are_gzipped_when_asked(agent: AgentUnderTest) -> None:
+    path = "/v1/agent/connect/ca/roots"
+    plain = await agent.http.get(path)
+    zipped = await agent.http.request("GET", path, headers={"Accept-Encoding": "gzip"})
+    assert plain.header("Content-Encoding") is None
+    assert zipped.header("Content-Encoding") == "gzip"
+    assert gzip.decompress(zipped.body) == plain.body
+
+
+@pytest_twisted.ensureDeferred
+async def test_empty_bodies_are_not_gzipped(
+    agent: AgentUnderTest, unique_name: str
+) -> None:
+    answer = await agent.http.request(
+        "PUT",
+        f"/v1/agent/service/deregister/{unique_name}",
+        headers={"Accept-Encoding": "gzip"},
+    )
+    assert_empty_write(answer)
+    assert answer.header("Content-Encoding") is None
+
+
+# -- CA roots --------------------------------------------------------------------
+
+ROOT_SHAPE = {
+    "ID": "str",
+    "Name": "str",
+    "SerialNumber": "int",
+    "SigningKeyID": "str",
+    "ExternalTrustDomain": "str",
+    "NotBefore": "str",
+    "NotAfter": "str",
+    "RootCert": "str",
+    "IntermediateCerts": "null",
+    "Active": "bool",
+    "PrivateKeyType": "str",
+    "PrivateKeyBits": "int",
+    "CreateIndex": "int",
+    "ModifyIndex": "int",
+}
+
+
+@pytest_twisted.ensureDeferred
+async def test_agent_roots_shape_and_headers(agent: AgentUnderTest) -> None:
+    answer = await agent.http.get("/v1/agent/connect/ca/roots")
+    assert answer.status == 200
+    assert answer.header("Content-Type") == JSON
+    assert {"x-cache", "x-consul-index", "x-consul-knownleader"} <= answer.header_names
+    assert answer.header("X-Consul-Knownleader") == "false"
+    assert answer.header("X-Consul-Lastcontact") == "0"
+    body = answer.json()
+    assert shape(body) == {
+        "ActiveRootID": "str",
+        "TrustDomain": "str",
+        "Roots": ["list", ROOT_SHAPE],
+    }
+    (root,) = body["Roots"]
+    assert root["Active"] is True
+    assert root["ID"] == body["ActiveRootID"]
+    assert root["Name"] == "Consul CA Root Cert"
+    assert body["TrustDomain"] == root["ExternalTrustDomain"] + ".consul"
+    assert UUID_RE.fullmatch(root["ExternalTrustDomain"])
+    assert (root["PrivateKeyType"], root["PrivateKeyBits"]) == ("ec", 256)
+    assert RFC3339_S_RE.fullmatch(root["NotBefore"])
+    assert int(answer.header("X-Consul-Index") or "") >= root["ModifyIndex"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_agent_roots_cache_hit_has_age(agent: AgentUnderTest) -> None:
+    await agent.http.get("/v1/agent/connect/ca/roots")
+    again = await agent.http.get("/v1/agent/connect/ca/roots")
+    assert again.header("X-Cache") == "HIT"
+    assert again.header("Age") is not None
+    assert int(again.header("Age") or "") >= 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_server_roots_same_body_without_cache_headers(
+    agent: AgentUnderTest,
+) -> None:
+    cached = await agent.http.get("/v1/agent/connect/ca/roots")
+    server = await agent.http.get("/v1/connect/ca/roots")
+    assert server.status == 200
+    assert server.json() == cached.json()
+    assert "x-cache" not in server.header_names
+    assert {"x-consul-index", "x-consul-knownleader", "x-consul-lastcontact"} <= (
+        server.header_names
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_root_ids_are_the_certificate_fingerprint_and_key_id(
+    agent: AgentUnderTest,
+) -> None:
+    roots = (await agent.client.agent_ca_roots()).value
+    (root,) = roots.roots
+    (cert,) = load_pems(root.root_cert_pem)
+    assert root.id == sha1_id(cert)
+    assert len(root.id.split(":")) == 20
+    assert root.signing_key_id == colon_hex(skid(cert))
+    assert root.serial_number == cert.serial_number & (2**64 - 1)
+    assert root.not_before == cert.not_valid_before_utc
+    assert root.not_after == cert.not_valid_after_utc
+
+
+@pytest_twisted.ensureDeferred
+async def test_root_certificate_structure(agent: AgentUnderTest) -> None:
+    roots = (await agent.client.agent_ca_roots()).value
+    (cert,) = load_pems(roots.roots[0].root_cert_pem)
+    td = roots.trust_domain
+    assert cert.version == x509.Version.v3
+    assert cert.signature_hash_algorithm is not None
+    assert cert.signature_hash_algorithm.name == "sha256"
+    key = cert.public_key()
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    assert key.curve.name == "secp256r1"
+    assert cert.issuer == cert.subject
+    assert re.fullmatch(
+        rf"pri-[a-z0-9]{{7,8}}\.consul\.ca\.{td[:8]}\.consul", only_cn(cert)
+    )
+    assert extension_oids(cert) == {
+        x509.KeyUsage.oid,
+        x509.BasicConstraints.oid,
+        x509.SubjectKeyIdentifier.oid,
+        x509.AuthorityKeyIdentifier.oid,
+        x509.SubjectAlternativeName.oid,
+    }
+    assert key_usages(cert) == (
+        True,
+        {"digital_signature", "key_cert_sign", "crl_sign"},
+    )
+    bc = cert.extensions.get_extension_for_class(x509.BasicConstraints)
+    assert (bc.critical, bc.value.ca, bc.value.path_length) == (True, True, None)
+    assert skid(cert) == akid(cert) == spki_sha256(cert)
+    assert uri_sans(cert) == [f"spiffe://{td}"]
+    validity = cert.not_valid_after_utc - cert.not_valid_before_utc
+    assert validity in (
+        datetime.timedelta(days=3652),
+        datetime.timedelta(days=3653),
+    )
+
+
+# -- leaf certificates ---------------------------------------------------------------
+
+LEAF_SHAPE = {
+    "SerialNumber": "str",
+    "CertPEM": "str",
+    "PrivateKeyPEM": "str",
+    "Service": "str",
+    "ServiceURI": "str",
+    "ValidAfter": "str",
+    "ValidBefore": "str",
+    "CreateIndex": "int",
+    "ModifyIndex": "int",
+}
+
+
+@pytest_twisted.ensureDeferred
+async def test_leaf_shape_headers_and_cache(
+    agent: AgentUnderTest, unique_name: str
+) -> None:
+    answer = await agent.http.get(f"/v1/agent/connect/ca/leaf/{unique_name}")
+    assert answer.status == 200
+    assert answer.header_names == {"content-type", "vary", "x-cache", "x-consul-index"}
+    assert answer.header("X-Cache") == "MISS"
+    body = answer.json()
+    assert shape(body) == LEAF_SHAPE
+    assert int(answer.header("X-Consul-Index") or "") == body["ModifyIndex"]
+    roots = (await agent.client.agent_ca_roots()).value
+    assert body["Service"] == unique_name
+    assert body["ServiceURI"] == (
+        f"spiffe://{roots.trust_domain}/ns/default/dc/dc1/svc/{unique_name}"
+    )
+    again = await agent.http.get(f"/v1/agent/connect/ca/leaf/{unique_name}")
+    assert again.header("X-Cache") == "HIT"
+    assert again.header("Age") is not None
+    assert again.json() == body
+
+
+@pytest_twisted.ensureDeferred
+async def test_leaf_serial_validity_and_key(
+    agent: AgentUnderTest, unique_name: str
+) -> None:
+    before = datetime.datetime.now(datetime.timezone.utc)
+    leaf = (await agent.client.leaf(unique_name)).value
+    after = datetime.datetime.now(datetime.timezone.utc)
+    cert, *rest = load_pems(leaf.cert_pem)
+    assert rest == []
+    # A hex string (colon hex beyond one byte), the certificate's serial.
+    assert COLON_HEX_RE.fullmatch(leaf.serial_number)
+    assert int(leaf.serial_number.replace(":", ""), 16) == cert.serial_number
+    # Backdated by one minute; the TTL counts from there.
+    minute = datetime.timedelta(minutes=1)
+    slack = datetime.timedelta(seconds=2)
+    assert before - minute - slack <= leaf.valid_after <= after - minute + slack
+    assert leaf.valid_before - leaf.valid_after == LEAF_TTL
+    assert cert.not_valid_before_utc == leaf.valid_after
+    assert cert.not_valid_after_utc == leaf.valid_before
+    assert leaf.private_key_pem.startswith("-----BEGIN EC PRIVATE KEY-----\n")
+    key = serialization.load_pem_private_key(leaf.private_key_pem.encode(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    assert key.curve.name == "secp256r1"
+    assert key.public_key() == cert.public_key()
+
+
+@pytest_twisted.ensureDeferred
+async def test_leaf_certificate_structure(
+    agent: AgentUnderTest, unique_name: str
+) -> None:
+    roots = (await agent.client.agent_ca_roots()).value
+    (root,) = load_pems(roots.roots[0].root_cert_pem)
+    leaf = (await agent.client.leaf(unique_name)).value
+    (cert,) = load_pems(leaf.cert_pem)
+    assert cert.version == x509.Version.v3
+    assert cert.signature_hash_algorithm is not None
+    assert cert.signature_hash_algorithm.name == "sha256"
+    assert cert.issuer == root.subject
+    cert.verify_directly_issued_by(root)
+    assert only_cn(cert) == mangled_cn(unique_name, roots.trust_domain)
+    assert extension_oids(cert) == {
+        x509.KeyUsage.oid,
+        x509.ExtendedKeyUsage.oid,
+        x509.BasicConstraints.oid,
+        x509.SubjectKeyIdentifier.oid,
+        x509.AuthorityKeyIdentifier.oid,
+        x509.SubjectAlternativeName.oid,
+    }
+    assert key_usages(cert) == (
+        True,
+        {"digital_signature", "key_encipherment", "data_encipherment", "key_agreement"},
+    )
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
+    assert not eku.critical
+    assert list(eku.value) == [
+        ExtendedKeyUsageOID.CLIENT_AUTH,
+        ExtendedKeyUsageOID.SERVER_AUTH,
+    ]
+    bc = cert.extensions.get_extension_for_class(x509.BasicConstraints)
+    assert (bc.critical, bc.value.ca) == (True, False)
+    assert skid(cert) == spki_sha256(cert)
+    assert akid(cert) == skid(root)
+    # Exactly one name, the URI: no DNS or IP names.
+    assert uri_sans(cert) == [leaf.service_uri]
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        "Upper{}",
+        "dots.{}.x",
+        "under_{}",
+        "space {}",
+        "ünï{}",
+        "long-{}-" + "abcdefghij" * 4,
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_leaf_name_mangling(
+    agent: AgentUnderTest, unique_name: str, form: str
+) -> None:
+    name = form.format(unique_name)
+    roots = (await agent.client.agent_ca_roots()).value
+    answer = await agent.http.get(f"/v1/agent/connect/ca/leaf/{quote(name, safe='')}")
+    assert answer.status == 200, answer.text
+    body = answer.json()
+    (cert,) = load_pems(body["CertPEM"])
+    assert body["Service"] == name
+    uri = f"spiffe://{roots.trust_domain}/ns/default/dc/dc1/svc/{quote(name, safe='')}"
+    assert body["ServiceURI"] == uri
+    assert uri_sans(cert) == [uri]
+    assert only_cn(cert) == mangled_cn(name, roots.trust_domain)
+    assert len(only_cn(cert)) <= 64
+
+
+# -- blocking queries ----------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_blocking_at_the_current_index_returns_the_same_after_wait(
+    agent: AgentUnderTest, unique_name: str
+) -> None:
+    roots = await agent.client.agent_ca_roots()
+    leaf = await agent.client.leaf(unique_name)
+    assert roots.index is not None
+    assert leaf.index is not None
+    start = time.monotonic()
+    roots_again, leaf_again = await defer.gatherResults(
+        [
+            agent.client.agent_ca_roots(index=roots.index, wait=1),
+            agent.client.leaf(unique_name, index=leaf.index, wait=1),
+        ]
+    )
+    assert time.monotonic() - start >= 0.9
+    assert (roots_again.index, roots_again.value) == (roots.index, roots.value)
+    assert (leaf_again.index, leaf_again.value) == (leaf.index, leaf.value)
+    # A blocking call that timed out without a change is a cache miss.
+    assert roots_again.cache_hit is False
+    assert leaf_again.cache_hit is False
+
+
+@pytest_twisted.ensureDeferred
+async def test_blocking_at_a_higher_index_returns_the_lower_current_one(
+    agent: AgentUnderTest, unique_name: str
+) -> None:
+    roots = await agent.client.agent_ca_roots()
+    leaf = await agent.client.leaf(unique_name)
+    assert roots.index is not None
+    assert leaf.index is not None
+    roots_again, leaf_again = await defer.gatherResults(
+        [
+            agent.client.agent_ca_roots(index=roots.index + 1000, wait=1),
+            agent.client.leaf(unique_name, index=leaf.index + 1000, wait=1),
+        ]
+    )
+    assert roots_again.index == roots.index
+    assert leaf_again.index == leaf.index
+    assert leaf_again.value == leaf.value
+
+
+BAD_BLOCKING_PARAMS = [
+    ("wait=bad", "Invalid wait time"),
+    ("wait=1", "Invalid wait time"),
+    ("index=abc", "Invalid index"),
+    ("index=-1", "Invalid index"),
+    ("index=1.5", "Invalid index"),
+    ("index=%2B5", "Invalid index"),
+    ("index=99999999999999999999", "Invalid index"),
+]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/agent/connect/ca/roots",
+        "/v1/agent/connect/ca/leaf/{}",
+        "/v1/health/connect/{}",
+    ],
+)
+@pytest.mark.parametrize(("query", "message"), BAD_BLOCKING_PARAMS)
+@pytest_twisted.ensureDeferred
+async def test_bad_blocking_parameters(
+    agent: AgentUnderTest, unique_name: str, path: str, query: str, message: str
+) -> None:
+    answer = await agent.http.get(f"{path.format(unique_name)}?{query}")
+    assert_error(answer, 400, message)
+
+
+# -- authorize ---------------------------------------------------------------------
+
+
+def client_uri(trust_domain: str, service: str) -> str:
+    return f"spiffe://{trust_domain}/ns/default/dc/dc1/svc/{service}"
+
+
+@pytest_twisted.ensureDeferred
+async def test_authorize_allowed_by_default(
+    agent: AgentUnderTest, unique_name: str
+) -> None:
+    td = (await agent.client.agent_ca_roots()).value.trust_domain
+    body = {
+        "Target": unique_name,
+        "ClientCertURI": client_uri(td, "someone"),
+        "ClientCertSerial": "01",
+    }
+    first = await agent.http.post("/v1/agent/connect/authorize", body)
+    assert first.status == 200
+    assert first.header_names == {"content-type", "vary", "x-cache"}
+    assert first.header("X-Cache") == "MISS"
+    assert first.json() == {
+        "Authorized": True,
+        "Reason": "ACLs disabled, access is allowed by default",
+    }
+    second = await agent.http.post("/v1/agent/connect/authorize", body)
+    assert second.header("X-Cache") == "HIT"
+    assert second.header("Age") == "0"
+
+
+@pytest_twisted.ensureDeferred
+async def test_authorize_ignores_trust_domain_and_datacenter(
+    agent: AgentUnderTest, unique_name: str
+) -> None:
+    foreign = (
+        "spiffe://11111111-2222-3333-4444-555555555555.consul/ns/default/dc/dc9/svc/x"
+    )
+    result = await agent.client.authorize(unique_name, foreign, "")
+    assert result.authorized
+
+
+@pytest_twisted.ensureDeferred
+async def test_authorize_denied_by_an_intention_names_it(
+    agent: AgentUnderTest, unique_name: str
+) -> None:
+    source = f"{unique_name}-src"
+    td = (await agent.client.agent_ca_roots()).value.trust_domain
+    intention_id = await agent.client.create_intention(source, unique_name, "deny")
+    try:
+        result = await agent.client.authorize(unique_name, client_uri(td, source), "01")
+        assert not result.authorized
+        assert result.reason == (
+            f"Matched intention: DENY default/{source} => default/{unique_name} "
+            f"(ID: {intention_id}, Precedence: 9)"
+        )
+    finally:
+        await agent.client.delete_intention(intention_id)
+
+
+@pytest_twisted.ensureDeferred
+async def test_authorize_allowed_by_a_wildcard_source_intention(
+    agent: AgentUnderTest, unique_name: str
+) -> None:
+    td = (await agent.client.agent_ca_roots()).value.trust_domain
+    intention_id = await agent.client.create_intention("*", unique_name, "allow")
+    try:
+        result = await agent.client.authorize(unique_name, client_uri(td, "x"), "")
+        assert result.authorized
+        assert result.reason == (
+            f"Matched intention: ALLOW default/* => default/{unique_name} "
+            f"(ID: {intention_id}, Precedence: 8)"
+        )
+    finally:
+        await agent.client.delete_intention(intention_id)
+
+
+AUTHORIZE_ERRORS = [
+    (
+        {"Target": "web", "ClientCertURI": "http://x/y"},
+        "not a valid Connect identifier",
+    ),
+    (
+        {"Target": "web", "ClientCertURI": "spiffe://bad"},
+        "not a valid Connect identifier",
+    ),
+    ({"Target": "web", "ClientCertURI": ""}, "not a valid Connect identifier"),
+    ({"Target": "web"}, "not a valid Connect identifier"),
+    (
+        {"Target": "web", "ClientCertURI": "spiffe://{td}/agent/client/dc/dc1/id/abc"},
+        "not a valid Service identifier",
+    ),
+    ({"ClientCertURI": "spiffe://{td}/ns/default/dc/dc1/svc/api"}, "target"),
+    (
+        {"Target": "", "ClientCertURI": "spiffe://{td}/ns/default/dc/dc1/svc/api"},
+        "target",
+    ),
+]
+
+
+@pytest.mark.parametrize(("body", "what"), AUTHORIZE_ERRORS)
+@pytest_twisted.ensureDeferred
+async def test_authorize_validation(
+    agent: AgentUnderTest, body: dict[str, str], what: str
+) -> None:
+    td = (await agent.client.agent_ca_roots()).value.trust_domain
+    body = {k: v.format(td=td) for k, v in body.items()}
+    answer = await agent.http.post("/v1/agent/connect/authorize", body)
+    expected = (
+        "Bad request: Target service must be specified"
+        if what == "target"
+        else f"Bad request: ClientCertURI {what}"
+    )
+    assert_error(answer, 400, expected)
+
+
+@pytest.mark.parametrize(
+    ("raw", "decode_error"),
+    [
+        ("not json", "invalid character 'o' in literal null (expecting 'u')"),
+        ("", "EOF"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_authorize_undecodable_body(
+    agent: AgentUnderTest, raw: str, decode_error: str
+) -> None:
+    answer = await agent.http.post("/v1/agent/connect/authorize", raw)
+    assert_error(answer, 400, f"Bad request: Request decode failed: {decode_error}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_authorize_wrong_method(agent: AgentUnderTest) -> None:
+    answer = await agent.http.get("/v1/agent/connect/authorize")
+    assert_error(answer, 405, "method GET not allowed")
+    assert answer.header("Allow") == "OPTIONS,POST"
+
+
+# -- intentions ----------------------------------------------------------------------
+
+INTENTION_SHAPE = {
+    "ID": "str",
+    "Description": "str",
+    "SourceNS": "str",
+    "SourceName": "str",
+    "DestinationNS": "str",
+    "DestinationName": "str",
+    "SourceType": "str",
+    "Action": "str",
+    "DefaultAddr": "str",
+    "DefaultPort": "int",
+    "Meta": {},
+    "Precedence": "int",
+    "CreatedAt": "str",
+    "UpdatedAt": "str",
+    "Hash": "str",
+    "CreateIndex": "int",
+    "ModifyIndex": "int",
+}
+
+
+@pytest_twisted.ensureDeferred
+async def test_intention_create_get_list(
+    agent: AgentUnderTest, unique_name: str
+) -> None:
+    source = f"{unique_name}-src"
+    created = await agent.http.post(
+        "/v1/connect/intentions",
+        {"SourceName": source, "DestinationName": unique_name, "Action": "deny"},
+    )
+    assert created.status == 200
+    assert created.header("Content-Type") == JSON
+    assert shape(created.json()) == {"ID": "str"}
+    intention_id = created.json()["ID"]
+    assert UUID_RE.fullmatch(intention_id)
+    try:
+        got = await agent.http.get(f"/v1/connect/intentions/{intention_id}")
+        assert got.status == 200
+        assert "x-consul-index" not in got.header_names
+        body = got.json()
+        assert shape(body) == INTENTION_SHAPE
+        assert body["ID"] == intention_id
+        assert (body["SourceNS"], body["DestinationNS"]) == ("default", "default")
+        assert (body["SourceType"], body["Action"]) == ("consul", "deny")
+        assert (body["Precedence"], body["Meta"]) == (9, {})
+        listed = await agent.http.get("/v1/connect/intentions")
+        assert listed.status == 200
+        assert {
+            "x-consul-index",
+            "x-consul-knownleader",
+            "x-consul-lastcontact",
+        } <= listed.header_names
+        (mine,) = [i for i in listed.json() if i["ID"] == intention_id]
+        assert mine == body
+    finally:
+        await agent.client.delete_intention(intention_id)
+
+
+@dev_differs("a new intention's CreatedAt and UpdatedAt are read apart")
+@pytest_twisted.ensureDeferred
+async def test_new_intention_created_and_updated_at_the_same_time(
+    agent: AgentUnderTest, unique_name: str
+) -> None:
+    intention_id = await agent.client.create_intention("a", unique_name, "deny")
+    try:
+        body = (await agent.http.get(f"/v1/connect/intentions/{intention_id}")).json()
+        assert body["CreatedAt"] == body["UpdatedAt"]
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+Z", body["CreatedAt"])
+    finally:
+        await agent.client.delete_intention(intention_id)
+
+
+@pytest_twisted.ensureDeferred
+async def test_intention_update_keeps_creation(
+    agent: AgentUnderTest, unique_name: str
+) -> None:
+    source = f"{unique_name}-src"
+    intention_id = await agent.client.create_intention(source, unique_name, "deny")
+    try:
+        before = await agent.client.get_intention(intention_id)
+        answer = await agent.http.put(
+            f"/v1/connect/intentions/{intention_id}",
+            {
+                "ID": str(uuid.uuid4()),
+                "SourceName": source,
+                "DestinationName": unique_name,
+                "Action": "allow",
+                "Description": "now allowed",
+            },
+        )
+        assert answer.status == 200
+        assert answer.json() == {"ID": intention_id}
+        after = await agent.client.get_intention(intention_id)
+        assert (after.action, after.description) == ("allow", "now allowed")
+        assert (after.created_at, after.create_index) == (
+            before.created_at,
+            before.create_index,
+        )
+        assert after.updated_at is not None
+        assert before.updated_at is not None
+        assert after.updated_at > before.updated_at
+        assert after.modify_index > before.modify_index
+    finally:
+        await agent.client.delete_intention(intention_id)
+
+
+@pytest_twisted.ensureDeferred
+async def test_intention_delete_and_missing(
+    agent: AgentUnderTest, unique_name: str
+) -> None:
+    intention_id = await agent.client.create_intention("a", unique_name, "deny")
+    path = f"/v1/connect/intentions/{intention_id}"
+    deleted = await agent.http.request("DELETE", path)
+    assert deleted.status == 200
+    assert deleted.json() is True
+    again = await agent.http.request("DELETE", path)
+    assert_error(again, 500, f"Cannot delete non-existent intention: '{intention_id}'")
+    assert_error(await agent.http.get(path), 404, "Intention not found")
+    assert_error(
+        await agent.http.get("/v1/connect/intentions/not-a-uuid"),
+        400,
+        "Bad request: failed intention lookup: index error: UUID must be 36 characters",
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_intention_duplicate(agent: AgentUnderTest, unique_name: str) -> None:
+    source = f"{unique_name}-src"
+    intention_id = await agent.client.create_intention(source, unique_name, "deny")
+    try:
+        answer = await agent.http.post(
+            "/v1/connect/intentions",
+            {"SourceName": source, "DestinationName": unique_name, "Action": "allow"},
+        )
+        assert_error(
+            answer,
+            500,
+            f"duplicate intention found: DENY default/{source} => "
+            f"default/{unique_name} (ID: {intention_id}, Precedence: 9)",
+        )
+    finally:
+        await agent.client.delete_intention(intention_id)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            {"SourceName": "x", "DestinationName": "{}", "Action": "maybe"},
+            "Action must be set to 'allow' or 'deny'",
+        ),
+        (
+            {"SourceName": "", "DestinationName": "{}", "Action": "allow"},
+            "SourceName must be set",
+        ),
+        (
+            {"SourceName": "ap*", "DestinationName": "{}", "Action": "allow"},
+            "SourceName: wildcard character '*' cannot be used with partial values",
+        ),
+        (
+            {
+                "SourceName": "q",
+                "DestinationName": "{}",
+                "Action": "allow",
+                "SourceType": "foo",
+            },
+            "SourceType must be set to 'consul'",
+        ),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_intention_validation(
+    agent: AgentUnderTest, unique_name: str, body: dict[str, str], message: str
+) -> None:
+    body = {k: v.format(unique_name) for k, v in body.items()}
+    answer = await agent.http.post("/v1/connect/intentions", body)
+    assert_error(answer, 500, f"1 error occurred:\n\t* {message}\n\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_intention_create_bad_json_and_wrong_method(
+    agent: AgentUnderTest,
+) -> None:
+    bad = await agent.http.post("/v1/connect/intentions", "xx")
+    assert_error(
+        bad,
+        500,
+        "Failed to decode request body: invalid character 'x' looking for "
+        "beginning of value",
+    )
+    put = await agent.http.put("/v1/connect/intentions", {"SourceName": "q"})
+    assert_error(put, 405, "method PUT not allowed")
+    assert put.header("Allow") == "OPTIONS,GET,POST"
+
+
+@pytest_twisted.ensureDeferred
+async def test_intentions_match_and_check(
+    agent: AgentUnderTest, unique_name: str
+) -> None:
+    source = f"{unique_name}-src"
+    deny = await agent.client.create_intention(source, unique_name, "deny")
+    allow = await agent.client.create_intention("*", unique_name, "allow")
+    try:
+        answer = await agent.http.get(
+            f"/v1/connect/intentions/match?by=destination&name={unique_name}"
+        )
+        assert answer.status == 200
+        assert "x-consul-index" not in answer.header_names
+        body = answer.json()
+        assert list(body) == [unique_name]
+        mine = [i for i in body[unique_name] if i["DestinationName"] == unique_name]
+        assert [(i["ID"], i["Precedence"]) for i in mine] == [(deny, 9), (allow, 8)]
+        assert shape(mine[0]) == INTENTION_SHAPE
+        assert not await agent.client.intentions_check(source, unique_name)
+        assert await agent.client.intentions_check("other", unique_name)
+        check = await agent.http.get(
+            f"/v1/connect/intentions/check?source={source}&destination={unique_name}"
+        )
+        assert check.json() == {"Allowed": False}
+    finally:
+        await agent.client.delete_intention(deny)
+        await agent.client.delete_intention(allow)
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ("match?by=destination", "required query parameter 'name' not set"),
+        ("match?name=web", "required query parameter 'by' not set"),
+        (
+            "match?by=foo&name=web",
+            "'by' parameter must be one of 'source' or 'destination'",
+        ),
+        ("check?source=api", "required query parameter 'destination' not set"),
+        ("check?destination=web", "required query parameter 'source' not set"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_intentions_query_errors(
+    agent: AgentUnderTest, query: str, message: str
+) -> None:
+    answer = await agent.http.get(f"/v1/connect/intentions/{query}")
+    assert_error(answer, 500, message)
+
+
+# -- registration and checks -----------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_register_and_ttl_check_lifecycle(
+    agent: AgentUnderTest, unique_name: str
+) -> None:
+    check_id = f"{unique_name}-ttl"
+    answer = await agent.http.put(
+        "/v1/agent/service/register",
+        {
+            "Name": unique_name,
+            "Port": 5001,
+            "Connect": {"Native": True},
+            "Check": {"CheckID": check_id, "TTL": "60s"},
+        },
+    )
+    assert_empty_write(answer)
+    try:
+
+        async def check() -> dict[str, Any]:
+            checks = (await agent.http.get("/v1/agent/checks")).json()
+            return checks[check_id]  # type: ignore[no-any-return]
+
+        first = await check()
+        assert first["Status"] == "critical"
+        assert (first["Type"], first["ServiceName"]) == ("ttl", unique_name)
+        assert first["Name"] == f"Service '{unique_name}' check"
+        steps = [
+            ("pass", "", "passing", ""),
+            ("warn", "?note=slow", "warning", "slow"),
+            ("fail", "", "critical", ""),
+        ]
+        for verb, query, status, output in steps:
+            mark = await agent.http.put(f"/v1/agent/check/{verb}/{check_id}{query}")
+            assert_empty_write(mark)
+            now = await check()
+            assert (now["Status"], now["Output"]) == (status, output)
+        update = await agent.http.put(
+            f"/v1/agent/check/update/{check_id}",
+            {"Status": "passing", "Output": "fine"},
+        )
+        assert_empty_write(update)
+        now = await check()
+        assert (now["Status"], now["Output"]) == ("passing", "fine")
+    finally:
+        await agent.client.deregister_service(unique_name)
+
+
+@pytest_twisted.ensureDeferred
+async def test_check_errors(agent: AgentUnderTest, unique_name: str) -> None:
+    check_id = await register_ttl(agent, unique_name)
+    try:
+        bad = await agent.http.put(
+            f"/v1/agent/check/update/{check_id}", {"Status": "bogus"}
+        )
+        assert_error(bad, 400, "Invalid check status: 'bogus'")
+        unknown = await agent.http.put("/v1/agent/check/pass/nosuch")
+        assert_error(unknown, 500, 'CheckID "nosuch" does not have associated TTL')
+        with pytest.raises(ConsulHTTPError) as e:
+            await agent.client.check_pass("nosuch")
+        assert e.value.status == 500
+        wrong = await agent.http.get(f"/v1/agent/check/pass/{check_id}")
+        assert wrong.status == 405
+    finally:
+        await agent.client.deregister_service(unique_name)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            '{"Name":"x","Unknown":1}',
+            'Request decode failed: json: unknown field "Unknown"',
+        ),
+        (
+            '{"Name":"x","Check":{"TTL":"bogus"}}',
+            'Request decode failed: time: invalid duration "bogus"',
+        ),
+        ('{"Port":1}', "Missing service name"),
+        ('{"Name":"","Port":1}', "Missing service name"),
+        ("", "Request decode failed: EOF"),
+        (
+            "not json",
+            "Request decode failed: invalid character 'o' in literal null "
+            "(expecting 'u')",
+        ),
+        (
+            '{"Name":"x","Port":"abc"}',
+            "Request decode failed: json: cannot unmarshal string into Go struct "
+            "field .Port of type int",
+        ),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_register_errors(agent: AgentUnderTest, body: str, message: str) -> None:
+    answer = await agent.http.put("/v1/agent/service/register", body)
+    assert_error(answer, 400, message)
+
+
+@pytest_twisted.ensureDeferred
+async def test_register_accepts_lower_case_keys(
+    agent: AgentUnderTest, unique_name: str
+) -> None:
+    answer = await agent.http.put(
+        "/v1/agent/service/register",
+        f'{{"name":"{unique_name}","port":1,"connect":{{"native":true}}}}',
+    )
+    assert_empty_write(answer)
+    try:
+        got = await agent.http.get(f"/v1/agent/service/{unique_name}")
+        assert got.status == 200
+        body = got.json()
+        assert (body["Service"], body["Port"], body["Connect"]) == (
+            unique_name,
+            1,
+            {"Native": True},
+        )
+        assert shape(body) == shape(load_capture("agent-service-lower.http").json())
+    finally:
+        await agent.client.deregister_service(unique_name)
+
+
+@pytest_twisted.ensureDeferred
+async def test_deregister_unknown_is_fine(
+    agent: AgentUnderTest, unique_name: str
+) -> None:
+    answer = await agent.http.put(f"/v1/agent/service/deregister/{unique_name}")
+    assert_empty_write(answer)
+
+
+# -- discovery ---------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_connect_passing_shape(
+    agent: AgentUnderTest, unique_name: str
+) -> None:
+    check_id = await register_ttl(agent, unique_name, address="127.0.0.1")
+    try:
+        await agent.client.check_pass(check_id)
+        answer = await agent.http.get(f"/v1/health/connect/{unique_name}?passing=1")
+        assert answer.status == 200
+        assert answer.header_names == {
+            "content-type",
+            "vary",
+            "x-consul-effective-consistency",
+            "x-consul-index",
+            "x-consul-knownleader",
+            "x-consul-lastcontact",
+        }
+        (entry,) = answer.json()
+        captured = load_capture("health-connect-db-passing.http").json()[0]
+        assert shape(entry) == shape(captured)
+        assert entry["Service"]["Connect"] == {"Native": True}
+        assert [c["CheckID"] for c in entry["Checks"]] == ["serfHealth", check_id]
+    finally:
+        await agent.client.deregister_service(unique_name)
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_connect_unknown_is_empty_with_an_index(
+    agent: AgentUnderTest, unique_name: str
+) -> None:
+    answer = await agent.client.health_connect(unique_name)
+    assert answer.value == ()
+    assert answer.index is not None
+    assert answer.index > 0
+    bad = await agent.http.get(f"/v1/health/connect/{unique_name}?passing=bad")
+    assert_error(bad, 400, "Invalid value for ?passing")
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_connect_blocking_woken_by_check_change(
+    agent: AgentUnderTest, unique_name: str
+) -> None:
+    check_id = await register_ttl(agent, unique_name)
+    try:
+        first = await agent.client.health_connect(unique_name, passing=True)
+        assert first.value == ()
+        assert first.index is not None
+        blocked = agent.client.health_connect(
+            unique_name, passing=True, index=first.index, wait=5
+        )
+        await agent.client.check_pass(check_id)
+        woken, took = await elapsed(blocked)
+        assert took < 4
+        assert woken.index is not None
+        assert woken.index > first.index
+        assert [e.service.id for e in woken.value] == [unique_name]
+    finally:
+        await agent.client.deregister_service(unique_name)
+
+
+# -- CA configuration ------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_ca_configuration_shape(agent: AgentUnderTest) -> None:
+    answer = await agent.http.get("/v1/connect/ca/configuration")
+    assert answer.status == 200
+    assert answer.header_names == {"content-type", "vary"}
+    body = answer.json()
+    assert shape(body) == {
+        "Provider": "str",
+        "Config": {
+            "IntermediateCertTTL": "str",
+            "LeafCertTTL": "str",
+            "RotationPeriod": "str",
+        },
+        "State": "null",
+        "ForceWithoutCrossSigning": "bool",
+        "CreateIndex": "int",
+        "ModifyIndex": "int",
+    }
+    assert body["Provider"] == "consul"
+    assert body["Config"] == {
+        "IntermediateCertTTL": "8760h",
+        "LeafCertTTL": "72h",
+        "RotationPeriod": "2160h",
+    }
+
+
+@pytest_twisted.ensureDeferred
+async def test_leaf_ttl_below_an_hour_needs_skip_validate(
+    agent: AgentUnderTest,
+) -> None:
+    answer = await agent.http.put(
+        "/v1/connect/ca/configuration",
+        {"Provider": "consul", "Config": {"LeafCertTTL": "2m"}},
+    )
+    assert_error(
+        answer,
+        500,
+        "error configuring provider: leaf cert TTL must be greater or equal "
+        "than 1h0m0s",
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_leaf_ttl_with_skip_validate(
+    fresh_agent: AgentUnderTest, unique_name: str
+) -> None:
+    agent = fresh_agent
+    answer = await agent.http.put(
+        "/v1/connect/ca/configuration",
+        {"Provider": "consul", "Config": {"LeafCertTTL": "2m", "SkipValidate": True}},
+    )
+    assert_empty_write(answer)
+    config = await agent.client.ca_configuration()
+    assert config.config["LeafCertTTL"] == "2m"
+    assert config.config["SkipValidate"] is True
+    leaf = await agent.client.leaf(unique_name)
+    assert leaf.value.valid_before - leaf.value.valid_after == datetime.timedelta(
+        minutes=2
+    )
+    # Under ten minutes of lifetime a blocking caller gets a new one at once.
+    renewed, took = await elapsed(
+        agent.client.leaf(unique_name, index=leaf.index, wait=5)
+    )
+    assert took < 4
+    assert renewed.index != leaf.index
+    assert renewed.value.serial_number != leaf.value.serial_number
+
+
+# -- CA rotation -------------------------------------------------------------------
+
+
+def new_root(trust_domain: str) -> tuple[str, str, x509.Certificate]:
+    """A user-supplied root as an operator makes one with OpenSSL."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Rotated Test Root CA")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        # 159 random bits: more than the 64 that roots' SerialNumber keeps.
+        .serial_number(x509.random_serial_number() | (1 << 158))
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .add_extension(ski, critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]
+            ),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    ).decode()
+    return key_pem, cert.public_bytes(serialization.Encoding.PEM).decode(), cert
+
+
+@pytest_twisted.ensureDeferred
+async def test_ca_rotation_with_a_supplied_root(
+    fresh_agent: AgentUnderTest, unique_name: str
+) -> None:
+    agent = fresh_agent
+    before = await agent.client.agent_ca_roots()
+    (old,) = before.value.roots
+    (old_cert,) = load_pems(old.root_cert_pem)
+    td = before.value.trust_domain
+    key_pem, root_pem, root_cert = new_root(td)
+    blocked = agent.client.agent_ca_roots(index=before.index, wait=5)
+    put = await agent.http.put(
+        "/v1/connect/ca/configuration",
+        {"Provider": "consul", "Config": {"PrivateKey": key_pem, "RootCert": root_pem}},
+    )
+    assert_empty_write(put)
+
+    woken, took = await elapsed(blocked)
+    assert took < 4
+    assert woken.index is not None
+    assert before.index is not None
+    assert woken.index > before.index
+
+    answer = await agent.http.get("/v1/agent/connect/ca/roots")
+    body = answer.json()
+    (new_json,) = [r for r in body["Roots"] if r["Active"]]
+    (old_json,) = [r for r in body["Roots"] if not r["Active"]]
+    assert shape(new_json) == {**ROOT_SHAPE, "IntermediateCerts": ["list", "str"]}
+    assert shape(old_json) == ROOT_SHAPE
+    assert body["ActiveRootID"] == new_json["ID"] == sha1_id(root_cert)
+    assert old_json["ID"] == old.id
+    assert old_json["ModifyIndex"] > old.modify_index
+    assert new_json["RootCert"] == root_pem
+    assert new_json["Name"] == "Consul CA Root Cert"
+    assert new_json["SerialNumber"] == root_cert.serial_number & (2**64 - 1)
+    assert new_json["SigningKeyID"] == colon_hex(skid(root_cert))
+
+    (cross,) = load_pems(new_json["IntermediateCerts"][0])
+    assert cross.issuer == old_cert.subject
+    assert cross.subject == root_cert.subject
+    assert cross.public_key() == root_cert.public_key()
+    assert skid(cross) == skid(root_cert)
+    assert akid(cross) == skid(old_cert)
+    cross.verify_directly_issued_by(old_cert)
+    assert key_usages(cross) == (
+        True,
+        {"digital_signature", "key_cert_sign", "crl_sign"},
+    )
+    bc = cross.extensions.get_extension_for_class(x509.BasicConstraints)
+    assert (bc.critical, bc.value.ca) == (True, True)
+    assert uri_sans(cross) == [f"spiffe://{td}"]
+    assert cross.not_valid_after_utc - cross.not_valid_before_utc == (
+        datetime.timedelta(days=7)
+    )
+
+    server = await agent.http.get("/v1/connect/ca/roots")
+    assert server.json() == body
+
+
+@pytest_twisted.ensureDeferred
+async def test_roots_are_listed_by_id_not_by_age(fresh_agent: AgentUnderTest) -> None:
+    # Consul's state store lists roots in its ID index order: the new root
+    # comes first or last by chance (its SHA-1), never by when it was added.
+    agent = fresh_agent
+    td = (await agent.client.agent_ca_roots()).value.trust_domain
+    for _ in range(2):
+        key_pem, root_pem, _cert = new_root(td)
+        await agent.client.set_ca_configuration(
+            "consul", {"PrivateKey": key_pem, "RootCert": root_pem}
+        )
+    for read in (agent.client.agent_ca_roots, agent.client.ca_roots):
+        roots = (await read()).value
+        ids = [r.id for r in roots.roots]
+        assert len(ids) == 3
+        assert ids == sorted(ids)
+
+
+@pytest_twisted.ensureDeferred
+async def test_never_requested_name_after_rotation_is_on_the_new_root(
+    fresh_agent: AgentUnderTest, unique_name: str
+) -> None:
+    agent = fresh_agent
+    td = (await agent.client.agent_ca_roots()).value.trust_domain
+    key_pem, root_pem, root_cert = new_root(td)
+    await agent.client.set_ca_configuration(
+        "consul", {"PrivateKey": key_pem, "RootCert": root_pem}
+    )
+    roots = (await agent.client.agent_ca_roots()).value
+    assert roots.active_root_id == sha1_id(root_cert)
+    leaf = (await agent.client.leaf(unique_name)).value
+    cert, *chain = load_pems(leaf.cert_pem)
+    assert cert.issuer == root_cert.subject
+    cert.verify_directly_issued_by(root_cert)
+    assert akid(cert) == skid(root_cert)
+    # The leaf carries the cross-signed intermediate after it, as real does.
+    (cross_pem,) = roots.active_root.intermediate_certs_pem  # type: ignore[union-attr]
+    assert chain == load_pems(cross_pem)
