@@ -331,13 +331,15 @@ class Options(usage.Options):
         self.settings: Settings | None = None
 
     def opt_upstream(self, value: str) -> None:
-        """
-        NAME=ENDPOINT: a local plaintext listener whose connections go to
-        Connect service NAME (NAME.query= a prepared query, NAME@DC= another
-        datacenter); binds 127.0.0.1 unless the endpoint names an interface
-        (repeatable)
-        """
         self["upstream"].append(parse_upstream(value))
+
+    # usage.Options shows the docstring as it is: keep it on one line.
+    opt_upstream.__doc__ = (
+        "NAME=ENDPOINT: a local plaintext listener whose connections go to "
+        "Connect service NAME (NAME.query= a prepared query, NAME@DC= another "
+        "datacenter); binds 127.0.0.1 unless the endpoint names an interface "
+        "(repeatable)"
+    )
 
     def opt_register(self) -> None:
         """register this instance with the agent (the default)"""
