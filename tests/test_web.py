@@ -567,10 +567,12 @@ def test_each_request_is_decided_exactly_once(ca: CertificateFactory) -> None:
             return web.intentions.decide_request(peer, method, path, headers)
 
     web.protected.authorizer = Counting()
+    # A tree that leads back through the protector: still one decision.
+    root.putChild(b"again", web.protected)
     conn = web.connect("api")
     assert conn.request("GET", "/admin/keys").code == 200
-    assert conn.request("GET", "/public").code == 200
-    assert calls == [("GET", "/admin/keys"), ("GET", "/public")]
+    assert conn.request("GET", "/again/public").code == 200
+    assert calls == [("GET", "/admin/keys"), ("GET", "/again/public")]
     assert admin.rendered == [b"/admin/keys"]
 
 
