@@ -552,6 +552,24 @@ async def test_leaf_name_mangling(
     assert len(only_cn(cert)) <= 64
 
 
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        (
+            "a%2Fb",
+            "SPIFFE ID is not in the expected format: "
+            "spiffe://{td}/ns/default/dc/dc1/svc/a/b",
+        ),
+        ("", "URI must be either service or agent"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_leaf_bad_names(agent: AgentUnderTest, path: str, message: str) -> None:
+    td = (await agent.client.agent_ca_roots()).value.trust_domain
+    answer = await agent.http.get(f"/v1/agent/connect/ca/leaf/{path}")
+    assert_error(answer, 500, message.format(td=td))
+
+
 # -- blocking queries ----------------------------------------------------------------
 
 
@@ -760,6 +778,19 @@ async def test_authorize_wrong_method(agent: AgentUnderTest) -> None:
     answer = await agent.http.get("/v1/agent/connect/authorize")
     assert_error(answer, 405, "method GET not allowed")
     assert answer.header("Allow") == "OPTIONS,POST"
+
+
+@pytest_twisted.ensureDeferred
+async def test_authorize_accepts_lower_case_keys(
+    agent: AgentUnderTest, unique_name: str
+) -> None:
+    td = (await agent.client.agent_ca_roots()).value.trust_domain
+    answer = await agent.http.post(
+        "/v1/agent/connect/authorize",
+        {"target": unique_name, "clientcerturi": client_uri(td, "api")},
+    )
+    assert answer.status == 200
+    assert answer.json()["Authorized"] is True
 
 
 # -- intentions ----------------------------------------------------------------------
@@ -1132,6 +1163,24 @@ async def test_register_accepts_lower_case_keys(
         await agent.client.deregister_service(unique_name)
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("GET", "/v1/agent/service/register", "OPTIONS,PUT"),
+        ("POST", "/v1/agent/service/register", "OPTIONS,PUT"),
+        ("DELETE", "/v1/agent/service/deregister/x", "OPTIONS,PUT"),
+        ("PUT", "/v1/agent/connect/authorize", "OPTIONS,POST"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_wrong_method(
+    agent: AgentUnderTest, method: str, path: str, allow: str
+) -> None:
+    answer = await agent.http.request(method, path)
+    assert_error(answer, 405, f"method {method} not allowed")
+    assert answer.header("Allow") == allow
+
+
 @pytest_twisted.ensureDeferred
 async def test_deregister_unknown_is_fine(
     agent: AgentUnderTest, unique_name: str
@@ -1203,6 +1252,163 @@ async def test_health_connect_blocking_woken_by_check_change(
         await agent.client.deregister_service(unique_name)
 
 
+def db_registrations(name: str) -> list[dict[str, Any]]:
+    """The captured run's ``db`` instances, under ``name``."""
+    return [
+        {
+            "ID": f"{name}-1",
+            "Name": name,
+            "Port": 5001,
+            "Address": "127.0.0.1",
+            "Connect": {"Native": True},
+            "Check": {"CheckID": f"{name}-1-ttl", "TTL": "15m", "Status": "passing"},
+        },
+        {
+            "ID": f"{name}-2",
+            "Name": name,
+            "Port": 5002,
+            "Connect": {"Native": True},
+            "Check": {"CheckID": f"{name}-2-ttl", "TTL": "15m"},
+        },
+        {
+            "ID": f"{name}-3",
+            "Name": name,
+            "Port": 5003,
+            "Tags": ["plain"],
+            "Check": {"TTL": "15m", "Status": "passing"},
+        },
+        {
+            "ID": f"{name}-proxy-1",
+            "Name": f"{name}-sidecar-proxy",
+            "Kind": "connect-proxy",
+            "Port": 21000,
+            "Proxy": {
+                "DestinationServiceName": name,
+                "DestinationServiceID": f"{name}-3",
+                "LocalServiceAddress": "127.0.0.1",
+                "LocalServicePort": 5003,
+            },
+            "Check": {
+                "CheckID": f"{name}-proxy-1-ttl",
+                "TTL": "15m",
+                "Status": "passing",
+            },
+        },
+    ]
+
+
+@pytest_twisted.async_yield_fixture
+async def db_like(agent: AgentUnderTest, unique_name: str) -> AsyncIterator[str]:
+    """``unique_name`` as the captures' ``db``: 2 native, 1 plain, 1 proxy."""
+    for body in db_registrations(unique_name):
+        assert_empty_write(await agent.http.put("/v1/agent/service/register", body))
+    yield unique_name
+    for body in db_registrations(unique_name):
+        await agent.client.deregister_service(body["ID"])
+
+
+def by_service_id(
+    entries: list[dict[str, Any]], key: str = "Service"
+) -> dict[str, Any]:
+    return {(e[key]["ID"] if key else e["ServiceID"]): e for e in entries}
+
+
+def captured_by_instance(
+    name: str, capture: str, key: str = "Service"
+) -> dict[str, Any]:
+    """A capture's entries keyed as ``db_registrations(name)`` names them."""
+    entries = load_capture(capture).json()
+    return {k.replace("db", name, 1): v for k, v in by_service_id(entries, key).items()}
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_connect_has_native_instances_and_proxies(
+    agent: AgentUnderTest, db_like: str
+) -> None:
+    answer = await agent.http.get(f"/v1/health/connect/{db_like}")
+    assert answer.status == 200
+    live = by_service_id(answer.json())
+    captured = captured_by_instance(db_like, "health-connect-db.http")
+    assert set(live) == {f"{db_like}-1", f"{db_like}-2", f"{db_like}-proxy-1"}
+    assert set(live) == set(captured)
+    for instance, entry in live.items():
+        assert shape(entry) == shape(captured[instance]), instance
+    proxy = live[f"{db_like}-proxy-1"]["Service"]
+    assert (proxy["Kind"], proxy["Service"], proxy["Port"]) == (
+        "connect-proxy",
+        f"{db_like}-sidecar-proxy",
+        21000,
+    )
+    assert proxy["Proxy"]["DestinationServiceName"] == db_like
+    assert "Kind" not in live[f"{db_like}-1"]["Service"]
+    assert live[f"{db_like}-2"]["Service"]["Address"] == ""
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_connect_passing_drops_critical_instances(
+    agent: AgentUnderTest, db_like: str
+) -> None:
+    for query in ("?passing=1", "?passing"):
+        answer = await agent.http.get(f"/v1/health/connect/{db_like}{query}")
+        assert set(by_service_id(answer.json())) == {
+            f"{db_like}-1",
+            f"{db_like}-proxy-1",
+        }
+    everything = await agent.http.get(f"/v1/health/connect/{db_like}?passing=false")
+    assert len(everything.json()) == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_service_has_every_instance_and_no_proxy(
+    agent: AgentUnderTest, db_like: str
+) -> None:
+    answer = await agent.http.get(f"/v1/health/service/{db_like}")
+    live = by_service_id(answer.json())
+    captured = captured_by_instance(db_like, "health-service-db.http")
+    assert set(live) == {f"{db_like}-1", f"{db_like}-2", f"{db_like}-3"}
+    for instance, entry in live.items():
+        assert shape(entry) == shape(captured[instance]), instance
+    # A check registered without an ID is named after the service instance.
+    plain_checks = [c["CheckID"] for c in live[f"{db_like}-3"]["Checks"]]
+    assert plain_checks == ["serfHealth", f"service:{db_like}-3"]
+
+
+@dev_differs("GET /v1/catalog/connect/<service> is not served (404)")
+@pytest_twisted.ensureDeferred
+async def test_catalog_connect_flat_form(agent: AgentUnderTest, db_like: str) -> None:
+    answer = await agent.http.get(f"/v1/catalog/connect/{db_like}")
+    assert answer.status == 200
+    assert answer.header_names == {
+        "content-type",
+        "vary",
+        "x-consul-effective-consistency",
+        "x-consul-index",
+        "x-consul-knownleader",
+        "x-consul-lastcontact",
+    }
+    live = by_service_id(answer.json(), key="")
+    captured = captured_by_instance(db_like, "catalog-connect-db.http", key="")
+    assert set(live) == set(captured)
+    for instance, entry in live.items():
+        assert shape(entry) == shape(captured[instance]), instance
+    assert live[f"{db_like}-1"]["ServiceKind"] == ""
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_connect_woken_by_a_non_connect_instance(
+    agent: AgentUnderTest, db_like: str
+) -> None:
+    first = await agent.client.health_connect(db_like)
+    assert first.index is not None
+    blocked = agent.client.health_connect(db_like, index=first.index, wait=5)
+    await agent.client.check_fail(f"service:{db_like}-3")
+    woken, took = await elapsed(blocked)
+    assert took < 4
+    assert woken.index is not None
+    assert woken.index > first.index
+    assert [e.service.id for e in woken.value] == [e.service.id for e in first.value]
+
+
 # -- CA configuration ------------------------------------------------------------------
 
 
@@ -1246,6 +1452,37 @@ async def test_leaf_ttl_below_an_hour_needs_skip_validate(
         "error configuring provider: leaf cert TTL must be greater or equal "
         "than 1h0m0s",
     )
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        (
+            "xx",
+            400,
+            "Bad request: Request decode failed: invalid character 'x' looking "
+            "for beginning of value",
+        ),
+        (
+            {"Provider": "nope", "Config": {}},
+            500,
+            'could not initialize provider: unknown CA provider "nope"',
+        ),
+        (
+            {"Provider": "consul", "Config": {"LeafCertTTL": "bogus"}},
+            500,
+            "error configuring provider: error decoding config: 1 error(s) "
+            "decoding:\n\n* error decoding 'LeafCertTTL': time: invalid "
+            'duration "bogus"',
+        ),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_ca_configuration_errors(
+    agent: AgentUnderTest, body: object, status: int, message: str
+) -> None:
+    answer = await agent.http.put("/v1/connect/ca/configuration", body)
+    assert_error(answer, status, message)
 
 
 @pytest_twisted.ensureDeferred
