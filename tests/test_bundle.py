@@ -9,7 +9,6 @@ wall clock: real captures are checked at a moment inside their validity.
 from __future__ import annotations
 
 import datetime
-import json
 import uuid
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from connect_native.consul.records import (
 )
 from connect_native.identity import ServiceIdentity
 from connect_native.testing import CertificateFactory, TestLeaf
+from tests.captures import body
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REAL = FIXTURES / "real-1.8.7"
@@ -42,28 +42,12 @@ REAL_NOW = datetime.datetime(
 TESTDATA_NOW = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc).timestamp()
 
 
-def load(path: Path) -> tuple[dict[str, str], int | None, dict[str, str], str]:
-    """
-    One capture: (meta, status, headers, body), as in real-1.8.7/README.md.
-    """
-    meta: dict[str, str] = {}
-    lines = path.read_text(encoding="utf-8").split("\n")
-    while lines and lines[0].startswith("# "):
-        k, _, v = lines.pop(0)[2:].partition(": ")
-        meta.setdefault(k, v)
-    head, _, body = "\n".join(lines).partition("\n\n")
-    status_line, *hdrs = head.split("\n")
-    headers = dict(h.split(": ", 1) for h in hdrs if ": " in h)
-    status = int(status_line.split()[1]) if status_line else None
-    return meta, status, headers, body
-
-
 def real_roots(name: str) -> CARoots:
-    return decode_ca_roots(json.loads(load(REAL / name)[3]))
+    return decode_ca_roots(body(name))
 
 
 def real_leaf(name: str) -> LeafCert:
-    return decode_leaf(json.loads(load(REAL / name)[3]))
+    return decode_leaf(body(name))
 
 
 def root_pems(roots: CARoots) -> list[RootPEMs]:

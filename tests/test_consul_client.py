@@ -47,23 +47,10 @@ from connect_native.consul.records import (
     ServiceRegistration,
     TTLCheck,
 )
+from tests.captures import load
 
 FIXTURES = Path(__file__).parent / "fixtures" / "real-1.8.7"
 TOKEN = "5e3c0b7a-token-that-must-never-leak-9f1d"
-
-
-def load(name: str) -> tuple[dict[str, str], int | None, dict[str, str], str]:
-    """The capture format's own parser (tests/fixtures/real-1.8.7/README.md)."""
-    meta: dict[str, str] = {}
-    lines = (FIXTURES / name).read_text(encoding="utf-8").split("\n")
-    while lines and lines[0].startswith("# "):
-        k, _, v = lines.pop(0)[2:].partition(": ")
-        meta.setdefault(k, v)
-    head, _, body = "\n".join(lines).partition("\n\n")
-    status_line, *hdrs = head.split("\n")
-    headers = dict(h.split(": ", 1) for h in hdrs if ": " in h)
-    status = int(status_line.split()[1]) if status_line else None
-    return meta, status, headers, body
 
 
 @define

@@ -10,7 +10,6 @@ import json
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
 
 import attrs
 import pytest
@@ -41,28 +40,12 @@ from connect_native.consul.records import (
     decode_prepared_query_result,
     format_duration,
 )
+from tests.captures import body as body_of
+from tests.captures import load
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REAL = FIXTURES / "real-1.8.7"
 DOCS = FIXTURES / "docs-samples"
-
-
-def load(path: Path) -> tuple[dict[str, str], int | None, dict[str, str], str]:
-    """The capture format's own parser (tests/fixtures/real-1.8.7/README.md)."""
-    meta: dict[str, str] = {}
-    lines = path.read_text(encoding="utf-8").split("\n")
-    while lines and lines[0].startswith("# "):
-        k, _, v = lines.pop(0)[2:].partition(": ")
-        meta.setdefault(k, v)
-    head, _, body = "\n".join(lines).partition("\n\n")
-    status_line, *hdrs = head.split("\n")
-    headers = dict(h.split(": ", 1) for h in hdrs if ": " in h)
-    status = int(status_line.split()[1]) if status_line else None
-    return meta, status, headers, body
-
-
-def body_of(name: str) -> Any:
-    return json.loads(load(REAL / name)[3])
 
 
 # Which decoder reads the answer of which GET, by path.

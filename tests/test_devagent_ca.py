@@ -31,31 +31,13 @@ from twisted.internet.task import Clock
 
 from connect_native import _certbuild
 from connect_native.devagent.ca import DevCA, LeafRequestError
+from tests.captures import body as real_json
+from tests.captures import load as load_http
 from tests.consul_agent import RealConsulAgent
 
 REAL = Path(__file__).parent / "fixtures" / "real-1.8.7"
 REAL_CLUSTER = "35fbb6e4-f678-8abb-17a1-d9437ce1a4b3"
 REAL_TD = REAL_CLUSTER + ".consul"
-
-
-def load_http(name: str) -> tuple[dict[str, str], int | None, dict[str, str], str]:
-    """
-    The fixtures README's loader for ``*.http`` captures.
-    """
-    meta: dict[str, str] = {}
-    lines = (REAL / name).read_text(encoding="utf-8").split("\n")
-    while lines and lines[0].startswith("# "):
-        k, _, v = lines.pop(0)[2:].partition(": ")
-        meta.setdefault(k, v)
-    head, _, body = "\n".join(lines).partition("\n\n")
-    status_line, *hdrs = head.split("\n")
-    headers = dict(h.split(": ", 1) for h in hdrs if ": " in h)
-    status = int(status_line.split()[1]) if status_line else None
-    return meta, status, headers, body
-
-
-def real_json(name: str) -> Any:
-    return json.loads(load_http(name)[3])
 
 
 def real_cert(name: str) -> x509.Certificate:

@@ -38,26 +38,13 @@ from connect_native.testing import (
     spiffe_ids,
     trust_domains,
 )
+from tests.captures import load
 from tests.consul_agent import RealConsulAgent
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REAL = FIXTURES / "real-1.8.7"
 TD = "35fbb6e4-f678-8abb-17a1-d9437ce1a4b3.consul"
 TESTDATA_TD = "11111111-2222-3333-4444-555555555555.consul"
-
-
-def load(path: Path) -> tuple[dict[str, str], int | None, dict[str, str], str]:
-    """The capture loader from ``tests/fixtures/real-1.8.7/README.md``."""
-    meta: dict[str, str] = {}
-    lines = path.read_text(encoding="utf-8").split("\n")
-    while lines and lines[0].startswith("# "):
-        k, _, v = lines.pop(0)[2:].partition(": ")
-        meta.setdefault(k, v)
-    head, _, body = "\n".join(lines).partition("\n\n")
-    status_line, *hdrs = head.split("\n")
-    headers = dict(h.split(": ", 1) for h in hdrs if ": " in h)
-    status = int(status_line.split()[1]) if status_line else None
-    return meta, status, headers, body
 
 
 def pem_cert(path: Path) -> x509.Certificate:

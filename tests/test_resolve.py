@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import gc
 import json
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -34,20 +33,10 @@ from connect_native.resolve import (
     ResolveError,
     StaticResolver,
 )
+from tests.captures import body as capture_body
 
-FIXTURES = Path(__file__).parent / "fixtures" / "real-1.8.7"
 TD = "35fbb6e4-f678-8abb-17a1-d9437ce1a4b3.consul"
 OTHER_TD = "11111111-2222-3333-4444-555555555555.consul"
-
-
-def capture_body(name: str) -> Any:
-    """The JSON body of a capture (format in tests/fixtures/real-1.8.7/README.md)."""
-    text = (FIXTURES / name).read_text(encoding="utf-8")
-    lines = text.split("\n")
-    while lines and lines[0].startswith("# "):
-        lines.pop(0)
-    _, _, body = "\n".join(lines).partition("\n\n")
-    return json.loads(body)
 
 
 def result(d: Deferred[Any]) -> Any:
