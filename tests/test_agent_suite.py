@@ -1040,6 +1040,27 @@ async def test_intentions_query_errors(
     assert_error(answer, 500, message)
 
 
+@pytest_twisted.ensureDeferred
+async def test_intentions_match_blocking_woken_by_any_intention_write(
+    agent: AgentUnderTest, unique_name: str
+) -> None:
+    listed = await agent.client.intentions_list()
+    assert listed.index is not None
+    blocked = agent.client.intentions_match(
+        "destination", unique_name, index=listed.index, wait=5
+    )
+    unrelated = await agent.client.create_intention(
+        f"{unique_name}-a", f"{unique_name}-b", "deny"
+    )
+    try:
+        woken, took = await elapsed(blocked)
+        assert took < 4
+        assert woken.index is None
+        assert dict(woken.value) == {unique_name: ()}
+    finally:
+        await agent.client.delete_intention(unrelated)
+
+
 # -- registration and checks -----------------------------------------------------------
 
 
@@ -1486,6 +1507,35 @@ async def test_ca_configuration_errors(
 
 
 @pytest_twisted.ensureDeferred
+async def test_config_change_without_rotation_moves_the_roots_index(
+    fresh_agent: AgentUnderTest,
+) -> None:
+    agent = fresh_agent
+    before = await agent.client.agent_ca_roots()
+    server_before = await agent.client.ca_roots()
+    assert before.index is not None
+    assert server_before.index is not None
+    blocked = defer.gatherResults(
+        [
+            agent.client.agent_ca_roots(index=before.index, wait=5),
+            agent.client.ca_roots(index=server_before.index, wait=5),
+        ]
+    )
+    answer = await agent.http.put(
+        "/v1/connect/ca/configuration",
+        {"Provider": "consul", "Config": {"LeafCertTTL": "80h"}},
+    )
+    assert_empty_write(answer)
+    (cached, server), took = await elapsed(blocked)
+    assert took < 4
+    assert cached.index > before.index
+    assert server.index > server_before.index
+    assert cached.value == before.value
+    config = await agent.client.ca_configuration()
+    assert config.config["LeafCertTTL"] == "80h"
+
+
+@pytest_twisted.ensureDeferred
 async def test_leaf_ttl_with_skip_validate(
     fresh_agent: AgentUnderTest, unique_name: str
 ) -> None:
@@ -1643,17 +1693,23 @@ async def test_roots_are_listed_by_id_not_by_age(fresh_agent: AgentUnderTest) ->
 
 
 @pytest_twisted.ensureDeferred
-async def test_never_requested_name_after_rotation_is_on_the_new_root(
+async def test_after_rotation_a_never_requested_name_is_on_the_new_root(
     fresh_agent: AgentUnderTest, unique_name: str
 ) -> None:
     agent = fresh_agent
     td = (await agent.client.agent_ca_roots()).value.trust_domain
+    known = f"{unique_name}-known"
+    stale = await agent.client.leaf(known)
     key_pem, root_pem, root_cert = new_root(td)
     await agent.client.set_ca_configuration(
         "consul", {"PrivateKey": key_pem, "RootCert": root_pem}
     )
     roots = (await agent.client.agent_ca_roots()).value
     assert roots.active_root_id == sha1_id(root_cert)
+    # A name read before stays on the old root for non-blocking readers.
+    still = await agent.client.leaf(known)
+    assert still.cache_hit is True
+    assert (still.index, still.value) == (stale.index, stale.value)
     leaf = (await agent.client.leaf(unique_name)).value
     cert, *chain = load_pems(leaf.cert_pem)
     assert cert.issuer == root_cert.subject
