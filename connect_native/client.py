@@ -58,6 +58,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from connect_native.certs import Bundle, IBundleSource
+from connect_native.consul.records import positive_seconds
 from connect_native.resolve import (
     ConsulResolver,
     ExpectedIdentity,
@@ -794,18 +795,6 @@ class _LeasedBundleSource:
 # --- the endpoint -------------------------------------------------------------------
 
 
-def _seconds(what: str, value: float) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not (math.isfinite(value) and value > 0)
-    ):
-        raise ValueError(
-            f"{what} must be a finite number of seconds > 0, not {value!r}"
-        )
-    return float(value)
-
-
 @implementer(IStreamClientEndpoint)
 class ConnectClientEndpoint:
     """
@@ -861,14 +850,14 @@ class ConnectClientEndpoint:
         self._reactor: IReactorTime = reactor
         self.resolver = resolver
         self._source = bundle_source
-        self.timeout = _seconds("timeout", timeout)
-        self.attempt_timeout = _seconds("attempt_timeout", attempt_timeout)
+        self.timeout = positive_seconds("timeout", timeout)
+        self.attempt_timeout = positive_seconds("attempt_timeout", attempt_timeout)
         self.alpn_protocols = tuple(alpn_protocols)
         self._rng = rng if rng is not None else random.SystemRandom()
         self._creators: dict[ExpectedIdentity, ClientConnectionCreator] = {}
         self._creators_bundle: Bundle | None = None
         self._owned: list[ConsulResolver | _LeasedBundleSource] = []
-        self.failure_memory = _seconds("failure_memory", failure_memory)
+        self.failure_memory = positive_seconds("failure_memory", failure_memory)
         self._failures: dict[Instance, float] = {}
 
     @property

@@ -21,7 +21,6 @@ a new connection when the connection fails before any response.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +43,7 @@ from connect_native.client import (
     _LeasedBundleSource,
     our_service_name,
 )
+from connect_native.consul.records import positive_seconds
 from connect_native.resolve import ConsulResolver, IResolver, PreparedQueryResolver
 
 if TYPE_CHECKING:
@@ -398,22 +398,6 @@ class ConnectHTTPClient(HTTPClient):
         return d.addBoth(settle)
 
 
-def _seconds(
-    what: str, value: float | None, *, allow_none: bool = False
-) -> float | None:
-    if value is None and allow_none:
-        return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not (math.isfinite(value) and value > 0)
-    ):
-        raise ValueError(
-            f"{what} must be a finite number of seconds > 0, not {value!r}"
-        )
-    return float(value)
-
-
 def client(
     our_service: str | None = None,
     *,
@@ -463,9 +447,9 @@ def client(
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
-    request_timeout = _seconds("timeout", timeout, allow_none=True)
-    _seconds("connect_timeout", connect_timeout)
-    _seconds("attempt_timeout", attempt_timeout)
+    request_timeout = None if timeout is None else positive_seconds("timeout", timeout)
+    positive_seconds("connect_timeout", connect_timeout)
+    positive_seconds("attempt_timeout", attempt_timeout)
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         raise ValueError(f"retries must be an integer >= 0, not {retries!r}")
     if consul is None:

@@ -22,7 +22,6 @@ manager state  check status (output: the manager's reason)
 from __future__ import annotations
 
 import ipaddress
-import math
 import random
 import socket
 from collections.abc import Callable, Mapping, Sequence
@@ -36,7 +35,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from connect_native.certs import ManagerState, StateChange
-from connect_native.consul.records import ServiceRegistration, TTLCheck
+from connect_native.consul.records import (
+    ServiceRegistration,
+    TTLCheck,
+    positive_seconds,
+)
 
 __all__ = [
     "CheckStatus",
@@ -108,21 +111,8 @@ def check_for_state(
     return "critical", f"not accepting connections: {reason}"
 
 
-def _seconds(name: str, value: object) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ValueError(
-            f"{name} must be a finite number of seconds > 0, not {value!r}"
-        )
-    return float(value)
-
-
 def _optional_seconds(name: str, value: object) -> float | None:
-    return None if value is None else _seconds(name, value)
+    return None if value is None else positive_seconds(name, value)
 
 
 def _forgotten(error: BaseException) -> bool:
@@ -261,7 +251,7 @@ class Registration(Service):
                 f"degraded_status must be one of {', '.join(_STATUSES)}, not "
                 f"{degraded_status!r}"
             )
-        ttl = _seconds("check_ttl", check_ttl)
+        ttl = positive_seconds("check_ttl", check_ttl)
         refresh = _optional_seconds("refresh_interval", refresh_interval)
         if refresh is None:
             refresh = ttl / 3
@@ -270,8 +260,8 @@ class Registration(Service):
                 f"refresh_interval ({refresh:g}s) must be less than check_ttl "
                 f"({ttl:g}s), or the check goes critical between updates"
             )
-        initial = _seconds("backoff_initial", backoff_initial)
-        maximum = _seconds("backoff_max", backoff_max)
+        initial = positive_seconds("backoff_initial", backoff_initial)
+        maximum = positive_seconds("backoff_max", backoff_max)
         if maximum < initial:
             raise ValueError(
                 f"backoff_max ({maximum:g}s) must be at least backoff_initial "
@@ -291,8 +281,8 @@ class Registration(Service):
             "deregister_critical_after", deregister_critical_after
         )
         self.degraded_status: CheckStatus = degraded_status
-        self.request_timeout = _seconds("request_timeout", request_timeout)
-        self.stop_timeout = _seconds("stop_timeout", stop_timeout)
+        self.request_timeout = positive_seconds("request_timeout", request_timeout)
+        self.stop_timeout = positive_seconds("stop_timeout", stop_timeout)
         self.backoff_initial = initial
         self.backoff_max = maximum
         self._rng = rng if rng is not None else random.Random()  # noqa: S311 (back-off jitter)

@@ -25,7 +25,6 @@ the expected URI).
 from __future__ import annotations
 
 import ipaddress
-import math
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -44,6 +43,7 @@ from connect_native.consul.records import (
     HealthEntry,
     Indexed,
     PreparedQueryResult,
+    positive_seconds,
 )
 from connect_native.identity import (
     InvalidIdentity,
@@ -281,18 +281,6 @@ def _optional_name(what: str, value: str | None) -> str | None:
     if value is None or value == "":
         return None
     return _nonempty_name(what, value)
-
-
-def _positive_seconds(what: str, value: float) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not (math.isfinite(value) and value > 0)
-    ):
-        raise ValueError(
-            f"{what} must be a finite number of seconds > 0, not {value!r}"
-        )
-    return float(value)
 
 
 def _bounded(
@@ -623,8 +611,8 @@ class ConsulResolver:
             reactor if reactor is not None else _default_reactor()
         )
         self._watch_settings = {
-            "wait": _positive_seconds("wait", wait),
-            "min_interval": _positive_seconds("min_interval", min_interval),
+            "wait": positive_seconds("wait", wait),
+            "min_interval": positive_seconds("min_interval", min_interval),
         }
         self._shared: _SharedHealth | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
@@ -782,7 +770,7 @@ class PreparedQueryResolver:
         self._clock: IReactorTime = (
             reactor if reactor is not None else _default_reactor()
         )
-        self.cache_seconds = _positive_seconds("cache_seconds", cache_seconds)
+        self.cache_seconds = positive_seconds("cache_seconds", cache_seconds)
         self._cached: tuple[float, tuple[Instance, ...]] | None = None
         self._in_flight: list[Deferred[Sequence[Instance]]] | None = None
         where = f" in datacenter {datacenter!r}" if datacenter else ""
@@ -909,7 +897,7 @@ class DnsResolver:
                 f"not {dns_address!r}"
             )
         self.dns_address = (host, port)
-        self.timeout = _positive_seconds("timeout", timeout)
+        self.timeout = positive_seconds("timeout", timeout)
         self._reactor: Any = reactor if reactor is not None else _default_reactor()
         from twisted.names import client
 

@@ -1037,6 +1037,24 @@ def decode_intention_id(value: object) -> str:
 _CHECK_STATUSES = ("passing", "warning", "critical")
 
 
+def positive_seconds(what: str, value: object) -> float:
+    """
+    ``value`` as a float if it is a finite number of seconds > 0 (a timeout,
+    an interval, a lifetime); a :class:`ValueError` naming ``what``
+    otherwise.  Every module's settings use this one check, so they all
+    refuse alike and word the error alike.
+    """
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not (math.isfinite(value) and value > 0)
+    ):
+        raise ValueError(
+            f"{what} must be a finite number of seconds > 0, not {value!r}"
+        )
+    return float(value)
+
+
 def format_duration(seconds: float, what: str = "duration") -> str:
     """
     Seconds as a Go duration string, as the agent parses them: whole seconds
