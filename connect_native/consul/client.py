@@ -32,7 +32,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 from treq.client import HTTPClient
-from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.error import (
@@ -53,7 +52,14 @@ from twisted.internet.ssl import (
     trustRootFromCertificates,
 )
 from twisted.python.failure import Failure
-from twisted.web.client import URI, Agent, HTTPConnectionPool
+from twisted.web.client import (
+    URI,
+    Agent,
+    HTTPConnectionPool,
+    RequestGenerationFailed,
+    RequestTransmissionFailed,
+    ResponseFailed,
+)
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
@@ -88,7 +94,9 @@ from connect_native.consul.records import (
 )
 
 if TYPE_CHECKING:
+    # Only a type: Twisted exports no public name for it.
     from treq.testing import StubTreq
+    from twisted.internet._sslverify import IOpenSSLTrustRoot
 
 __all__ = [
     "DEFAULT_WAIT",
@@ -568,10 +576,18 @@ _TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def _is_transport_error(e: BaseException) -> bool:
-    from twisted.web._newclient import _WrapperException
+# twisted.web's wrappers of the connection's own failures: the public
+# subclasses of its private _WrapperException (ResponseNeverReceived is a
+# ResponseFailed).
+_HTTP_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
+    RequestGenerationFailed,
+    RequestTransmissionFailed,
+    ResponseFailed,
+)
 
-    return isinstance(e, (*_TRANSPORT_ERRORS, _WrapperException))
+
+def _is_transport_error(e: BaseException) -> bool:
+    return isinstance(e, (*_TRANSPORT_ERRORS, *_HTTP_TRANSPORT_ERRORS))
 
 
 class ConsulClient:
