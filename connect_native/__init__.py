@@ -20,20 +20,25 @@ from connect_native._version import __version__
 if TYPE_CHECKING:
     from connect_native.client import ConnectClientEndpoint, ConnectError
     from connect_native.server import ConnectServerEndpoint, peer_identity
+    from connect_native.web import ConnectProtected, protect
 
 _LAZY = {
     "ConnectClientEndpoint": "connect_native.client",
     "ConnectError": "connect_native.client",
     "ConnectServerEndpoint": "connect_native.server",
     "peer_identity": "connect_native.server",
+    "ConnectProtected": "connect_native.web",
+    "protect": "connect_native.web",
 }
 
 __all__ = [
     "ConnectClientEndpoint",
     "ConnectError",
+    "ConnectProtected",
     "ConnectServerEndpoint",
     "__version__",
     "peer_identity",
+    "protect",
 ]
 
 
