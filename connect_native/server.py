@@ -72,6 +72,7 @@ from connect_native.service import (
     cert_managers,
 )
 from connect_native.tls import ServerConnectionCreator, verified_peer
+from connect_native.tls import peer_identity as _peer_identity_or_none
 
 if TYPE_CHECKING:
     from connect_native.consul.client import ConsulClient
@@ -113,7 +114,8 @@ class NotAConnectConnection(ValueError):  # noqa: N818 (names what the input is 
 def peer_identity(connection: object) -> ServiceIdentity:
     """
     The service identity of the peer of a Connect connection, as verified in
-    its TLS handshake.
+    its TLS handshake.  (:func:`connect_native.tls.peer_identity` is the same
+    lookup answering ``None`` where this raises.)
 
     :param connection: the TLS transport a :class:`ConnectServerEndpoint` (or
         a Connect client) gave the application, a protocol whose
@@ -124,17 +126,9 @@ def peer_identity(connection: object) -> ServiceIdentity:
         object is not (or is no longer) a Connect TLS connection.  Treat the
         peer as unauthenticated.
     """
-    candidates: list[object] = []
-    channel = getattr(connection, "channel", None)
-    if channel is not None:
-        candidates.append(getattr(channel, "transport", None))
-    candidates.append(connection)
-    for candidate in candidates:
-        if candidate is None:
-            continue
-        peer = verified_peer(candidate)
-        if peer is not None:
-            return peer.identity
+    identity = _peer_identity_or_none(connection)
+    if identity is not None:
+        return identity
     raise NotAConnectConnection(
         f"{type(connection).__name__} is not a Connect TLS connection with a "
         "verified peer: give peer_identity() the transport of a connection "
@@ -203,6 +197,20 @@ def _abort(tls: Any) -> None:
     tls.abortConnection()
 
 
+def _aborted(tls: object) -> bool:
+    """
+    Whether the application aborted the connection.  Twisted records that
+    only in ``TLSMemoryBIOProtocol._aborted`` (public ``disconnecting`` is
+    also set by ``loseConnection``, after which the application still gets
+    what was read).  Without that attribute any disconnect counts, so the
+    early bytes are dropped rather than handed to an aborted connection.
+    """
+    aborted = getattr(tls, "_aborted", None)
+    if isinstance(aborted, bool):
+        return aborted
+    return bool(getattr(tls, "disconnecting", True))
+
+
 def _underlying(tls: Any) -> IPushProducer:
     """
     The transport under a TLS protocol: pausing it stops reading from the
@@ -239,14 +247,7 @@ class _Creators:
         try:
             bundle = self._source.current()
         except Exception:
-            log.failure(
-                "Connect {target}: refused a connection from {address}: the "
-                "certificate source failed",
-                target=self._service,
-                address=str(address),
-                allowed=False,
-                decision="denied",
-            )
+            self._refused_by_error(address, "the certificate source failed")
             return None
         if not isinstance(bundle, Bundle):
             log.warn(
@@ -269,17 +270,23 @@ class _Creators:
                 decide_peer_now=self._decide_now,
             )
         except Exception:
-            log.failure(
-                "Connect {target}: refused a connection from {address}: could not "
-                "set up TLS with the current certificate",
-                target=self._service,
-                address=str(address),
-                allowed=False,
-                decision="denied",
+            self._refused_by_error(
+                address, "could not set up TLS with the current certificate"
             )
             return None
         self._bundle, self._creator = bundle, creator
         return creator
+
+    def _refused_by_error(self, address: IAddress | None, why: str) -> None:
+        # Called from an except block: log.failure logs the exception too.
+        log.failure(
+            "Connect {target}: refused a connection from {address}: {why}",
+            target=self._service,
+            address=str(address),
+            why=why,
+            allowed=False,
+            decision="denied",
+        )
 
     def _decide_now(self, identity: ServiceIdentity, serial: str) -> bool | None:
         """
@@ -583,7 +590,7 @@ class _Gate(Protocol):
         for data in early:
             # As TLSMemoryBIOProtocol itself does: after loseConnection the
             # application still gets what was read, after abortConnection not.
-            if getattr(tls, "_aborted", False):
+            if _aborted(tls):
                 break
             app.dataReceived(data)
 

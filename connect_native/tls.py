@@ -186,18 +186,34 @@ def verified_peer(transport: object) -> VerifiedPeer | None:
     the peer refused).  Treat ``None`` as unauthenticated.
 
     :param transport: a TLS transport, or anything whose ``.transport``
-        chain leads to one, or an ``OpenSSL.SSL.Connection``.
+        chain leads to one (a protocol, an HTTP/2 stream), a twisted.web
+        ``Request`` (its ``channel.transport``), or an
+        ``OpenSSL.SSL.Connection``.
     """
-    connection = _ssl_connection(transport)
-    if connection is None:
-        return None
-    return _verified.get(connection)
+    candidates: list[object] = []
+    channel = getattr(transport, "channel", None)
+    if channel is not None:
+        candidates.append(getattr(channel, "transport", None))
+    candidates.append(transport)
+    for candidate in candidates:
+        connection = _ssl_connection(candidate)
+        if connection is not None:
+            peer = _verified.get(connection)
+            if peer is not None:
+                return peer
+    return None
 
 
 def peer_identity(transport: object) -> ServiceIdentity | None:
     """
     The service identity of the peer of ``transport``, as verified in its
     TLS handshake; ``None`` if there is none (see :func:`verified_peer`).
+
+    This is the lookup behind :func:`connect_native.peer_identity`, which
+    takes the same arguments and raises
+    :class:`~connect_native.server.NotAConnectConnection` instead of
+    returning ``None``: use that one unless your code handles an
+    unauthenticated peer itself.
     """
     peer = verified_peer(transport)
     return None if peer is None else peer.identity
@@ -210,6 +226,11 @@ def _serial(certificate: x509.Certificate) -> str:
 
 
 def _x509_error_text(errno: int) -> str:
+    # Only the refusal's wording: the peer is refused whatever this returns.
+    # OpenSSL's text for a verify error is reachable only through pyOpenSSL's
+    # private cffi bindings (X509StoreContextError carries it, but only from
+    # a verification pyOpenSSL ran itself); if they move, the errno alone is
+    # shown.
     try:
         from OpenSSL._util import ffi, lib
 
@@ -372,8 +393,28 @@ def _protocols(alpn_protocols: Sequence[bytes]) -> tuple[bytes, ...]:
     return protocols
 
 
+class _ConnectionCreator:
+    """
+    What both sides' creators share: one OpenSSL context, made whole in the
+    constructor and only read afterwards.
+    """
+
+    _context: SSL.Context
+
+    @property
+    def context(self) -> SSL.Context:
+        """
+        The OpenSSL context all this creator's connections share; read it,
+        never modify it.
+        """
+        return self._context
+
+    def _connection(self) -> SSL.Connection:
+        return SSL.Connection(self._context, None)
+
+
 @implementer(IOpenSSLServerConnectionCreator)
-class ServerConnectionCreator:
+class ServerConnectionCreator(_ConnectionCreator):
     """
     Makes the OpenSSL connections of a Connect server from one Bundle.
 
@@ -424,14 +465,6 @@ class ServerConnectionCreator:
             context.set_alpn_select_callback(self._select_protocol)
         self._context = context
 
-    @property
-    def context(self) -> SSL.Context:
-        """
-        The OpenSSL context all this creator's connections share; read it,
-        never modify it.
-        """
-        return self._context
-
     def _check(
         self, connection: SSL.Connection, leaf: x509.Certificate
     ) -> VerifiedPeer:
@@ -468,7 +501,7 @@ class ServerConnectionCreator:
         """
         A connection for one accepted client, sharing this creator's context.
         """
-        return SSL.Connection(self._context, None)
+        return self._connection()
 
 
 def _ignore_refusal(connection: SSL.Connection, refusal: PeerRefused) -> None:
@@ -489,7 +522,7 @@ def _fail_client_connection(connection: SSL.Connection, refusal: PeerRefused) ->
 
 
 @implementer(IOpenSSLClientConnectionCreator)
-class ClientConnectionCreator:
+class ClientConnectionCreator(_ConnectionCreator):
     """
     Makes the OpenSSL connections of a Connect client reaching one service.
 
@@ -538,14 +571,6 @@ class ClientConnectionCreator:
             context.set_alpn_protos(list(protocols))
         self._context = context
 
-    @property
-    def context(self) -> SSL.Context:
-        """
-        The OpenSSL context all this creator's connections share; read it,
-        never modify it.
-        """
-        return self._context
-
     def _check(
         self, connection: SSL.Connection, leaf: x509.Certificate
     ) -> VerifiedPeer:
@@ -566,4 +591,4 @@ class ClientConnectionCreator:
         """
         A connection to one server, sharing this creator's context.
         """
-        return SSL.Connection(self._context, None)
+        return self._connection()

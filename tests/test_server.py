@@ -1026,3 +1026,32 @@ def test_an_application_aborting_on_connect_gets_no_early_bytes(
     authorizer.release()
     assert apps.built[0].received == b""
     assert conn.server_transport.disconnecting
+
+
+def test_an_abort_is_told_from_twisteds_flag_else_any_disconnect_counts() -> None:
+    """
+    The gate stops handing early bytes to an application that aborted.
+    Twisted's only record of an abort is the private ``_aborted``; where it
+    is missing, any disconnect counts as one (the bytes are dropped, never
+    handed to a connection being torn down).
+    """
+
+    class LostConnection:  # loseConnection: the bytes still go through
+        _aborted = False
+        disconnecting = True
+
+    class Aborted:
+        _aborted = True
+        disconnecting = True
+
+    class NoFlagClosing:
+        disconnecting = True
+
+    class NoFlagOpen:
+        disconnecting = False
+
+    assert not server_module._aborted(LostConnection())
+    assert server_module._aborted(Aborted())
+    assert server_module._aborted(NoFlagClosing())
+    assert not server_module._aborted(NoFlagOpen())
+    assert server_module._aborted(object())

@@ -318,6 +318,32 @@ def test_peer_identity_is_found_through_transport_attributes(clock: Clock) -> No
     assert peer_identity(object()) is None
 
 
+def test_peer_identity_is_found_through_a_web_requests_channel(clock: Clock) -> None:
+    """
+    Given a twisted.web ``Request`` (whose ``channel.transport`` is the TLS
+    transport), peer_identity and verified_peer find the peer, as
+    connect_native.peer_identity does, for which this is the lookup.
+    """
+    ca = CA()
+    conn = connect(
+        ServerConnectionCreator(ca.bundle(ca.leaf("web"))),
+        ClientConnectionCreator(ca.bundle(ca.leaf("api")), ca.identity("web")),
+        clock,
+    )
+
+    class Channel:
+        transport = conn.server_app.transport
+
+    class Request:
+        channel = Channel()
+        transport = None  # a finished request's
+
+    assert peer_identity(Request()) == ca.identity("api")
+    peer = verified_peer(Request())
+    assert peer is not None
+    assert peer.identity == ca.identity("api")
+
+
 def test_alpn_picks_the_servers_first_protocol_the_client_offers(
     clock: Clock,
 ) -> None:
