@@ -615,6 +615,20 @@ async def test_blocking_at_a_higher_index_returns_the_lower_current_one(
     assert leaf_again.value == leaf.value
 
 
+@pytest.mark.parametrize("query", ["index=&wait=5s", "index={index}&wait=1ms"])
+@pytest_twisted.ensureDeferred
+async def test_empty_index_or_tiny_wait_answers_at_once(
+    agent: AgentUnderTest, query: str
+) -> None:
+    first = await agent.client.agent_ca_roots()
+    answer, took = await elapsed(
+        agent.http.get(f"/v1/agent/connect/ca/roots?{query.format(index=first.index)}")
+    )
+    assert took < 1
+    assert answer.status == 200
+    assert int(answer.header("X-Consul-Index") or "") == first.index
+
+
 BAD_BLOCKING_PARAMS = [
     ("wait=bad", "Invalid wait time"),
     ("wait=1", "Invalid wait time"),
@@ -1106,6 +1120,27 @@ async def test_register_and_ttl_check_lifecycle(
         assert_empty_write(update)
         now = await check()
         assert (now["Status"], now["Output"]) == ("passing", "fine")
+    finally:
+        await agent.client.deregister_service(unique_name)
+
+
+@pytest_twisted.ensureDeferred
+async def test_agent_services_and_checks_shapes(
+    agent: AgentUnderTest, unique_name: str
+) -> None:
+    check_id = await register_ttl(agent, unique_name)
+    try:
+        services = await agent.http.get("/v1/agent/services")
+        checks = await agent.http.get("/v1/agent/checks")
+        for answer in (services, checks):
+            assert answer.status == 200
+            assert answer.header_names == {"content-type", "vary"}
+        service = services.json()[unique_name]
+        captured = load_capture("agent-services-after-deregister.http").json()
+        assert shape(service) == shape(next(iter(captured.values())))
+        check = checks.json()[check_id]
+        captured_check = load_capture("agent-checks-after-register.http").json()
+        assert shape(check) == shape(captured_check["web-ttl"])
     finally:
         await agent.client.deregister_service(unique_name)
 
