@@ -131,6 +131,27 @@ def test_service_address_adds_tagged_addresses() -> None:
     assert set(services["c"]["TaggedAddresses"]) == {"lan_ipv6", "wan_ipv6"}
 
 
+def test_unknown_fields_inside_connect_are_ignored_as_consul_does() -> None:
+    h = Harness()
+    h.register({"Name": "web", "Connect": {"Native": True, "Bogus": 1}})
+    assert h.get("/v1/agent/service/web").json()["Connect"] == {"Native": True}
+
+
+@pytest.mark.parametrize(
+    ("flag", "replaced"),
+    [("", True), ("=", True), ("=true", True), ("=1", False), ("=TRUE", False)],
+)
+def test_replace_existing_checks_flag_values(flag: str, replaced: bool) -> None:
+    h = Harness()
+    h.register({"Name": "r", "Checks": [{"CheckID": "a", "TTL": "1m"}]})
+    answer = h.put(
+        f"{REGISTER}?replace-existing-checks{flag}",
+        {"Name": "r", "Checks": [{"CheckID": "b", "TTL": "1m"}]},
+    )
+    assert answer.status == 200
+    assert set(checks(h)) == ({"b"} if replaced else {"a", "b"})
+
+
 def test_snake_case_and_lower_case_keys_and_numeric_durations() -> None:
     h = Harness()
     h.register(
@@ -186,19 +207,58 @@ def test_snake_case_and_lower_case_keys_and_numeric_durations() -> None:
             {"Name": "x", "Check": {"TTL": "1h", "CheckID": 5}},
             400,
             "Request decode failed: json: cannot unmarshal number into Go struct "
-            "field .Check of type string",
+            "field .Check of type types.CheckID",
         ),
         (
             {"Name": "x", "Weights": {"Passing": "a"}},
             400,
             "Request decode failed: json: cannot unmarshal string into Go struct "
-            "field Weights.Passing of type int",
+            "field Weights.Weights.Passing of type int",
         ),
         (
             {"Name": "x", "Port": 1.5},
             400,
             "Request decode failed: json: cannot unmarshal number 1.5 into Go "
             "struct field .Port of type int",
+        ),
+        (
+            {"Name": "x", "Connect": {"Native": "yes"}},
+            400,
+            "Request decode failed: json: cannot unmarshal string into Go struct "
+            "field .Connect of type bool",
+        ),
+        (
+            {"Name": "x", "Proxy": {"Upstreams": [{"LocalBindPort": "a"}]}},
+            400,
+            "Request decode failed: json: cannot unmarshal string into Go struct "
+            "field .Proxy of type int",
+        ),
+        (
+            {"Name": "x", "TaggedAddresses": {"lan": {"Port": "a"}}},
+            400,
+            "Request decode failed: json: cannot unmarshal string into Go struct "
+            "field ServiceAddress.TaggedAddresses.Port of type int",
+        ),
+        (
+            {"Name": "x", "Proxy": "a"},
+            400,
+            "Request decode failed: json: cannot unmarshal string into Go struct "
+            'field .Proxy of type struct { DestinationServiceNameSnake string "json:'
+            '\\"destination_service_name\\""; DestinationServiceIDSnake string '
+            '"json:\\"destination_service_id\\""; LocalServiceAddressSnake string '
+            '"json:\\"local_service_address\\""; LocalServicePortSnake int '
+            '"json:\\"local_service_port\\""; *structs.Alias }',
+        ),
+        (
+            {"Name": "x", "Check": {"TTL": "1m", "args": ["a"]}},
+            400,
+            "Invalid check: Interval must be > 0 for Script, HTTP, or TCP checks",
+        ),
+        (
+            {"Name": "x", "Check": {"Args": ["a"], "Interval": "10s"}},
+            500,
+            "Scripts are disabled on this agent from remote calls; to enable, "
+            "configure 'enable_script_checks' to true",
         ),
         (
             {"Name": "x", "Connect": {"SidecarService": {"ID": "mine"}}},
@@ -252,6 +312,15 @@ def test_sidecar_is_created_with_the_next_free_port_and_removed_with_its_parent(
         "Connect Sidecar Listening",
         "Connect Sidecar Aliasing n2",
     }
+    # measured on 1.8.7: the TCP check has not passed, the alias mirrors n2
+    listening = sidecar_checks["Connect Sidecar Listening"]
+    assert (listening["Type"], listening["Status"]) == ("tcp", "critical")
+    alias = sidecar_checks["Connect Sidecar Aliasing n2"]
+    assert (alias["Type"], alias["Status"], alias["Output"]) == (
+        "alias",
+        "passing",
+        "No checks found.",
+    )
     # the proxy answers for n2 in Connect discovery, but is not healthy
     assert service_ids(health(h, "/v1/health/connect/n2")) == ["n2-sidecar-proxy"]
     assert health(h, "/v1/health/connect/n2?passing") == []
@@ -319,6 +388,35 @@ def test_ttl_expiry_without_output() -> None:
     h.register({"Name": "web", "Check": {"CheckID": "c", "TTL": "10s"}})
     h.advance(10)
     assert checks(h)["c"]["Output"] == "TTL expired"
+
+
+def test_alias_check_follows_the_aliased_service() -> None:
+    h = Harness()
+    h.register(
+        {
+            "Name": "web",
+            "Checks": [
+                {"CheckID": "a", "TTL": "1m", "Status": "passing"},
+                {"CheckID": "b", "Name": "bee", "TTL": "1m", "Status": "passing"},
+            ],
+        }
+    )
+    h.register({"Name": "mirror", "Check": {"CheckID": "m", "AliasService": "web"}})
+    h.register({"Name": "lost", "Check": {"CheckID": "l", "AliasService": "nosuch"}})
+
+    def alias() -> tuple[str, str]:
+        check = checks(h)["m"]
+        return check["Status"], check["Output"]
+
+    assert alias() == ("passing", "All checks passing.")
+    h.put("/v1/agent/check/warn/b?note=slow")
+    # Consul resets the message after a warning (agent/checks/alias.go)
+    assert alias() == ("warning", "All checks passing.")
+    h.put("/v1/agent/check/fail/b?note=down")
+    assert alias() == ("critical", 'Aliased check "bee" failing: down')
+    h.put("/v1/agent/service/deregister/web")
+    assert alias() == ("critical", "Service web could not be found on node ")
+    assert checks(h)["l"]["Output"] == "Service nosuch could not be found on node "
 
 
 def test_long_output_is_truncated_like_consul() -> None:

@@ -151,11 +151,12 @@ def test_health_passing_bad_value_as_real() -> None:
     assert_like(answer, capture)
 
 
-def test_unknown_path_is_404_with_no_body() -> None:
+def test_unknown_path_is_404_with_no_body_and_no_vary() -> None:
+    # measured on 1.8.7: this handler sits outside the API's gzip wrapper
     answer = Harness().get("/v1/nosuch")
     assert answer.status == 404
     assert answer.body == b""
-    assert answer.header("Vary") == "Accept-Encoding"
+    assert answer.header("Vary") is None
 
 
 def test_subtree_path_without_its_slash_is_redirected_like_go() -> None:

@@ -22,7 +22,6 @@ connection.
 
 from __future__ import annotations
 
-import base64
 import gzip
 import json
 import re
@@ -368,7 +367,8 @@ class _Schema:
 
 
 class _Str(_Schema):
-    go_type = "string"
+    def __init__(self, go_type: str = "string"):
+        self.go_type = go_type
 
 
 class _Int(_Schema):
@@ -386,14 +386,6 @@ class _Any(_Schema):
     go_type = "interface {}"
 
 
-class _Bytes(_Schema):
-    go_type = "[]uint8"
-
-
-class _Time(_Schema):
-    go_type = "time.Time"
-
-
 class _List(_Schema):
     def __init__(self, elem: _Schema, go_type: str | None = None):
         self.elem = elem
@@ -408,10 +400,12 @@ class _Map(_Schema):
 
 class _Struct(_Schema):
     """
-    A Go struct: ``fields`` maps the JSON name (and snake_case aliases) to
-    (schema, the canonical name in the decoded dict).  ``custom`` structs
-    have their own ``UnmarshalJSON`` in Consul: errors inside them abort at
-    once and name the outer field.
+    A Go struct: ``fields`` maps each field's name to its schema, and
+    ``aliases`` snake_case keys to field names.  ``custom`` structs have
+    their own ``UnmarshalJSON`` in Consul, decoding into an anonymous
+    struct (``go_type``) with a decoder of their own (``strict`` or not):
+    errors inside them abort at once and are reported against the field
+    that holds them.
     """
 
     def __init__(
@@ -422,6 +416,7 @@ class _Struct(_Schema):
         *,
         aliases: dict[str, str] | None = None,
         custom: bool = False,
+        strict: bool = True,
         post: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     ) -> None:
         self.go_type = go_type
@@ -429,6 +424,7 @@ class _Struct(_Schema):
         self.fields = fields
         self.aliases = aliases or {}
         self.custom = custom
+        self.strict = strict
         self.post = post
 
     def lookup(self, key: str) -> tuple[str, _Schema, bool] | None:
@@ -454,12 +450,25 @@ class _ImmediateError(Exception):
 
 @frozen
 class _Context:
+    """
+    Where a value sits, as encoding/json (Go 1.15) reports it: the innermost
+    struct's type name and the path of field names from the decoder's root.
+    """
+
     struct: str | None
-    field: str | None
+    path: tuple[str, ...]
+
+    def field(self, struct: str, name: str) -> _Context:
+        return _Context(struct, (*self.path, name))
+
+
+_ROOT = _Context(None, ())
+_TYPE_ERROR = re.compile(r"into Go (struct field \S*|value) of type")
 
 
 class _Decoder:
-    def __init__(self) -> None:
+    def __init__(self, *, strict: bool = True) -> None:
+        self.strict = strict
         self.saved: GoJSONError | None = None
 
     def save(self, error: GoJSONError) -> None:
@@ -467,8 +476,8 @@ class _Decoder:
             self.saved = error
 
     def type_error(self, what: str, schema: _Schema, ctx: _Context) -> None:
-        if ctx.field is not None:
-            where = f"Go struct field {ctx.struct or ''}.{ctx.field}"
+        if ctx.path:
+            where = f"Go struct field {ctx.struct or ''}.{'.'.join(ctx.path)}"
         else:
             where = "Go value"
         self.save(
@@ -483,33 +492,12 @@ class _Decoder:
         if isinstance(schema, _Any):
             return _plain(value)
         if isinstance(schema, _Struct):
+            if schema.custom:
+                return self.custom(value, schema, ctx)
             if not isinstance(value, JObject):
                 self.type_error(_kind(value), schema, ctx)
                 return None
-            if schema.custom:
-                inner = _Decoder()
-                out = inner.struct(value, schema)
-                if inner.saved is None and schema.post is not None:
-                    try:
-                        out = schema.post(out)
-                    except GoDurationError as e:
-                        raise _ImmediateError(e) from None
-                if inner.saved is not None:
-                    error = inner.saved
-                    if ctx.field is not None and str(error).startswith(
-                        "json: cannot unmarshal"
-                    ):
-                        # encoding/json's addErrorContext names the field
-                        # that holds the custom-decoded struct.
-                        text = re.sub(
-                            r"into Go (struct field \S*|value) of",
-                            f"into Go struct field {ctx.struct or ''}.{ctx.field} of",
-                            str(error),
-                        )
-                        error = GoJSONError(text)
-                    raise _ImmediateError(error)
-                return out
-            return self.struct(value, schema)
+            return self.struct(value, schema, ctx)
         if isinstance(schema, _List):
             if not isinstance(value, list) or isinstance(value, JObject):
                 self.type_error(_kind(value), schema, ctx)
@@ -549,42 +537,50 @@ class _Decoder:
                 return None
             self.type_error(_kind(value), schema, ctx)
             return None
-        if isinstance(schema, _Bytes):
-            if isinstance(value, str) and not isinstance(value, JNumber):
-                try:
-                    base64.b64decode(value, validate=True)
-                except ValueError:
-                    self.save(GoJSONError("illegal base64 data at input byte 0"))
-                return value
-            self.type_error(_kind(value), schema, ctx)
-            return None
-        if isinstance(schema, _Time):
-            if isinstance(value, str) and not isinstance(value, JNumber):
-                if not re.fullmatch(
-                    r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)", value
-                ):
-                    self.save(
-                        GoJSONError(
-                            f'parsing time "{json.dumps(value)}" as '
-                            '""2006-01-02T15:04:05Z07:00"": cannot parse '
-                            f'"{value}"" as "2006"'
-                        )
-                    )
-                return value
-            self.type_error(_kind(value), schema, ctx)
-            return None
         raise AssertionError(f"unknown schema {schema!r}")
 
-    def struct(self, value: JObject, schema: _Struct) -> dict[str, Any]:
+    def custom(self, value: Any, schema: _Struct, ctx: _Context) -> Any:
+        """
+        A struct with its own ``UnmarshalJSON``: a fresh decoder, and any
+        error aborts the whole decoding, reported against the field that
+        holds the struct (encoding/json's ``addErrorContext``).
+        """
+        inner = _Decoder(strict=schema.strict)
+        error: GoJSONError | GoDurationError | None = None
+        out: Any = None
+        try:
+            if isinstance(value, JObject):
+                out = inner.struct(value, schema, _ROOT)
+            else:
+                inner.type_error(_kind(value), schema, _ROOT)
+            error = inner.saved
+        except _ImmediateError as e:
+            error = e.error
+        if error is None and out is not None and schema.post is not None:
+            try:
+                out = schema.post(out)
+            except GoDurationError as e:
+                error = e
+        if error is None:
+            return out
+        if ctx.path and isinstance(error, GoJSONError):
+            where = (
+                f"into Go struct field {ctx.struct or ''}.{'.'.join(ctx.path)} of type"
+            )
+            error = GoJSONError(_TYPE_ERROR.sub(where, str(error), count=1))
+        raise _ImmediateError(error)
+
+    def struct(self, value: JObject, schema: _Struct, ctx: _Context) -> dict[str, Any]:
         out: dict[str, Any] = {name: None for name in schema.fields}
         for key, item in value:
             found = schema.lookup(key)
             if found is None:
-                self.save(GoJSONError(f"json: unknown field {go_quote(key)}"))
+                if self.strict:
+                    self.save(GoJSONError(f"json: unknown field {go_quote(key)}"))
                 continue
             name, field_schema, alias = found
             decoded = self.decode(
-                item, field_schema, _Context(schema.context_name, name)
+                item, field_schema, ctx.field(schema.context_name, name)
             )
             if decoded is None:
                 # null, or a type error already saved: the field keeps its value.
@@ -637,7 +633,7 @@ def decode_go_json(data: bytes, schema: _Schema) -> Any:
     value = parse_go_json(data)
     decoder = _Decoder()
     try:
-        out = decoder.decode(value, schema, _Context(None, None))
+        out = decoder.decode(value, schema, _ROOT)
     except _ImmediateError as e:
         raise e.error from None
     except RecursionError:
@@ -652,12 +648,28 @@ def decode_go_json(data: bytes, schema: _Schema) -> Any:
 # ---- the request bodies of Consul 1.8.7
 
 _DURATION = _Any()
+
+
+def _aux(*fields: str) -> str:
+    """
+    The anonymous struct a Consul ``UnmarshalJSON`` decodes into, as Go
+    names its type in errors.
+    """
+    return "struct { " + "; ".join((*fields, "*structs.Alias")) + " }"
+
+
+def _tag(name: str) -> str:
+    return f'"json:\\"{name}\\""'
+
+
 _MESH_GATEWAY = _Struct(
-    "structs.MeshGatewayConfig", "MeshGatewayConfig", {"Mode": _Str()}
+    "structs.MeshGatewayConfig",
+    "MeshGatewayConfig",
+    {"Mode": _Str("structs.MeshGatewayMode")},
 )
 _EXPOSE_PATH = _Struct(
     "structs.ExposePath",
-    "",
+    "ExposePath",
     {
         "ListenerPort": _Int(),
         "Path": _Str(),
@@ -665,8 +677,6 @@ _EXPOSE_PATH = _Struct(
         "Protocol": _Str(),
         "ParsedFromCheck": _Bool(),
     },
-    aliases={"listener_port": "ListenerPort", "local_path_port": "LocalPathPort"},
-    custom=True,
 )
 _EXPOSE = _Struct(
     "structs.ExposeConfig",
@@ -674,7 +684,13 @@ _EXPOSE = _Struct(
     {"Checks": _Bool(), "Paths": _List(_EXPOSE_PATH, "[]structs.ExposePath")},
 )
 _UPSTREAM = _Struct(
-    "structs.Upstream",
+    _aux(
+        f"DestinationTypeSnake string {_tag('destination_type')}",
+        f"DestinationNamespaceSnake string {_tag('destination_namespace')}",
+        f"DestinationNameSnake string {_tag('destination_name')}",
+        f"LocalBindPortSnake int {_tag('local_bind_port')}",
+        f"LocalBindAddressSnake string {_tag('local_bind_address')}",
+    ),
     "",
     {
         "DestinationType": _Str(),
@@ -692,12 +708,16 @@ _UPSTREAM = _Struct(
         "destination_name": "DestinationName",
         "local_bind_address": "LocalBindAddress",
         "local_bind_port": "LocalBindPort",
-        "mesh_gateway": "MeshGateway",
     },
     custom=True,
 )
 _PROXY = _Struct(
-    "structs.ConnectProxyConfig",
+    _aux(
+        f"DestinationServiceNameSnake string {_tag('destination_service_name')}",
+        f"DestinationServiceIDSnake string {_tag('destination_service_id')}",
+        f"LocalServiceAddressSnake string {_tag('local_service_address')}",
+        f"LocalServicePortSnake int {_tag('local_service_port')}",
+    ),
     "",
     {
         "DestinationServiceName": _Str(),
@@ -714,7 +734,6 @@ _PROXY = _Struct(
         "destination_service_id": "DestinationServiceID",
         "local_service_address": "LocalServiceAddress",
         "local_service_port": "LocalServicePort",
-        "mesh_gateway": "MeshGateway",
     },
     custom=True,
 )
@@ -723,7 +742,7 @@ _LEGACY_PROXY = _Struct(
     "ServiceDefinitionConnectProxy",
     {
         "Command": _List(_Str()),
-        "ExecMode": _Str(),
+        "ExecMode": _Str("structs.ProxyExecMode"),
         "Config": _Map(_Any()),
         "Upstreams": _List(_UPSTREAM, "structs.Upstreams"),
     },
@@ -746,10 +765,23 @@ def _check_durations(d: dict[str, Any]) -> dict[str, Any]:
 
 
 _CHECK = _Struct(
-    "structs.CheckType",
+    _aux(
+        "Interval interface {}",
+        "Timeout interface {}",
+        "TTL interface {}",
+        "DeregisterCriticalServiceAfter interface {}",
+        f"Args []string {_tag('args')}",
+        f"ScriptArgsSnake []string {_tag('script_args')}",
+        "DeregisterCriticalServiceAfterSnake interface {} "
+        + _tag("deregister_critical_service_after"),
+        f"DockerContainerIDSnake string {_tag('docker_container_id')}",
+        f"TLSSkipVerifySnake bool {_tag('tls_skip_verify')}",
+        f"ServiceID string {_tag('ServiceID')}",
+        f"ServiceIDSnake string {_tag('service_id')}",
+    ),
     "",
     {
-        "CheckID": _Str(),
+        "CheckID": _Str("types.CheckID"),
         "Name": _Str(),
         "Status": _Str(),
         "Notes": _Str(),
@@ -783,14 +815,18 @@ _CHECK = _Struct(
         "deregister_critical_service_after": "DeregisterCriticalServiceAfter",
         "docker_container_id": "DockerContainerID",
         "tls_skip_verify": "TLSSkipVerify",
-        "grpc_use_tls": "GRPCUseTLS",
+        "service_id": "ServiceID",
     },
     custom=True,
     post=_check_durations,
 )
 _SERVICE_FIELDS: dict[str, _Schema] = {}
 _SERVICE = _Struct(
-    "structs.ServiceDefinition",
+    _aux(
+        f"EnableTagOverrideSnake bool {_tag('enable_tag_override')}",
+        "TaggedAddressesSnake map[string]structs.ServiceAddress "
+        + _tag("tagged_addresses"),
+    ),
     "",
     _SERVICE_FIELDS,
     aliases={
@@ -801,7 +837,7 @@ _SERVICE = _Struct(
 )
 _SERVICE_FIELDS.update(
     {
-        "Kind": _Str(),
+        "Kind": _Str("structs.ServiceKind"),
         "ID": _Str(),
         "Name": _Str(),
         "Tags": _List(_Str()),
@@ -824,14 +860,21 @@ _SERVICE_FIELDS.update(
         "EnableTagOverride": _Bool(),
         "Proxy": _PROXY,
         "Connect": _Struct(
-            "structs.ServiceConnect",
-            "ServiceConnect",
+            _aux(
+                "SidecarServiceSnake *structs.ServiceDefinition "
+                + _tag("sidecar_service")
+            ),
+            "",
             {
                 "Native": _Bool(),
                 "Proxy": _LEGACY_PROXY,
                 "SidecarService": _SERVICE,
             },
             aliases={"sidecar_service": "SidecarService"},
+            # ServiceConnect.UnmarshalJSON decodes without refusing unknown
+            # fields, unlike the structs around it.
+            custom=True,
+            strict=False,
         ),
     }
 )
@@ -844,8 +887,8 @@ _CHECK_UPDATE = _Struct(
     "agent.checkUpdate", "checkUpdate", {"Status": _Str(), "Output": _Str()}
 )
 _INTENTION = _Struct(
-    "structs.Intention",
-    "Intention",
+    "struct { Hash string; CreatedAt string; UpdatedAt string; *structs.Alias }",
+    "",
     {
         "ID": _Str(),
         "Description": _Str(),
@@ -853,22 +896,23 @@ _INTENTION = _Struct(
         "SourceName": _Str(),
         "DestinationNS": _Str(),
         "DestinationName": _Str(),
-        "SourceType": _Str(),
-        "Action": _Str(),
+        "SourceType": _Str("structs.IntentionSourceType"),
+        "Action": _Str("structs.IntentionAction"),
         "DefaultAddr": _Str(),
         "DefaultPort": _Int(),
         "Meta": _Map(_Str()),
         "Precedence": _Int(),
-        "CreatedAt": _Time(),
-        "UpdatedAt": _Time(),
-        "Hash": _Bytes(),
+        "CreatedAt": _Str(),
+        "UpdatedAt": _Str(),
+        "Hash": _Str(),
         "CreateIndex": _Int("uint64", 64, signed=False),
         "ModifyIndex": _Int("uint64", 64, signed=False),
     },
+    custom=True,
 )
 _CA_CONFIGURATION = _Struct(
-    "structs.CAConfiguration",
-    "CAConfiguration",
+    _aux("ForceWithoutCrossSigningSnake bool " + _tag("force_without_cross_signing")),
+    "",
     {
         "ClusterID": _Str(),
         "Provider": _Str(),
@@ -878,6 +922,8 @@ _CA_CONFIGURATION = _Struct(
         "CreateIndex": _Int("uint64", 64, signed=False),
         "ModifyIndex": _Int("uint64", 64, signed=False),
     },
+    aliases={"force_without_cross_signing": "ForceWithoutCrossSigning"},
+    custom=True,
 )
 
 
@@ -1219,6 +1265,7 @@ class _Reply:
         body: bytes,
         *,
         content_type: str | None,
+        vary: bool = True,
         headers: Sequence[tuple[str, str]] = (),
     ) -> None:
         request = self.request
@@ -1233,9 +1280,10 @@ class _Reply:
             response_headers.setRawHeaders(name, [value])
         if content_type is not None:
             response_headers.setRawHeaders("Content-Type", [content_type])
-        response_headers.setRawHeaders("Vary", ["Accept-Encoding"])
+        if vary:
+            response_headers.setRawHeaders("Vary", ["Accept-Encoding"])
         accept = (request.getHeader("accept-encoding") or "").lower()
-        if "gzip" in accept and len(body) >= GZIP_MIN_SIZE:
+        if vary and "gzip" in accept and len(body) >= GZIP_MIN_SIZE:
             body = gzip.compress(body)
             response_headers.setRawHeaders("Content-Encoding", ["gzip"])
         response_headers.setRawHeaders("Content-Length", [str(len(body))])
@@ -1263,7 +1311,9 @@ class _Reply:
         self.send(200, b"", content_type=None)
 
     def error(self, error: ConsulError) -> None:
-        headers = [] if error.allow is None else [("Allow", error.allow)]
+        headers = list(error.headers)
+        if error.allow is not None:
+            headers.append(("Allow", error.allow))
         self.send(
             error.status,
             error.message.encode("utf-8", errors="replace"),
@@ -1351,10 +1401,11 @@ class AgentResource(Resource):
             )
             return
         if found is None:
+            # Outside the API's gzip wrapper: no Vary header here.
             if path == "/":
-                reply.send(200, b"Consul Agent", content_type=TEXT_PLAIN)
+                reply.send(200, b"Consul Agent", content_type=TEXT_PLAIN, vary=False)
             else:
-                reply.send(404, b"", content_type=None)
+                reply.send(404, b"", content_type=None, vary=False)
             return
         route, rest = found
         allow = ",".join(("OPTIONS", *route.methods))
@@ -1370,12 +1421,20 @@ class AgentResource(Resource):
 
     # ---- helpers
 
-    def _check_dc(self, options: QueryOptions) -> None:
+    def _check_dc(self, options: QueryOptions, *, meta: bool = False) -> None:
+        """
+        Another datacenter is unreachable.  On catalog-backed reads Consul has
+        already set (empty) query meta headers when the RPC fails.
+        """
         if (
             options.datacenter is not None
             and options.datacenter != self.agent.datacenter
         ):
-            raise ConsulError(500, "No path to datacenter")
+            raise ConsulError(
+                500,
+                "No path to datacenter",
+                headers=_meta_headers(1, known_leader=False) if meta else (),
+            )
 
     def _body(self, request: Request) -> bytes:
         content = request.content
@@ -1514,16 +1573,11 @@ class AgentResource(Resource):
             decoded = decode_go_json(self._body(request), _SERVICE)
         except (GoJSONError, GoDurationError) as e:
             raise ConsulError(400, f"Request decode failed: {e}") from None
-        replace = "replace-existing-checks" in query
-        if replace:
-            value = _get(query, "replace-existing-checks")
-            if value:
-                try:
-                    replace = _parse_bool(value)
-                except ValueError:
-                    raise ConsulError(
-                        400, f"Invalid value for ?replace-existing-checks: {value}"
-                    ) from None
+        # Consul 1.8.7 replaces only for a bare flag or "true" (measured:
+        # "1", "t" and "TRUE" do not).
+        replace = "replace-existing-checks" in query and _get(
+            query, "replace-existing-checks"
+        ) in ("", "true")
         self.agent.register_service(
             service_definition(decoded), replace_existing_checks=replace
         )
@@ -1597,7 +1651,7 @@ class AgentResource(Resource):
         self, request: Request, reply: _Reply, rest: str, method: str
     ) -> None:
         options = _query_options(request, _query(request))
-        self._check_dc(options)
+        self._check_dc(options, meta=True)
 
         def answer() -> None:
             reply.json(
@@ -1671,7 +1725,7 @@ class AgentResource(Resource):
         query = _query(request)
         _no_namespaces(request, query)
         options = _query_options(request, query)
-        self._check_dc(options)
+        self._check_dc(options, meta=method == "GET")
         if method == "POST":
             try:
                 decoded = decode_go_json(self._body(request), _INTENTION)
@@ -1712,16 +1766,8 @@ class AgentResource(Resource):
         def body() -> Any:
             return self.agent.intentions_match(by[0], names)
 
-        if options.cached:
-            existed = self.agent.cache_lookup(("match", by[0], tuple(names)))
-            self._cache_blocking(
-                reply,
-                options,
-                existed,
-                lambda: self.agent.intentions_index,
-                lambda hit: reply.json(body(), _cache_headers(hit)),
-            )
-            return
+        # Consul 1.8.7 serves match from the servers even with ?cached
+        # (measured: no X-Cache header).
         self._rpc_blocking(
             reply,
             options,
@@ -1788,14 +1834,19 @@ class AgentResource(Resource):
         query = _query(request)
         _no_namespaces(request, query)
         options = _query_options(request, query)
-        self._check_dc(options)
+        self._check_dc(options, meta=True)
         if not name:
             raise ConsulError(400, "Missing service name")
         if _get(query, "filter"):
+            # Real Consul evaluates bexpr filters; refusing beats answering
+            # unfiltered.  The status and headers are those of a filter the
+            # real agent cannot evaluate.
             raise ConsulError(
-                400,
-                "The development agent does not evaluate ?filter expressions; "
-                "filter the results in the client, or test against a real agent",
+                500,
+                "Failed to create boolean expression evaluator: the development "
+                "agent does not evaluate ?filter expressions; filter the results "
+                "in the client, or test against a real Consul agent",
+                headers=_meta_headers(1, known_leader=False),
             )
         tags = query.get("tag", [])
         node_meta: dict[str, str] = {}

@@ -88,14 +88,23 @@ DEFAULT_NAMESPACE = "default"
 class ConsulError(Exception):
     """
     An answer real Consul gives as an error: ``status`` and the exact
-    plain-text body.  ``allow`` is the ``Allow`` header of a 405.
+    plain-text body.  ``allow`` is the ``Allow`` header of a 405; ``headers``
+    are other headers the real agent sends with this error.
     """
 
-    def __init__(self, status: int, message: str, *, allow: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        allow: str | None = None,
+        headers: Sequence[tuple[str, str]] = (),
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
         self.allow = allow
+        self.headers = tuple(headers)
 
 
 def _bad_request(reason: str) -> ConsulError:
@@ -395,12 +404,12 @@ class CheckDefinition:
 
     @property
     def is_script(self) -> bool:
-        return bool(self.script_args) and self.interval > 0
+        return bool(self.script_args)
 
     @property
     def type(self) -> str:
         """
-        ``CheckType.Type()``.
+        ``CheckType.Type()`` in Consul 1.8.
         """
         if self.grpc and self.interval > 0:
             return "grpc"
@@ -412,7 +421,7 @@ class CheckDefinition:
             return "tcp"
         if self.is_alias:
             return "alias"
-        if self.docker_container_id and self.is_script:
+        if self.is_script and self.docker_container_id and self.interval > 0:
             return "docker"
         if self.is_script:
             return "script"
@@ -435,33 +444,6 @@ class CheckDefinition:
         if self.output_max_size < 0:
             return "MaxOutputMaxSize must be positive"
         return None
-
-    def definition_json(self) -> dict[str, Any]:
-        """
-        ``HealthCheckDefinition``: what a check's ``Definition`` shows.
-        """
-        out: dict[str, Any] = {}
-        if self.http:
-            out["HTTP"] = self.http
-        if self.tls_skip_verify:
-            out["TLSSkipVerify"] = True
-        if self.header:
-            out["Header"] = {k: list(v) for k, v in self.header.items()}
-        if self.method:
-            out["Method"] = self.method
-        if self.tcp:
-            out["TCP"] = self.tcp
-        if self.interval:
-            out["Interval"] = format_go_duration(self.interval)
-        if self.output_max_size:
-            out["OutputMaxSize"] = self.output_max_size
-        if self.timeout:
-            out["Timeout"] = format_go_duration(self.timeout)
-        if self.deregister_critical_service_after:
-            out["DeregisterCriticalServiceAfter"] = format_go_duration(
-                self.deregister_critical_service_after
-            )
-        return out
 
 
 @frozen
@@ -659,7 +641,8 @@ class _Check:
             "ServiceName": self.service_name,
             "ServiceTags": list(self.service_tags),
             "Type": self.definition.type,
-            "Definition": self.definition.definition_json(),
+            # Consul 1.8.7 shows an empty Definition for agent checks.
+            "Definition": {},
             "CreateIndex": self.create_index if catalog else 0,
             "ModifyIndex": self.modify_index if catalog else 0,
         }
@@ -1264,13 +1247,9 @@ class DevAgent:
 
         :raises ConsulError: with Consul's message (500).
         """
-        if request.provider != "consul":
-            raise ConsulError(
-                500,
-                "could not initialize provider: unknown CA provider "
-                f"{go_quote(request.provider)}",
-            )
         raw = dict(request.config or {})
+        if request.provider != "consul":
+            raise ConsulError(500, _other_provider_problem(request.provider, raw))
         parsed = _parse_consul_ca_config(raw)
         problem = _validate_consul_ca_config(parsed)
         if problem is not None:
@@ -1291,12 +1270,22 @@ class DevAgent:
         index_before = self._index
         if rotate:
             private_key, root_cert = key_pair
-            if bool(private_key) != bool(root_cert):
-                missing = "RootCert" if private_key else "PrivateKey"
+            if root_cert and not private_key:
+                raise ConsulError(
+                    500,
+                    "error configuring provider: must provide a private key when "
+                    "providing a root cert",
+                )
+            if private_key and not root_cert:
                 raise ConsulError(
                     500,
                     "error configuring provider: the development agent needs "
-                    f"PrivateKey and RootCert together; {missing} is missing",
+                    "RootCert together with PrivateKey (Consul would generate a "
+                    "root for the key)",
+                )
+            if root_cert and "-----BEGIN" not in root_cert:
+                raise ConsulError(
+                    500, "error parsing root fingerprint: no PEM-encoded data found"
                 )
             self._ca_index_step = 1
             try:
@@ -1589,7 +1578,11 @@ class DevAgent:
         """
         problem = _uuid_problem(intention_id)
         if problem is not None:
-            raise ConsulError(500, f"failed intention lookup: index error: {problem}")
+            raise ConsulError(
+                500,
+                "Intention lookup failed: failed intention lookup: index error: "
+                + problem,
+            )
         existing = self._intentions.get(intention_id.lower())
         if existing is None:
             raise ConsulError(
@@ -1625,7 +1618,11 @@ class DevAgent:
     def intention_delete(self, intention_id: str) -> None:
         problem = _uuid_problem(intention_id)
         if problem is not None:
-            raise ConsulError(500, f"failed intention lookup: index error: {problem}")
+            raise ConsulError(
+                500,
+                "Intention lookup failed: failed intention lookup: index error: "
+                + problem,
+            )
         existing = self._intentions.pop(intention_id.lower(), None)
         if existing is None:
             raise ConsulError(
@@ -1643,15 +1640,9 @@ class DevAgent:
         created_at: float,
         create_index: int,
     ) -> Intention:
+        # Consul 1.8.7 OSS stores any namespace it is given.
         source_ns = given.source_ns or DEFAULT_NAMESPACE
         destination_ns = given.destination_ns or DEFAULT_NAMESPACE
-        for which, ns in (("source", source_ns), ("destination", destination_ns)):
-            if ns not in (DEFAULT_NAMESPACE, WILDCARD):
-                raise ConsulError(
-                    500,
-                    f"Invalid {which} namespace {go_quote(ns)}: "
-                    "Namespaces is a Consul Enterprise feature",
-                )
         source_type = given.source_type or "consul"
         meta = dict(given.meta or {})
         problems = _intention_problems(
@@ -1752,6 +1743,14 @@ class DevAgent:
         sidecar: tuple[_Service, list[CheckDefinition]] | None = None
         if definition.sidecar_given:
             sidecar = self._sidecar_for(service, definition.sidecar)
+        all_checks = checks + (sidecar[1] if sidecar is not None else [])
+        if any(check.is_script for check in all_checks):
+            # enable_script_checks is off, as on a default agent.
+            raise ConsulError(
+                500,
+                "Scripts are disabled on this agent from remote calls; to enable, "
+                "configure 'enable_script_checks' to true",
+            )
         self._apply_registration(service, checks, replace_existing_checks)
         if sidecar is not None:
             sidecar_service, sidecar_checks = sidecar
@@ -1759,6 +1758,7 @@ class DevAgent:
             self._apply_registration(
                 sidecar_service, sidecar_checks, replace_existing_checks
             )
+        self._refresh_aliases()
         self._changed()
 
     def _validated_service(
@@ -1799,6 +1799,13 @@ class DevAgent:
                 raise ConsulError(
                     400, "Status for checks must 'passing', 'warning', 'critical'"
                 )
+        return self._node_service(d), checks
+
+    def _node_service(self, d: ServiceDefinition) -> _Service:
+        try:
+            address = ipaddress.ip_address(d.address) if d.address else None
+        except ValueError:
+            address = None
         tagged = dict(d.tagged_addresses or {})
         if address is not None:
             family = "ipv4" if address.version == 4 else "ipv6"
@@ -1808,7 +1815,7 @@ class DevAgent:
         if d.kind != KIND_CONNECT_PROXY and d.kind not in GATEWAY_KINDS:
             # Consul keeps Proxy only on proxies and gateways.
             proxy = ProxyConfig()
-        service = _Service(
+        return _Service(
             id=d.id or d.name,
             name=d.name,
             kind=d.kind,
@@ -1822,7 +1829,6 @@ class DevAgent:
             proxy=proxy,
             connect_native=d.connect_native,
         )
-        return service, checks
 
     def _sidecar_for(
         self, parent: _Service, given: ServiceDefinition | None
@@ -2029,6 +2035,7 @@ class DevAgent:
             self._touch_service(victim, index)
             log.info("service deregistered: {id}", id=victim.id)
         self._services_table_index = index
+        self._refresh_aliases()
         self._changed()
 
     def _arm_ttl(self, check: _Check) -> None:
@@ -2048,6 +2055,7 @@ class DevAgent:
             output += f" (last output before timeout follows): {check.last_output}"
         log.info("check {id} TTL expired", id=check_id)
         self._set_check(check, HEALTH_CRITICAL, output)
+        self._refresh_aliases()
 
     def update_ttl_check(self, check_id: str, status: str, output: str) -> None:
         """
@@ -2071,6 +2079,7 @@ class DevAgent:
         check.last_output = output
         self._arm_ttl(check)
         self._set_check(check, status, output)
+        self._refresh_aliases()
 
     def _set_check(self, check: _Check, status: str, output: str) -> None:
         if check.status == status and check.output == output:
@@ -2089,6 +2098,48 @@ class DevAgent:
             return
         check.status, check.output = status, output
         self._sync_check(check)
+
+    def _refresh_aliases(self) -> None:
+        """
+        Run the alias checks, as the agent does when the checks they mirror
+        change (agent/checks/alias.go).  Aliases of aliases settle within a
+        few rounds.
+        """
+        for _ in range(8):
+            moved = False
+            for check in sorted(self._checks.values(), key=lambda c: c.check_id):
+                if check.definition.type != "alias":
+                    continue
+                status, output = self._alias_result(check.definition)
+                if (status, output) != (check.status, check.output):
+                    self._set_check(check, status, output)
+                    moved = True
+            if not moved:
+                return
+
+    def _alias_result(self, definition: CheckDefinition) -> tuple[str, str]:
+        node, service_id = definition.alias_node, definition.alias_service
+        if node not in ("", self.node_name):
+            return HEALTH_PASSING, "No checks found."
+        if service_id and service_id not in self._services:
+            return (
+                HEALTH_CRITICAL,
+                f"Service {service_id} could not be found on node {node}",
+            )
+        health, message = HEALTH_PASSING, "No checks found."
+        for check in sorted(self._checks.values(), key=lambda c: c.check_id):
+            if check.service_id != service_id:
+                continue
+            if check.status in (HEALTH_CRITICAL, HEALTH_WARNING):
+                health = check.status
+                message = (
+                    f"Aliased check {go_quote(check.name)} failing: {check.output}"
+                )
+                if check.status == HEALTH_CRITICAL:
+                    break
+            # Consul resets the message after a warning too.
+            message = "All checks passing."
+        return health, message
 
     def _deferred_sync(self, check_id: str) -> None:
         check = self._checks.get(check_id)
@@ -2516,7 +2567,8 @@ def _parse_consul_ca_config(raw: Mapping[str, Any]) -> dict[str, Any]:
                     parsed[name] = parse_go_duration(value)
                 except GoDurationError as e:
                     errors.append(f"error decoding '{name}': {e}")
-            elif isinstance(value, int | float) and not isinstance(value, bool):
+            elif isinstance(value, int | float):
+                # mapstructure's weak typing: true is 1ns, false 0.
                 parsed[name] = int(value)
             else:
                 errors.append(unconvertible)
@@ -2569,6 +2621,35 @@ def _parse_consul_ca_config(raw: Mapping[str, Any]) -> dict[str, Any]:
             f"{len(errors)} error(s) decoding:\n\n{listed}",
         )
     return parsed
+
+
+def _other_provider_problem(provider: str, raw: Mapping[str, Any]) -> str:
+    """
+    What Consul 1.8.7 answers for a provider other than ``consul`` without
+    its backend, or the development agent's refusal.
+    """
+    given = {k.lower(): v for k, v in raw.items()}
+    if provider == "vault":
+        if not given.get("token"):
+            return "error configuring provider: must provide a Vault token"
+        if not given.get("rootpkipath"):
+            return (
+                "error configuring provider: must provide a valid path to a root "
+                "PKI backend"
+            )
+    elif provider == "aws-pca":
+        return (
+            "error generating CA root certificate: MissingRegion: could not find "
+            "region configuration"
+        )
+    else:
+        return (
+            f"could not initialize provider: unknown CA provider {go_quote(provider)}"
+        )
+    return (
+        f"error configuring provider: the development agent has no {provider!r} "
+        'CA provider; use the built-in "consul" provider'
+    )
 
 
 def _validate_consul_ca_config(parsed: Mapping[str, Any]) -> str | None:
