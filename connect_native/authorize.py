@@ -12,8 +12,9 @@ an error, a timeout or a doubt is a denial with a reason.
 
 from __future__ import annotations
 
+import math
 import time
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from attrs import frozen
 from twisted.internet.defer import CancelledError, Deferred, succeed
@@ -22,10 +23,31 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from connect_native.consul.records import AuthorizeResult
+from connect_native.consul.records import AuthorizeResult, positive_seconds
 from connect_native.identity import ServiceIdentity
 
 log = Logger()
+
+#: How many decisions an authorizer remembers at most.  Each certificate
+#: renewal is a new serial, and so a new entry: without a bound a long
+#: ``cache_ttl`` would let the memory grow for as long as peers renew.
+MAX_REMEMBERED = 4096
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+def remember_bounded(
+    memory: dict[_K, _V], key: _K, value: _V, limit: int = MAX_REMEMBERED
+) -> None:
+    """
+    ``memory[key] = value``, as the newest entry, dropping the oldest ones
+    past ``limit`` (a dict keeps insertion order).
+    """
+    memory.pop(key, None)
+    memory[key] = value
+    while len(memory) > limit:
+        del memory[next(iter(memory))]
 
 
 @frozen
@@ -110,8 +132,9 @@ class AgentAuthorizer:
     Identical calls in flight are coalesced into one request.  A decision may
     be remembered per (certificate serial, target) for ``cache_ttl`` seconds
     (default 1 s, at most what a user sets; 0 turns it off), so a burst of
-    connections from one peer costs one round trip.  Every request is bounded
-    by ``timeout``.  Errors and timeouts deny.
+    connections from one peer costs one round trip; at most
+    :data:`MAX_REMEMBERED` decisions are kept, the oldest dropped first.
+    Every request is bounded by ``timeout``.  Errors and timeouts deny.
     """
 
     def __init__(
@@ -122,14 +145,22 @@ class AgentAuthorizer:
         timeout: float = 5.0,
         cache_ttl: float = 1.0,
     ) -> None:
-        if timeout <= 0:
-            raise ValueError(f"timeout must be positive, not {timeout!r}")
-        if cache_ttl < 0:
-            raise ValueError(f"cache_ttl must be 0 or more, not {cache_ttl!r}")
+        # NaN or infinity would make a timer that never fires: an unbounded
+        # wait, or a decision remembered forever.
+        timeout = positive_seconds("timeout", timeout)
+        if (
+            isinstance(cache_ttl, bool)
+            or not isinstance(cache_ttl, int | float)
+            or not (math.isfinite(cache_ttl) and cache_ttl >= 0)
+        ):
+            raise ValueError(
+                f"cache_ttl must be a finite number of seconds >= 0, not {cache_ttl!r}"
+            )
         self._client = client
         self._clock = clock
         self._timeout = timeout
-        self._cache_ttl = cache_ttl
+        self._cache_ttl = float(cache_ttl)
+        self.max_remembered = MAX_REMEMBERED
         self._remembered: dict[tuple[str, str, str], tuple[float, Decision]] = {}
         self._in_flight: dict[tuple[str, str, str], list[Deferred[Decision]]] = {}
 
@@ -203,9 +234,11 @@ class AgentAuthorizer:
                 timer.cancel()
             if decision.source == "agent" and self._cache_ttl > 0:
                 self._prune()
-                self._remembered[key] = (
-                    self._clock.seconds() + self._cache_ttl,
-                    decision,
+                remember_bounded(
+                    self._remembered,
+                    key,
+                    (self._clock.seconds() + self._cache_ttl, decision),
+                    self.max_remembered,
                 )
             log.debug(
                 "authorize {peer} -> {target}: {allowed} ({reason}) in {ms:.1f} ms",

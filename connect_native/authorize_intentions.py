@@ -29,10 +29,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from connect_native.authorize import (
+    MAX_REMEMBERED,
     AgentAuthorizer,
     Decision,
     IAuthorizer,
     Peer,
+    remember_bounded,
 )
 from connect_native.consul.blocking import Watch
 from connect_native.consul.records import AuthorizeResult, Indexed, Intention
@@ -164,6 +166,7 @@ class IntentionAuthorizer(Service):
         # provides; Deferred's invariance alone keeps mypy from seeing it.
         self._agent = AgentAuthorizer(client, clock, timeout=self.timeout, cache_ttl=0)
         self._agent_answers: dict[tuple[str, str, str], tuple[float, Decision]] = {}
+        self.max_remembered = MAX_REMEMBERED
         self._table: CompiledIntentions | None = None
         self._held: tuple[Intention, ...] | None = None
         self._last_success: float | None = None
@@ -382,7 +385,14 @@ class IntentionAuthorizer(Service):
 
         def remember(decision: Decision) -> Decision:
             if decision.source == "agent":
-                self._agent_answers[key] = (self._clock.seconds(), decision)
+                # Bounded: a source is any service the CA issues to, and
+                # entries are only dropped wholesale when intentions change.
+                remember_bounded(
+                    self._agent_answers,
+                    key,
+                    (self._clock.seconds(), decision),
+                    self.max_remembered,
+                )
             return decision
 
         return self._agent.authorize(peer, target).addCallback(remember)

@@ -172,6 +172,26 @@ def test_answer_without_fields_denies_rather_than_hangs() -> None:
     assert decision[0].allowed is False
 
 
+def test_remembered_decisions_are_bounded_oldest_first() -> None:
+    """
+    Each renewed certificate is a new serial; with a long cache_ttl the
+    memory keeps at most max_remembered decisions, dropping the oldest.
+    """
+    authorizer, client, _ = make(cache_ttl=3600.0)
+    authorizer.max_remembered = 3
+    peers = [Peer(identity=API, serial=f"0a:{i:02x}") for i in range(5)]
+    for i, p in enumerate(peers):
+        authorizer.authorize(p, "web")
+        client.pending[i].callback(Result(True, "ok"))
+    assert [authorizer.decide_now(p, "web") is not None for p in peers] == [
+        False,
+        False,
+        True,
+        True,
+        True,
+    ]
+
+
 def test_cancelled_waiter_leaves_others_waiting() -> None:
     authorizer, client, _ = make()
     first = authorizer.authorize(PEER, "web")
@@ -182,7 +202,19 @@ def test_cancelled_waiter_leaves_others_waiting() -> None:
     assert second == [Decision(True, "ok", "agent")]
 
 
-@pytest.mark.parametrize("kwargs", [{"timeout": 0}, {"cache_ttl": -1}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"timeout": 0},
+        {"cache_ttl": -1},
+        # A timer at NaN or infinity never fires: an unbounded wait, or a
+        # decision remembered forever.
+        {"timeout": float("nan")},
+        {"timeout": float("inf")},
+        {"cache_ttl": float("nan")},
+        {"cache_ttl": float("inf")},
+    ],
+)
 def test_bad_settings_are_refused(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="must be"):
         AgentAuthorizer(ScriptedClient(), Clock(), **kwargs)

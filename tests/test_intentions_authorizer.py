@@ -296,6 +296,27 @@ def test_agent_default_asks_once_per_source_and_remembers() -> None:
     assert consul.count("authorize") == 2
 
 
+def test_agent_answers_per_source_are_bounded_oldest_first() -> None:
+    """
+    The per-source memory of the agent's answers keeps at most
+    max_remembered sources, dropping the oldest, however many services
+    connect between two changes of the intentions.
+    """
+    clock = Clock()
+    consul = ScriptedConsul((ixn("cron", "deny"),))
+    authorizer = started(consul, clock, default="agent", agent_cache_ttl=30.0)
+    authorizer.max_remembered = 2
+    sources = ["web", "db", "cache"]
+    for i, source in enumerate(sources):
+        authorizer.authorize(peer(source), "api")
+        consul.authorizations[i].callback(AuthorizeResult(True, "ACLs disabled"))
+    assert [authorizer.decide_now(peer(s), "api") is not None for s in sources] == [
+        False,
+        True,
+        True,
+    ]
+
+
 def test_agent_default_is_not_asked_when_an_intention_matches() -> None:
     consul = ScriptedConsul((ixn("web", "deny"),))
     authorizer = started(consul, Clock(), default="agent")
