@@ -118,6 +118,12 @@ def test_time_and_hash_fields_in_a_body_are_ignored() -> None:
     assert body["Precedence"] == 9
 
 
+def test_a_new_intention_is_created_and_updated_at_one_instant() -> None:
+    h = Harness()
+    body = h.get(f"{INTENTIONS}/{create(h)}").json()
+    assert body["CreatedAt"] == body["UpdatedAt"]
+
+
 def test_list_is_empty_array_with_an_index() -> None:
     answer = Harness().get(INTENTIONS)
     assert answer.json() == []

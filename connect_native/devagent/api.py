@@ -56,8 +56,9 @@ log = Logger()
 
 T = TypeVar("T")
 
-# gziphandler's DefaultMinSize, below which the real agent does not compress.
-GZIP_MIN_SIZE = 1400
+# Consul wraps its API in gziphandler with MinSize(0): every non-empty body
+# is compressed when the client asks (measured on 1.8.7).
+GZIP_MIN_SIZE = 1
 MAX_QUERY_TIME = 600.0
 DEFAULT_QUERY_TIME = 300.0
 JITTER_FRACTION = 16
@@ -1219,6 +1220,8 @@ _ROUTES = (
     _Route("/v1/connect/intentions/match", False, ("GET",), "intentions_match"),
     _Route("/v1/connect/intentions/check", False, ("GET",), "intentions_check"),
     _Route("/v1/connect/intentions/", True, ("GET", "PUT", "DELETE"), "intention"),
+    _Route("/v1/catalog/service/", True, ("GET",), "catalog_service"),
+    _Route("/v1/catalog/connect/", True, ("GET",), "catalog_connect"),
     _Route("/v1/health/service/", True, ("GET",), "health_service"),
     _Route("/v1/health/connect/", True, ("GET",), "health_connect"),
 )
@@ -1828,6 +1831,53 @@ class AgentResource(Resource):
     ) -> None:
         self._health(request, reply, rest, connect=True)
 
+    def _catalog_service(
+        self, request: Request, reply: _Reply, rest: str, method: str
+    ) -> None:
+        self._catalog(request, reply, rest, connect=False)
+
+    def _catalog_connect(
+        self, request: Request, reply: _Reply, rest: str, method: str
+    ) -> None:
+        self._catalog(request, reply, rest, connect=True)
+
+    def _catalog(
+        self, request: Request, reply: _Reply, name: str, *, connect: bool
+    ) -> None:
+        query = _query(request)
+        _no_namespaces(request, query)
+        options = _query_options(request, query)
+        self._check_dc(options, meta=True)
+        if not name:
+            raise ConsulError(400, "Missing service name")
+        _refuse_filter(query)
+        tags = query.get("tag", [])
+        node_meta = _node_meta(query)
+
+        def index() -> int:
+            return self.agent.catalog_index(name)
+
+        def answer(cache_headers: list[tuple[str, str]]) -> None:
+            reply.json(
+                self.agent.catalog(
+                    name, connect=connect, tags=tags, node_meta=node_meta
+                ),
+                cache_headers
+                + _meta_headers(
+                    index(), known_leader=True, consistency=options.consistency
+                ),
+            )
+
+        if options.cached:
+            existed = self.agent.cache_lookup(
+                ("catalog", connect, name.lower(), tuple(tags))
+            )
+            self._cache_blocking(
+                reply, options, existed, index, lambda hit: answer(_cache_headers(hit))
+            )
+            return
+        self._rpc_blocking(reply, options, index, lambda: answer([]))
+
     def _health(
         self, request: Request, reply: _Reply, name: str, *, connect: bool
     ) -> None:
@@ -1837,22 +1887,9 @@ class AgentResource(Resource):
         self._check_dc(options, meta=True)
         if not name:
             raise ConsulError(400, "Missing service name")
-        if _get(query, "filter"):
-            # Real Consul evaluates bexpr filters; refusing beats answering
-            # unfiltered.  The status and headers are those of a filter the
-            # real agent cannot evaluate.
-            raise ConsulError(
-                500,
-                "Failed to create boolean expression evaluator: the development "
-                "agent does not evaluate ?filter expressions; filter the results "
-                "in the client, or test against a real Consul agent",
-                headers=_meta_headers(1, known_leader=False),
-            )
+        _refuse_filter(query)
         tags = query.get("tag", [])
-        node_meta: dict[str, str] = {}
-        for item in query.get("node-meta", []):
-            key, _, value = item.partition(":")
-            node_meta[key] = value
+        node_meta = _node_meta(query)
 
         def index() -> int:
             return self.agent.health_index(name, connect=connect)
@@ -1891,6 +1928,28 @@ class AgentResource(Resource):
             )
             return
         self._rpc_blocking(reply, options, index, lambda: answer([]))
+
+
+def _refuse_filter(query: dict[str, list[str]]) -> None:
+    if _get(query, "filter"):
+        # Real Consul evaluates bexpr filters; refusing beats answering
+        # unfiltered.  The status and headers are those of a filter the real
+        # agent cannot evaluate.
+        raise ConsulError(
+            500,
+            "Failed to create boolean expression evaluator: the development "
+            "agent does not evaluate ?filter expressions; filter the results "
+            "in the client, or test against a real Consul agent",
+            headers=_meta_headers(1, known_leader=False),
+        )
+
+
+def _node_meta(query: dict[str, list[str]]) -> dict[str, str]:
+    node_meta: dict[str, str] = {}
+    for item in query.get("node-meta", []):
+        key, _, value = item.partition(":")
+        node_meta[key] = value
+    return node_meta
 
 
 def _intention_input(d: dict[str, Any]) -> IntentionInput:

@@ -1660,7 +1660,8 @@ class DevAgent:
         precedence = intention_precedence(
             source_ns, given.source_name, destination_ns, given.destination_name
         )
-        now = self.now()
+        # A new intention is created and updated at one instant.
+        now = created_at if create_index == 0 else self.now()
         digest = hashlib.sha256(
             json.dumps(
                 [
@@ -2255,6 +2256,62 @@ class DevAgent:
                     "Checks": checks,
                 }
             )
+        return out
+
+    def catalog_index(self, name: str) -> int:
+        """
+        The ``X-Consul-Index`` of ``/v1/catalog/(service|connect)/<name>``:
+        the service name's own index (1.8.7 does not count the proxies in,
+        unlike health).
+        """
+        index = self._svc_index.get(name.lower())
+        if index is None or not self._health_instances(name, connect=False):
+            return max(self._services_table_index, 1)
+        return index
+
+    def catalog(
+        self,
+        name: str,
+        *,
+        connect: bool,
+        tags: Sequence[str] = (),
+        node_meta: Mapping[str, str] | None = None,
+    ) -> list[dict[str, Any]]:
+        """
+        ``GET /v1/catalog/(service|connect)/<name>``: the flat
+        ``ServiceNode`` form of the same instances as health.
+        """
+        out = []
+        for entry in self.health(name, connect=connect, tags=tags, node_meta=node_meta):
+            node, service = entry["Node"], entry["Service"]
+            flat: dict[str, Any] = {
+                "ID": node["ID"],
+                "Node": node["Node"],
+                "Address": node["Address"],
+                "Datacenter": node["Datacenter"],
+                "TaggedAddresses": node["TaggedAddresses"],
+                "NodeMeta": node["Meta"],
+                "ServiceKind": service.get("Kind", ""),
+                "ServiceID": service["ID"],
+                "ServiceName": service["Service"],
+                "ServiceTags": service["Tags"],
+                "ServiceAddress": service["Address"],
+            }
+            if "TaggedAddresses" in service:
+                flat["ServiceTaggedAddresses"] = service["TaggedAddresses"]
+            flat.update(
+                {
+                    "ServiceWeights": service["Weights"],
+                    "ServiceMeta": service["Meta"] or {},
+                    "ServicePort": service["Port"],
+                    "ServiceEnableTagOverride": service["EnableTagOverride"],
+                    "ServiceProxy": service["Proxy"],
+                    "ServiceConnect": service["Connect"],
+                    "CreateIndex": service["CreateIndex"],
+                    "ModifyIndex": service["ModifyIndex"],
+                }
+            )
+            out.append(flat)
         return out
 
     def cache_lookup(self, key: tuple[Any, ...]) -> bool:
