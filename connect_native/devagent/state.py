@@ -35,6 +35,7 @@ from attrs import define, field, frozen
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.web.resource import IResource
 
 from connect_native.devagent.ca import DevCA, IssuedLeaf, LeafRequestError
 
@@ -934,6 +935,8 @@ class DevAgent:
         self.node_name = node_name
         self.node_id = random_uuid(self.rng)
         self.node_address = "127.0.0.1"
+        # The port it is served on, as agent/self reports it; whoever listens
+        # sets it.
         self.http_port = 8500
 
         # Indexes as a fresh `consul agent -dev` has them: CA configuration
@@ -2326,7 +2329,7 @@ class DevAgent:
     # ----------------------------------------------------------------------
     # HTTP
 
-    def resource(self) -> Any:
+    def resource(self) -> IResource:
         """
         The agent's HTTP API as a ``twisted.web`` ``IResource``.
         """
