@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from OpenSSL import SSL
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
@@ -71,7 +72,7 @@ from connect_native.service import (
     CertManagerRegistry,
     cert_managers,
 )
-from connect_native.tls import ServerConnectionCreator, verified_peer
+from connect_native.tls import ServerConnectionCreator, refusal_of, verified_peer
 from connect_native.tls import peer_identity as _peer_identity_or_none
 
 if TYPE_CHECKING:
@@ -418,6 +419,7 @@ class _Gate(Protocol):
         self._finished = False
         self._started = 0.0
         self._peer: Peer | None = None
+        self._handshaken = False
 
     def connectionMade(self) -> None:
         factory = self.gate_factory
@@ -447,6 +449,7 @@ class _Gate(Protocol):
 
     def handshakeCompleted(self) -> None:
         self._cancel_timer()
+        self._handshaken = True
         if self._finished:
             return
         factory = self.gate_factory
@@ -615,7 +618,9 @@ class _Gate(Protocol):
         self.early_bytes = []
         if not self._finished:
             self._finished = True
-            if self._peer is not None:
+            if not self._handshaken and refusal_of(self.transport) is None:
+                self._log_failed_handshake(reason)
+            elif self._peer is not None:
                 log.info(
                     "Connect {target}: {peer} from {address} went away before it "
                     "was authorized",
@@ -626,6 +631,45 @@ class _Gate(Protocol):
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.cancel()
+
+    def _log_failed_handshake(self, reason: Failure) -> None:
+        """
+        Say why a connection ended before its TLS handshake completed.  The
+        verify callback logs the certificates it refuses; this also covers
+        what OpenSSL refuses before asking it (no client certificate, an old
+        protocol version, garbage instead of a ClientHello).
+        """
+        target = self.gate_factory.service
+        if isinstance(reason.value, SSL.Error):
+            log.warn(
+                "Connect {target}: refused a connection from {address}: the TLS "
+                "handshake failed: {reason}",
+                target=target,
+                address=str(self.address),
+                reason=_ssl_error_text(reason.value),
+                allowed=False,
+                decision="denied",
+            )
+        else:
+            log.info(
+                "Connect {target}: {address} closed the connection before "
+                "completing the TLS handshake",
+                target=target,
+                address=str(self.address),
+            )
+
+
+def _ssl_error_text(error: SSL.Error) -> str:
+    """
+    OpenSSL's reasons, e.g. ``peer did not return a certificate``, from the
+    ``[(library, function, reason), ...]`` list pyOpenSSL raises.
+    """
+    reasons = [
+        str(entry[2])
+        for entry in (error.args[0] if error.args else [])
+        if isinstance(entry, tuple) and len(entry) == 3 and entry[2]
+    ]
+    return "; ".join(reasons) or str(error)
 
 
 @implementer(IListeningPort)

@@ -152,6 +152,11 @@ class VerifiedPeer:
 _verified: weakref.WeakKeyDictionary[SSL.Connection, VerifiedPeer] = (
     weakref.WeakKeyDictionary()
 )
+# Refusals our verify callback made (and logged), so that the layer above
+# need not log the failed handshake a second time.
+_refusals: weakref.WeakKeyDictionary[SSL.Connection, PeerRefused] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _ssl_connection(transport: object) -> SSL.Connection | None:
@@ -506,8 +511,18 @@ class ServerConnectionCreator(_ConnectionCreator):
 
 def _ignore_refusal(connection: SSL.Connection, refusal: PeerRefused) -> None:
     # The server lets OpenSSL fail the handshake, which sends the client a
-    # TLS alert; aborting here would drop the alert.
-    pass
+    # TLS alert; aborting here would drop the alert.  It only remembers the
+    # refusal (already logged), for refusal_of().
+    _refusals[connection] = refusal
+
+
+def refusal_of(transport: object) -> PeerRefused | None:
+    """
+    The refusal our server-side verify callback made (and logged) for the
+    handshake of ``transport``, if it made one.
+    """
+    connection = _ssl_connection(transport)
+    return None if connection is None else _refusals.get(connection)
 
 
 def _fail_client_connection(connection: SSL.Connection, refusal: PeerRefused) -> None:

@@ -20,7 +20,12 @@ from OpenSSL import SSL
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint
-from twisted.internet.interfaces import IHandshakeListener, IListeningPort
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IListeningPort,
+    IOpenSSLClientConnectionCreator,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogEvent, capturedLogs
@@ -626,6 +631,68 @@ def test_refused_certificate_never_asks_the_authorizer(
     assert h.apps.built == []
     assert conn.client_app.lost is not None
     assert h.reactor.getDelayedCalls() == []
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class NoCertificateClient:
+    """
+    A TLS client that trusts any server and presents no certificate.
+    """
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        context = SSL.Context(SSL.TLS_METHOD)
+        context.set_verify(SSL.VERIFY_NONE, lambda *args: True)
+        connection = SSL.Connection(context, None)
+        connection.set_connect_state()
+        return connection
+
+
+def connect_raw(h: Harness, client_creator: Any) -> tuple[ClientFactory, IOPump]:
+    client_apps = ClientFactory([])
+    client = TLSMemoryBIOFactory(
+        client_creator, True, client_apps, clock=h.reactor
+    ).buildProtocol(ADDRESS)
+    server = h.tls_factory.buildProtocol(ADDRESS)
+    pump = connect(
+        server,
+        PausableTransport(server, isServer=True),
+        client,
+        FakeTransport(client, isServer=False),
+        clock=h.reactor,
+    )
+    return client_apps, pump
+
+
+def test_a_client_without_a_certificate_is_refused_with_a_logged_reason(
+    ca: CertificateFactory, logged: list[LogEvent]
+) -> None:
+    """
+    OpenSSL refuses a client that sends no certificate before our verify
+    callback runs; the gate still logs the refusal and why.
+    """
+    authorizer = FakeAuthorizer({"api"})
+    h = harness(ca, authorizer)
+    connect_raw(h, NoCertificateClient())
+    assert authorizer.authorize_calls == []
+    assert h.apps.built == []
+    [refusal] = decisions(logged)
+    assert refusal["allowed"] is False
+    assert "did not return a certificate" in refusal["reason"]
+
+
+def test_a_client_closing_before_the_handshake_is_not_a_refusal(
+    ca: CertificateFactory, logged: list[LogEvent]
+) -> None:
+    h = harness(ca, FakeAuthorizer({"api"}))
+    server = h.tls_factory.buildProtocol(ADDRESS)
+    transport = PausableTransport(server, isServer=True)
+    server.makeConnection(transport)
+    server.connectionLost(Failure(ConnectionDone()))
+    assert decisions(logged) == []
+    assert any(
+        "before completing the TLS handshake" in str(e.get("log_format"))
+        for e in logged
+    )
 
 
 # --- certificates -----------------------------------------------------------

@@ -401,6 +401,8 @@ async def test_a_client_without_a_certificate_is_refused(setup: Setup) -> None:
     before = len(setup.received)
     assert await bounded(deferToThread(raw_tls_call, setup.public, None)) == b""
     assert len(setup.received) == before
+    line = await log_line(setup.process, "the TLS handshake failed")
+    assert "did not return a certificate" in line
 
 
 @pytest_twisted.ensureDeferred
