@@ -70,11 +70,16 @@ class RealConsulAgent:
         acl: bool = False,
         extra_hcl: str = "",
         node_name: str = "testnode",
+        data_dir: Path | None = None,
     ) -> None:
         self.binary = binary
         self.acl = acl
         self.extra_hcl = extra_hcl
         self.node_name = node_name
+        # With a data directory the agent is a one-node server
+        # (``-server -bootstrap-expect=1``) that keeps its CA across restarts,
+        # instead of ``-dev``, which starts from nothing each time.
+        self.data_dir = data_dir
         self.master_token = str(uuid.uuid4()) if acl else None
         self.process: subprocess.Popen[bytes] | None = None
         self.ports: dict[str, int] = {}
@@ -113,38 +118,71 @@ class RealConsulAgent:
                 self.stop()
         raise AgentFailed(f"consul agent did not start: {last_error}")
 
-    def _start_once(self, timeout: float) -> None:
-        http, dns, serf_lan, serf_wan, server, grpc = free_ports(6)
-        self.ports = {
-            "http": http,
-            "dns": dns,
-            "serf_lan": serf_lan,
-            "serf_wan": serf_wan,
-            "server": server,
-            "grpc": grpc,
-        }
-        fd, log_name = tempfile.mkstemp(prefix="consul-agent-", suffix=".log")
-        os.close(fd)
-        self.log_path = Path(log_name)
+    def restart(self, timeout: float = 30.0, *, kill: bool = True) -> None:
+        """
+        Stop the agent (SIGKILL, as a crash, unless ``kill`` is false) and
+        start it again on the same ports (a ``-dev`` agent comes back with a
+        new CA and trust domain; one with a ``data_dir`` with its old state).
+        """
+        if kill:
+            self.kill()
+        else:
+            self._terminate()
+        last_error: Exception | None = None
+        for _attempt in range(3):
+            try:
+                self._start_once(timeout, same_ports=True)
+                return
+            except AgentFailed as e:
+                last_error = e
+                self._terminate()
+        raise AgentFailed(f"consul agent did not restart: {last_error}")
+
+    def _start_once(self, timeout: float, *, same_ports: bool = False) -> None:
+        if not same_ports:
+            http, dns, serf_lan, serf_wan, server, grpc = free_ports(6)
+            self.ports = {
+                "http": http,
+                "dns": dns,
+                "serf_lan": serf_lan,
+                "serf_wan": serf_wan,
+                "server": server,
+                "grpc": grpc,
+            }
+        ports = self.ports
+        if self.log_path is None:
+            fd, log_name = tempfile.mkstemp(prefix="consul-agent-", suffix=".log")
+            os.close(fd)
+            self.log_path = Path(log_name)
+        mode = (
+            ["-dev"]
+            if self.data_dir is None
+            else [
+                "-server",
+                "-bootstrap-expect=1",
+                f"-data-dir={self.data_dir}",
+                "-hcl=connect { enabled = true }\nperformance { raft_multiplier = 1 }",
+            ]
+        )
         argv = [
             str(self.binary),
             "agent",
-            "-dev",
+            *mode,
             "-bind=127.0.0.1",
             "-client=127.0.0.1",
             f"-node={self.node_name}",
-            f"-http-port={http}",
-            f"-dns-port={dns}",
-            f"-serf-lan-port={serf_lan}",
-            f"-serf-wan-port={serf_wan}",
-            f"-server-port={server}",
-            f"-grpc-port={grpc}",
+            f"-http-port={ports['http']}",
+            f"-dns-port={ports['dns']}",
+            f"-serf-lan-port={ports['serf_lan']}",
+            f"-serf-wan-port={ports['serf_wan']}",
+            f"-server-port={ports['server']}",
+            f"-grpc-port={ports['grpc']}",
             "-log-level=warn",
         ]
         hcl = self._hcl()
         if hcl:
             argv.append(f"-hcl={hcl}")
-        with self.log_path.open("wb") as log:
+        with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 argv,
                 stdout=log,
@@ -180,7 +218,7 @@ class RealConsulAgent:
         text = self.log_path.read_text(errors="replace").splitlines()
         return "\n".join(text[-lines:])
 
-    def stop(self) -> None:
+    def _terminate(self) -> None:
         process, self.process = self.process, None
         if process is not None and process.poll() is None:
             try:
@@ -191,6 +229,9 @@ class RealConsulAgent:
                 process.wait(timeout=10)
             except ProcessLookupError:
                 pass
+
+    def stop(self) -> None:
+        self._terminate()
         if self.log_path is not None:
             try:
                 self.log_path.unlink()
