@@ -21,14 +21,19 @@ a new connection when the connection fails before any response.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from attrs import frozen
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IProtocol,
+    IProtocolFactory,
+    IStreamClientEndpoint,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
@@ -57,6 +62,7 @@ if TYPE_CHECKING:
     from connect_native.service import CertManagerRegistry
 
 __all__ = [
+    "MAX_HOSTS",
     "ConnectEndpointFactory",
     "ConnectHTTPClient",
     "ConnectHost",
@@ -69,6 +75,8 @@ __all__ = [
 log = Logger()
 
 _failure: Callable[[BaseException], Failure] = Failure
+
+_T = TypeVar("_T")
 
 #: The only protocol offered in ALPN: Twisted's HTTP client speaks HTTP/1.1.
 ALPN = (b"http/1.1",)
@@ -158,6 +166,60 @@ def parse_connect_host(host: str) -> ConnectHost:
     )
 
 
+class _HostEndpoint(ConnectClientEndpoint):
+    """
+    The endpoint of one host name in a :class:`ConnectEndpointFactory`: it
+    counts its ``connect()`` calls in flight, so that the factory can let go
+    of its resolver once it is both forgotten and idle.
+
+    Only a dial uses the resolver: a connection once made (pooled or in
+    use) does not, so closing the resolver of an idle endpoint never
+    touches a connection.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.dialing = 0
+        self.retired = False
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        self.dialing += 1
+        try:
+            dialing = super().connect(protocolFactory)
+        except BaseException:
+            self._dial_ended(None)
+            raise
+        return dialing.addBoth(self._dial_ended)
+
+    def _dial_ended(self, result: _T) -> _T:
+        self.dialing -= 1
+        if self.retired and self.dialing == 0:
+            _close_resolver(self)
+        return result
+
+    def retire(self) -> None:
+        """
+        Let go of the resolver now if no dial is in flight, else when the
+        last one ends (a dial that is still resolving would otherwise fail
+        with a cancelled resolution).  A later ``connect()`` still works:
+        the resolver takes its watch again and lets go after that dial.
+        """
+        self.retired = True
+        if self.dialing == 0:
+            _close_resolver(self)
+
+
+def _close_resolver(endpoint: ConnectClientEndpoint) -> None:
+    close = getattr(endpoint.resolver, "close", None)
+    if callable(close):
+        close()
+
+
+#: How many host names a client keeps an endpoint (and, for a service, a
+#: Consul watch) for by default.
+MAX_HOSTS = 64
+
+
 @implementer(IAgentEndpointFactory)
 class ConnectEndpointFactory:
     """
@@ -166,9 +228,18 @@ class ConnectEndpointFactory:
     host name (one per host, reused, so that its resolver and its memory of
     failed instances carry over).
 
+    The endpoints are kept for at most ``max_hosts`` host names, the least
+    recently used forgotten first: a service's endpoint holds a blocking
+    watch on the agent, and host names may come from outside input, so an
+    unbounded map would grow (and keep watches running) without end.  A
+    forgotten endpoint's resolver is closed once no dial of it is in flight;
+    its pooled connections are not touched.  Asking for that host again
+    makes a new endpoint.
+
     :param reactor: connects and keeps time.
     :param consul: the agent's client, for the resolvers.
     :param bundle_source: our own service's certificates.
+    :param max_hosts: how many host names keep an endpoint.
     :param endpoint_options: keyword arguments for each endpoint
         (``timeout``, ``attempt_timeout``, ...).
     """
@@ -178,13 +249,24 @@ class ConnectEndpointFactory:
         reactor: Any,
         consul: ConsulClient,
         bundle_source: IBundleSource,
+        *,
+        max_hosts: int = MAX_HOSTS,
         **endpoint_options: Any,
     ) -> None:
+        if (
+            isinstance(max_hosts, bool)
+            or not isinstance(max_hosts, int)
+            or max_hosts < 1
+        ):
+            raise ValueError(
+                f"max_hosts must be a whole number >= 1, not {max_hosts!r}"
+            )
         self._reactor = reactor
         self._consul = consul
         self._source = bundle_source
         self._options = endpoint_options
-        self._endpoints: dict[ConnectHost, ConnectClientEndpoint] = {}
+        self.max_hosts = max_hosts
+        self._endpoints: OrderedDict[ConnectHost, _HostEndpoint] = OrderedDict()
 
     def resolver_for(self, host: ConnectHost) -> IResolver:
         """The resolver a host name stands for."""
@@ -218,21 +300,27 @@ class ConnectEndpointFactory:
             )
         host = parse_connect_host(host_text)
         endpoint = self._endpoints.get(host)
-        if endpoint is None:
-            options = {"alpn_protocols": ALPN, **self._options}
-            endpoint = ConnectClientEndpoint(
-                self._reactor, self.resolver_for(host), self._source, **options
-            )
-            self._endpoints[host] = endpoint
+        if endpoint is not None:
+            self._endpoints.move_to_end(host)
+            return endpoint
+        options = {"alpn_protocols": ALPN, **self._options}
+        endpoint = _HostEndpoint(
+            self._reactor, self.resolver_for(host), self._source, **options
+        )
+        self._endpoints[host] = endpoint
+        while len(self._endpoints) > self.max_hosts:
+            _, forgotten = self._endpoints.popitem(last=False)
+            forgotten.retire()
         return endpoint
 
     def close(self) -> None:
-        """Let go of the resolvers' shared watches."""
-        endpoints, self._endpoints = self._endpoints, {}
+        """
+        Let go of the resolvers' shared watches now (a dial still resolving
+        fails).
+        """
+        endpoints, self._endpoints = self._endpoints, OrderedDict()
         for endpoint in endpoints.values():
-            close = getattr(endpoint.resolver, "close", None)
-            if callable(close):
-                close()
+            _close_resolver(endpoint)
 
 
 def _request_not_sent() -> tuple[type[BaseException], ...]:
@@ -420,6 +508,7 @@ def client(
     connect_timeout: float = 10.0,
     attempt_timeout: float = 3.0,
     retries: int = 1,
+    max_hosts: int = MAX_HOSTS,
     pool: HTTPConnectionPool | None = None,
     registry: CertManagerRegistry | None = None,
     bundle_source: IBundleSource | None = None,
@@ -446,6 +535,9 @@ def client(
         tried.
     :param retries: how many times an idempotent request without a body is
         sent again after its connection failed before any response.
+    :param max_hosts: how many host names keep an endpoint and its Consul
+        watch; past that the least recently used is let go of (see
+        :class:`ConnectEndpointFactory`).
     :param pool: the connection pool (persistent by default).
     :param registry: where the certificate manager is shared (the process's
         by default).
@@ -476,6 +568,7 @@ def client(
         reactor,
         consul,
         bundle_source,
+        max_hosts=max_hosts,
         timeout=connect_timeout,
         attempt_timeout=attempt_timeout,
     )

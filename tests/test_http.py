@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import treq
+import zope.interface
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
@@ -22,7 +23,7 @@ from twisted.web.client import URI
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from connect_native.client import ConnectClientEndpoint
+from connect_native.client import ConnectClientEndpoint, ConnectTimeout
 from connect_native.consul.client import ConsulClient
 from connect_native.http import (
     ConnectEndpointFactory,
@@ -32,7 +33,7 @@ from connect_native.http import (
     client,
     parse_connect_host,
 )
-from connect_native.resolve import ConsulResolver, PreparedQueryResolver
+from connect_native.resolve import ConsulResolver, IResolver, PreparedQueryResolver
 from connect_native.testing import (
     CertificateFactory,
     FakeBundleSource,
@@ -140,6 +141,94 @@ def test_plain_http_is_refused(endpoints: ConnectEndpointFactory) -> None:
 
 
 # --- whole requests, in memory ---
+
+
+@zope.interface.implementer(IResolver)
+class RecordingResolver:
+    """A resolver whose resolve() waits for the test, and whose close() counts."""
+
+    def __init__(self, host: ConnectHost) -> None:
+        self.host = host
+        self.closed = 0
+        self.pending: list[Deferred[Any]] = []
+        self.description = f"fake {host.name}"
+
+    def resolve(self) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.pending.append(d)
+        return d
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+class RecordingFactory(ConnectEndpointFactory):
+    def resolver_for(self, host: ConnectHost) -> Any:
+        return RecordingResolver(host)
+
+
+def bounded_endpoints(max_hosts: int) -> tuple[RecordingFactory, MemoryReactorClock]:
+    reactor = MemoryReactorClock()
+    factory = RecordingFactory(
+        reactor,
+        ConsulClient(reactor),
+        FakeBundleSource(make_bundle(CertificateFactory(), "api")),
+        max_hosts=max_hosts,
+        timeout=5,
+    )
+    return factory, reactor
+
+
+def endpoint_for(factory: ConnectEndpointFactory, host: str) -> Any:
+    return factory.endpointForURI(URI.fromBytes(f"https://{host}/".encode()))
+
+
+def test_endpoints_are_kept_for_at_most_max_hosts_least_recently_used_first() -> None:
+    factory, _ = bounded_endpoints(2)
+    a = endpoint_for(factory, "a.service.consul")
+    b = endpoint_for(factory, "b.service.consul")
+    assert endpoint_for(factory, "a.service.consul") is a  # a is now the newest
+    c = endpoint_for(factory, "c.service.consul")
+    # b was the least recently used: forgotten, its watch let go of.
+    assert (a.resolver.closed, b.resolver.closed, c.resolver.closed) == (0, 1, 0)
+    assert endpoint_for(factory, "a.service.consul") is a
+    assert endpoint_for(factory, "c.service.consul") is c
+    again = endpoint_for(factory, "b.service.consul")
+    assert again is not b
+    assert again.resolver.closed == 0
+    # ... which forgot a, the least recently used by then.
+    assert a.resolver.closed == 1
+    assert len(factory._endpoints) == 2
+
+
+def test_a_forgotten_endpoint_with_a_dial_in_flight_lets_go_when_the_dial_ends() -> (
+    None
+):
+    factory, reactor = bounded_endpoints(1)
+    a = endpoint_for(factory, "a.service.consul")
+    dialing = a.connect(Factory.forProtocol(Protocol))
+    assert len(a.resolver.pending) == 1  # resolving
+    endpoint_for(factory, "b.service.consul")
+    # Closing now would fail the dial with a cancelled resolution.
+    assert a.resolver.closed == 0
+    assert not a.resolver.pending[0].called
+    dialing.cancel()
+    assert a.resolver.closed == 1
+    assert reactor.getDelayedCalls() == []
+    # A caller that still holds it may dial again; it lets go again after.
+    again = a.connect(Factory.forProtocol(Protocol))
+    assert a.resolver.closed == 1
+    reactor.advance(5)  # the dial's deadline
+    assert isinstance(failed(again), ConnectTimeout)
+    assert a.resolver.closed == 2
+    assert reactor.getDelayedCalls() == []
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 1.5, "3"])
+def test_max_hosts_must_be_a_whole_number_of_at_least_one(bad: Any) -> None:
+    reactor = MemoryReactorClock()
+    with pytest.raises(ValueError, match="max_hosts"):
+        client("api", reactor=reactor, consul=ConsulClient(reactor), max_hosts=bad)
 
 
 def health_entry(service: str, address: str, port: int) -> dict[str, Any]:
