@@ -22,7 +22,10 @@ from treq.testing import StubTreq
 from twisted.internet import task
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IOpenSSLClientConnectionCreator,
+)
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
@@ -240,13 +243,15 @@ class Echo(Protocol):
         self.lost = True
 
 
+@implementer(IHandshakeListener)
 class Stream(Protocol):
     """
     Sends numbered chunks (on ``send()``, or every ``interval`` seconds on
     ``clock`` once connected) through an echo server and digests both
-    directions.  ``finish()`` stops sending; ``done`` fires once everything
-    sent has come back, and the connection is then closed.  ``lost`` is the
-    reason if the connection ended first.
+    directions.  ``finish()`` stops sending and returns ``done``, which fires
+    once everything sent has come back (the connection is then closed), or
+    fails if the connection ended first (``lost`` says how).
+    ``handshake_done`` is set when the TLS handshake completed.
     """
 
     def __init__(
@@ -265,6 +270,7 @@ class Stream(Protocol):
         self.sent_digest = hashlib.sha256()
         self.received_digest = hashlib.sha256()
         self.connected = False
+        self.handshake_done = False
         self.finishing = False
         self.lost: Failure | None = None
         self.closed = False
@@ -278,6 +284,9 @@ class Stream(Protocol):
             self._loop.clock = self.clock
             self._loop.start(self.interval, now=True)
 
+    def handshakeCompleted(self) -> None:
+        self.handshake_done = True
+
     def send(self) -> None:
         if self.finishing or self.closed:
             return
@@ -290,8 +299,18 @@ class Stream(Protocol):
     def finish(self) -> Deferred[int]:
         self.finishing = True
         self._stop_loop()
+        if self.closed and not self.done.called:
+            self._lost_early()
         self._check_done()
         return self.done
+
+    def _lost_early(self) -> None:
+        self.done.errback(
+            AssertionError(
+                f"the connection ended after {self.sent} bytes sent and "
+                f"{self.received} received: {self.lost}"
+            )
+        )
 
     def _stop_loop(self) -> None:
         if self._loop is not None and self._loop.running:
@@ -335,12 +354,8 @@ class Stream(Protocol):
         self._stop_loop()
         if not self.done.called:
             self.lost = reason
-            self.done.errback(
-                AssertionError(
-                    f"the connection ended after {self.sent} bytes sent and "
-                    f"{self.received} received: {reason}"
-                )
-            )
+            if self.finishing:
+                self._lost_early()
 
 
 # --- the real reactor ---------------------------------------------------------------
