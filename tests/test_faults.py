@@ -125,7 +125,8 @@ def test_certificate_expiring_while_the_agent_is_down_refuses_then_recovers(
 
     established = Stream()
     link = service.call(api, established)
-    assert link is not None and established.connected
+    assert link is not None
+    assert established.handshake_done
     assert link.server_serial() == first.leaf.serial_number
     exchange(link, established)
 
@@ -136,7 +137,8 @@ def test_certificate_expiring_while_the_agent_is_down_refuses_then_recovers(
     assert "no answer from the Consul agent" in service.manager.reason
     while_degraded = Stream()
     degraded_link = service.call(api, while_degraded)
-    assert degraded_link is not None and while_degraded.connected
+    assert degraded_link is not None
+    assert while_degraded.handshake_done
     assert degraded_link.server_serial() == first.leaf.serial_number
     exchange(degraded_link, while_degraded)
 
@@ -158,7 +160,8 @@ def test_certificate_expiring_while_the_agent_is_down_refuses_then_recovers(
     # The established connections are the application's: still open, intact.
     exchange(link, established)
     exchange(degraded_link, while_degraded)
-    assert not established.closed and not while_degraded.closed
+    assert not established.closed
+    assert not while_degraded.closed
 
     # The agent is back: a new certificate, new connections served with it.
     world.front.behave()
@@ -170,7 +173,8 @@ def test_certificate_expiring_while_the_agent_is_down_refuses_then_recovers(
     assert renewed.not_after > world.reactor.seconds()
     after = Stream()
     new_link = service.call(api, after)
-    assert new_link is not None and after.connected
+    assert new_link is not None
+    assert after.handshake_done
     assert new_link.server_serial() == renewed.leaf.serial_number
     exchange(new_link, after)
 
@@ -226,7 +230,8 @@ def test_garbage_from_the_agent_degrades_keeps_serving_and_recovers(
     assert service.manager.current() is first
     stream = Stream()
     link = service.call(api, stream)
-    assert link is not None and stream.connected
+    assert link is not None
+    assert stream.handshake_done
     exchange(link, stream)
 
     world.front.behave()
