@@ -80,6 +80,20 @@ def test_re_registering_keeps_the_check_status_and_output() -> None:
     assert (check["Status"], check["Output"]) == ("passing", "ok")
 
 
+def test_re_registration_syncs_a_deferred_output_change_at_once() -> None:
+    h = Harness()
+    h.register(WEB)
+    h.put("/v1/agent/check/pass/web-ttl?note=one")
+    h.put("/v1/agent/check/pass/web-ttl?note=two")
+    (entry,) = health(h, "/v1/health/service/web")
+    assert entry["Checks"][1]["Output"] == "one"
+    h.register(WEB)
+    (entry,) = health(h, "/v1/health/service/web")
+    assert entry["Checks"][1]["Output"] == "two"
+    h.advance(600)
+    assert checks(h)["web-ttl"]["Output"] == "two"
+
+
 def test_identical_re_registration_moves_no_index() -> None:
     h = Harness()
     h.register(WEB)

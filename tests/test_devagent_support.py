@@ -249,12 +249,14 @@ def shape(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: shape(v) for k, v in value.items()}
     if isinstance(value, list):
+        # distinct element shapes, in no particular order (Consul orders
+        # roots by their random IDs, for example)
         shapes = []
         for item in value:
             s = shape(item)
             if s not in shapes:
                 shapes.append(s)
-        return ["list", *shapes]
+        return ["list", *sorted(shapes, key=repr)]
     if isinstance(value, bool):
         return "bool"
     if isinstance(value, int):

@@ -31,7 +31,7 @@ import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from attrs import define, field, frozen
+from attrs import define, evolve, field, frozen
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -1567,7 +1567,7 @@ class DevAgent:
             ):
                 raise ConsulError(500, f"duplicate intention found: {other}")
         index = self._bump()
-        ixn = _evolve_intention(ixn, create_index=index, modify_index=index)
+        ixn = evolve(ixn, create_index=index, modify_index=index)
         self._intentions[ixn.id] = ixn
         self._intentions_index = index
         log.info("intention created: {ixn}", ixn=str(ixn))
@@ -1611,7 +1611,7 @@ class DevAgent:
             ):
                 raise ConsulError(500, f"duplicate intention found: {other}")
         index = self._bump()
-        ixn = _evolve_intention(ixn, modify_index=index)
+        ixn = evolve(ixn, modify_index=index)
         self._intentions[ixn.id] = ixn
         self._intentions_index = index
         log.info("intention updated: {ixn}", ixn=str(ixn))
@@ -1953,10 +1953,10 @@ class DevAgent:
             )
             old = self._checks.get(check_id)
             if old is not None:
-                # Re-registering keeps the check's status and output.
+                # Re-registering keeps the check's status and output, and
+                # syncs them at once (a deferred output change included).
                 check.status, check.output = old.status, old.output
-                check.catalog_status = old.catalog_status
-                check.catalog_output = old.catalog_output
+                check.catalog_status, check.catalog_output = old.status, old.output
                 check.last_output = old.last_output
                 check.create_index = old.create_index
                 check.modify_index = old.modify_index
@@ -2353,12 +2353,6 @@ def _serf_stats() -> dict[str, str]:
         "query_queue": "0",
         "query_time": "1",
     }
-
-
-def _evolve_intention(ixn: Intention, **changes: Any) -> Intention:
-    from attrs import evolve
-
-    return evolve(ixn, **changes)
 
 
 def _parse_match_name(raw: str) -> tuple[str, str]:
