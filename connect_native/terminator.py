@@ -26,6 +26,8 @@ import ipaddress
 import math
 import os
 import re
+import signal
+import socket
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -39,11 +41,18 @@ from twisted.internet.defer import (
     ensureDeferred,
     maybeDeferred,
 )
-from twisted.internet.interfaces import IListeningPort
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.error import ConnectionDone, ProcessDone, ProcessExitedAlready
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReadDescriptor,
+    IStreamServerEndpoint,
+)
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from connect_native.forward import ConnectionTracker, ForwardingFactory, TrackedEndpoint
 
@@ -68,6 +77,8 @@ connectProtocol: Any = endpoints.connectProtocol  # noqa: N816
 DEMO_SERVICE = "demo-web"
 DEMO_CLIENT_SERVICE = "demo-client"
 DEMO_MESSAGE = b"hello through Connect\n"
+
+MAX_WORKERS = 64
 
 _NAME = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
 _UNESCAPED_COLON = re.compile(r"(?<!\\):")
@@ -126,6 +137,9 @@ class Settings:
     connect_timeout: float = 10.0
     idle_timeout: float = 3600.0
     shutdown_timeout: float = 10.0
+    authorize_cache: float = 1.0
+    workers: int = 1
+    worker: bool = False
 
 
 def _split_description(description: str) -> list[str]:
@@ -288,10 +302,24 @@ class Options(usage.Options):
             "or intentions (cached intentions, decided here)",
         ],
         [
+            "authorize-cache",
+            None,
+            "1",
+            "with --authorize agent, seconds a decision is remembered per "
+            "client certificate (0: ask the agent for every connection)",
+        ],
+        [
             "max-connections",
             None,
             "1000",
-            "accepted connections open at once, over all listeners",
+            "accepted connections open at once, over all listeners (per worker)",
+        ],
+        [
+            "workers",
+            None,
+            "1",
+            "processes accepting on --listen (a tcp or tcp6 endpoint), sharing "
+            "its port with SO_REUSEPORT",
         ],
         ["handshake-timeout", None, "10", "seconds a client has for the TLS handshake"],
         [
@@ -321,6 +349,12 @@ class Options(usage.Options):
             None,
             "run the development agent, a demo backend and a Connect client "
             "that makes one round trip through the terminator, then exit",
+        ],
+        [
+            "worker",
+            None,
+            "internal: this process is a worker started by --workers (listens "
+            "with SO_REUSEPORT, does not register, serves no upstream)",
         ],
     ]
 
@@ -409,6 +443,11 @@ class Options(usage.Options):
                 "--max-connections must be a whole number >= 1, not "
                 f"{self['max-connections']!r}"
             )
+        authorize_cache = _cache_seconds(self["authorize-cache"])
+        workers = _workers(self["workers"])
+        worker = bool(self["worker"])
+        if workers > 1 or worker:
+            _check_workers(listen, demo, self["to"], workers)
         token = None
         if self["token-file"] is not None:
             if dev:
@@ -435,6 +474,58 @@ class Options(usage.Options):
             connect_timeout=_seconds("connect-timeout", self["connect-timeout"]),
             idle_timeout=_seconds("idle-timeout", self["idle-timeout"]),
             shutdown_timeout=_seconds("shutdown-timeout", self["shutdown-timeout"]),
+            authorize_cache=authorize_cache,
+            workers=workers,
+            worker=worker,
+        )
+
+
+def _cache_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise usage.UsageError(
+            f"--authorize-cache must be a number of seconds >= 0 (0 turns the "
+            f"cache off), not {value!r}"
+        )
+    return seconds
+
+
+def _workers(value: str) -> int:
+    try:
+        workers = int(value)
+    except ValueError:
+        workers = 0
+    if not 1 <= workers <= MAX_WORKERS:
+        raise usage.UsageError(
+            f"--workers must be a whole number from 1 to {MAX_WORKERS}, not {value!r}"
+        )
+    return workers
+
+
+def _check_workers(listen: str, demo: bool, to: str | None, workers: int) -> None:
+    """Refuse what several processes cannot share."""
+    if demo:
+        raise usage.UsageError(
+            "--workers cannot be used with --demo, which is one round trip"
+        )
+    if to is None:
+        raise usage.UsageError(
+            "--workers needs --to: the workers share the public listener only"
+        )
+    parts = _split_description(listen)
+    if len(parts) == 1 and parts[0].isdigit():
+        parts = ["tcp", parts[0]]
+    if parts[0].lower() not in ("tcp", "tcp6"):
+        raise usage.UsageError(
+            f"--workers needs a tcp or tcp6 --listen (they share its port with "
+            f"SO_REUSEPORT), not {listen!r}"
+        )
+    if not hasattr(socket, "SO_REUSEPORT"):  # pragma: no cover (not Linux/BSD)
+        raise usage.UsageError(
+            "--workers needs SO_REUSEPORT, which this system does not have"
         )
 
 
@@ -466,6 +557,170 @@ def _check_consul(address: str | None, token: str | None) -> None:
     except ConsulConfigurationError as e:
         option = "--consul" if address is not None else "the CONSUL_* variables"
         raise usage.UsageError(f"{option}: {e}") from None
+
+
+# --- workers -----------------------------------------------------------------
+
+
+@implementer(IStreamServerEndpoint)
+class ReusePortEndpoint:
+    """
+    A TCP server endpoint whose socket has ``SO_REUSEPORT`` set before it is
+    bound, so that several processes (``--workers``) listen on one port and
+    the kernel spreads new connections over them.
+    """
+
+    def __init__(
+        self, reactor: Any, family: int, port: int, interface: str, backlog: int
+    ) -> None:
+        self.reactor = reactor
+        self.family = family
+        self.port = port
+        self.interface = interface
+        self.backlog = backlog
+
+    @classmethod
+    def from_description(cls, reactor: Any, description: str) -> ReusePortEndpoint:
+        """The same port, interface and backlog as a tcp/tcp6 description."""
+        parsed = serverFromString(reactor, description)
+        family = (
+            socket.AF_INET6
+            if isinstance(parsed, endpoints.TCP6ServerEndpoint)
+            else socket.AF_INET
+        )
+        return cls(
+            reactor,
+            family,
+            parsed._port,
+            # No interface= means all of them, as for twistd's own tcp:PORT.
+            parsed._interface or ("::" if family == socket.AF_INET6 else "0.0.0.0"),  # noqa: S104
+            parsed._backlog,
+        )
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        return maybeDeferred(self._listen, protocolFactory)
+
+    def _listen(self, factory: IProtocolFactory) -> IListeningPort:
+        listening = socket.socket(self.family, socket.SOCK_STREAM)
+        try:
+            listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            listening.bind((self.interface, self.port))
+            listening.listen(self.backlog)
+            listening.setblocking(False)
+            # adoptStreamPort duplicates the descriptor: ours is closed below.
+            port: IListeningPort = self.reactor.adoptStreamPort(
+                listening.fileno(), self.family, factory
+            )
+            return port
+        finally:
+            listening.close()
+
+
+def worker_arguments(settings: Settings, port: int, consul: str | None) -> list[str]:
+    """
+    The ``twistd`` command line of one worker: the public listener on the
+    port the first process bound (``--listen`` may say 0), no registration,
+    no upstreams.
+    """
+    kind = _split_description(settings.listen)[0].lower()
+    if kind.isdigit():
+        kind = "tcp"
+    parsed = ReusePortEndpoint.from_description(None, settings.listen)
+    interface = parsed.interface.replace(":", "\\:")
+    assert settings.to is not None
+    arguments = [
+        "-c",
+        "from twisted.scripts.twistd import run; run()",
+        "--nodaemon",
+        "--pidfile=",
+        "connect-native",
+        "--worker",
+        "--no-register",
+        "--service",
+        settings.service,
+        "--listen",
+        f"{kind}:{port}:interface={interface}:backlog={parsed.backlog}",
+        "--to",
+        settings.to,
+        "--authorize",
+        settings.authorize,
+        "--authorize-cache",
+        repr(settings.authorize_cache),
+        "--max-connections",
+        str(settings.max_connections),
+        "--handshake-timeout",
+        repr(settings.handshake_timeout),
+        "--connect-timeout",
+        repr(settings.connect_timeout),
+        "--idle-timeout",
+        repr(settings.idle_timeout),
+        "--shutdown-timeout",
+        repr(settings.shutdown_timeout),
+    ]
+    if consul is not None:
+        arguments += ["--consul", consul]
+    return arguments
+
+
+class _WorkerProcess(ProcessProtocol):
+    """One worker as seen from the first process."""
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.stopping = False
+        self.ended: Deferred[None] = Deferred()
+
+    def processEnded(self, reason: Failure) -> None:
+        if not self.stopping:
+            log.warn(
+                "connect-native: worker {number} ended on its own ({why}); the "
+                "other processes keep accepting on the port",
+                number=self.number,
+                why=reason.getErrorMessage(),
+            )
+        elif not (
+            isinstance(reason.value, ProcessDone)
+            # twistd ends a SIGTERM'd run by raising the signal on itself.
+            or getattr(reason.value, "signal", None) == signal.SIGTERM
+        ):
+            log.info(
+                "connect-native: worker {number} stopped ({why})",
+                number=self.number,
+                why=reason.getErrorMessage(),
+            )
+        self.ended.callback(None)
+
+
+@implementer(IReadDescriptor)
+class _ParentWatch:
+    """
+    In a worker: standard input is a pipe from the first process, so its end
+    means that process is gone, and the worker stops too.
+    """
+
+    def __init__(self, on_gone: Callable[[], object]) -> None:
+        self._on_gone = on_gone
+        os.set_blocking(0, False)
+
+    def fileno(self) -> int:
+        return 0
+
+    def doRead(self) -> Failure | None:
+        try:
+            data = os.read(0, 4096)
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            return Failure(e)  # type: ignore[no-untyped-call]
+        return None if data else Failure(ConnectionDone())  # type: ignore[no-untyped-call]
+
+    def connectionLost(self, reason: Failure) -> None:
+        log.info("connect-native worker: the first process is gone; stopping")
+        self._on_gone()
+
+    def logPrefix(self) -> str:
+        return "connect-native-worker"
 
 
 # --- the service -------------------------------------------------------------
@@ -554,6 +809,7 @@ class Terminator(Service):
         self._lease: Any = None
         self._closables: list[Any] = []
         self._starting: Deferred[None] | None = None
+        self.workers: list[_WorkerProcess] = []
         self.started: Deferred[None] = Deferred()
 
     # -- starting -------------------------------------------------------------
@@ -609,7 +865,11 @@ class Terminator(Service):
         if errors:
             errors[0].raiseException()
         public = self.ports.get("public")
-        if settings.register and public is not None:
+        if settings.workers > 1 and public is not None:
+            self._start_workers(public)
+        if settings.worker:
+            self.reactor.addReader(_ParentWatch(lambda: _stop_process(reactor, 0)))
+        if settings.register and not settings.worker and public is not None:
             from connect_native.registration import Registration
 
             self.registration = Registration(
@@ -653,18 +913,23 @@ class Terminator(Service):
             authorizer.startService()
             self._authorizer_service = authorizer
             return authorizer
-        return AgentAuthorizer(self.client, self.reactor)
+        return AgentAuthorizer(
+            self.client, self.reactor, cache_ttl=self.settings.authorize_cache
+        )
 
     def _listen_public(self, to: str, authorizer: Any) -> Deferred[Any]:
         from connect_native.server import ConnectServerEndpoint
 
         settings, reactor = self.settings, self.reactor
         label = f"connect-native {settings.service}"
+        listener: Any
+        if settings.workers > 1 or settings.worker:
+            listener = ReusePortEndpoint.from_description(reactor, settings.listen)
+        else:
+            listener = serverFromString(reactor, settings.listen)
         endpoint = ConnectServerEndpoint.for_service(
             reactor,
-            TrackedEndpoint(
-                serverFromString(reactor, settings.listen), self.tracker, label
-            ),
+            TrackedEndpoint(listener, self.tracker, label),
             self.client,
             settings.service,
             authorizer=authorizer,
@@ -748,6 +1013,72 @@ class Terminator(Service):
                 )
 
         return endpoint.listen(factory).addCallback(listening)
+
+    # -- workers --------------------------------------------------------------
+
+    def _start_workers(self, public: IListeningPort) -> None:
+        settings = self.settings
+        consul = settings.consul
+        if self.dev_agent is not None:
+            consul = f"http://127.0.0.1:{self.dev_agent.http_port}"
+        environment = dict(os.environ)
+        if settings.token is not None:
+            # The environment, not the command line, which anyone can read.
+            environment.pop("CONSUL_HTTP_TOKEN_FILE", None)
+            environment["CONSUL_HTTP_TOKEN"] = settings.token
+        port = public.getHost().port  # type: ignore[attr-defined]
+        arguments = worker_arguments(settings, port, consul)
+        for number in range(1, settings.workers):
+            worker = _WorkerProcess(number)
+            self.reactor.spawnProcess(
+                worker,
+                sys.executable,
+                [sys.executable, *arguments],
+                env=environment,
+                # Standard input is the worker's lifeline (_ParentWatch); its
+                # logs go where ours go.
+                childFDs={0: "w", 1: 1, 2: 2},
+            )
+            self.workers.append(worker)
+        log.info(
+            "connect-native {service}: {count} worker processes share port "
+            "{port} (SO_REUSEPORT)",
+            service=settings.service,
+            count=settings.workers,
+            port=port,
+        )
+
+    async def _stop_workers(self) -> None:
+        workers = [w for w in self.workers if not w.ended.called]
+        for worker in workers:
+            worker.stopping = True
+            try:
+                worker.transport.signalProcess("TERM")  # type: ignore[union-attr]
+            except ProcessExitedAlready:
+                pass
+        if not workers:
+            return
+        ended = DeferredList([w.ended for w in workers], consumeErrors=True)
+        # A worker drains for --shutdown-timeout; then it has 5 s to exit.
+        bound = self.settings.shutdown_timeout + 5.0
+        timer = self.reactor.callLater(bound, self._kill_workers, workers)
+        await ended
+        if timer.active():
+            timer.cancel()
+
+    def _kill_workers(self, workers: list[_WorkerProcess]) -> None:
+        for worker in workers:
+            if worker.ended.called:
+                continue
+            log.warn(
+                "connect-native: worker {number} still running after "
+                "--shutdown-timeout; killing it",
+                number=worker.number,
+            )
+            try:
+                worker.transport.signalProcess(signal.SIGKILL)  # type: ignore[union-attr]
+            except ProcessExitedAlready:
+                pass
 
     # -- the demo -------------------------------------------------------------
 
@@ -833,6 +1164,7 @@ class Terminator(Service):
         if self._demo_backend is not None:
             stopping.append(maybeDeferred(self._demo_backend.stopListening))
         await DeferredList(stopping, consumeErrors=True)
+        stopping_workers = ensureDeferred(self._stop_workers())
         aborted = await self.tracker.drain(settings.shutdown_timeout)
         if aborted:
             log.warn(
@@ -850,6 +1182,7 @@ class Terminator(Service):
             self._lease.release()
         if self.client is not None and self._own_client:
             await self.client.close()
+        await stopping_workers
         if self._dev_port is not None:
             await maybeDeferred(self._dev_port.stopListening)
         log.info("connect-native {service}: stopped", service=settings.service)
