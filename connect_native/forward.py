@@ -48,6 +48,8 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from connect_native.consul.records import positive_seconds
+
 __all__ = [
     "MAX_PENDING_BYTES",
     "ConnectionTracker",
@@ -339,6 +341,7 @@ class _Front(Protocol):
         self._back_eof_seen = False
         self._front_gone = False
         self._back_gone = False
+        self._aborted = False
         self._dialing: Deferred[Any] | None = None
         self._idle: IDelayedCall | None = None
         self._last = 0.0
@@ -377,6 +380,9 @@ class _Front(Protocol):
         dialing.addCallbacks(self._dialled, self._dial_failed)
 
     def dataReceived(self, data: bytes) -> None:
+        if self._aborted:
+            # Bytes the transport had read before the abort took effect.
+            return
         self._last = self.factory.clock.seconds()
         back = self.back
         if back is not None:
@@ -424,7 +430,11 @@ class _Front(Protocol):
         back: Any = back_protocol.transport
         self.back = back
         if self._front_gone:
-            back.loseConnection()
+            # A dial that ignored its cancellation: nobody will read this
+            # connection and there is nothing to flush, and a graceful TLS
+            # close could wait for the peer's close_notify with no idle
+            # timer left to bound it.
+            back.abortConnection()
             return
         front: Any = self.transport
         front.registerProducer(_Valve(back), True)
@@ -443,7 +453,9 @@ class _Front(Protocol):
 
     def _dial_failed(self, failure: Failure) -> None:
         self._dialing = None
-        if self._front_gone or self.back is not None:
+        if self._front_gone or self._aborted or self.back is not None:
+            # Our own cancellation (the front went away, or we aborted it
+            # and said why): not the backend's failure.
             return
         if isinstance(failure.value, CancelledError) or _is_timeout(failure):
             why = f"no connection within {self.factory.connect_timeout:g}s"
@@ -520,6 +532,7 @@ class _Front(Protocol):
 
     def abort(self) -> None:
         """Abort both connections (and the dial, if it is still going)."""
+        self._aborted = True
         dialing, self._dialing = self._dialing, None
         if dialing is not None:
             dialing.cancel()
@@ -571,21 +584,11 @@ class ForwardingFactory(Factory):
         idle_timeout: float,
         label: str,
     ) -> None:
-        for name, value in (
-            ("connect_timeout", connect_timeout),
-            ("idle_timeout", idle_timeout),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise TypeError(f"{name} must be a number of seconds, not {value!r}")
-            if not 0 < value < float("inf"):
-                raise ValueError(
-                    f"{name} must be a finite number of seconds > 0, not {value!r}"
-                )
         self.clock = clock
         self.dial = dial
         self.target = target
-        self.connect_timeout = float(connect_timeout)
-        self.idle_timeout = float(idle_timeout)
+        self.connect_timeout = positive_seconds("connect_timeout", connect_timeout)
+        self.idle_timeout = positive_seconds("idle_timeout", idle_timeout)
         self.label = label
 
     def buildProtocol(self, addr: IAddress) -> IProtocol:  # type: ignore[override]

@@ -113,6 +113,19 @@ def connected() -> tuple[Pair, Any, Transport, Transport]:
     return pair, back, pair.front_transport, back_transport
 
 
+def assert_ended_cleanly(pair: Pair, *, front: bool = True, back: bool = True) -> None:
+    """
+    Report the loss of whichever side has not reported it yet (as a real
+    transport would after a close or an abort), then check that the pair
+    left no timer behind.
+    """
+    if front and not pair.front._front_gone:
+        pair.front.connectionLost(Failure(ConnectionDone()))
+    if back and pair.back is not None and not pair.front._back_gone:
+        pair.back.connectionLost(Failure(ConnectionDone()))
+    assert pair.clock.getDelayedCalls() == []
+
+
 # --- bytes -------------------------------------------------------------------
 
 
@@ -146,9 +159,14 @@ def test_too_many_bytes_before_the_back_is_connected_abort() -> None:
         pair.front.dataReceived(b"x" * MAX_PENDING_BYTES)
         assert not pair.front_transport.aborted
         pair.front.dataReceived(b"x")
+        # What the transport had read already is dropped, quietly.
+        pair.front.dataReceived(b"y")
     assert pair.front_transport.aborted
     assert pair.dialer.cancelled == 1
-    assert any("before the backend was reached" in _text(e) for e in events)
+    assert len([e for e in events if "before the backend was reached" in _text(e)]) == 1
+    # Cancelling our own dial is not the backend failing.
+    assert not [e for e in events if e.get("upstream_failure")]
+    assert_ended_cleanly(pair)
 
 
 # --- backpressure ------------------------------------------------------------
@@ -199,6 +217,7 @@ def test_front_end_of_stream_half_closes_the_back_and_the_answer_still_flows() -
     assert front_t.disconnecting
     assert not front_t.aborted
     assert not back_t.aborted
+    assert_ended_cleanly(pair)
 
 
 def test_back_end_of_stream_half_closes_the_front_and_requests_still_flow() -> None:
@@ -211,6 +230,9 @@ def test_back_end_of_stream_half_closes_the_front_and_requests_still_flow() -> N
     pair.front.readConnectionLost()
     assert front_t.disconnecting
     assert back_t.disconnecting
+    assert not front_t.aborted
+    assert not back_t.aborted
+    assert_ended_cleanly(pair)
 
 
 def test_end_of_stream_before_the_back_is_connected_is_passed_on_after_the_bytes() -> (
@@ -222,6 +244,8 @@ def test_end_of_stream_before_the_back_is_connected_is_passed_on_after_the_bytes
     _, back_t = pair.connect_back()
     assert back_t.value() == b"all of it"
     assert back_t.write_closed
+    assert pair.front_transport.producer is not None  # answers still flow back
+    assert_ended_cleanly(pair)
 
 
 def test_a_clean_close_of_one_side_closes_the_other_cleanly() -> None:
@@ -230,22 +254,26 @@ def test_a_clean_close_of_one_side_closes_the_other_cleanly() -> None:
     assert front_t.disconnecting
     assert not front_t.aborted
     pair.front.connectionLost(Failure(ConnectionDone()))
+    assert pair.clock.getDelayedCalls() == []
 
 
 def test_a_lost_back_aborts_the_front_and_is_logged() -> None:
-    _pair, back, front_t, _ = connected()
+    pair, back, front_t, _ = connected()
     with capturedLogs() as events:
         back.connectionLost(Failure(ConnectionLost("reset by peer")))
     assert front_t.aborted
     assert any(
         e.get("upstream_failure") and "reset by peer" in _text(e) for e in events
     )
+    assert_ended_cleanly(pair)
 
 
 def test_a_lost_front_aborts_the_back() -> None:
     pair, _, _, back_t = connected()
     pair.front.connectionLost(Failure(ConnectionLost()))
     assert back_t.aborted
+    assert not pair.front_transport.disconnecting  # it was already gone
+    assert_ended_cleanly(pair)
 
 
 # --- the dial ----------------------------------------------------------------
@@ -269,6 +297,8 @@ def test_a_failed_dial_aborts_the_front_and_says_why() -> None:
     [event] = [e for e in events if e.get("upstream_failure")]
     assert "could not reach tcp:127.0.0.1:1" in _text(event)
     assert "nobody home" in _text(event)
+    front.connectionLost(Failure(ConnectionLost()))
+    assert clock.getDelayedCalls() == []
 
 
 def test_a_dial_that_takes_too_long_is_cancelled_and_the_front_aborted() -> None:
@@ -279,7 +309,8 @@ def test_a_dial_that_takes_too_long_is_cancelled_and_the_front_aborted() -> None
         pair.clock.advance(0.1)
     assert pair.dialer.cancelled == 1
     assert pair.front_transport.aborted
-    assert any("no connection within 3s" in _text(e) for e in events)
+    assert len([e for e in events if "no connection within 3s" in _text(e)]) == 1
+    assert_ended_cleanly(pair)
 
 
 def test_a_front_that_goes_away_while_dialling_cancels_the_dial_quietly() -> None:
@@ -288,6 +319,35 @@ def test_a_front_that_goes_away_while_dialling_cancels_the_dial_quietly() -> Non
         pair.front.connectionLost(Failure(ConnectionDone()))
     assert pair.dialer.cancelled == 1
     assert not [e for e in events if e.get("upstream_failure")]
+    assert pair.clock.getDelayedCalls() == []
+
+
+def test_a_back_connected_after_the_front_went_away_is_aborted() -> None:
+    # A dial that does not honour its cancellation connects anyway: nobody
+    # will read that connection, and no idle timer is left to bound a
+    # graceful close.
+    pair = Pair()
+    pair.front.connectionLost(Failure(ConnectionDone()))
+    assert pair.clock.getDelayedCalls() == []
+    factory, _cancelled = pair.dialer.dials[0]
+    back: Any = factory.buildProtocol(BACK)
+    back_t = Transport()
+    back.makeConnection(back_t)
+    assert back_t.aborted
+    assert back_t.value() == b""
+    back.connectionLost(Failure(ConnectionLost()))
+    assert pair.clock.getDelayedCalls() == []
+
+
+def test_an_idle_timeout_during_the_dial_does_not_blame_the_backend() -> None:
+    pair = Pair(connect_timeout=10, idle_timeout=2)
+    with capturedLogs() as events:
+        pair.clock.advance(2)
+    assert pair.front_transport.aborted
+    assert pair.dialer.cancelled == 1
+    assert any("no bytes either way for 2s" in _text(e) for e in events)
+    assert not [e for e in events if e.get("upstream_failure")]
+    assert_ended_cleanly(pair)
 
 
 # --- idle --------------------------------------------------------------------
@@ -306,6 +366,7 @@ def test_an_idle_pair_is_aborted_after_the_idle_timeout() -> None:
     pair.clock.advance(1)
     assert pair.front_transport.aborted
     assert back_t.aborted
+    assert_ended_cleanly(pair)
 
 
 def test_a_closed_pair_leaves_no_timer_behind() -> None:
