@@ -17,7 +17,6 @@ The decision rules are those of :mod:`connect_native.intentions`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Literal, Protocol
 
@@ -37,7 +36,12 @@ from connect_native.authorize import (
     remember_bounded,
 )
 from connect_native.consul.blocking import Watch
-from connect_native.consul.records import AuthorizeResult, Indexed, Intention
+from connect_native.consul.records import (
+    AuthorizeResult,
+    Indexed,
+    Intention,
+    positive_seconds,
+)
 from connect_native.identity import ServiceIdentity
 from connect_native.intentions import (
     DEFAULT_SOURCE,
@@ -76,15 +80,22 @@ class IntentionsClient(Protocol):
 
 
 def _seconds(name: str, value: float, *, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"IntentionAuthorizer {name} must be a number, got {value!r}")
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        wanted = ">= 0" if allow_zero else "> 0"
+    """
+    The shared :func:`positive_seconds` check, naming this authorizer, with
+    0 allowed where it means "never reuse" (``max_staleness``,
+    ``agent_cache_ttl``).
+    """
+    what = f"IntentionAuthorizer {name}"
+    if allow_zero and not isinstance(value, bool) and value == 0:
+        return 0.0
+    try:
+        return positive_seconds(what, value)
+    except ValueError:
+        if not allow_zero:
+            raise
         raise ValueError(
-            f"IntentionAuthorizer {name} must be a finite number {wanted} "
-            f"(seconds), got {value!r}"
-        )
-    return float(value)
+            f"{what} must be a finite number of seconds >= 0, not {value!r}"
+        ) from None
 
 
 def _identity(peer: Peer | ServiceIdentity) -> ServiceIdentity:

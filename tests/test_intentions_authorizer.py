@@ -413,8 +413,19 @@ def test_decide_request_agent_default_uses_the_agents_last_answer() -> None:
         ("max_staleness", -1.0),
         ("poll_interval", 0.0),
         ("timeout", float("nan")),
+        ("timeout", "3"),
+        ("agent_cache_ttl", float("inf")),
+        ("max_staleness", True),
     ],
 )
 def test_bad_settings_are_refused_by_name(name: str, value: object) -> None:
     with pytest.raises(ValueError, match=name):
         IntentionAuthorizer(ScriptedConsul(), Clock(), "api", **{name: value})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["max_staleness", "agent_cache_ttl"])
+def test_zero_is_allowed_where_it_means_never_reuse(name: str) -> None:
+    authorizer = IntentionAuthorizer(ScriptedConsul(), Clock(), "api", **{name: 0})  # type: ignore[arg-type]
+    assert getattr(authorizer, name) == 0.0
+    with pytest.raises(ValueError, match=f"{name} must be .* >= 0"):
+        IntentionAuthorizer(ScriptedConsul(), Clock(), "api", **{name: -0.5})  # type: ignore[arg-type]
