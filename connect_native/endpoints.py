@@ -634,14 +634,20 @@ class ConnectStringServerEndpoint:
             lease = cert_managers.acquire(
                 self._reactor, self.consul, self.description.service
             )
-            registration = Registration(
-                self._reactor,
-                self.consul,
-                lease.manager,
-                self.description.service,
-                port,
-            )
-            registration.startService()
+            try:
+                registration = Registration(
+                    self._reactor,
+                    self.consul,
+                    lease.manager,
+                    self.description.service,
+                    port,
+                )
+                registration.startService()
+            except BaseException:
+                # listened() stops the port and our own lease; this one is
+                # only known here, and would keep the manager's watches on.
+                lease.release()
+                raise
 
         def release() -> None:
             if lease is not None:

@@ -642,3 +642,25 @@ class Hang(Resource):
 
     def render(self, request: Any) -> int:
         return NOT_DONE_YET
+
+
+def test_a_registration_that_cannot_start_lets_go_of_everything(
+    reactor: Reactor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import connect_native.registration
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError("no address to register")
+
+    monkeypatch.setattr(connect_native.registration, "Registration", refuse)
+    world = World(reactor)
+    endpoint = world.endpoint("connect:web:port=8443:register=yes")
+    before = cert_managers.managers()
+    listening = endpoint.listen(Factory.forProtocol(Protocol))
+    failures: list[Any] = []
+    listening.addErrback(failures.append)
+    world.settle()
+    assert "no address to register" in str(failures[0].value)
+    # Neither the endpoint's lease nor the registration's keeps a manager.
+    assert [m for m in cert_managers.managers() if m not in before] == []
+    assert reactor.shutdown_triggers == {}
