@@ -264,7 +264,6 @@ async def test_agent_self_shape(agent: AgentUnderTest) -> None:
         ("PUT", "/v1/agent/check/pass/nosuch", TEXT),
     ],
 )
-@dev_differs("gzip only for bodies of 1400 bytes or more")
 @pytest_twisted.ensureDeferred
 async def test_small_bodies_are_gzipped_when_asked(
     agent: AgentUnderTest, method: str, path: str, content_type: str
@@ -867,7 +866,6 @@ async def test_intention_create_get_list(
         await agent.client.delete_intention(intention_id)
 
 
-@dev_differs("a new intention's CreatedAt and UpdatedAt are read apart")
 @pytest_twisted.ensureDeferred
 async def test_new_intention_created_and_updated_at_the_same_time(
     agent: AgentUnderTest, unique_name: str
@@ -1429,7 +1427,6 @@ async def test_health_service_has_every_instance_and_no_proxy(
     assert plain_checks == ["serfHealth", f"service:{db_like}-3"]
 
 
-@dev_differs("GET /v1/catalog/connect/<service> is not served (404)")
 @pytest_twisted.ensureDeferred
 async def test_catalog_connect_flat_form(agent: AgentUnderTest, db_like: str) -> None:
     answer = await agent.http.get(f"/v1/catalog/connect/{db_like}")
