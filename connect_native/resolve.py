@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from attrs import field, frozen
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -794,13 +794,17 @@ class PreparedQueryResolver:
             return waiter
         self._in_flight = [waiter]
         asked = self._clock.seconds()
-        request = self.client.execute_prepared_query(
-            self.name, connect=True, datacenter=self.datacenter
+        # A synchronous raise, or an answer that cannot be read, must fail
+        # the waiters too: otherwise they and every later resolve() would
+        # wait on a request that is over.
+        request = maybeDeferred(
+            self.client.execute_prepared_query,
+            self.name,
+            connect=True,
+            datacenter=self.datacenter,
         )
-        request.addCallbacks(
-            lambda answer: self._answered(answer.value, asked),
-            self._failed,
-        )
+        request.addCallback(lambda answer: self._answered(answer.value, asked))
+        request.addErrback(self._failed)
         return waiter
 
     def _answered(self, result: PreparedQueryResult, asked: float) -> None:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import copy
 import gc
 import json
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import parse_qsl
 
 import pytest
 from treq.testing import StubTreq
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -554,3 +555,39 @@ def test_prepared_query_resolver_skips_instances_it_cannot_dial() -> None:
     client, _, clock = query_agent(body)
     resolver = PreparedQueryResolver(client, "db-connect", reactor=clock)
     assert result(resolver.resolve()) == ()
+
+
+class BrokenQueryClient:
+    """Raises at once, then answers with something unreadable, then properly."""
+
+    namespace = None
+    partition = None
+
+    def __init__(self, good: Any) -> None:
+        self.calls = 0
+        self.good = good
+
+    def execute_prepared_query(self, name: str, **kwargs: Any) -> Any:
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("the client broke")
+        if self.calls == 2:
+            return succeed(SimpleNamespace(value=object()))
+        return self.good.execute_prepared_query(name, **kwargs)
+
+
+def test_a_broken_prepared_query_fails_the_resolve_and_the_next_one_asks_again() -> (
+    None
+):
+    good, _, clock = query_agent()
+    client = BrokenQueryClient(good)
+    resolver = PreparedQueryResolver(client, "db-connect", reactor=clock)  # type: ignore[arg-type]
+    first = failure_of(resolver.resolve())
+    assert isinstance(first, ResolveError)
+    assert "'db-connect'" in str(first)
+    assert "the client broke" in str(first)
+    second = failure_of(resolver.resolve())
+    assert isinstance(second, ResolveError)
+    assert client.calls == 2
+    assert len(result(resolver.resolve())) > 0
+    assert client.calls == 3
