@@ -1,0 +1,969 @@
+"""
+The terminator benchmark: ``twistd connect-native`` side by side with nginx
+(stream module), haproxy and stunnel4, in one interleaved run.
+
+Every target gets the same Consul-issued certificates (from the development
+agent, ``python -m connect_native.devagent``, over TCP), requires client
+certificates, and forwards to the same plaintext backend.  The servers run on
+core 0 (``taskset``); the load generator, the backend and the agent on core 1.
+Only 127.0.0.1 is used, and every wait is bounded.
+
+Figures, each the median over the repetitions (the targets take turns within
+each repetition, in a rotating order):
+
+- ``cpu_us_per_conn``: CPU (user + system, from ``/proc/<pid>/stat``, summed
+  over the server's process tree) per new mutual-TLS connection: a full
+  handshake, the authorization, a backend connection, a 3-byte request and a
+  3-byte answer, the close;
+- ``conns_per_s``: those connections per second (bounded by the load
+  generator on one core: compare ``cpu_us_per_conn`` rather);
+- ``bulk1_mib_s`` / ``bulk8_mib_s``: download MiB/s (the server encrypts)
+  over 1 and over 8 connections, with ``cpu_s_per_gib`` (over 8);
+- ``rtt_p50_us`` / ``rtt_p99_us``: round trip of a 64-byte message on an
+  open connection, with ``cpu_us_per_req``.
+
+Run ``python benchmarks/bench.py --help``; ``benchmarks/README.md`` says
+more.
+"""
+
+# The harness runs fixed programs (apt-get, nginx, haproxy, stunnel4, twistd)
+# and reads the development agent's http:// API on 127.0.0.1.
+# ruff: noqa: S603, S607, S310
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import socket
+import socketserver
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+CONFIGS = HERE / "configs"
+SERVER_CORE = 0
+LOAD_CORE = 1
+STEP_BOUND = 120.0  # seconds any one wait may take
+WEB = "bench-web"
+CLIENT = "bench-client"
+REQUEST_SIZE = 64
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+PACKAGES = ("stunnel4", "nginx-light", "libnginx-mod-stream", "haproxy")
+NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# --- setup ---------------------------------------------------------------------
+
+
+def ensure_packages(install: bool) -> None:
+    """nginx, haproxy and stunnel4 from Debian, installed when missing."""
+    missing = [
+        name
+        for name, present in (
+            ("nginx", shutil.which("nginx", path="/usr/sbin:/usr/bin")),
+            ("haproxy", shutil.which("haproxy", path="/usr/sbin:/usr/bin")),
+            ("stunnel4", shutil.which("stunnel4", path="/usr/bin:/usr/sbin")),
+            ("stream module", os.path.exists(NGINX_STREAM_MODULE) or None),
+        )
+        if not present
+    ]
+    if not missing:
+        return
+    if not install:
+        raise SystemExit(
+            f"missing: {', '.join(missing)}; install the Debian packages "
+            f"{' '.join(PACKAGES)} (or drop --no-install)"
+        )
+    log(f"missing {', '.join(missing)}: apt-get install {' '.join(PACKAGES)}")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update", "-q"], check=True, env=env, timeout=600)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-q", *PACKAGES], check=True, env=env, timeout=900
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pinned(core: str, argv: Sequence[str]) -> list[str]:
+    return ["taskset", "-c", core, *argv]
+
+
+def package_path() -> str:
+    """
+    Where ``connect_native`` is imported from (installed, as under tox, or
+    else the source tree this script is in), for the subprocesses.
+    """
+    try:
+        import connect_native
+    except ImportError:
+        sys.path.insert(0, str(HERE.parent))
+        import connect_native
+
+    return str(Path(connect_native.__file__).resolve().parent.parent)
+
+
+def http(agent: str, method: str, path: str, body: object = None) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"http://{agent}{path}", data=data, method=method)
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        return json.load(answer)
+
+
+class Processes:
+    """Every process the harness starts, stopped at the end whatever happens."""
+
+    def __init__(self) -> None:
+        self.started: list[subprocess.Popen[bytes]] = []
+
+    def start(
+        self, argv: list[str], log_path: Path, **kw: Any
+    ) -> subprocess.Popen[bytes]:
+        out = open(log_path, "ab")
+        process = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **kw
+        )
+        out.close()
+        self.started.append(process)
+        return process
+
+    def stop_all(self) -> None:
+        for process in reversed(self.started):
+            if process.poll() is None:
+                process.terminate()
+        for process in reversed(self.started):
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+
+
+def start_agent(procs: Processes, work: Path) -> tuple[str, int]:
+    port = free_port()
+    process = procs.start(
+        pinned(
+            str(LOAD_CORE),
+            [
+                sys.executable,
+                "-m",
+                "connect_native.devagent",
+                "--port",
+                str(port),
+                "--quiet",
+            ],
+        ),
+        work / "devagent.log",
+        env=dict(os.environ, PYTHONPATH=package_path()),
+    )
+    agent = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + STEP_BOUND
+    while True:
+        try:
+            http(agent, "GET", "/v1/agent/connect/ca/roots")
+            return agent, process.pid
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise SystemExit(
+                    f"the development agent did not start; see {work}/devagent.log"
+                ) from None
+            time.sleep(0.1)
+
+
+def issue_certificates(agent: str, work: Path) -> dict[str, str]:
+    """The root, a leaf for the server and one for the client, as files."""
+    roots = http(agent, "GET", "/v1/agent/connect/ca/roots")
+    web = http(agent, "GET", f"/v1/agent/connect/ca/leaf/{WEB}")
+    client = http(agent, "GET", f"/v1/agent/connect/ca/leaf/{CLIENT}")
+    files = {
+        "ca": "".join(r["RootCert"] for r in roots["Roots"]),
+        "web_cert": web["CertPEM"],
+        "web_key": web["PrivateKeyPEM"],
+        "web_pem": web["CertPEM"] + web["PrivateKeyPEM"],
+        "client_cert": client["CertPEM"],
+        "client_key": client["PrivateKeyPEM"],
+    }
+    paths = {}
+    for name, text in files.items():
+        path = work / f"{name}.pem"
+        path.write_text(text)
+        path.chmod(0o600)
+        paths[name] = str(path)
+    # An explicit allow, so that the intentions authorizer decides by an
+    # intention rather than by the default.
+    http(
+        agent,
+        "POST",
+        "/v1/connect/intentions",
+        {"SourceName": CLIENT, "DestinationName": WEB, "Action": "allow"},
+    )
+    return paths
+
+
+# --- the backend ---------------------------------------------------------------
+
+
+class _BackendHandler(socketserver.BaseRequestHandler):
+    """
+    ``C\\n``: answers ``ok\\n`` and closes; ``D <n>\\n``: sends n bytes and
+    closes; ``E\\n``: echoes until the client closes.
+    """
+
+    BLOCK = memoryview(b"x" * (1 << 20))
+
+    def handle(self) -> None:
+        sock = self.request
+        sock.settimeout(STEP_BOUND)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            head = b""
+            while b"\n" not in head:
+                data = sock.recv(256)
+                if not data:
+                    return
+                head += data
+            line, _, rest = head.partition(b"\n")
+            if line == b"C":
+                sock.sendall(b"ok\n")
+            elif line.startswith(b"D "):
+                left = int(line[2:])
+                while left > 0:
+                    chunk = self.BLOCK[: min(left, len(self.BLOCK))]
+                    sock.sendall(chunk)
+                    left -= len(chunk)
+            elif line == b"E":
+                if rest:
+                    sock.sendall(rest)
+                while data := sock.recv(65536):
+                    sock.sendall(data)
+        except OSError:
+            pass  # a client that went away: nothing to report
+
+
+class _Backend(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 1024
+
+
+def _serve_backend(port: int) -> None:
+    os.sched_setaffinity(0, {LOAD_CORE})
+    _Backend(("127.0.0.1", port), _BackendHandler).serve_forever()
+
+
+# --- the targets ---------------------------------------------------------------
+
+
+class Target:
+    """One server under test."""
+
+    kind = ""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.core = str(SERVER_CORE)
+
+    def argv(self, work: Path, certs: dict[str, str], backend: int) -> list[str]:
+        raise NotImplementedError
+
+    def env(self) -> dict[str, str] | None:
+        return None
+
+    def start(
+        self, procs: Processes, work: Path, certs: dict[str, str], backend: int
+    ) -> None:
+        self.process = procs.start(
+            pinned(self.core, self.argv(work, certs, backend)),
+            work / f"{self.name}.log",
+            env=self.env(),
+        )
+
+    def pids(self) -> list[int]:
+        """The server's process and all its descendants."""
+        assert self.process is not None
+        found, todo = [], [self.process.pid]
+        while todo:
+            pid = todo.pop()
+            found.append(pid)
+            try:
+                tasks = Path(f"/proc/{pid}/task").iterdir()
+                for task in tasks:
+                    todo.extend(int(c) for c in (task / "children").read_text().split())
+            except OSError:
+                continue
+        return found
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / CLK_TCK
+
+
+def template(name: str, **values: str | int) -> str:
+    text = (CONFIGS / name).read_text()
+    for key, value in values.items():
+        text = text.replace("@" + key + "@", str(value))
+    return text
+
+
+class Nginx(Target):
+    kind = "nginx"
+
+    def argv(self, work: Path, certs: dict[str, str], backend: int) -> list[str]:
+        conf = work / "nginx.conf"
+        conf.write_text(
+            template(
+                "nginx.conf.in",
+                MODULE=NGINX_STREAM_MODULE,
+                PID=work / "nginx.pid",
+                ERROR_LOG=work / "nginx-error.log",
+                PORT=self.port,
+                BACKEND=backend,
+                CERT=certs["web_cert"],
+                KEY=certs["web_key"],
+                CA=certs["ca"],
+            )
+        )
+        return [
+            "nginx",
+            "-p",
+            str(work),
+            "-c",
+            str(conf),
+            "-e",
+            str(work / "nginx-error.log"),
+        ]
+
+
+class HAProxy(Target):
+    kind = "haproxy"
+
+    def argv(self, work: Path, certs: dict[str, str], backend: int) -> list[str]:
+        conf = work / "haproxy.cfg"
+        conf.write_text(
+            template(
+                "haproxy.cfg.in",
+                PORT=self.port,
+                BACKEND=backend,
+                PEM=certs["web_pem"],
+                CA=certs["ca"],
+            )
+        )
+        return ["haproxy", "-db", "-f", str(conf)]
+
+
+class Stunnel(Target):
+    kind = "stunnel4"
+
+    def argv(self, work: Path, certs: dict[str, str], backend: int) -> list[str]:
+        conf = work / "stunnel.conf"
+        conf.write_text(
+            template(
+                "stunnel.conf.in",
+                PORT=self.port,
+                BACKEND=backend,
+                CERT=certs["web_cert"],
+                KEY=certs["web_key"],
+                CA=certs["ca"],
+                LOG=work / "stunnel-connections.log",
+            )
+        )
+        return ["stunnel4", str(conf)]
+
+
+class ConnectNative(Target):
+    kind = "connect-native"
+
+    def __init__(
+        self,
+        name: str,
+        agent: str,
+        authorize: str,
+        cache: float | None = None,
+        workers: int = 1,
+    ) -> None:
+        super().__init__(name)
+        self.agent = agent
+        self.authorize = authorize
+        self.cache = cache
+        self.workers = workers
+        if workers > 1:
+            # Both cores: a second worker pinned beside the first shows nothing.
+            self.core = f"{SERVER_CORE},{LOAD_CORE}"
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ, PYTHONPATH=package_path())
+        for name in ("CONSUL_HTTP_ADDR", "CONSUL_HTTP_TOKEN", "CONSUL_HTTP_TOKEN_FILE"):
+            env.pop(name, None)
+        return env
+
+    def argv(self, work: Path, certs: dict[str, str], backend: int) -> list[str]:
+        argv = [
+            sys.executable,
+            "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "-n",
+            "--pidfile=",
+            f"--logfile={work / (self.name + '-twistd.log')}",
+            "connect-native",
+            "--service",
+            WEB,
+            "--listen",
+            f"tcp:{self.port}:interface=127.0.0.1:backlog=1024",
+            "--to",
+            f"tcp:127.0.0.1:{backend}",
+            "--consul",
+            f"http://{self.agent}",
+            "--no-register",
+            "--authorize",
+            self.authorize,
+            "--max-connections",
+            "4000",
+        ]
+        if self.cache is not None:
+            argv += ["--authorize-cache", repr(self.cache)]
+        if self.workers > 1:
+            argv += ["--workers", str(self.workers)]
+        return argv
+
+
+# --- the load ------------------------------------------------------------------
+
+
+def client_context(certs: dict[str, str], with_cert: bool = True) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False  # Connect checks the SPIFFE URI, not a name
+    context.load_verify_locations(certs["ca"])
+    if with_cert:
+        context.load_cert_chain(certs["client_cert"], certs["client_key"])
+    return context
+
+
+def connect(context: ssl.SSLContext, port: int) -> ssl.SSLSocket:
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return context.wrap_socket(raw)
+
+
+def read_exactly(tls: ssl.SSLSocket, size: int) -> bytes:
+    got = b""
+    while len(got) < size:
+        data = tls.recv(size - len(got))
+        if not data:
+            break
+        got += data
+    return got
+
+
+def one_request(context: ssl.SSLContext, port: int) -> bool:
+    with connect(context, port) as tls:
+        tls.sendall(b"C\n")
+        return read_exactly(tls, 3) == b"ok\n"
+
+
+def _conn_client(certs: dict[str, str], port: int, seconds: float) -> dict[str, Any]:
+    context = client_context(certs)
+    done = errors = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if one_request(context, port):
+                done += 1
+            else:
+                errors += 1
+        except (OSError, ssl.SSLError):
+            errors += 1
+    return {"done": done, "errors": errors}
+
+
+def _bulk_client(
+    certs: dict[str, str], port: int, size: int, seconds: float
+) -> dict[str, Any]:
+    context = client_context(certs)
+    buffer = bytearray(1 << 18)
+    got = 0
+    with connect(context, port) as tls:
+        started = time.perf_counter()
+        tls.sendall(f"D {size}\n".encode())
+        deadline = time.monotonic() + seconds
+        while got < size and time.monotonic() < deadline:
+            n = tls.recv_into(buffer)
+            if not n:
+                break
+            got += n
+        elapsed = time.perf_counter() - started
+    return {"bytes": got, "seconds": elapsed, "errors": int(got < size)}
+
+
+def _rtt_client(certs: dict[str, str], port: int, count: int) -> dict[str, Any]:
+    context = client_context(certs)
+    message = b"m" * REQUEST_SIZE
+    samples = []
+    with connect(context, port) as tls:
+        tls.sendall(b"E\n")
+        for i in range(count + 50):
+            started = time.perf_counter_ns()
+            tls.sendall(message)
+            if len(read_exactly(tls, REQUEST_SIZE)) != REQUEST_SIZE:
+                return {"samples": samples, "errors": 1}
+            if i >= 50:  # the first ones warm up
+                samples.append((time.perf_counter_ns() - started) / 1000)
+    return {"samples": samples, "errors": 0}
+
+
+def _client_main(
+    fn: Callable[..., dict[str, Any]], args: tuple[Any, ...], go: Any, results: Any
+) -> None:
+    os.sched_setaffinity(0, {LOAD_CORE})
+    go.wait(STEP_BOUND)
+    try:
+        results.put(fn(*args))
+    except Exception as e:  # reported, not raised: the harness goes on
+        results.put({"errors": 1, "exception": repr(e)})
+
+
+def run_clients(
+    target: Target, fn: Callable[..., dict[str, Any]], args: list[tuple[Any, ...]]
+) -> tuple[list[dict[str, Any]], float, float]:
+    """
+    Run ``fn(*a)`` for each ``a`` in its own process on the load core, all
+    released together; the results, the wall time and the server CPU seconds.
+    """
+    mp = multiprocessing.get_context("fork")
+    go = mp.Event()
+    results = mp.Queue()
+    clients = [mp.Process(target=_client_main, args=(fn, a, go, results)) for a in args]
+    for client in clients:
+        client.start()
+    time.sleep(0.2)  # the clients are ready and waiting on go
+    pids = target.pids()
+    before = cpu_seconds(pids)
+    started = time.perf_counter()
+    go.set()
+    collected = [results.get(timeout=STEP_BOUND) for _ in clients]
+    wall = time.perf_counter() - started
+    cpu = cpu_seconds(pids) - before
+    for client in clients:
+        client.join(10)
+        if client.is_alive():
+            client.kill()
+    return collected, wall, cpu
+
+
+# --- measuring -----------------------------------------------------------------
+
+
+class Plan:
+    def __init__(self, quick: bool, conn_clients: int) -> None:
+        self.conn_seconds = 1.0 if quick else 3.0
+        self.conn_clients = conn_clients
+        self.bulk1_bytes = (48 if quick else 512) << 20
+        self.bulk8_bytes = (8 if quick else 64) << 20  # each of 8
+        self.bulk_seconds = 10.0 if quick else 20.0
+        self.rtt_count = 400 if quick else 3000
+
+
+def measure(
+    target: Target, certs: dict[str, str], plan: Plan, agent_pid: int
+) -> dict[str, Any]:
+    figures: dict[str, Any] = {}
+    port = target.port
+
+    agent_before = cpu_seconds([agent_pid])
+    results, wall, cpu = run_clients(
+        target,
+        _conn_client,
+        [(certs, port, plan.conn_seconds)] * plan.conn_clients,
+    )
+    agent_cpu = cpu_seconds([agent_pid]) - agent_before
+    done = sum(r.get("done", 0) for r in results)
+    figures["conn_errors"] = sum(r.get("errors", 0) for r in results)
+    figures["conns"] = done
+    figures["conns_per_s"] = done / wall if done else None
+    figures["cpu_us_per_conn"] = cpu / done * 1e6 if done else None
+    figures["agent_cpu_us_per_conn"] = agent_cpu / done * 1e6 if done else None
+
+    for label, clients, size in (
+        ("bulk1", 1, plan.bulk1_bytes),
+        ("bulk8", 8, plan.bulk8_bytes),
+    ):
+        results, wall, cpu = run_clients(
+            target, _bulk_client, [(certs, port, size, plan.bulk_seconds)] * clients
+        )
+        moved = sum(r.get("bytes", 0) for r in results)
+        figures[f"{label}_errors"] = sum(r.get("errors", 0) for r in results)
+        figures[f"{label}_mib_s"] = moved / wall / (1 << 20) if moved else None
+        figures[f"{label}_cpu_s_per_gib"] = cpu / (moved / (1 << 30)) if moved else None
+
+    results, wall, cpu = run_clients(
+        target, _rtt_client, [(certs, port, plan.rtt_count)]
+    )
+    samples = sorted(results[0].get("samples", []))
+    figures["rtt_errors"] = results[0].get("errors", 0)
+    if samples:
+        figures["rtt_p50_us"] = samples[len(samples) // 2]
+        figures["rtt_p99_us"] = samples[min(len(samples) - 1, int(len(samples) * 0.99))]
+        figures["cpu_us_per_req"] = cpu / (len(samples) + 50) * 1e6
+    return figures
+
+
+def wait_ready(target: Target, certs: dict[str, str]) -> None:
+    context = client_context(certs)
+    deadline = time.monotonic() + STEP_BOUND
+    while True:
+        try:
+            if one_request(context, target.port):
+                return
+        except (OSError, ssl.SSLError):
+            pass
+        assert target.process is not None
+        if time.monotonic() > deadline or target.process.poll() is not None:
+            raise SystemExit(
+                f"{target.name} did not start; see its log in the work directory"
+            )
+        time.sleep(0.2)
+
+
+def check_target(target: Target, certs: dict[str, str]) -> dict[str, Any]:
+    """What was negotiated, and that a client without a certificate is refused."""
+    with connect(client_context(certs), target.port) as tls:
+        negotiated = {"version": tls.version(), "cipher": tls.cipher()[0]}
+    answered = b""
+    try:
+        with connect(client_context(certs, with_cert=False), target.port) as tls:
+            tls.sendall(b"C\n")
+            answered = read_exactly(tls, 3)
+    except (OSError, ssl.SSLError):
+        pass
+    negotiated["refuses_no_client_cert"] = answered != b"ok\n"
+    return negotiated
+
+
+FIGURES = (
+    ("cpu_us_per_conn", "CPU µs/conn", "{:.0f}"),
+    ("conns_per_s", "conns/s", "{:.0f}"),
+    ("bulk1_mib_s", "bulk x1 MiB/s", "{:.0f}"),
+    ("bulk8_mib_s", "bulk x8 MiB/s", "{:.0f}"),
+    ("bulk8_cpu_s_per_gib", "CPU s/GiB x8", "{:.2f}"),
+    ("rtt_p50_us", "RTT p50 µs", "{:.0f}"),
+    ("rtt_p99_us", "RTT p99 µs", "{:.0f}"),
+    ("cpu_us_per_req", "CPU µs/req", "{:.0f}"),
+    ("agent_cpu_us_per_conn", "agent CPU µs/conn", "{:.0f}"),
+)
+
+
+def medians(reps: list[dict[str, Any]]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for key, _, _ in FIGURES:
+        values = [r[key] for r in reps if r.get(key) is not None]
+        out[key] = statistics.median(values) if values else None
+    return out
+
+
+def table(
+    names: list[str], rows: dict[str, dict[str, float | None]], ratio: bool
+) -> str:
+    header = ["target", *(label for _, label, _ in FIGURES)]
+    lines = [header]
+    for name in names:
+        row = [name]
+        for key, _, form in FIGURES:
+            value = rows[name].get(key)
+            if ratio and key.startswith("agent_"):
+                value = None  # nginx's agent CPU is ~0: no ratio to speak of
+            row.append(
+                "-"
+                if value is None
+                else (f"{value:.2f}" if ratio else form.format(value))
+            )
+        lines.append(row)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(
+            cell.rjust(w) if i else cell.ljust(w)
+            for i, (cell, w) in enumerate(zip(line, widths, strict=True))
+        )
+        for line in lines
+    )
+
+
+def versions() -> dict[str, str]:
+    import cryptography
+    import OpenSSL
+
+    import twisted
+
+    def first_line(argv: list[str]) -> str:
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        except OSError:
+            return "not installed"
+        text = (done.stdout + done.stderr).strip().splitlines()
+        return text[0] if text else "?"
+
+    return {
+        "python": platform.python_version(),
+        "twisted": twisted.__version__,
+        "pyopenssl": OpenSSL.__version__,
+        "cryptography": cryptography.__version__,
+        "terminator_openssl": OpenSSL.SSL.OpenSSL_version(
+            OpenSSL.SSL.OPENSSL_VERSION
+        ).decode(),
+        "client_openssl": ssl.OPENSSL_VERSION,
+        "nginx": first_line(["nginx", "-v"]),
+        "haproxy": first_line(["haproxy", "-v"]),
+        "stunnel4": next(
+            (
+                line
+                for line in subprocess.run(
+                    ["stunnel4", "-version"], capture_output=True, text=True, timeout=10
+                ).stderr.splitlines()
+                if line.startswith("stunnel")
+            ),
+            "?",
+        )
+        if shutil.which("stunnel4")
+        else "not installed",
+    }
+
+
+def machine() -> dict[str, Any]:
+    model = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "loadavg": Path("/proc/loadavg").read_text().split()[:3],
+    }
+
+
+ALL_TARGETS = (
+    "nginx",
+    "haproxy",
+    "stunnel4",
+    "cn-agent",
+    "cn-agent-nocache",
+    "cn-intentions",
+    "cn-intentions-w2",
+)
+
+
+def make_targets(names: Sequence[str], agent: str) -> list[Target]:
+    made: dict[str, Callable[[], Target]] = {
+        "nginx": lambda: Nginx("nginx"),
+        "haproxy": lambda: HAProxy("haproxy"),
+        "stunnel4": lambda: Stunnel("stunnel4"),
+        "cn-agent": lambda: ConnectNative("cn-agent", agent, "agent"),
+        "cn-agent-nocache": lambda: ConnectNative(
+            "cn-agent-nocache", agent, "agent", cache=0
+        ),
+        "cn-intentions": lambda: ConnectNative("cn-intentions", agent, "intentions"),
+        "cn-intentions-w2": lambda: ConnectNative(
+            "cn-intentions-w2", agent, "intentions", workers=2
+        ),
+    }
+    return [made[name]() for name in names]
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python benchmarks/bench.py",
+        description=(
+            "twistd connect-native against nginx, haproxy and stunnel4 with the "
+            "same Consul certificates, on 127.0.0.1 (see benchmarks/README.md)"
+        ),
+    )
+    parser.add_argument(
+        "--reps", type=int, default=None, help="repetitions (default 5; --quick 2)"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="a short smoke run: small loads, 2 reps"
+    )
+    parser.add_argument(
+        "--targets",
+        default=",".join(ALL_TARGETS),
+        help=f"comma-separated, from {','.join(ALL_TARGETS)} (nginx is the reference)",
+    )
+    parser.add_argument(
+        "--conn-clients",
+        type=int,
+        default=4,
+        help="load processes for the connection test (4)",
+    )
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="the JSON file (default benchmarks/results/<time>.json)",
+    )
+    parser.add_argument("--no-install", action="store_true", help="never run apt-get")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the work directory (logs, configs)"
+    )
+    args = parser.parse_args(list(argv))
+    args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    unknown = sorted(set(args.targets) - set(ALL_TARGETS))
+    if unknown:
+        parser.error(
+            f"--targets: unknown {', '.join(unknown)}; "
+            f"choose from {', '.join(ALL_TARGETS)}"
+        )
+    if args.reps is None:
+        args.reps = 2 if args.quick else 5
+    if args.reps < 1:
+        parser.error("--reps must be >= 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if (os.cpu_count() or 1) < 2:
+        raise SystemExit("the harness needs 2 cores: the servers on 0, the load on 1")
+    needs_packages = any(t in ("nginx", "haproxy", "stunnel4") for t in args.targets)
+    if needs_packages:
+        ensure_packages(install=not args.no_install)
+    os.sched_setaffinity(0, {LOAD_CORE})
+    work = Path(tempfile.mkdtemp(prefix="cn-bench-"))
+    procs = Processes()
+    backend_process = None
+    started_at = time.time()
+    load_before = machine()["loadavg"]
+    try:
+        agent, agent_pid = start_agent(procs, work)
+        certs = issue_certificates(agent, work)
+        backend = free_port()
+        backend_process = multiprocessing.get_context("fork").Process(
+            target=_serve_backend, args=(backend,), daemon=True
+        )
+        backend_process.start()
+        targets = make_targets(args.targets, agent)
+        for target in targets:
+            target.start(procs, work, certs, backend)
+        checks = {}
+        time.sleep(2.0)  # let the terminators' first agent reads settle
+        for target in targets:
+            wait_ready(target, certs)
+            checks[target.name] = check_target(target, certs)
+            log(f"{target.name} ready: {checks[target.name]}")
+            if not checks[target.name]["refuses_no_client_cert"]:
+                raise SystemExit(
+                    f"{target.name} answered a client without a certificate"
+                )
+        plan = Plan(args.quick, args.conn_clients)
+        raw: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
+        for rep in range(args.reps):
+            # Rotate who goes first, so no target always follows the same one.
+            order = targets[rep % len(targets) :] + targets[: rep % len(targets)]
+            for target in order:
+                figures = measure(target, certs, plan, agent_pid)
+                raw[target.name].append(figures)
+                log(
+                    f"rep {rep + 1}/{args.reps} {target.name}: "
+                    + ", ".join(
+                        f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in figures.items()
+                    )
+                )
+    finally:
+        procs.stop_all()
+        if backend_process is not None:
+            backend_process.kill()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            log(f"work directory kept: {work}")
+
+    names = [t.name for t in targets]
+    summary = {name: medians(raw[name]) for name in names}
+    ratios: dict[str, dict[str, float | None]] = {}
+    if "nginx" in summary:
+        reference = summary["nginx"]
+        for name in names:
+            ratios[name] = {
+                key: (
+                    summary[name][key] / reference[key]
+                    if summary[name].get(key) is not None and reference.get(key)
+                    else None
+                )
+                for key, _, _ in FIGURES
+            }
+    errors = {
+        name: sum(
+            v for rep in raw[name] for k, v in rep.items() if k.endswith("errors")
+        )
+        for name in names
+    }
+    result = {
+        "command": " ".join(
+            [os.path.relpath(sys.argv[0]), *(sys.argv[1:] if argv is None else argv)]
+        ),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_at)),
+        "seconds": round(time.time() - started_at, 1),
+        "reps": args.reps,
+        "quick": args.quick,
+        "plan": vars(plan),
+        "machine": {**machine(), "loadavg_before": load_before},
+        "versions": versions(),
+        "checks": checks,
+        "errors": errors,
+        "medians": summary,
+        "ratios_to_nginx": ratios,
+        "raw": raw,
+    }
+    output = (
+        Path(args.output)
+        if args.output
+        else HERE
+        / "results"
+        / time.strftime("%Y%m%dT%H%M%SZ.json", time.gmtime(started_at))
+    )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+
+    print(
+        f"\nmedians of {args.reps} interleaved reps ({result['seconds']} s; load "
+        f"average before {' '.join(load_before)}, "
+        f"after {' '.join(result['machine']['loadavg'])})"
+    )
+    print(table(names, summary, ratio=False))
+    if ratios:
+        print("\nratios to nginx (median / nginx's median)")
+        print(table(names, ratios, ratio=True))
+    print(f"\nerrors per target: {errors}")
+    print(f"JSON: {output}")
+    return 0 if not any(errors.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
