@@ -22,7 +22,9 @@ Two phases, each against a fresh terminator so one cannot hide the other
    leave them idle; sample the terminator's resident set (``VmRSS`` in
    ``/proc/<pid>/status``) and open descriptors at each checkpoint and after
    an idle hold; make one more round trip on every connection (none was
-   dropped), close them all and check the descriptors are released.
+   dropped), close them all and check the descriptors are released; then
+   open as many again and check the resident set did not grow past its
+   first peak (the memory of closed connections is reused, not leaked).
 
 ``cycles``
    Repeatedly open a batch of connections, make a round trip on each, close
@@ -501,6 +503,18 @@ async def idle_phase(
     await terminator.released(idle_fds + FD_SLACK)
     await asyncio.sleep(1.0)
     report.add(terminator.sample("idle", "all closed", 0, t0))
+    # The memory is not given back to the system when they close; opening as
+    # many again shows whether it is reused (or was leaked).
+    connections = await clients.open_many(settings.connections)
+    await asyncio.sleep(1.0)
+    report.add(
+        terminator.sample(
+            "idle", f"{settings.connections} again", settings.connections, t0
+        )
+    )
+    await clients.close_all(connections)
+    await terminator.released(idle_fds + FD_SLACK)
+    report.add(terminator.sample("idle", "closed again", 0, t0))
 
 
 async def cycles_phase(
@@ -547,6 +561,8 @@ class Report:
         full = samples.get(f"{s.connections} idle")
         if baseline is None or first is None or full is None:
             return {}
+        closed = samples.get("all closed")
+        again = samples.get(f"{s.connections} again")
         return {
             "bytes_per_connection": (full.rss_bytes - baseline.rss_bytes)
             / s.connections,
@@ -555,6 +571,8 @@ class Report:
             "marginal_bytes_per_connection": (full.rss_bytes - first.rss_bytes)
             / (s.connections - s.checkpoints[0]),
             "fds_per_connection": (full.fds - baseline.fds) / s.connections,
+            "rss_closed_bytes": closed.rss_bytes if closed else None,
+            "reopen_growth_bytes": again.rss_bytes - full.rss_bytes if again else None,
         }
 
     def cycle_figures(self) -> dict[str, Any]:
@@ -586,6 +604,15 @@ class Report:
                 self.failures.append(
                     f"only {self.idle_answered} of {s.connections} idle "
                     "connections answered after the idle hold"
+                )
+            growth = idle["reopen_growth_bytes"]
+            if growth is None:
+                self.failures.append("the idle phase did not open its second round")
+            elif growth > s.max_growth_mib * MIB:
+                self.failures.append(
+                    f"opening {s.connections} connections again after closing "
+                    f"them grew RSS by {growth / MIB:.1f} MiB, over the bound of "
+                    f"{s.max_growth_mib:g} MiB"
                 )
             per = idle["marginal_bytes_per_connection"]
             if per > s.max_idle_kib * 1024:
@@ -644,6 +671,12 @@ class Report:
                 f"{self.settings.checkpoints[0]}, "
                 f"{idle['fds_per_connection']:.2f} fds"
             )
+            if idle["reopen_growth_bytes"] is not None:
+                print(
+                    f"  {self.settings.connections} again after closing: RSS "
+                    f"{idle['reopen_growth_bytes'] / MIB:+.1f} MiB "
+                    f"(bound {self.settings.max_growth_mib:g} MiB)"
+                )
         if cycles:
             print(
                 f"  cycles: {cycles['connections']} connections, RSS after "
