@@ -349,6 +349,16 @@ class CertificateFactory:
         return "".join(self._authority.intermediates)
 
     @property
+    def signing_key_pem(self) -> str:
+        """
+        The private key that signs this factory's leaves, in PEM: with
+        :attr:`root_pem` it makes a real Consul agent's CA this factory's
+        (``PUT /v1/connect/ca/configuration`` with ``PrivateKey`` and
+        ``RootCert``) for a factory whose root signs directly.
+        """
+        return _certbuild.private_key_pem(self._authority.signer_key)
+
+    @property
     def ca_uri(self) -> str:
         """
         The CA's own SPIFFE ID, ``spiffe://<trust domain>``.
