@@ -15,8 +15,21 @@ version = ".".join(__version__.split(".")[:2])
 
 extensions = [
     "sphinx.ext.autodoc",
+    "sphinx.ext.extlinks",
     "sphinx.ext.viewcode",
 ]
+
+# No intersphinx to Twisted, treq and Klein: it would fetch each project's
+# objects.inv at build time, and the docs must build offline (CI and this
+# project's machines reach only package registries), with -W.  Stored copies
+# of the inventories would go stale silently.  Plain links instead, e.g.
+# :twisted-api:`twisted.internet.endpoints` or :treq:`api.html`.
+extlinks = {
+    "twisted-api": ("https://docs.twisted.org/en/stable/api/%s.html", "%s"),
+    "twisted": ("https://docs.twisted.org/en/stable/%s", None),
+    "treq": ("https://treq.readthedocs.io/en/stable/%s", None),
+    "klein": ("https://klein.readthedocs.io/en/latest/%s", None),
+}
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
 nitpicky = False
