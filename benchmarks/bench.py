@@ -38,6 +38,7 @@ import multiprocessing
 import os
 import platform
 import shutil
+import signal
 import socket
 import socketserver
 import ssl
@@ -550,12 +551,57 @@ def _client_main(
         results.put({"errors": 1, "exception": repr(e)})
 
 
+def start_profiler(target: Target, output: Path) -> subprocess.Popen[bytes]:
+    """
+    py-spy sampling the target's processes (native frames too, which needs
+    it to pause the process for each sample), on core 1.
+    """
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    assert target.process is not None
+    process = subprocess.Popen(
+        pinned(
+            str(LOAD_CORE),
+            [
+                spy,
+                "record",
+                "--pid",
+                str(target.process.pid),
+                "--subprocesses",
+                "--native",
+                "--rate",
+                "250",
+                "--format",
+                "raw",
+                "--output",
+                str(output),
+            ],
+        ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(1.0)  # attached before the load starts
+    return process
+
+
+def stop_profiler(process: subprocess.Popen[bytes]) -> None:
+    process.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+    try:
+        process.wait(60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(5)
+
+
 def run_clients(
-    target: Target, fn: Callable[..., dict[str, Any]], args: list[tuple[Any, ...]]
+    target: Target,
+    fn: Callable[..., dict[str, Any]],
+    args: list[tuple[Any, ...]],
+    profile: Path | None = None,
 ) -> tuple[list[dict[str, Any]], float, float]:
     """
     Run ``fn(*a)`` for each ``a`` in its own process on the load core, all
     released together; the results, the wall time and the server CPU seconds.
+    With ``profile``, py-spy samples the server meanwhile into that file.
     """
     mp = multiprocessing.get_context("fork")
     go = mp.Event()
@@ -564,6 +610,7 @@ def run_clients(
     for client in clients:
         client.start()
     time.sleep(0.2)  # the clients are ready and waiting on go
+    profiler = start_profiler(target, profile) if profile is not None else None
     pids = target.pids()
     before = cpu_seconds(pids)
     started = time.perf_counter()
@@ -571,6 +618,8 @@ def run_clients(
     collected = [results.get(timeout=STEP_BOUND) for _ in clients]
     wall = time.perf_counter() - started
     cpu = cpu_seconds(pids) - before
+    if profiler is not None:
+        stop_profiler(profiler)
     for client in clients:
         client.join(10)
         if client.is_alive():
@@ -582,7 +631,10 @@ def run_clients(
 
 
 class Plan:
-    def __init__(self, quick: bool, conn_clients: int) -> None:
+    def __init__(
+        self, quick: bool, conn_clients: int, profile: Path | None = None
+    ) -> None:
+        self.profile = profile
         self.conn_seconds = 1.0 if quick else 3.0
         self.conn_clients = conn_clients
         self.bulk1_bytes = (48 if quick else 512) << 20
@@ -597,11 +649,17 @@ def measure(
     figures: dict[str, Any] = {}
     port = target.port
 
+    def profile(phase: str) -> Path | None:
+        if plan.profile is None or not isinstance(target, ConnectNative):
+            return None
+        return plan.profile / f"{target.name}-{phase}.txt"
+
     agent_before = cpu_seconds([agent_pid])
     results, wall, cpu = run_clients(
         target,
         _conn_client,
         [(certs, port, plan.conn_seconds)] * plan.conn_clients,
+        profile("conn"),
     )
     agent_cpu = cpu_seconds([agent_pid]) - agent_before
     done = sum(r.get("done", 0) for r in results)
@@ -616,7 +674,10 @@ def measure(
         ("bulk8", 8, plan.bulk8_bytes),
     ):
         results, wall, cpu = run_clients(
-            target, _bulk_client, [(certs, port, size, plan.bulk_seconds)] * clients
+            target,
+            _bulk_client,
+            [(certs, port, size, plan.bulk_seconds)] * clients,
+            profile(label),
         )
         moved = sum(r.get("bytes", 0) for r in results)
         figures[f"{label}_errors"] = sum(r.get("errors", 0) for r in results)
@@ -624,7 +685,7 @@ def measure(
         figures[f"{label}_cpu_s_per_gib"] = cpu / (moved / (1 << 30)) if moved else None
 
     results, wall, cpu = run_clients(
-        target, _rtt_client, [(certs, port, plan.rtt_count)]
+        target, _rtt_client, [(certs, port, plan.rtt_count)], profile("rtt")
     )
     samples = sorted(results[0].get("samples", []))
     figures["rtt_errors"] = results[0].get("errors", 0)
@@ -829,6 +890,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("--no-install", action="store_true", help="never run apt-get")
     parser.add_argument(
+        "--profile",
+        default=None,
+        metavar="DIR",
+        help="sample each connect-native target with py-spy (native frames, "
+        "250 Hz) in each phase into DIR/<target>-<phase>.txt (the last rep "
+        "wins); the sampling perturbs the figures, so profile in a run of its own",
+    )
+    parser.add_argument(
         "--keep", action="store_true", help="keep the work directory (logs, configs)"
     )
     args = parser.parse_args(list(argv))
@@ -880,7 +949,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise SystemExit(
                     f"{target.name} answered a client without a certificate"
                 )
-        plan = Plan(args.quick, args.conn_clients)
+        profile_dir = Path(args.profile).resolve() if args.profile else None
+        if profile_dir is not None:
+            profile_dir.mkdir(parents=True, exist_ok=True)
+        plan = Plan(args.quick, args.conn_clients, profile_dir)
         raw: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
         for rep in range(args.reps):
             # Rotate who goes first, so no target always follows the same one.
@@ -932,7 +1004,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "seconds": round(time.time() - started_at, 1),
         "reps": args.reps,
         "quick": args.quick,
-        "plan": vars(plan),
+        "profiled": args.profile is not None,
+        "plan": {
+            k: str(v) if isinstance(v, Path) else v for k, v in vars(plan).items()
+        },
         "machine": {**machine(), "loadavg_before": load_before},
         "versions": versions(),
         "checks": checks,
