@@ -1,0 +1,545 @@
+"""
+Bad input against ``twistd connect-native`` over real sockets, in front of a
+real Consul 1.8.7 agent whose CA is ours: the agent of this module is rotated
+(``PUT /v1/connect/ca/configuration``) to the root of a
+:class:`~connect_native.testing.CertificateFactory`, so the good client
+certificate and the ones that chain but are wrong in one way are signed by a
+root the terminator trusts.
+
+- the client-certificate matrix: no certificate, self-signed, another CA,
+  expired, not yet valid, no URI SAN, two URIs, an agent's URI, an unknown
+  trust domain: each refused in the handshake, nothing reaches the backend,
+  and the terminator's log says why, naming the certificate;
+- TLS 1.0 and 1.1 offered by a client that offers nothing else; a
+  renegotiation; a session replayed by a client without the certificate;
+  garbage instead of a ClientHello: refused, and the process keeps serving;
+- a handshake that never finishes frees its slot after
+  ``--handshake-timeout 1``; a flood past ``--max-connections`` is refused
+  at once (logged) while the process keeps serving within its limit.
+
+The clients are blocking ``ssl``/pyOpenSSL sockets run in threads, every
+wait bounded; the backend (an echo server) runs on the test's reactor.
+"""
+
+from __future__ import annotations
+
+import json
+import select
+import socket
+import ssl
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from OpenSSL import SSL
+from twisted.internet import reactor
+from twisted.internet.protocol import Factory
+from twisted.internet.threads import deferToThread
+
+from connect_native.testing import CertificateFactory, TestLeaf
+from tests.consul_agent import RealConsulAgent, free_ports
+from tests.test_terminator_real import Backend, Process, log_line
+
+pytestmark = pytest.mark.real_consul
+
+clock: Any = reactor
+MESSAGE = b"let me in"
+MAX_CONNECTIONS = 3
+
+
+class Terminator:
+    """A ``twistd connect-native`` process for ``web`` and its echo backend."""
+
+    def __init__(
+        self, agent: RealConsulAgent, work: Path, service: str, *options: str
+    ) -> None:
+        self.service = service
+        self.received: list[Backend] = []
+        self.backend: Any = clock.listenTCP(
+            0,
+            Factory.forProtocol(lambda: Backend(self.received)),
+            interface="127.0.0.1",
+        )
+        [self.port] = free_ports(1)
+        self.process = Process(
+            [
+                "connect-native",
+                "--service",
+                service,
+                "--listen",
+                f"tcp:{self.port}:interface=127.0.0.1",
+                "--to",
+                f"tcp:127.0.0.1:{self.backend.getHost().port}",
+                "--consul",
+                f"http://{agent.http_address}",
+                "--no-register",
+                "--handshake-timeout",
+                "1",
+                *options,
+            ],
+            work,
+        )
+
+    def bytes_received(self) -> int:
+        return sum(backend.count for backend in self.received)
+
+    def stop(self) -> None:
+        self.process.stop()
+        self.backend.stopListening()
+
+
+class World:
+    def __init__(self, factory: CertificateFactory, web: Terminator, small: Terminator):
+        self.ca = factory
+        self.web = web
+        self.small = small
+
+
+@pytest.fixture(scope="module")
+def world(
+    consul_binary_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[World]:
+    agent = RealConsulAgent(consul_binary_path)
+    agent.start()
+    terminators: list[Terminator] = []
+    try:
+        status, body = agent.request("GET", "/v1/agent/connect/ca/roots")
+        assert status == 200
+        trust_domain = json.loads(body)["TrustDomain"]
+        factory = CertificateFactory(trust_domain)
+        status, body = agent.request(
+            "PUT",
+            "/v1/connect/ca/configuration",
+            {
+                "Provider": "consul",
+                "Config": {
+                    "LeafCertTTL": "72h",
+                    "PrivateKey": factory.signing_key_pem,
+                    "RootCert": factory.root_pem,
+                },
+            },
+        )
+        assert status == 200, body
+        prefix = f"bad-{uuid.uuid4().hex[:6]}"
+        work = tmp_path_factory.mktemp("bad-input")
+        web = Terminator(agent, work, f"{prefix}-web")
+        terminators.append(web)
+        small = Terminator(
+            agent,
+            work,
+            f"{prefix}-small",
+            "--max-connections",
+            str(MAX_CONNECTIONS),
+        )
+        terminators.append(small)
+        for each in terminators:
+            each.process.wait_for_line("accepting Connect", 60)
+        yield World(factory, web, small)
+    finally:
+        for each in terminators:
+            each.stop()
+        agent.stop()
+
+
+# --- clients (in threads) ------------------------------------------------------
+
+
+def write_leaf(leaf: TestLeaf, directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "cert.pem").write_text(leaf.chain_pem)
+    (directory / "key.pem").write_text(leaf.key_pem)
+    return directory
+
+
+def stdlib_call(
+    port: int,
+    leaf_dir: Path | None,
+    *,
+    version: ssl.TLSVersion | None = None,
+    ports: list[int] | None = None,
+) -> bytes:
+    """
+    A stdlib TLS client presenting the certificate in ``leaf_dir`` (or none);
+    what came back for MESSAGE, b"" when the connection was refused.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    if version is not None:
+        context.minimum_version = version
+        context.maximum_version = version
+        context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    if leaf_dir is not None:
+        context.load_cert_chain(leaf_dir / "cert.pem", leaf_dir / "key.pem")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        if ports is not None:
+            ports.append(raw.getsockname()[1])
+        try:
+            with context.wrap_socket(raw) as tls:
+                tls.sendall(MESSAGE)
+                return tls.recv(1024)
+        except (ssl.SSLError, ConnectionError, TimeoutError):
+            return b""
+
+
+def tls_context(max_version: int) -> SSL.Context:
+    context = SSL.Context(SSL.TLS_METHOD)
+    context.set_max_proto_version(max_version)
+    return context
+
+
+def pyopenssl_client(
+    port: int, leaf: TestLeaf, context: SSL.Context, session: Any = None
+) -> tuple[SSL.Connection, socket.socket]:
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    raw.setblocking(False)  # waits are bounded by patiently()
+    connection = SSL.Connection(context, raw)
+    connection.use_certificate(leaf.certificate)
+    connection.use_privatekey(leaf.private_key)  # type: ignore[arg-type]
+    connection.set_connect_state()
+    if session is not None:
+        connection.set_session(session)
+    return connection, raw
+
+
+def patiently(call: Callable[[], Any], raw: socket.socket, seconds: float = 10) -> Any:
+    """Run a pyOpenSSL call on a non-blocking socket, waiting at most ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return call()
+        except SSL.WantReadError:
+            readable, writable = [raw], []
+        except SSL.WantWriteError:
+            readable, writable = [], [raw]
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("the terminator did not answer")
+        select.select(readable, writable, [], remaining)
+
+
+def round_trip(connection: SSL.Connection, raw: socket.socket) -> bytes:
+    patiently(lambda: connection.sendall(MESSAGE), raw)
+    try:
+        answer: bytes = patiently(lambda: connection.recv(1024), raw)
+    except SSL.ZeroReturnError:
+        return b""
+    return answer
+
+
+def renegotiate(port: int, leaf: TestLeaf) -> tuple[bytes, str]:
+    """Echo once over TLS 1.2, then ask to renegotiate: (echo, what happened)."""
+    connection, raw = pyopenssl_client(port, leaf, tls_context(SSL.TLS1_2_VERSION))
+    with raw:
+        patiently(connection.do_handshake, raw)
+        echoed = round_trip(connection, raw)
+        try:
+            connection.renegotiate()
+            patiently(connection.do_handshake, raw)
+            outcome = repr(round_trip(connection, raw))
+        except (SSL.Error, OSError) as e:
+            outcome = f"error: {e!r}"
+        return echoed, outcome
+
+
+def replay_session(
+    port: int, leaf: TestLeaf, impostor: TestLeaf, max_version: int
+) -> tuple[bytes, bytes]:
+    """
+    A good client's session, offered again by a client holding only a
+    certificate that does not verify: (first echo, second answer).  A
+    resumed session would skip the certificate check and be answered.
+    """
+    context = tls_context(max_version)
+    first, raw = pyopenssl_client(port, leaf, context)
+    with raw:
+        patiently(first.do_handshake, raw)
+        echoed = round_trip(first, raw)
+        session = first.get_session()
+    second, raw = pyopenssl_client(port, impostor, context, session=session)
+    with raw:
+        try:
+            patiently(second.do_handshake, raw)
+            answer = round_trip(second, raw)
+        except (SSL.Error, OSError):
+            answer = b""
+        return echoed, answer
+
+
+def send_garbage(port: int, data: bytes, ports: list[int] | None = None) -> bytes:
+    """Send ``data`` as the first bytes and read until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        if ports is not None:
+            ports.append(raw.getsockname()[1])
+        raw.sendall(data)
+        answer = b""
+        try:
+            while chunk := raw.recv(4096):
+                answer += chunk
+        except (ConnectionError, TimeoutError):
+            pass
+        return answer
+
+
+def closed_within(raw: socket.socket, seconds: float) -> bool:
+    """Whether the server closes ``raw`` (sending nothing) within ``seconds``."""
+    raw.settimeout(seconds)
+    try:
+        return raw.recv(1) == b""
+    except ConnectionError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def in_thread(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return deferToThread(function, *args, **kwargs).addTimeout(30, clock)
+
+
+# --- the certificate matrix --------------------------------------------------------
+
+
+def name() -> str:
+    return f"api{uuid.uuid4().hex[:8]}"
+
+
+MATRIX: dict[str, Callable[[CertificateFactory, str], TestLeaf]] = {
+    "self-signed": lambda ca, n: ca.self_signed(n),
+    "another CA": lambda ca, n: ca.another_ca().leaf(n),
+    "expired": lambda ca, n: ca.expired_leaf(n),
+    "not yet valid": lambda ca, n: ca.not_yet_valid_leaf(n),
+    "no URI SAN": lambda ca, n: ca.leaf(n, uris=[]),
+    "two URIs": lambda ca, n: ca.leaf(
+        n, uris=[ca.service_uri(n), ca.service_uri(n + "x")]
+    ),
+    "an agent's URI": lambda ca, n: ca.agent_leaf(n),
+    "unknown trust domain": lambda ca, n: ca.leaf(
+        n, trust_domain="11111111-2222-3333-4444-555555555555.consul"
+    ),
+}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_good_certificate_from_the_agents_ca_is_served(
+    world: World, tmp_path: Path
+) -> None:
+    leaf = world.ca.leaf(name())
+    before = world.web.bytes_received()
+    answer = await in_thread(
+        stdlib_call, world.web.port, write_leaf(leaf, tmp_path / "good")
+    )
+    assert answer == MESSAGE
+    assert world.web.bytes_received() == before + len(MESSAGE)
+    await log_line(world.web.process, "allowed", leaf.uri or "?")
+
+
+@pytest.mark.parametrize("case", sorted(MATRIX))
+@pytest_twisted.ensureDeferred
+async def test_a_bad_client_certificate_is_refused_by_the_terminator(
+    world: World, tmp_path: Path, case: str
+) -> None:
+    leaf = MATRIX[case](world.ca, name())
+    before = world.web.bytes_received()
+    answer = await in_thread(
+        stdlib_call, world.web.port, write_leaf(leaf, tmp_path / "bad")
+    )
+    assert answer == b""
+    assert world.web.bytes_received() == before
+    line = await log_line(
+        world.web.process,
+        "refused the peer's certificate",
+        f"serial {leaf.certificate.serial_number:#x}",
+    )
+    reason = line.rsplit("):", 1)[-1].strip()
+    assert reason, line
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_without_a_certificate_is_refused(world: World) -> None:
+    before = world.web.bytes_received()
+    assert await in_thread(stdlib_call, world.web.port, None) == b""
+    assert world.web.bytes_received() == before
+
+
+def old_tls(port: int, leaf_dir: Path, ports: list[int]) -> bytes:
+    return stdlib_call(port, leaf_dir, version=ssl.TLSVersion.TLSv1, ports=ports)
+
+
+HANDSHAKE_FAILURES: dict[str, Callable[[int, Path, list[int]], bytes]] = {
+    "no certificate": lambda port, _, ports: stdlib_call(port, None, ports=ports),
+    "TLS 1.0 only": old_tls,
+    "garbage": lambda port, _, ports: send_garbage(
+        port, b"GET / HTTP/1.0\r\n\r\n", ports
+    ),
+}
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")
+@pytest.mark.parametrize("case", sorted(HANDSHAKE_FAILURES))
+@pytest_twisted.ensureDeferred
+async def test_a_failed_handshake_is_logged_with_the_clients_address(
+    world: World, tmp_path: Path, case: str
+) -> None:
+    ports: list[int] = []
+    leaf_dir = write_leaf(world.ca.leaf(name()), tmp_path / "leaf")
+    answer = await in_thread(HANDSHAKE_FAILURES[case], world.web.port, leaf_dir, ports)
+    assert MESSAGE not in answer
+    [port] = ports
+    await log_line(world.web.process, f"port={port})", "handshake", seconds=2)
+
+
+# --- protocol abuse --------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")
+@pytest.mark.parametrize(
+    "version", [ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1], ids=["1.0", "1.1"]
+)
+@pytest_twisted.ensureDeferred
+async def test_a_client_offering_only_old_tls_is_refused(
+    world: World, tmp_path: Path, version: ssl.TLSVersion
+) -> None:
+    leaf = world.ca.leaf(name())
+    before = world.web.bytes_received()
+    answer = await in_thread(
+        stdlib_call, world.web.port, write_leaf(leaf, tmp_path / "old"), version=version
+    )
+    assert answer == b""
+    assert world.web.bytes_received() == before
+    assert (
+        await in_thread(stdlib_call, world.web.port, write_leaf(leaf, tmp_path / "new"))
+        == MESSAGE
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_renegotiation_is_refused_and_the_connection_is_not_renegotiated(
+    world: World,
+) -> None:
+    leaf = world.ca.leaf(name())
+    echoed, outcome = await in_thread(renegotiate, world.web.port, leaf)
+    assert echoed == MESSAGE
+    # The terminator answers the request with a no_renegotiation alert.
+    assert "no renegotiation" in outcome
+
+
+@pytest.mark.parametrize(
+    "max_version", [SSL.TLS1_2_VERSION, SSL.TLS1_3_VERSION], ids=["1.2", "1.3"]
+)
+@pytest_twisted.ensureDeferred
+async def test_a_replayed_session_without_the_certificate_is_refused(
+    world: World, max_version: int
+) -> None:
+    leaf = world.ca.leaf(name())
+    impostor = world.ca.self_signed(name())
+    before = world.web.bytes_received()
+    echoed, answer = await in_thread(
+        replay_session, world.web.port, leaf, impostor, max_version
+    )
+    assert echoed == MESSAGE
+    assert answer == b""
+    assert world.web.bytes_received() == before + len(MESSAGE)
+    # A full handshake checked the impostor's certificate.
+    await log_line(
+        world.web.process,
+        "refused the peer's certificate",
+        f"serial {impostor.certificate.serial_number:#x}",
+    )
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"GET / HTTP/1.1\r\nHost: web\r\n\r\n",
+        b"\x16\x03\x01\xff\xff" + b"\x00" * 64,
+        bytes(range(256)) * 8,
+    ],
+    ids=["http", "bad-record", "noise"],
+)
+@pytest_twisted.ensureDeferred
+async def test_garbage_instead_of_a_client_hello_is_refused(
+    world: World, tmp_path: Path, garbage: bytes
+) -> None:
+    before = world.web.bytes_received()
+    answer = await in_thread(send_garbage, world.web.port, garbage)
+    assert MESSAGE not in answer
+    assert world.web.bytes_received() == before
+    leaf = world.ca.leaf(name())
+    assert (
+        await in_thread(
+            stdlib_call, world.web.port, write_leaf(leaf, tmp_path / "after")
+        )
+        == MESSAGE
+    )
+
+
+# --- slots ---------------------------------------------------------------------
+
+
+def hold_open(port: int, count: int) -> list[socket.socket]:
+    return [
+        socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(count)
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_handshake_that_never_finishes_is_closed_and_frees_its_slot(
+    world: World, tmp_path: Path
+) -> None:
+    small = world.small
+    started = time.monotonic()
+    idle = await in_thread(hold_open, small.port, MAX_CONNECTIONS)
+    try:
+        # Every slot is taken by a client that never sends a ClientHello.
+        closed = await in_thread(lambda: [closed_within(s, 5.0) for s in idle])
+        assert closed == [True] * MAX_CONNECTIONS
+        assert time.monotonic() - started < 5.0
+        await log_line(small.process, "handshake did not complete within 1s")
+        leaf = world.ca.leaf(name())
+        assert (
+            await in_thread(
+                stdlib_call, small.port, write_leaf(leaf, tmp_path / "after")
+            )
+            == MESSAGE
+        )
+    finally:
+        for s in idle:
+            s.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_flood_past_max_connections_is_refused_and_serving_goes_on(
+    world: World, tmp_path: Path
+) -> None:
+    small = world.small
+    leaf_dir = write_leaf(world.ca.leaf(name()), tmp_path / "good")
+    idle = await in_thread(hold_open, small.port, MAX_CONNECTIONS)
+    try:
+        await log_line(small.process, "accepting", seconds=1)
+        flood = await in_thread(hold_open, small.port, 20)
+        try:
+            refused = await in_thread(lambda: [closed_within(s, 0.9) for s in flood])
+        finally:
+            for s in flood:
+                s.close()
+        assert all(refused)
+        await log_line(small.process, "refused a connection", "(--max-connections)")
+    finally:
+        for s in idle:
+            s.close()
+
+    # The idle ones went away: the limit serves again.
+    async def served() -> bytes:
+        answer: bytes = await in_thread(stdlib_call, small.port, leaf_dir)
+        return answer
+
+    deadline = time.monotonic() + 10
+    answer = await served()
+    while answer != MESSAGE and time.monotonic() < deadline:
+        answer = await served()
+    assert answer == MESSAGE
+    assert small.process.process.poll() is None
