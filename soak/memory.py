@@ -88,11 +88,13 @@ class Settings:
     cycle_size: int = 500
     warmup_cycles: int = 5
     concurrency: int = 32
-    idle_seconds: float = 10.0
+    idle_seconds: float = 5.0
+    rounds: int = 2
     authorize: str = "intentions"
     # Pass/fail bounds, deliberately generous (see docs/reliability.rst).
     max_idle_kib: float = 256.0
     max_growth_mib: float = 16.0
+    max_reopen_fraction: float = 0.25
     budget_seconds: float = 300.0
     json_path: Path = field(default=Path("soak-memory.json"))
 
@@ -505,16 +507,15 @@ async def idle_phase(
     report.add(terminator.sample("idle", "all closed", 0, t0))
     # The memory is not given back to the system when they close; opening as
     # many again shows whether it is reused (or was leaked).
-    connections = await clients.open_many(settings.connections)
-    await asyncio.sleep(1.0)
-    report.add(
-        terminator.sample(
-            "idle", f"{settings.connections} again", settings.connections, t0
+    for round_ in range(2, settings.rounds + 1):
+        connections = await clients.open_many(settings.connections)
+        await asyncio.sleep(1.0)
+        report.add(
+            terminator.sample("idle", f"round {round_} open", settings.connections, t0)
         )
-    )
-    await clients.close_all(connections)
-    await terminator.released(idle_fds + FD_SLACK)
-    report.add(terminator.sample("idle", "closed again", 0, t0))
+        await clients.close_all(connections)
+        await terminator.released(idle_fds + FD_SLACK)
+        report.add(terminator.sample("idle", f"round {round_} closed", 0, t0))
 
 
 async def cycles_phase(
@@ -562,7 +563,12 @@ class Report:
         if baseline is None or first is None or full is None:
             return {}
         closed = samples.get("all closed")
-        again = samples.get(f"{s.connections} again")
+        again = [
+            samples[f"round {r} open"].rss_bytes
+            for r in range(2, s.rounds + 1)
+            if f"round {r} open" in samples
+        ]
+        growth = max(again) - full.rss_bytes if again else None
         return {
             "bytes_per_connection": (full.rss_bytes - baseline.rss_bytes)
             / s.connections,
@@ -572,7 +578,11 @@ class Report:
             / (s.connections - s.checkpoints[0]),
             "fds_per_connection": (full.fds - baseline.fds) / s.connections,
             "rss_closed_bytes": closed.rss_bytes if closed else None,
-            "reopen_growth_bytes": again.rss_bytes - full.rss_bytes if again else None,
+            "rounds_open_rss_bytes": [full.rss_bytes, *again],
+            "reopen_growth_bytes": growth,
+            "reopen_growth_fraction": None
+            if growth is None
+            else growth / max(1, full.rss_bytes - baseline.rss_bytes),
         }
 
     def cycle_figures(self) -> dict[str, Any]:
@@ -605,14 +615,15 @@ class Report:
                     f"only {self.idle_answered} of {s.connections} idle "
                     "connections answered after the idle hold"
                 )
-            growth = idle["reopen_growth_bytes"]
-            if growth is None:
-                self.failures.append("the idle phase did not open its second round")
-            elif growth > s.max_growth_mib * MIB:
+            fraction = idle["reopen_growth_fraction"]
+            if s.rounds > 1 and len(idle["rounds_open_rss_bytes"]) < s.rounds:
+                self.failures.append("the idle phase did not finish its rounds")
+            elif fraction is not None and fraction > s.max_reopen_fraction:
                 self.failures.append(
                     f"opening {s.connections} connections again after closing "
-                    f"them grew RSS by {growth / MIB:.1f} MiB, over the bound of "
-                    f"{s.max_growth_mib:g} MiB"
+                    f"them grew RSS by {idle['reopen_growth_bytes'] / MIB:.1f} "
+                    f"MiB, {fraction:.0%} of what the first {s.connections} "
+                    f"took, over the bound of {s.max_reopen_fraction:.0%}"
                 )
             per = idle["marginal_bytes_per_connection"]
             if per > s.max_idle_kib * 1024:
@@ -644,6 +655,8 @@ class Report:
                 "authorize": s.authorize,
                 "max_idle_kib": s.max_idle_kib,
                 "max_growth_mib": s.max_growth_mib,
+                "rounds": s.rounds,
+                "max_reopen_fraction": s.max_reopen_fraction,
             },
             "conditions": self.conditions,
             "samples": [x.as_json() for x in self.samples],
@@ -671,11 +684,13 @@ class Report:
                 f"{self.settings.checkpoints[0]}, "
                 f"{idle['fds_per_connection']:.2f} fds"
             )
-            if idle["reopen_growth_bytes"] is not None:
+            if idle["reopen_growth_fraction"] is not None:
                 print(
-                    f"  {self.settings.connections} again after closing: RSS "
+                    f"  {self.settings.connections} again after closing, "
+                    f"{self.settings.rounds - 1} time(s): RSS peak "
                     f"{idle['reopen_growth_bytes'] / MIB:+.1f} MiB "
-                    f"(bound {self.settings.max_growth_mib:g} MiB)"
+                    f"({idle['reopen_growth_fraction']:.0%} of the first round's; "
+                    f"bound {self.settings.max_reopen_fraction:.0%})"
                 )
         if cycles:
             print(
@@ -783,6 +798,15 @@ def parse_args(argv: Sequence[str]) -> Settings:
     parser.add_argument("--max-idle-kib", type=float, default=defaults.max_idle_kib)
     parser.add_argument("--max-growth-mib", type=float, default=defaults.max_growth_mib)
     parser.add_argument("--budget-seconds", type=float, default=defaults.budget_seconds)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=defaults.rounds,
+        help="times the idle phase opens --connections (1 = no reopening)",
+    )
+    parser.add_argument(
+        "--max-reopen-fraction", type=float, default=defaults.max_reopen_fraction
+    )
     parser.add_argument("--json", type=Path, default=defaults.json_path)
     parser.add_argument(
         "--quick",
@@ -804,7 +828,7 @@ def parse_args(argv: Sequence[str]) -> Settings:
         parser.error("the last of --checkpoints must equal --connections")
     if not 1 <= args.warmup_cycles < args.cycles:
         parser.error("--warmup-cycles must be >= 1 and below --cycles")
-    for name in ("cycle_size", "concurrency"):
+    for name in ("cycle_size", "concurrency", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     return Settings(
@@ -818,6 +842,8 @@ def parse_args(argv: Sequence[str]) -> Settings:
         authorize=args.authorize,
         max_idle_kib=args.max_idle_kib,
         max_growth_mib=args.max_growth_mib,
+        rounds=args.rounds,
+        max_reopen_fraction=args.max_reopen_fraction,
         budget_seconds=args.budget_seconds,
         json_path=args.json,
     )
