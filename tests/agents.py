@@ -136,6 +136,7 @@ class AgentUnderTest:
     http: RawHTTP
     dev: DevAgent | None = None
     _port: Any = None
+    master_token: str | None = None
 
     async def close(self) -> None:
         await self.client.close()
@@ -144,9 +145,16 @@ class AgentUnderTest:
             await self._port.stopListening()
 
 
-def serve_dev_agent() -> AgentUnderTest:
-    """A new development agent on 127.0.0.1 (a free port), on the real reactor."""
-    dev = DevAgent(reactor)
+def serve_dev_agent(
+    *, acl_default_policy: str | None = None, master_token: str | None = None
+) -> AgentUnderTest:
+    """
+    A new development agent on 127.0.0.1 (a free port), on the real reactor;
+    with ACLs on when ``acl_default_policy`` is given.
+    """
+    dev = DevAgent(
+        reactor, acl_default_policy=acl_default_policy, master_token=master_token
+    )
     site = Site(dev.resource())
     site.noisy = False
     port = reactor.listenTCP(0, site, interface="127.0.0.1")
@@ -158,16 +166,20 @@ def serve_dev_agent() -> AgentUnderTest:
         http=RawHTTP(address),
         dev=dev,
         port=port,
+        master_token=master_token,
     )
 
 
-def reach_real_agent(http_address: str) -> AgentUnderTest:
+def reach_real_agent(
+    http_address: str, *, master_token: str | None = None
+) -> AgentUnderTest:
     """The real agent at ``http_address``, through the same client code."""
     return AgentUnderTest(
         kind="real",
         address=http_address,
         client=ConsulClient(reactor, address=http_address, timeout=15),
         http=RawHTTP(http_address),
+        master_token=master_token,
     )
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 import gzip
 import hashlib
+import json
 import re
 import time
 import uuid
@@ -1750,3 +1751,542 @@ async def test_after_rotation_a_never_requested_name_is_on_the_new_root(
     # The leaf carries the cross-signed intermediate after it, as real does.
     (cross_pem,) = roots.active_root.intermediate_certs_pem  # type: ignore[union-attr]
     assert chain == load_pems(cross_pem)
+
+
+# -- ACLs (default deny, a master token) --------------------------------------------
+#
+# ``acl_agent`` is a development agent with ``acl_default_policy="deny"`` and a
+# master token, or the session's real agent with ACLs on (``real_consul_acl``).
+# Policies and tokens are made through the HTTP API with the master token, by
+# the same code for both.
+
+
+@pytest.fixture(params=AGENTS)
+def acl_agent_kind(request: pytest.FixtureRequest) -> str:
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest_twisted.async_yield_fixture
+async def acl_agent(
+    request: pytest.FixtureRequest, acl_agent_kind: str
+) -> AsyncIterator[AgentUnderTest]:
+    if acl_agent_kind == "real":
+        real = request.getfixturevalue("real_consul_acl")
+        under_test = reach_real_agent(real.http_address, master_token=real.master_token)
+    else:
+        under_test = serve_dev_agent(
+            acl_default_policy="deny", master_token=str(uuid.uuid4())
+        )
+    yield under_test
+    await under_test.close()
+
+
+def token_header(token: str) -> dict[str, str]:
+    return {"X-Consul-Token": token}
+
+
+async def acl_call(
+    agent: AgentUnderTest,
+    method: str,
+    path: str,
+    body: object | None = None,
+    token: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> RawAnswer:
+    """A request with ``token`` (none: anonymous) as ``X-Consul-Token``."""
+    all_headers = dict(headers or {})
+    if token is not None:
+        all_headers.update(token_header(token))
+    data = None if body is None else body if isinstance(body, str) else json.dumps(body)
+    return await agent.http.request(method, path, data, headers=all_headers)
+
+
+async def make_token(agent: AgentUnderTest, rules: str) -> str:
+    """A new policy with ``rules`` and a new token holding it: its secret."""
+    assert agent.master_token is not None
+    name = f"p-{uuid.uuid4().hex[:12]}"
+    policy = await acl_call(
+        agent,
+        "PUT",
+        "/v1/acl/policy",
+        {"Name": name, "Rules": rules},
+        agent.master_token,
+    )
+    assert policy.status == 200, policy.text
+    secret = str(uuid.uuid4())
+    token = await acl_call(
+        agent,
+        "PUT",
+        "/v1/acl/token",
+        {"Description": name, "SecretID": secret, "Policies": [{"Name": name}]},
+        agent.master_token,
+    )
+    assert token.status == 200, token.text
+    return secret
+
+
+def write_rules(name: str) -> str:
+    """The captures' ``web-write`` policy, for ``name``."""
+    return (
+        f'service "{name}" {{ policy = "write" }}\n'
+        'service_prefix "" { policy = "read" }\n'
+        'node_prefix "" { policy = "read" }'
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_acl_policy_and_token_shapes(acl_agent: AgentUnderTest) -> None:
+    agent, master = acl_agent, acl_agent.master_token
+    name = f"p-{uuid.uuid4().hex[:12]}"
+    rules = write_rules(name)
+    policy = await acl_call(
+        agent, "PUT", "/v1/acl/policy", {"Name": name, "Rules": rules}, master
+    )
+    assert policy.status == 200
+    assert policy.header_names == {"content-type", "vary"}
+    assert shape(policy.json()) == shape(
+        load_capture("acl-policy-create-web-write.http").json()
+    )
+    assert (policy.json()["Name"], policy.json()["Rules"]) == (name, rules)
+    assert UUID_RE.fullmatch(policy.json()["ID"])
+    secret = str(uuid.uuid4())
+    token = await acl_call(
+        agent,
+        "PUT",
+        "/v1/acl/token",
+        {"Description": "web", "SecretID": secret, "Policies": [{"Name": name}]},
+        master,
+    )
+    assert token.status == 200
+    assert shape(token.json()) == shape(
+        load_capture("acl-token-create-web.http").json()
+    )
+    assert token.json()["SecretID"] == secret
+    assert token.json()["Policies"] == [{"ID": policy.json()["ID"], "Name": name}]
+    bare = await acl_call(
+        agent, "PUT", "/v1/acl/token", {"Description": "none"}, master
+    )
+    assert bare.status == 200
+    assert "Policies" not in bare.json()
+    assert UUID_RE.fullmatch(bare.json()["SecretID"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_acl_policy_and_token_errors(acl_agent: AgentUnderTest) -> None:
+    agent, master = acl_agent, acl_agent.master_token
+    name = f"p-{uuid.uuid4().hex[:12]}"
+    first = await acl_call(agent, "PUT", "/v1/acl/policy", {"Name": name}, master)
+    assert first.status == 200
+    cases: list[tuple[str, object, str | None, int, str]] = [
+        (
+            "/v1/acl/policy",
+            {"Name": name},
+            master,
+            500,
+            f'Invalid Policy: A Policy with Name "{name}" already exists',
+        ),
+        ("/v1/acl/policy", {"Name": ""}, master, 500, "Invalid Policy: no Name is set"),
+        (
+            "/v1/acl/policy",
+            {"Name": "bad name!"},
+            master,
+            500,
+            "Invalid Policy: invalid Name. Only alphanumeric characters, '-' and "
+            "'_' are allowed",
+        ),
+        (
+            "/v1/acl/policy",
+            {"Name": f"{name}-x", "Rules": 'service "x" { policy = "bogus" }'},
+            master,
+            500,
+            'Invalid service policy: &acl.ServiceRule{Name:"x", Policy:"bogus", '
+            'Intentions:"", EnterpriseRule:acl.EnterpriseRule{}}',
+        ),
+        (
+            "/v1/acl/policy",
+            {"Name": f"{name}-y", "Rulez": ""},
+            master,
+            400,
+            'Bad request: Policy decoding failed: json: unknown field "Rulez"',
+        ),
+        ("/v1/acl/policy", {"Name": f"{name}-z"}, None, 403, "Permission denied"),
+        ("/v1/acl/policy", {"Name": f"{name}-z"}, "not-a-token", 403, "ACL not found"),
+        (
+            "/v1/acl/token",
+            {"Policies": [{"Name": f"{name}-nosuch"}]},
+            master,
+            500,
+            f'No such ACL policy with name "{name}-nosuch"',
+        ),
+        (
+            "/v1/acl/token",
+            {"Policies": [{"ID": "00000000-0000-0000-0000-000000000099"}]},
+            master,
+            500,
+            'No such ACL policy with ID "00000000-0000-0000-0000-000000000099"',
+        ),
+        (
+            "/v1/acl/token",
+            {"SecretID": "not-uuid"},
+            master,
+            500,
+            "Invalid Token: SecretID is not a valid UUID",
+        ),
+        ("/v1/acl/token", {"Description": "x"}, None, 403, "Permission denied"),
+    ]
+    for path, body, token, status, message in cases:
+        answer = await acl_call(agent, "PUT", path, body, token)
+        assert (path, body, answer.status, answer.text) == (path, body, status, message)
+        assert answer.header("Content-Type") == TEXT
+    secret = str(uuid.uuid4())
+    assert (
+        await acl_call(agent, "PUT", "/v1/acl/token", {"SecretID": secret}, master)
+    ).status == 200
+    again = await acl_call(agent, "PUT", "/v1/acl/token", {"SecretID": secret}, master)
+    assert_error(again, 500, "Invalid Token: SecretID is already in use")
+    wrong = await acl_call(agent, "GET", "/v1/acl/policy", None, master)
+    assert_error(wrong, 405, "method GET not allowed")
+
+
+@pytest_twisted.ensureDeferred
+async def test_acl_roots_need_no_token(acl_agent: AgentUnderTest) -> None:
+    for path in ("/v1/agent/connect/ca/roots", "/v1/connect/ca/roots"):
+        answer = await acl_call(acl_agent, "GET", path)
+        assert answer.status == 200
+        assert answer.json()["Roots"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_acl_leaf_needs_service_write(
+    acl_agent: AgentUnderTest, unique_name: str
+) -> None:
+    agent = acl_agent
+    web = await make_token(agent, write_rules(unique_name))
+    reader = await make_token(
+        agent, f'service "{unique_name}-api" {{ policy = "read" }}'
+    )
+    path = f"/v1/agent/connect/ca/leaf/{unique_name}"
+    assert_error(await acl_call(agent, "GET", path), 403, "Permission denied")
+    assert_error(
+        await acl_call(agent, "GET", path, token="not-a-real-token"),
+        403,
+        "ACL not found",
+    )
+    assert_error(
+        await acl_call(agent, "GET", f"{path}-other", token=web),
+        403,
+        "Permission denied",
+    )
+    assert_error(
+        await acl_call(
+            agent, "GET", f"/v1/agent/connect/ca/leaf/{unique_name}-api", token=reader
+        ),
+        403,
+        "Permission denied",
+    )
+    first = await acl_call(agent, "GET", path, token=web)
+    assert first.status == 200
+    assert first.header_names == load_capture("acl-leaf-web-token.http").header_names
+    # The token by each of the three ways; a query token wins over a header.
+    bearer = await acl_call(
+        agent, "GET", path, headers={"Authorization": f"Bearer {web}"}
+    )
+    query = await acl_call(agent, "GET", f"{path}?token={web}", token="bogus")
+    empty_query = await acl_call(agent, "GET", f"{path}?token=", token=web)
+    for answer in (bearer, query, empty_query):
+        assert answer.status == 200
+        assert answer.json()["SerialNumber"] == first.json()["SerialNumber"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_acl_authorize(acl_agent: AgentUnderTest, unique_name: str) -> None:
+    agent, master = acl_agent, acl_agent.master_token
+    web = await make_token(agent, write_rules(unique_name))
+    reader = await make_token(agent, f'service "{unique_name}" {{ policy = "read" }}')
+    td = (await agent.http.get("/v1/agent/connect/ca/roots")).json()["TrustDomain"]
+    api = client_uri(td, f"{unique_name}-api")
+    body = {"Target": unique_name, "ClientCertURI": api}
+    path = "/v1/agent/connect/authorize"
+    # Validation comes before the ACL check.
+    bad_uri = await acl_call(
+        agent, "POST", path, {"Target": unique_name, "ClientCertURI": "spiffe://bad"}
+    )
+    assert_error(
+        bad_uri, 400, "Bad request: ClientCertURI not a valid Connect identifier"
+    )
+    no_target = await acl_call(agent, "POST", path, {"ClientCertURI": api})
+    assert_error(no_target, 400, "Bad request: Target service must be specified")
+    assert_error(await acl_call(agent, "POST", path, body), 403, "Permission denied")
+    assert_error(
+        await acl_call(agent, "POST", path, body, "not-a-real-token"),
+        403,
+        "ACL not found",
+    )
+    assert_error(
+        await acl_call(agent, "POST", path, body, reader), 403, "Permission denied"
+    )
+    other_target = {"Target": f"{unique_name}-db", "ClientCertURI": api}
+    assert_error(
+        await acl_call(agent, "POST", path, other_target, web),
+        403,
+        "Permission denied",
+    )
+    default = {"Authorized": False, "Reason": "Default behavior configured by ACLs"}
+    as_master = await acl_call(agent, "POST", path, body, master)
+    assert (as_master.status, as_master.json()) == (200, default)
+    as_web = await acl_call(agent, "POST", path, body, web)
+    assert (as_web.status, as_web.json()) == (200, default)
+    created = await acl_call(
+        agent,
+        "POST",
+        "/v1/connect/intentions",
+        {
+            "SourceName": f"{unique_name}-api",
+            "DestinationName": unique_name,
+            "Action": "allow",
+        },
+        master,
+    )
+    assert created.status == 200
+    intention_id = created.json()["ID"]
+    allowed = await acl_call(agent, "POST", path, body, web)
+    assert allowed.json() == {
+        "Authorized": True,
+        "Reason": f"Matched intention: ALLOW default/{unique_name}-api => "
+        f"default/{unique_name} (ID: {intention_id}, Precedence: 9)",
+    }
+    other_source = await acl_call(
+        agent,
+        "POST",
+        path,
+        {"Target": unique_name, "ClientCertURI": client_uri(td, "other")},
+        web,
+    )
+    assert other_source.json() == default
+    await acl_call(
+        agent, "DELETE", f"/v1/connect/intentions/{intention_id}", None, master
+    )
+
+
+@pytest.mark.parametrize("read", ["health", "catalog"])
+@pytest_twisted.ensureDeferred
+async def test_acl_anonymous_connect_reads_are_empty_at_index_1_and_never_block(
+    acl_agent: AgentUnderTest, unique_name: str, read: str
+) -> None:
+    agent, master = acl_agent, acl_agent.master_token
+    registered = await acl_call(
+        agent,
+        "PUT",
+        "/v1/agent/service/register",
+        {"Name": unique_name, "Port": 5001, "Connect": {"Native": True}},
+        master,
+    )
+    assert_empty_write(registered)
+    path = f"/v1/{read}/connect/{unique_name}"
+    answer = await acl_call(agent, "GET", path)
+    captured = load_capture(f"acl-{read}-connect-anon.http")
+    assert (answer.status, answer.json()) == (200, [])
+    assert answer.header_names == captured.header_names
+    for header in ("X-Consul-Index", "X-Consul-Knownleader"):
+        assert answer.header(header) == captured.header(header)
+    # A watch loop at index 1 is answered at once (it would spin).
+    blocked, took = await elapsed(acl_call(agent, "GET", f"{path}?index=1&wait=5s"))
+    assert (blocked.status, blocked.json(), blocked.header("X-Consul-Index")) == (
+        200,
+        [],
+        "1",
+    )
+    assert took < 4
+    reader = await make_token(agent, write_rules(f"{unique_name}-web"))
+    seen = await acl_call(agent, "GET", path, token=reader)
+    assert seen.status == 200
+    assert len(seen.json()) == 1
+    assert seen.header("X-Consul-Knownleader") == "true"
+    assert int(seen.header("X-Consul-Index") or 0) > 1
+    await acl_call(
+        agent, "PUT", f"/v1/agent/service/deregister/{unique_name}", None, master
+    )
+
+
+@pytest.mark.parametrize("read", ["health", "catalog"])
+@pytest_twisted.ensureDeferred
+async def test_acl_anonymous_service_reads_are_filtered(
+    acl_agent: AgentUnderTest, unique_name: str, read: str
+) -> None:
+    agent, master = acl_agent, acl_agent.master_token
+    await acl_call(
+        agent,
+        "PUT",
+        "/v1/agent/service/register",
+        {"Name": unique_name, "Port": 5001},
+        master,
+    )
+    answer = await acl_call(agent, "GET", f"/v1/{read}/service/{unique_name}")
+    assert (answer.status, answer.json()) == (200, [])
+    # Filtered inside the blocking query: a real index and leader.
+    assert answer.header("X-Consul-Knownleader") == "true"
+    assert int(answer.header("X-Consul-Index") or 0) > 1
+    as_master = await acl_call(
+        agent, "GET", f"/v1/{read}/service/{unique_name}", None, master
+    )
+    assert len(as_master.json()) == 1
+    await acl_call(
+        agent, "PUT", f"/v1/agent/service/deregister/{unique_name}", None, master
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_acl_intentions(acl_agent: AgentUnderTest, unique_name: str) -> None:
+    agent = acl_agent
+    web = await make_token(agent, write_rules(unique_name))
+    writer = await make_token(
+        agent, f'service "{unique_name}" {{ policy = "read" intentions = "write" }}'
+    )
+    nothing = await make_token(agent, "")
+    source = f"{unique_name}-api"
+    body = {"SourceName": source, "DestinationName": unique_name, "Action": "allow"}
+    for token in (None, web):
+        assert_error(
+            await acl_call(agent, "POST", "/v1/connect/intentions", body, token),
+            403,
+            "Permission denied",
+        )
+    # The ACL check comes before validation.
+    invalid = {"SourceName": source, "DestinationName": unique_name, "Action": "x"}
+    assert_error(
+        await acl_call(agent, "POST", "/v1/connect/intentions", invalid),
+        403,
+        "Permission denied",
+    )
+    created = await acl_call(agent, "POST", "/v1/connect/intentions", body, writer)
+    assert created.status == 200
+    intention_id = created.json()["ID"]
+    anonymous_list = await acl_call(agent, "GET", "/v1/connect/intentions")
+    assert (anonymous_list.status, anonymous_list.json()) == (200, [])
+    assert anonymous_list.header("X-Consul-Knownleader") == "true"
+    assert (
+        await acl_call(agent, "GET", "/v1/connect/intentions", None, nothing)
+    ).json() == []
+    listed = await acl_call(agent, "GET", "/v1/connect/intentions", None, web)
+    assert intention_id in [i["ID"] for i in listed.json()]
+    match = f"/v1/connect/intentions/match?by=destination&name={unique_name}"
+    assert_error(await acl_call(agent, "GET", match), 403, "Permission denied")
+    matched = await acl_call(agent, "GET", match, None, web)
+    assert [i["ID"] for i in matched.json()[unique_name]][:1] == [intention_id]
+    bad_by = await acl_call(
+        agent, "GET", f"/v1/connect/intentions/match?by=x&name={unique_name}"
+    )
+    assert_error(bad_by, 500, "'by' parameter must be one of 'source' or 'destination'")
+    check = f"/v1/connect/intentions/check?source={source}&destination={unique_name}"
+    assert_error(await acl_call(agent, "GET", check), 403, "Permission denied")
+    assert_error(
+        await acl_call(agent, "GET", check, None, nothing), 403, "Permission denied"
+    )
+    assert (await acl_call(agent, "GET", check, None, web)).json() == {"Allowed": True}
+    other = f"/v1/connect/intentions/check?source=zzz&destination={unique_name}"
+    assert (await acl_call(agent, "GET", other, None, web)).json() == {"Allowed": False}
+    one = f"/v1/connect/intentions/{intention_id}"
+    assert_error(await acl_call(agent, "GET", one), 403, "Permission denied")
+    assert (await acl_call(agent, "GET", one, None, web)).status == 200
+    deny = dict(body, Action="deny")
+    assert_error(await acl_call(agent, "PUT", one, deny, web), 403, "Permission denied")
+    assert_error(await acl_call(agent, "DELETE", one), 403, "Permission denied")
+    missing = "/v1/connect/intentions/00000000-0000-0000-0000-000000000000"
+    assert_error(
+        await acl_call(agent, "DELETE", missing),
+        500,
+        "Cannot delete non-existent intention: '00000000-0000-0000-0000-000000000000'",
+    )
+    deleted = await acl_call(agent, "DELETE", one, None, writer)
+    assert (deleted.status, deleted.json()) == (200, True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_acl_registration_and_checks(
+    acl_agent: AgentUnderTest, unique_name: str
+) -> None:
+    agent, master = acl_agent, acl_agent.master_token
+    web = await make_token(agent, write_rules(unique_name))
+    register = "/v1/agent/service/register"
+    anonymous = await acl_call(
+        agent, "PUT", register, {"Name": unique_name, "Connect": {"Native": True}}
+    )
+    assert_error(
+        anonymous, 403, f"Permission denied: Missing service:write on {unique_name}"
+    )
+    # Validation comes first.
+    assert_error(
+        await acl_call(agent, "PUT", register, {"Name": ""}),
+        400,
+        "Missing service name",
+    )
+    proxy = {
+        "Name": f"{unique_name}-proxy",
+        "Kind": "connect-proxy",
+        "Port": 21000,
+        "Proxy": {"DestinationServiceName": unique_name},
+    }
+    assert_error(
+        await acl_call(agent, "PUT", register, proxy, web),
+        403,
+        f"Permission denied: Missing service:write on {unique_name}-proxy",
+    )
+    check_id = f"{unique_name}-ttl"
+    mine = {
+        "Name": unique_name,
+        "Port": 8080,
+        "Connect": {"Native": True},
+        "Check": {"CheckID": check_id, "TTL": "15m"},
+    }
+    assert_empty_write(await acl_call(agent, "PUT", register, mine, web))
+    denied = f"Permission denied: Missing service:write on {unique_name}"
+    assert_error(
+        await acl_call(agent, "PUT", f"/v1/agent/check/pass/{check_id}"), 403, denied
+    )
+    assert_error(
+        await acl_call(agent, "PUT", "/v1/agent/check/pass/nosuch"),
+        500,
+        'Unknown check "nosuch"',
+    )
+    assert_empty_write(
+        await acl_call(agent, "PUT", f"/v1/agent/check/pass/{check_id}", None, web)
+    )
+    anonymous_services = await acl_call(agent, "GET", "/v1/agent/services")
+    assert unique_name not in anonymous_services.json()
+    assert (
+        unique_name
+        in (await acl_call(agent, "GET", "/v1/agent/services", None, web)).json()
+    )
+    assert check_id not in (await acl_call(agent, "GET", "/v1/agent/checks")).json()
+    assert_error(
+        await acl_call(agent, "GET", f"/v1/agent/service/{unique_name}"),
+        403,
+        "Permission denied",
+    )
+    deregister = f"/v1/agent/service/deregister/{unique_name}"
+    assert_error(await acl_call(agent, "PUT", deregister), 403, denied)
+    assert_error(
+        await acl_call(
+            agent, "PUT", "/v1/agent/service/deregister/nosuch", None, master
+        ),
+        500,
+        'Unknown service {"nosuch" {}}',
+    )
+    assert_empty_write(await acl_call(agent, "PUT", deregister, None, web))
+
+
+@pytest.mark.parametrize("path", ["/v1/agent/self", "/v1/connect/ca/configuration"])
+@pytest_twisted.ensureDeferred
+async def test_acl_agent_self_and_ca_configuration_need_privileges(
+    acl_agent: AgentUnderTest, unique_name: str, path: str
+) -> None:
+    agent = acl_agent
+    web = await make_token(agent, write_rules(unique_name))
+    for token in (None, web):
+        assert_error(
+            await acl_call(agent, "GET", path, None, token), 403, "Permission denied"
+        )
+    assert_error(
+        await acl_call(agent, "GET", path, None, "bogus"), 403, "ACL not found"
+    )
+    assert (await acl_call(agent, "GET", path, None, agent.master_token)).status == 200

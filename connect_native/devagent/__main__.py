@@ -33,7 +33,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m connect_native.devagent",
         description=(
-            "A Consul 1.8.7-compatible development agent (ACLs off) for "
+            "A Consul 1.8.7-compatible development agent (ACLs off unless "
+            "--acl-default-policy) for "
             "Connect-native applications, on 127.0.0.1."
         ),
     )
@@ -48,6 +49,18 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--node-name", default="devagent", help="this agent's node name (devagent)"
     )
     parser.add_argument(
+        "--acl-default-policy",
+        choices=("allow", "deny"),
+        default=None,
+        help="turn ACLs on with this default policy (ACLs are off without it)",
+    )
+    parser.add_argument(
+        "--master-token",
+        default=None,
+        help="with ACLs on, the token that may do anything (creates policies "
+        "and tokens); it is never logged",
+    )
+    parser.add_argument(
         "--quiet",
         action="store_true",
         help="log only warnings and errors, not every request",
@@ -55,6 +68,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args = parser.parse_args(list(argv))
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be between 0 and 65535, not {args.port}")
+    if args.master_token is not None and args.acl_default_policy is None:
+        parser.error("--master-token needs --acl-default-policy allow or deny")
+    if args.master_token == "":
+        parser.error("--master-token must not be empty")
     return args
 
 
@@ -74,7 +91,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     clock: Any = reactor
     try:
-        agent = DevAgent(clock, datacenter=args.datacenter, node_name=args.node_name)
+        agent = DevAgent(
+            clock,
+            datacenter=args.datacenter,
+            node_name=args.node_name,
+            acl_default_policy=args.acl_default_policy,
+            master_token=args.master_token,
+        )
     except ValueError as e:
         log.error("cannot start the development agent: {error}", error=str(e))
         return 2
@@ -95,7 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     agent.http_port = address.port  # type: ignore[attr-defined]
     log.info(
         "development agent (Consul 1.8.7 API, datacenter {dc}, node {node}, "
-        "trust domain {td}) listening on http://{host}:{port}",
+        "trust domain {td}, ACLs {acls}) listening on http://{host}:{port}",
+        acls=f"on, default {args.acl_default_policy}"
+        if args.acl_default_policy
+        else "off",
         dc=args.datacenter,
         node=args.node_name,
         td=agent.ca.trust_domain,

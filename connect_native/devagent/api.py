@@ -36,6 +36,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from connect_native.devagent.acl import Authorizer
 from connect_native.devagent.state import (
     CAConfigInput,
     CheckDefinition,
@@ -48,6 +49,7 @@ from connect_native.devagent.state import (
     ServiceDefinition,
     go_quote,
     parse_go_duration,
+    permission_denied,
 )
 
 __all__ = ["AgentResource", "GoJSONError", "decode_go_json"]
@@ -911,6 +913,49 @@ _INTENTION = _Struct(
     },
     custom=True,
 )
+_ACL_POLICY = _Struct(
+    "struct { Hash string; *structs.Alias }",
+    "",
+    {
+        "ID": _Str(),
+        "Name": _Str(),
+        "Description": _Str(),
+        "Rules": _Str(),
+        "Syntax": _Str("acl.SyntaxVersion"),
+        "Datacenters": _List(_Str()),
+        "Hash": _Str(),
+        "CreateIndex": _Int("uint64", 64, signed=False),
+        "ModifyIndex": _Int("uint64", 64, signed=False),
+    },
+    custom=True,
+)
+_ACL_LINK = _Struct(
+    "structs.ACLTokenPolicyLink",
+    "Policies",
+    {"ID": _Str(), "Name": _Str()},
+)
+_ACL_SERVICE_IDENTITY = _Struct(
+    "structs.ACLServiceIdentity",
+    "ServiceIdentities",
+    {"ServiceName": _Str(), "Datacenters": _List(_Str())},
+)
+_ACL_TOKEN = _Struct(
+    "struct { ExpirationTTL interface {}; Hash string; *structs.Alias }",
+    "",
+    {
+        "AccessorID": _Str(),
+        "SecretID": _Str(),
+        "Description": _Str(),
+        "Policies": _List(_ACL_LINK),
+        "ServiceIdentities": _List(_ACL_SERVICE_IDENTITY),
+        "Local": _Bool(),
+        "CreateTime": _Str(),
+        "Hash": _Str(),
+        "CreateIndex": _Int("uint64", 64, signed=False),
+        "ModifyIndex": _Int("uint64", 64, signed=False),
+    },
+    custom=True,
+)
 _CA_CONFIGURATION = _Struct(
     _aux("ForceWithoutCrossSigningSnake bool " + _tag("force_without_cross_signing")),
     "",
@@ -1192,6 +1237,25 @@ def _no_namespaces(request: Request, query: dict[str, list[str]]) -> None:
         )
 
 
+def request_token(request: Request, query: dict[str, list[str]]) -> str:
+    """
+    The ACL token of a request, where Consul looks for it: ``?token=``,
+    then ``X-Consul-Token``, then ``Authorization: Bearer`` (measured: a
+    non-empty query token wins over the header).
+    """
+    token = _get(query, "token")
+    if token:
+        return token
+    token = request.getHeader("x-consul-token") or ""
+    if token:
+        return token
+    authorization = request.getHeader("authorization") or ""
+    scheme, _, value = authorization.strip().partition(" ")
+    if scheme.lower() == "bearer":
+        return value.strip()
+    return ""
+
+
 @frozen
 class _Route:
     pattern: str
@@ -1224,6 +1288,8 @@ _ROUTES = (
     _Route("/v1/catalog/connect/", True, ("GET",), "catalog_connect"),
     _Route("/v1/health/service/", True, ("GET",), "health_service"),
     _Route("/v1/health/connect/", True, ("GET",), "health_connect"),
+    _Route("/v1/acl/policy", False, ("PUT",), "acl_policy_create"),
+    _Route("/v1/acl/token", False, ("PUT",), "acl_token_create"),
 )
 
 
@@ -1424,6 +1490,14 @@ class AgentResource(Resource):
 
     # ---- helpers
 
+    def _authz(self, request: Request) -> Authorizer | None:
+        """
+        The rights of the request's token (``None`` with ACLs off).
+
+        :raises ConsulError: 403 ``ACL not found`` for an unknown token.
+        """
+        return self.agent.resolve_token(request_token(request, _query(request)))
+
     def _check_dc(self, options: QueryOptions, *, meta: bool = False) -> None:
         """
         Another datacenter is unreachable.  On catalog-backed reads Consul has
@@ -1516,6 +1590,11 @@ class AgentResource(Resource):
     def _agent_self(
         self, request: Request, reply: _Reply, rest: str, method: str
     ) -> None:
+        authz = self._authz(request)
+        if authz is not None and not authz.allowed(
+            "agent", self.agent.node_name, "read"
+        ):
+            raise permission_denied()
         reply.json(self.agent.agent_self())
 
     def _agent_services(
@@ -1523,7 +1602,7 @@ class AgentResource(Resource):
     ) -> None:
         query = _query(request)
         _no_namespaces(request, query)
-        reply.json(self.agent.services_json())
+        reply.json(self.agent.services_json(self._authz(request)))
 
     def _agent_service(
         self, request: Request, reply: _Reply, rest: str, method: str
@@ -1531,12 +1610,13 @@ class AgentResource(Resource):
         query = _query(request)
         _no_namespaces(request, query)
         options = _query_options(request, query)
-        digest = self.agent.service_json(rest)[1]
+        authz = self._authz(request)
+        digest = self.agent.service_json(rest, authz)[1]
         wanted = _get(query, "hash")
 
         def answer() -> None:
             try:
-                body, digest = self.agent.service_json(rest)
+                body, digest = self.agent.service_json(rest, authz)
             except ConsulError as e:
                 reply.error(e)
                 return
@@ -1565,7 +1645,7 @@ class AgentResource(Resource):
     ) -> None:
         query = _query(request)
         _no_namespaces(request, query)
-        reply.json(self.agent.checks_json())
+        reply.json(self.agent.checks_json(self._authz(request)))
 
     def _service_register(
         self, request: Request, reply: _Reply, rest: str, method: str
@@ -1582,7 +1662,9 @@ class AgentResource(Resource):
             query, "replace-existing-checks"
         ) in ("", "true")
         self.agent.register_service(
-            service_definition(decoded), replace_existing_checks=replace
+            service_definition(decoded),
+            replace_existing_checks=replace,
+            authz=self._authz(request),
         )
         reply.empty()
 
@@ -1590,7 +1672,7 @@ class AgentResource(Resource):
         self, request: Request, reply: _Reply, rest: str, method: str
     ) -> None:
         _no_namespaces(request, _query(request))
-        self.agent.deregister_service(rest)
+        self.agent.deregister_service(rest, self._authz(request))
         reply.empty()
 
     def _check_status(
@@ -1598,7 +1680,9 @@ class AgentResource(Resource):
     ) -> None:
         query = _query(request)
         _no_namespaces(request, query)
-        self.agent.update_ttl_check(check_id, status, _get(query, "note"))
+        self.agent.update_ttl_check(
+            check_id, status, _get(query, "note"), self._authz(request)
+        )
         reply.empty()
 
     def _check_pass(
@@ -1627,7 +1711,9 @@ class AgentResource(Resource):
         status = update["Status"] or ""
         if status not in ("passing", "warning", "critical"):
             raise ConsulError(400, f"Invalid check status: '{status}'")
-        self.agent.update_ttl_check(rest, status, update["Output"] or "")
+        self.agent.update_ttl_check(
+            rest, status, update["Output"] or "", self._authz(request)
+        )
         reply.empty()
 
     # ---- Connect: CA, leaf, authorize
@@ -1669,6 +1755,10 @@ class AgentResource(Resource):
     ) -> None:
         options = _query_options(request, _query(request))
         self._check_dc(options)
+        authz = self._authz(request)
+        access = "read" if method == "GET" else "write"
+        if authz is not None and not authz.allowed("operator", "", access):
+            raise permission_denied()
         if method == "GET":
             reply.json(self.agent.ca_config_json())
             return
@@ -1689,6 +1779,9 @@ class AgentResource(Resource):
         query = _query(request)
         _no_namespaces(request, query)
         options = _query_options(request, query)
+        authz = self._authz(request)
+        if authz is not None and not authz.service_write(rest):
+            raise permission_denied()
         waiting = self.agent.leaf(
             rest,
             min_index=options.index,
@@ -1716,7 +1809,9 @@ class AgentResource(Resource):
         except GoJSONError as e:
             raise ConsulError(400, f"Bad request: Request decode failed: {e}") from None
         authorized, reason, hit = self.agent.authorize(
-            decoded["Target"] or "", decoded["ClientCertURI"] or ""
+            decoded["Target"] or "",
+            decoded["ClientCertURI"] or "",
+            self._authz(request),
         )
         reply.json({"Authorized": authorized, "Reason": reason}, _cache_headers(hit))
 
@@ -1734,13 +1829,16 @@ class AgentResource(Resource):
                 decoded = decode_go_json(self._body(request), _INTENTION)
             except GoJSONError as e:
                 raise ConsulError(500, f"Failed to decode request body: {e}") from None
-            new_id = self.agent.intention_create(_intention_input(decoded))
+            new_id = self.agent.intention_create(
+                _intention_input(decoded), self._authz(request)
+            )
             reply.json({"ID": new_id})
             return
+        authz = self._authz(request)
 
         def answer() -> None:
             reply.json(
-                self.agent.intentions_list(),
+                self.agent.intentions_list(authz),
                 _meta_headers(self.agent.intentions_index, known_leader=True),
             )
 
@@ -1763,11 +1861,12 @@ class AgentResource(Resource):
         names = query.get("name")
         if not names:
             raise ConsulError(500, "required query parameter 'name' not set")
-        # Check the names before blocking, as Consul does.
-        self.agent.intentions_match(by[0], names)
+        # Check the names and the token before blocking, as Consul does.
+        authz = self._authz(request)
+        self.agent.intentions_match(by[0], names, authz)
 
         def body() -> Any:
-            return self.agent.intentions_match(by[0], names)
+            return self.agent.intentions_match(by[0], names, authz)
 
         # Consul 1.8.7 serves match from the servers even with ?cached
         # (measured: no X-Cache header).
@@ -1792,7 +1891,10 @@ class AgentResource(Resource):
         if query.get("source-type"):
             source_type = query["source-type"][0]
         allowed = self.agent.intentions_check(
-            query["source"][0], query["destination"][0], source_type
+            query["source"][0],
+            query["destination"][0],
+            source_type,
+            self._authz(request),
         )
         reply.json({"Allowed": allowed})
 
@@ -1803,8 +1905,9 @@ class AgentResource(Resource):
         _no_namespaces(request, query)
         options = _query_options(request, query)
         self._check_dc(options)
+        authz = self._authz(request)
         if method == "GET":
-            reply.json(self.agent.intention_get(rest))
+            reply.json(self.agent.intention_get(rest, authz))
         elif method == "PUT":
             try:
                 decoded = decode_go_json(self._body(request), _INTENTION)
@@ -1813,10 +1916,14 @@ class AgentResource(Resource):
                     400, f"Bad request: Request decode failed: {e}"
                 ) from None
             reply.json(
-                {"ID": self.agent.intention_update(rest, _intention_input(decoded))}
+                {
+                    "ID": self.agent.intention_update(
+                        rest, _intention_input(decoded), authz
+                    )
+                }
             )
         else:
-            self.agent.intention_delete(rest)
+            self.agent.intention_delete(rest, authz)
             reply.json(True)
 
     # ---- health
@@ -1853,6 +1960,9 @@ class AgentResource(Resource):
         _refuse_filter(query)
         tags = query.get("tag", [])
         node_meta = _node_meta(query)
+        authz = self._authz(request)
+        if self._connect_denied(reply, authz, name, connect, options):
+            return
 
         def index() -> int:
             return self.agent.catalog_index(name)
@@ -1860,7 +1970,7 @@ class AgentResource(Resource):
         def answer(cache_headers: list[tuple[str, str]]) -> None:
             reply.json(
                 self.agent.catalog(
-                    name, connect=connect, tags=tags, node_meta=node_meta
+                    name, connect=connect, tags=tags, node_meta=node_meta, authz=authz
                 ),
                 cache_headers
                 + _meta_headers(
@@ -1890,6 +2000,9 @@ class AgentResource(Resource):
         _refuse_filter(query)
         tags = query.get("tag", [])
         node_meta = _node_meta(query)
+        authz = self._authz(request)
+        if self._connect_denied(reply, authz, name, connect, options):
+            return
 
         def index() -> int:
             return self.agent.health_index(name, connect=connect)
@@ -1909,7 +2022,12 @@ class AgentResource(Resource):
                 else:
                     passing = True
             entries = self.agent.health(
-                name, connect=connect, passing=passing, tags=tags, node_meta=node_meta
+                name,
+                connect=connect,
+                passing=passing,
+                tags=tags,
+                node_meta=node_meta,
+                authz=authz,
             )
             reply.json(
                 entries,
@@ -1928,6 +2046,85 @@ class AgentResource(Resource):
             )
             return
         self._rpc_blocking(reply, options, index, lambda: answer([]))
+
+    def _connect_denied(
+        self,
+        reply: _Reply,
+        authz: Authorizer | None,
+        name: str,
+        connect: bool,
+        options: QueryOptions,
+    ) -> bool:
+        """
+        A Connect read without ``service:read`` on the service: Consul
+        returns before its blocking query, so the answer is ``[]`` with
+        index 1 and no known leader, at once even for a blocking call
+        (acl-health-connect-anon-block.http).  A client watching it spins.
+        """
+        if not connect or authz is None or authz.service_read(name):
+            return False
+        reply.json(
+            [],
+            _meta_headers(1, known_leader=False, consistency=options.consistency),
+        )
+        return True
+
+    # ---- ACLs
+
+    def _acl_policy_create(
+        self, request: Request, reply: _Reply, rest: str, method: str
+    ) -> None:
+        authz = self._acl_authz(request)
+        try:
+            decoded = decode_go_json(self._body(request), _ACL_POLICY)
+        except GoJSONError as e:
+            raise ConsulError(
+                400, f"Bad request: Policy decoding failed: {e}"
+            ) from None
+        reply.json(
+            self.agent.acl_policy_create(
+                authz,
+                name=decoded["Name"] or "",
+                description=decoded["Description"] or "",
+                rules=decoded["Rules"] or "",
+            )
+        )
+
+    def _acl_token_create(
+        self, request: Request, reply: _Reply, rest: str, method: str
+    ) -> None:
+        authz = self._acl_authz(request)
+        try:
+            decoded = decode_go_json(self._body(request), _ACL_TOKEN)
+        except GoJSONError as e:
+            raise ConsulError(400, f"Bad request: Token decoding failed: {e}") from None
+        links = [
+            (link["ID"] or "", link["Name"] or "")
+            for link in decoded["Policies"] or []
+            if link is not None
+        ]
+        identities = [
+            identity["ServiceName"] or ""
+            for identity in decoded["ServiceIdentities"] or []
+            if identity is not None
+        ]
+        reply.json(
+            self.agent.acl_token_create(
+                authz,
+                service_identities=identities,
+                description=decoded["Description"] or "",
+                accessor_id=decoded["AccessorID"] or "",
+                secret_id=decoded["SecretID"] or "",
+                policies=links,
+                local=bool(decoded["Local"]),
+            )
+        )
+
+    def _acl_authz(self, request: Request) -> Authorizer | None:
+        if not self.agent.acls_enabled:
+            # aclDisabled: before the token is looked at.
+            raise ConsulError(401, "ACL support disabled")
+        return self._authz(request)
 
 
 def _refuse_filter(query: dict[str, list[str]]) -> None:

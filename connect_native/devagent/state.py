@@ -37,6 +37,20 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.web.resource import IResource
 
+from connect_native.devagent.acl import (
+    ACL_NOT_FOUND,
+    GLOBAL_MANAGEMENT_ID,
+    GLOBAL_MANAGEMENT_NAME,
+    Authorizer,
+    Policy,
+    Rules,
+    RulesError,
+    Token,
+    digest,
+    is_uuid,
+    parse_rules,
+    policy_problem,
+)
 from connect_native.devagent.ca import DevCA, IssuedLeaf, LeafRequestError
 
 __all__ = [
@@ -106,6 +120,19 @@ class ConsulError(Exception):
         self.message = message
         self.allow = allow
         self.headers = tuple(headers)
+
+
+def permission_denied(cause: str = "") -> ConsulError:
+    """
+    ``acl.ErrPermissionDenied`` (403 ``Permission denied``), or a
+    ``PermissionDeniedError`` with its cause.
+    """
+    return ConsulError(
+        403, f"Permission denied: {cause}" if cause else "Permission denied"
+    )
+
+
+_SERVICE_IDENTITY_NAME = re.compile(r"^[a-z0-9]([a-z0-9\-_]*[a-z0-9])?$")
 
 
 def _bad_request(reason: str) -> ConsulError:
@@ -910,6 +937,12 @@ class DevAgent:
         ``random.Random`` makes a test repeatable.
     :param ca: the certificate authority; by default a new
         :class:`~connect_native.devagent.ca.DevCA`.
+    :param acl_default_policy: ``None`` (the default) for ACLs off, as a
+        ``-dev`` agent; ``"allow"`` or ``"deny"`` turns ACLs on with that
+        default policy.
+    :param master_token: with ACLs on, the token that may do anything
+        (``acl.tokens.master``); it creates policies and tokens through
+        ``/v1/acl/policy`` and ``/v1/acl/token``.
 
     :meth:`resource` is the HTTP API as a ``twisted.web`` resource.
     """
@@ -922,7 +955,23 @@ class DevAgent:
         node_name: str = "devagent",
         rng: random.Random | None = None,
         ca: DevCA | None = None,
+        acl_default_policy: str | None = None,
+        master_token: str | None = None,
     ) -> None:
+        if acl_default_policy not in (None, "allow", "deny"):
+            raise ValueError(
+                "acl_default_policy must be None (ACLs off), 'allow' or 'deny', "
+                f"not {acl_default_policy!r}"
+            )
+        if master_token is not None and (
+            acl_default_policy is None
+            or not isinstance(master_token, str)
+            or not master_token
+        ):
+            raise ValueError(
+                "master_token must be a non-empty str, and needs ACLs on "
+                "(acl_default_policy='allow' or 'deny')"
+            )
         if not isinstance(datacenter, str) or not datacenter or "/" in datacenter:
             raise ValueError(
                 f"datacenter must be a non-empty name without '/', not {datacenter!r}"
@@ -984,6 +1033,23 @@ class DevAgent:
         self._cached_keys: set[tuple[Any, ...]] = set()
 
         self._watchers: list[Callable[[], None]] = []
+
+        self.acl_default_policy = acl_default_policy
+        self._master_token = master_token
+        self._policies: dict[str, Policy] = {}
+        self._tokens: dict[str, Token] = {}
+        if acl_default_policy is not None:
+            # The builtin policy every ACL-enabled cluster has.
+            self._policies[GLOBAL_MANAGEMENT_ID] = Policy(
+                id=GLOBAL_MANAGEMENT_ID,
+                name=GLOBAL_MANAGEMENT_NAME,
+                description="Builtin Policy that grants unlimited access",
+                rules_text="",
+                rules=Rules(),
+                hash=digest(GLOBAL_MANAGEMENT_ID),
+                create_index=self._index,
+                modify_index=self._index,
+            )
 
     # ----------------------------------------------------------------------
     # time, indexes and change notification
@@ -1155,8 +1221,8 @@ class DevAgent:
         address = self.node_address
         return {
             "ACLDatacenter": self.datacenter,
-            "ACLDefaultPolicy": "allow",
-            "ACLsEnabled": False,
+            "ACLDefaultPolicy": self.acl_default_policy or "allow",
+            "ACLsEnabled": self.acl_default_policy is not None,
             "AdvertiseAddrLAN": address,
             "AdvertiseAddrWAN": address,
             "BindAddr": address,
@@ -1432,9 +1498,172 @@ class DevAgent:
         fetch.start()
 
     # ----------------------------------------------------------------------
+    # ACLs
+
+    @property
+    def acls_enabled(self) -> bool:
+        return self.acl_default_policy is not None
+
+    def resolve_token(self, token: str) -> Authorizer | None:
+        """
+        What ``token`` may do: ``None`` with ACLs off (everything), the
+        anonymous token's rights (none: the default policy decides) for an
+        empty one, everything for the master token.
+
+        :raises ConsulError: 403 ``ACL not found`` for an unknown token.
+        """
+        if self.acl_default_policy is None:
+            return None
+        default_allow = self.acl_default_policy == "allow"
+        if not token:
+            return Authorizer(Rules(), default_allow)
+        if token == self._master_token:
+            return Authorizer(Rules(), default_allow, management=True)
+        found = self._tokens.get(token)
+        if found is None:
+            raise ConsulError(403, ACL_NOT_FOUND)
+        policies = [self._policies[p] for p in found.policy_ids if p in self._policies]
+        identities = [
+            parse_rules(
+                f'service "{name}" {{ policy = "write" }}\n'
+                f'service "{name}-sidecar-proxy" {{ policy = "write" }}\n'
+                'service_prefix "" { policy = "read" }\n'
+                'node_prefix "" { policy = "read" }'
+            )
+            for name in found.service_identities
+        ]
+        return Authorizer(
+            Rules.merge([*(p.rules for p in policies), *identities]),
+            default_allow,
+            management=any(p.id == GLOBAL_MANAGEMENT_ID for p in policies),
+        )
+
+    def _acl_write(self, authz: Authorizer | None) -> None:
+        if authz is None:
+            raise ConsulError(401, "ACL support disabled")
+        if not authz.allowed("acl", "", "write"):
+            raise permission_denied()
+
+    def acl_policy_create(
+        self,
+        authz: Authorizer | None,
+        *,
+        name: str,
+        description: str,
+        rules: str,
+    ) -> dict[str, Any]:
+        """
+        ``PUT /v1/acl/policy``: the new policy.
+
+        :raises ConsulError: 401 with ACLs off, 403 without ``acl =
+            "write"``, 500 with Consul's message for a bad name or rules.
+        """
+        self._acl_write(authz)
+        problem = policy_problem(name, [p.name for p in self._policies.values()])
+        if problem is not None:
+            raise ConsulError(500, problem)
+        try:
+            parsed = parse_rules(rules)
+        except RulesError as e:
+            raise ConsulError(500, str(e)) from None
+        index = self._bump()
+        policy_id = random_uuid(self.rng)
+        policy = Policy(
+            id=policy_id,
+            name=name,
+            description=description,
+            rules_text=rules,
+            rules=parsed,
+            hash=digest(name, description, rules),
+            create_index=index,
+            modify_index=index,
+        )
+        self._policies[policy_id] = policy
+        log.info("ACL policy created: {name}", name=name)
+        return policy.to_json()
+
+    def acl_token_create(
+        self,
+        authz: Authorizer | None,
+        *,
+        description: str,
+        accessor_id: str,
+        secret_id: str,
+        policies: Sequence[tuple[str, str]],
+        local: bool,
+        service_identities: Sequence[str] = (),
+    ) -> dict[str, Any]:
+        """
+        ``PUT /v1/acl/token``: the new token, linked to ``policies`` given as
+        ``(id, name)`` pairs (either may be empty), and to the service
+        identities named (Consul's templated policy: ``service:write`` on the
+        name and its sidecar proxy, read on every service and node).
+
+        :raises ConsulError: 401 with ACLs off, 403 without ``acl =
+            "write"``, 500 with Consul's message for a bad or taken ID or an
+            unknown policy.
+        """
+        self._acl_write(authz)
+        taken_accessors = {t.accessor_id for t in self._tokens.values()}
+        if accessor_id:
+            if not is_uuid(accessor_id):
+                raise ConsulError(500, "Invalid Token: AccessorID is not a valid UUID")
+            if accessor_id in taken_accessors:
+                raise ConsulError(500, "Invalid Token: AccessorID is already in use")
+        if secret_id:
+            if not is_uuid(secret_id):
+                raise ConsulError(500, "Invalid Token: SecretID is not a valid UUID")
+            if secret_id in self._tokens or secret_id == self._master_token:
+                raise ConsulError(500, "Invalid Token: SecretID is already in use")
+        linked: list[str] = []
+        for policy_id, policy_name in policies:
+            if policy_id:
+                if policy_id not in self._policies:
+                    raise ConsulError(
+                        500, f"No such ACL policy with ID {go_quote(policy_id)}"
+                    )
+                found = policy_id
+            else:
+                by_name = [
+                    p.id for p in self._policies.values() if p.name == policy_name
+                ]
+                if not by_name:
+                    raise ConsulError(
+                        500, f"No such ACL policy with name {go_quote(policy_name)}"
+                    )
+                found = by_name[0]
+            if found not in linked:
+                linked.append(found)
+        for name in service_identities:
+            if not _SERVICE_IDENTITY_NAME.match(name):
+                raise ConsulError(
+                    500,
+                    f"Invalid Token: ServiceIdentity.ServiceName {go_quote(name)} "
+                    "is not valid (lowercase alphanumeric characters, '-' and '_')",
+                )
+        index = self._bump()
+        token = Token(
+            accessor_id=accessor_id or random_uuid(self.rng),
+            secret_id=secret_id or random_uuid(self.rng),
+            description=description,
+            policy_ids=tuple(linked),
+            service_identities=tuple(service_identities),
+            local=local,
+            create_time=rfc3339_nano(self.now()),
+            hash=digest(description, linked, local),
+            create_index=index,
+            modify_index=index,
+        )
+        self._tokens[token.secret_id] = token
+        log.info("ACL token created: {description}", description=description)
+        return token.to_json({p.id: p.name for p in self._policies.values()})
+
+    # ----------------------------------------------------------------------
     # authorize
 
-    def authorize(self, target: str, client_cert_uri: str) -> tuple[bool, str, bool]:
+    def authorize(
+        self, target: str, client_cert_uri: str, authz: Authorizer | None = None
+    ) -> tuple[bool, str, bool]:
         """
         ``POST /v1/agent/connect/authorize`` with ACLs off: the first
         intention for ``target`` (by precedence) whose source matches the
@@ -1452,6 +1681,9 @@ class DevAgent:
             raise _bad_request("ClientCertURI not a valid Connect identifier") from None
         if not isinstance(identity, SpiffeService):
             raise _bad_request("ClientCertURI not a valid Service identifier")
+        # After validation, as real (acl-authz-anon-bad-uri.http).
+        if authz is not None and not authz.service_write(target):
+            raise permission_denied()
         key = (DEFAULT_NAMESPACE, target)
         hit = key in self._authorize_cached
         self._authorize_cached.add(key)
@@ -1461,7 +1693,13 @@ class DevAgent:
             if ixn.source_name not in (WILDCARD, identity.service):
                 continue
             return ixn.action == "allow", f"Matched intention: {ixn}", hit
-        return True, "ACLs disabled, access is allowed by default", hit
+        if authz is None:
+            return True, "ACLs disabled, access is allowed by default", hit
+        return (
+            authz.intention_default_allow(),
+            "Default behavior configured by ACLs",
+            hit,
+        )
 
     # ----------------------------------------------------------------------
     # intentions
@@ -1470,10 +1708,15 @@ class DevAgent:
     def intentions_index(self) -> int:
         return max(self._intentions_index, 1)
 
-    def intentions_list(self) -> list[dict[str, Any]]:
+    def intentions_list(self, authz: Authorizer | None = None) -> list[dict[str, Any]]:
+        """
+        ``GET /v1/connect/intentions``: those the token may read (by their
+        destination), without a hint that others were left out.
+        """
         return [
             i.to_json()
             for i in sorted(self._intentions.values(), key=Intention.sort_key)
+            if authz is None or authz.intention_read(i.destination_name)
         ]
 
     def _match(self, by: str, namespace: str, name: str) -> list[Intention]:
@@ -1493,7 +1736,7 @@ class DevAgent:
         return sorted(found, key=Intention.sort_key)
 
     def intentions_match(
-        self, by: str, names: Sequence[str]
+        self, by: str, names: Sequence[str], authz: Authorizer | None = None
     ) -> dict[str, list[dict[str, Any]] | None]:
         """
         ``GET /v1/connect/intentions/match``.
@@ -1504,6 +1747,11 @@ class DevAgent:
             raise ConsulError(
                 500, "'by' parameter must be one of 'source' or 'destination'"
             )
+        if authz is not None:
+            for raw in names:
+                _, name = _parse_match_name(raw)
+                if name and not authz.intention_read(name):
+                    raise permission_denied()
         out: dict[str, list[dict[str, Any]] | None] = {}
         for raw in names:
             namespace, name = _parse_match_name(raw)
@@ -1512,23 +1760,36 @@ class DevAgent:
             out[raw] = [i.to_json() for i in matched] or None
         return out
 
-    def intentions_check(self, source: str, destination: str, source_type: str) -> bool:
+    def intentions_check(
+        self,
+        source: str,
+        destination: str,
+        source_type: str,
+        authz: Authorizer | None = None,
+    ) -> bool:
         """
-        ``GET /v1/connect/intentions/check``.
+        ``GET /v1/connect/intentions/check``: with ACLs on, it needs
+        ``service:read`` on the destination, and without a matching
+        intention the default policy decides.
         """
         if source_type != "consul":
             raise ConsulError(500, f"unsupported SourceType: {go_quote(source_type)}")
         src_ns, src = _parse_match_name(source)
         dst_ns, dst = _parse_match_name(destination)
+        if authz is not None and not authz.service_read(dst):
+            raise permission_denied()
         for ixn in self._match("destination", dst_ns, dst):
             if ixn.source_ns not in (WILDCARD, src_ns):
                 continue
             if ixn.source_name not in (WILDCARD, src):
                 continue
             return ixn.action == "allow"
-        return True
+        # Consul asks the anonymous token: the default policy.
+        return authz is None or self.acl_default_policy == "allow"
 
-    def intention_get(self, intention_id: str) -> dict[str, Any]:
+    def intention_get(
+        self, intention_id: str, authz: Authorizer | None = None
+    ) -> dict[str, Any]:
         """
         :raises ConsulError: 404 ``Intention not found``, or 400 for an ID
             that is not a UUID.
@@ -1539,9 +1800,13 @@ class DevAgent:
         ixn = self._intentions.get(intention_id.lower())
         if ixn is None:
             raise ConsulError(404, "Intention not found")
+        if authz is not None and not authz.intention_read(ixn.destination_name):
+            raise permission_denied()
         return ixn.to_json()
 
-    def intention_create(self, given: IntentionInput) -> str:
+    def intention_create(
+        self, given: IntentionInput, authz: Authorizer | None = None
+    ) -> str:
         """
         ``POST /v1/connect/intentions``: the new intention's ID.
 
@@ -1549,6 +1814,9 @@ class DevAgent:
         """
         if given.id:
             raise ConsulError(500, "ID must be empty when creating a new intention")
+        # Before validation, as real (acl-intention-create-anon.http).
+        if authz is not None and not authz.intention_write(given.destination_name):
+            raise permission_denied()
         now = self.now()
         ixn = self._checked_intention(
             given, intention_id=random_uuid(self.rng), created_at=now, create_index=0
@@ -1574,11 +1842,17 @@ class DevAgent:
         self._changed()
         return ixn.id
 
-    def intention_update(self, intention_id: str, given: IntentionInput) -> str:
+    def intention_update(
+        self, intention_id: str, given: IntentionInput, authz: Authorizer | None = None
+    ) -> str:
         """
         ``PUT /v1/connect/intentions/<id>``: the ID in the URL wins over one
-        in the body, ``CreatedAt`` and ``CreateIndex`` are kept.
+        in the body, ``CreatedAt`` and ``CreateIndex`` are kept.  With ACLs
+        on, it needs ``intentions = "write"`` on the new and the old
+        destination.
         """
+        if authz is not None and not authz.intention_write(given.destination_name):
+            raise permission_denied()
         problem = _uuid_problem(intention_id)
         if problem is not None:
             raise ConsulError(
@@ -1591,6 +1865,8 @@ class DevAgent:
             raise ConsulError(
                 500, f"Cannot modify non-existent intention: '{intention_id}'"
             )
+        if authz is not None and not authz.intention_write(existing.destination_name):
+            raise permission_denied()
         ixn = self._checked_intention(
             given,
             intention_id=existing.id,
@@ -1618,7 +1894,9 @@ class DevAgent:
         self._changed()
         return ixn.id
 
-    def intention_delete(self, intention_id: str) -> None:
+    def intention_delete(
+        self, intention_id: str, authz: Authorizer | None = None
+    ) -> None:
         problem = _uuid_problem(intention_id)
         if problem is not None:
             raise ConsulError(
@@ -1626,11 +1904,14 @@ class DevAgent:
                 "Intention lookup failed: failed intention lookup: index error: "
                 + problem,
             )
-        existing = self._intentions.pop(intention_id.lower(), None)
+        existing = self._intentions.get(intention_id.lower())
         if existing is None:
             raise ConsulError(
                 500, f"Cannot delete non-existent intention: '{intention_id}'"
             )
+        if authz is not None and not authz.intention_write(existing.destination_name):
+            raise permission_denied()
+        del self._intentions[existing.id]
         self._intentions_index = self._bump()
         log.info("intention deleted: {ixn}", ixn=str(existing))
         self._changed()
@@ -1706,16 +1987,24 @@ class DevAgent:
     # ----------------------------------------------------------------------
     # catalog: services and checks
 
-    def services_json(self) -> dict[str, Any]:
-        return {sid: s.agent_json() for sid, s in sorted(self._services.items())}
+    def services_json(self, authz: Authorizer | None = None) -> dict[str, Any]:
+        return {
+            sid: s.agent_json()
+            for sid, s in sorted(self._services.items())
+            if authz is None or authz.service_read(s.name)
+        }
 
-    def service_json(self, service_id: str) -> tuple[dict[str, Any], str]:
+    def service_json(
+        self, service_id: str, authz: Authorizer | None = None
+    ) -> tuple[dict[str, Any], str]:
         """
         ``GET /v1/agent/service/<id>``: the service and its content hash.
         """
         service = self._services.get(service_id)
         if service is None:
             raise ConsulError(404, f"unknown service ID: {service_id}")
+        if authz is not None and not authz.service_read(service.name):
+            raise permission_denied()
         body = service.agent_json()
         digest = hashlib.sha256(
             json.dumps(body, sort_keys=True).encode("utf-8")
@@ -1729,14 +2018,25 @@ class DevAgent:
                 ordered["ContentHash"] = digest
         return ordered, digest
 
-    def checks_json(self) -> dict[str, Any]:
+    def checks_json(self, authz: Authorizer | None = None) -> dict[str, Any]:
         return {
             cid: c.to_json(self.node_name, catalog=False)
             for cid, c in sorted(self._checks.items())
+            if authz is None or self._check_readable(c, authz)
         }
 
+    def _check_readable(self, check: _Check, authz: Authorizer) -> bool:
+        service = self._services.get(check.service_id)
+        if service is not None:
+            return authz.service_read(service.name)
+        return authz.node_read(self.node_name)
+
     def register_service(
-        self, definition: ServiceDefinition, *, replace_existing_checks: bool = False
+        self,
+        definition: ServiceDefinition,
+        *,
+        replace_existing_checks: bool = False,
+        authz: Authorizer | None = None,
     ) -> None:
         """
         ``PUT /v1/agent/service/register``.
@@ -1747,6 +2047,16 @@ class DevAgent:
         sidecar: tuple[_Service, list[CheckDefinition]] | None = None
         if definition.sidecar_given:
             sidecar = self._sidecar_for(service, definition.sidecar)
+        if authz is not None:
+            # vetServiceRegister, after validation (acl-register-anon.http).
+            names = [service.name]
+            if service.kind == KIND_CONNECT_PROXY:
+                names.append(service.proxy.destination_service_name)
+            if sidecar is not None:
+                names.append(sidecar[0].name)
+            for name in names:
+                if not authz.service_write(name):
+                    raise permission_denied(f"Missing service:write on {name}")
         all_checks = checks + (sidecar[1] if sidecar is not None else [])
         if any(check.is_script for check in all_checks):
             # enable_script_checks is off, as on a default agent.
@@ -2018,12 +2328,23 @@ class DevAgent:
         ):
             self._touch_connect(service.proxy.destination_service_name, index)
 
-    def deregister_service(self, service_id: str) -> None:
+    def deregister_service(
+        self, service_id: str, authz: Authorizer | None = None
+    ) -> None:
         """
         ``PUT /v1/agent/service/deregister/<id>``: the service, its checks
-        and its sidecar go; an unknown ID is not an error in 1.8.7.
+        and its sidecar go; an unknown ID is not an error in 1.8.7 with ACLs
+        off, a 500 with them on (vetServiceUpdate, measured).
         """
         service = self._services.get(service_id)
+        if authz is not None:
+            if service is None:
+                # Go's %q of a structs.ServiceID.
+                raise ConsulError(
+                    500, f"Unknown service {{{go_quote(service_id)} {{}}}}"
+                )
+            if not authz.service_write(service.name):
+                raise permission_denied(f"Missing service:write on {service.name}")
         if service is None:
             return
         index = self._bump()
@@ -2061,14 +2382,31 @@ class DevAgent:
         self._set_check(check, HEALTH_CRITICAL, output)
         self._refresh_aliases()
 
-    def update_ttl_check(self, check_id: str, status: str, output: str) -> None:
+    def update_ttl_check(
+        self,
+        check_id: str,
+        status: str,
+        output: str,
+        authz: Authorizer | None = None,
+    ) -> None:
         """
         ``PUT /v1/agent/check/pass|warn|fail|update/<id>``.
 
         :raises ConsulError: 500 ``CheckID "x" does not have associated TTL``
-            for an unknown or non-TTL check.
+            for an unknown or non-TTL check (``Unknown check "x"`` for an
+            unknown one with ACLs on, acl-check-pass-unknown-anon.http); 403
+            without ``service:write`` on its service.
         """
         check = self._checks.get(check_id)
+        if authz is not None:
+            if check is None:
+                raise ConsulError(500, f"Unknown check {go_quote(check_id)}")
+            owner = self._services.get(check.service_id)
+            if owner is not None:
+                if not authz.service_write(owner.name):
+                    raise permission_denied(f"Missing service:write on {owner.name}")
+            elif not authz.allowed("node", self.node_name, "write"):
+                raise permission_denied(f"Missing node:write on {self.node_name}")
         if check is None or not check.is_ttl:
             raise ConsulError(
                 500, f"CheckID {go_quote(check_id)} does not have associated TTL"
@@ -2229,12 +2567,16 @@ class DevAgent:
         passing: bool = False,
         tags: Sequence[str] = (),
         node_meta: Mapping[str, str] | None = None,
+        authz: Authorizer | None = None,
     ) -> list[dict[str, Any]]:
         """
         ``GET /v1/health/(service|connect)/<name>``: for ``connect``, the
         Connect-native instances of ``name`` and the proxies whose
-        destination it is.
+        destination it is; with ACLs on, only the instances whose node and
+        service the token may read.
         """
+        if authz is not None and not authz.node_read(self.node_name):
+            return []
         if node_meta:
             ours = {"consul-network-segment": ""}
             if any(ours.get(k) != v for k, v in node_meta.items()):
@@ -2244,6 +2586,8 @@ class DevAgent:
         for service in self._health_instances(name, connect=connect):
             service_tags = [t.lower() for t in service.tags]
             if any(t not in service_tags for t in wanted_tags):
+                continue
+            if authz is not None and not authz.service_read(service.name):
                 continue
             checks = [self._serf_check_json()] + [
                 c.to_json(self.node_name, catalog=True)
@@ -2279,13 +2623,16 @@ class DevAgent:
         connect: bool,
         tags: Sequence[str] = (),
         node_meta: Mapping[str, str] | None = None,
+        authz: Authorizer | None = None,
     ) -> list[dict[str, Any]]:
         """
         ``GET /v1/catalog/(service|connect)/<name>``: the flat
         ``ServiceNode`` form of the same instances as health.
         """
         out = []
-        for entry in self.health(name, connect=connect, tags=tags, node_meta=node_meta):
+        for entry in self.health(
+            name, connect=connect, tags=tags, node_meta=node_meta, authz=authz
+        ):
             node, service = entry["Node"], entry["Service"]
             flat: dict[str, Any] = {
                 "ID": node["ID"],
