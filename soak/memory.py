@@ -85,7 +85,7 @@ class Settings:
     connections: int = 5000
     checkpoints: tuple[int, ...] = (1000, 2500, 5000)
     cycles: int = 20
-    cycle_size: int = 500
+    cycle_size: int = 250
     warmup_cycles: int = 5
     concurrency: int = 32
     idle_seconds: float = 5.0
@@ -93,7 +93,7 @@ class Settings:
     authorize: str = "intentions"
     # Pass/fail bounds, deliberately generous (see docs/reliability.rst).
     max_idle_kib: float = 256.0
-    max_growth_mib: float = 16.0
+    max_growth_mib: float = 8.0
     max_reopen_fraction: float = 0.25
     budget_seconds: float = 300.0
     json_path: Path = field(default=Path("soak-memory.json"))
