@@ -2290,3 +2290,361 @@ async def test_acl_agent_self_and_ca_configuration_need_privileges(
         await acl_call(agent, "GET", path, None, "bogus"), 403, "ACL not found"
     )
     assert (await acl_call(agent, "GET", path, None, agent.master_token)).status == 200
+
+
+# -- discovery: catalog service, prepared queries ------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_catalog_service_flat_form(agent: AgentUnderTest, db_like: str) -> None:
+    answer = await agent.http.get(f"/v1/catalog/service/{db_like}")
+    assert answer.status == 200
+    live = by_service_id(answer.json(), key="")
+    captured = captured_by_instance(db_like, "catalog-service-db.http", key="")
+    assert set(live) == {f"{db_like}-1", f"{db_like}-2", f"{db_like}-3"}
+    for instance, entry in live.items():
+        assert shape(entry) == shape(captured[instance]), instance
+
+
+async def create_query(agent: AgentUnderTest, body: dict[str, Any]) -> str:
+    created = await agent.http.post("/v1/query", body)
+    assert created.status == 200, created.text
+    assert created.header_names == {"content-type", "vary"}
+    query_id: str = created.json()["ID"]
+    assert UUID_RE.fullmatch(query_id)
+    return query_id
+
+
+def instance_ids(body: dict[str, Any]) -> set[str]:
+    return {n["Service"]["ID"] for n in body["Nodes"]}
+
+
+def assert_execute_shapes(
+    body: dict[str, Any], capture: str, name: str, instances: list[str]
+) -> None:
+    """
+    The answer's shape, and each instance's, as the capture's (instance by
+    instance: the order is shuffled).
+    """
+    captured = load_capture(capture).json()
+    assert shape({**body, "Nodes": []}) == shape({**captured, "Nodes": []})
+    live = by_service_id(body["Nodes"])
+    recorded = {
+        k.replace("db", name, 1): v for k, v in by_service_id(captured["Nodes"]).items()
+    }
+    for instance in instances:
+        assert shape(live[instance]) == shape(recorded[instance]), instance
+
+
+@pytest_twisted.ensureDeferred
+async def test_query_execute_connect(agent: AgentUnderTest, db_like: str) -> None:
+    name = f"{db_like}-connect"
+    query_id = await create_query(
+        agent,
+        {
+            "Name": name,
+            "Service": {"Service": db_like, "Connect": True, "OnlyPassing": True},
+        },
+    )
+    try:
+        captured = load_capture("query-execute-connect.http")
+        for ref in (query_id, name):
+            answer = await agent.http.get(f"/v1/query/{ref}/execute")
+            assert answer.status == 200
+            assert answer.header_names == captured.header_names
+            assert answer.header("X-Consul-Index") == "1"
+            body = answer.json()
+            # Native instances and proxies, the critical one dropped.
+            assert instance_ids(body) == {f"{db_like}-1", f"{db_like}-proxy-1"}
+            assert {k: v for k, v in body.items() if k != "Nodes"} == {
+                "Service": db_like,
+                "DNS": {"TTL": ""},
+                "Datacenter": "dc1",
+                "Failovers": 0,
+                "Index": 0,
+                "LastContact": 0,
+                "KnownLeader": True,
+                "ConsistencyLevel": "leader",
+            }
+            assert_execute_shapes(
+                body,
+                "query-execute-connect.http",
+                db_like,
+                [f"{db_like}-1", f"{db_like}-proxy-1"],
+            )
+        # Never blocking, whatever the index.
+        blocked, took = await elapsed(
+            agent.http.get(f"/v1/query/{name}/execute?index=1&wait=5s")
+        )
+        assert blocked.status == 200
+        assert took < 4
+    finally:
+        await agent.http.request("DELETE", f"/v1/query/{query_id}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_query_execute_plain_and_connect_parameter(
+    agent: AgentUnderTest, db_like: str
+) -> None:
+    name = f"{db_like}-plain"
+    query_id = await create_query(
+        agent, {"Name": name, "Service": {"Service": db_like}}
+    )
+    try:
+        plain = await agent.http.get(f"/v1/query/{name}/execute")
+        # The critical instance is dropped even without OnlyPassing.
+        assert instance_ids(plain.json()) == {f"{db_like}-1", f"{db_like}-3"}
+        assert_execute_shapes(
+            plain.json(), "query-execute-plain.http", db_like, [f"{db_like}-1"]
+        )
+        connect = await agent.http.get(f"/v1/query/{name}/execute?connect=true")
+        assert instance_ids(connect.json()) == {f"{db_like}-1", f"{db_like}-proxy-1"}
+        limited = await agent.http.get(f"/v1/query/{name}/execute?limit=1")
+        assert len(limited.json()["Nodes"]) == 1
+        assert_error(
+            await agent.http.get(f"/v1/query/{name}/execute?connect=bad"),
+            500,
+            "Error parsing 'connect' value: strconv.ParseBool: parsing \"bad\": "
+            "invalid syntax",
+        )
+        assert_error(
+            await agent.http.get(f"/v1/query/{name}/execute?limit=x"),
+            500,
+            'Bad limit: strconv.Atoi: parsing "x": invalid syntax',
+        )
+        tagged = await create_query(
+            agent,
+            {
+                "Name": f"{name}-tag",
+                "Service": {"Service": db_like, "Tags": ["!plain"]},
+            },
+        )
+        not_plain = await agent.http.get(f"/v1/query/{tagged}/execute")
+        assert instance_ids(not_plain.json()) == {f"{db_like}-1"}
+        await agent.http.request("DELETE", f"/v1/query/{tagged}")
+    finally:
+        await agent.http.request("DELETE", f"/v1/query/{query_id}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_query_list_get_update_delete(
+    agent: AgentUnderTest, unique_name: str
+) -> None:
+    query_id = await create_query(
+        agent, {"Name": unique_name, "Service": {"Service": unique_name}}
+    )
+    listed = await agent.http.get("/v1/query")
+    assert listed.status == 200
+    assert listed.header_names == load_capture("query-list.http").header_names
+    mine = [q for q in listed.json() if q["ID"] == query_id]
+    assert len(mine) == 1
+    (captured,) = [
+        q for q in load_capture("query-list.http").json() if q["Name"] == "db-plain"
+    ]
+    assert shape(mine[0]) == shape(captured)
+    one = await agent.http.get(f"/v1/query/{query_id}")
+    assert (one.status, one.json()) == (200, mine)
+    assert one.header("X-Consul-Knownleader") == "true"
+    updated = await agent.http.put(
+        f"/v1/query/{query_id}",
+        {"Name": unique_name, "Service": {"Service": unique_name, "OnlyPassing": True}},
+    )
+    assert_empty_write(updated)
+    after = (await agent.http.get(f"/v1/query/{query_id}")).json()[0]
+    assert after["Service"]["OnlyPassing"] is True
+    assert after["ModifyIndex"] > after["CreateIndex"]
+    assert_empty_write(await agent.http.request("DELETE", f"/v1/query/{query_id}"))
+    missing = f"Cannot modify non-existent prepared query: '{query_id}'"
+    assert_error(
+        await agent.http.request("DELETE", f"/v1/query/{query_id}"), 500, missing
+    )
+    assert_error(await agent.http.get(f"/v1/query/{query_id}"), 404, "Query not found")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "message"),
+    [
+        (
+            "POST",
+            "/v1/query",
+            {"Name": "bad"},
+            500,
+            "Invalid prepared query: Must provide a Service name to query",
+        ),
+        (
+            "POST",
+            "/v1/query",
+            {"Service": {"Service": "db"}},
+            500,
+            "Invalid prepared query: Must be bound to a session",
+        ),
+        (
+            "POST",
+            "/v1/query",
+            {"Name": "q", "Service": {"Service": "db", "Failover": {"NearestN": -1}}},
+            500,
+            "Invalid prepared query: Bad NearestN '-1', must be >= 0",
+        ),
+        (
+            "POST",
+            "/v1/query",
+            {"Name": "q", "Service": {"Service": "db"}, "DNS": {"TTL": "bogus"}},
+            500,
+            "Invalid prepared query: Bad DNS TTL 'bogus': time: invalid duration "
+            '"bogus"',
+        ),
+        (
+            "POST",
+            "/v1/query",
+            {"Name": "q", "Service": {"Service": "db", "Port": 1}},
+            400,
+            'Request decode failed: json: unknown field "Port"',
+        ),
+        (
+            "POST",
+            "/v1/query",
+            {"Name": "q", "ID": "x", "Service": {"Service": "db"}},
+            500,
+            "ID must be empty when creating a new prepared query",
+        ),
+        (
+            "POST",
+            "/v1/query",
+            {"Name": "q", "Service": {"Service": "db"}, "Template": {"Type": "x"}},
+            500,
+            "failed compiling template: Bad Template.Type 'x'",
+        ),
+        ("POST", "/v1/query", "", 400, "Request decode failed: EOF"),
+        ("PUT", "/v1/query", None, 405, "method PUT not allowed"),
+        ("POST", "/v1/query/x/execute", None, 405, "method POST not allowed"),
+        ("GET", "/v1/query/nosuch/execute", None, 404, "Query not found"),
+        (
+            "GET",
+            "/v1/query/nosuch",
+            None,
+            500,
+            "failed prepared query lookup: index error: UUID must be 36 characters",
+        ),
+        (
+            "DELETE",
+            "/v1/query/nosuch",
+            None,
+            500,
+            "Prepared Query lookup failed: failed prepared query lookup: index "
+            "error: UUID must be 36 characters",
+        ),
+        (
+            "PUT",
+            "/v1/query/00000000-0000-0000-0000-000000000000",
+            {"Name": "q", "Service": {"Service": "db"}},
+            500,
+            "Cannot modify non-existent prepared query: "
+            "'00000000-0000-0000-0000-000000000000'",
+        ),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_query_errors(
+    agent: AgentUnderTest,
+    method: str,
+    path: str,
+    body: object,
+    status: int,
+    message: str,
+) -> None:
+    data = None if body is None else body if isinstance(body, str) else json.dumps(body)
+    assert_error(await agent.http.request(method, path, data), status, message)
+
+
+@pytest_twisted.ensureDeferred
+async def test_query_names_may_not_alias(
+    agent: AgentUnderTest, unique_name: str
+) -> None:
+    query_id = await create_query(
+        agent, {"Name": unique_name, "Service": {"Service": "db"}}
+    )
+    try:
+        again = await agent.http.post(
+            "/v1/query", {"Name": unique_name, "Service": {"Service": "db"}}
+        )
+        assert_error(again, 500, f"name '{unique_name}' aliases an existing query name")
+        as_id = await agent.http.post(
+            "/v1/query", {"Name": query_id, "Service": {"Service": "db"}}
+        )
+        assert_error(as_id, 500, f"name '{query_id}' aliases an existing query ID")
+    finally:
+        await agent.http.request("DELETE", f"/v1/query/{query_id}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_acl_queries(acl_agent: AgentUnderTest, unique_name: str) -> None:
+    agent, master = acl_agent, acl_agent.master_token
+    web = await make_token(agent, write_rules(unique_name))
+    await acl_call(
+        agent,
+        "PUT",
+        "/v1/agent/service/register",
+        {"Name": unique_name, "Port": 1, "Check": {"TTL": "10m", "Status": "passing"}},
+        master,
+    )
+    body = {"Name": unique_name, "Service": {"Service": unique_name}}
+    for token in (None, web):
+        assert_error(
+            await acl_call(agent, "POST", "/v1/query", body, token),
+            403,
+            "Permission denied",
+        )
+    created = await acl_call(agent, "POST", "/v1/query", body, master)
+    assert created.status == 200
+    query_id = created.json()["ID"]
+    listed = await acl_call(agent, "GET", "/v1/query")
+    assert (listed.status, listed.json()) == (200, [])
+    anonymous = await acl_call(agent, "GET", f"/v1/query/{unique_name}/execute")
+    assert anonymous.status == 200
+    assert anonymous.json()["Nodes"] == []
+    seen = await acl_call(agent, "GET", f"/v1/query/{unique_name}/execute", None, web)
+    assert len(seen.json()["Nodes"]) == 1
+    assert_error(
+        await acl_call(agent, "DELETE", f"/v1/query/{query_id}"),
+        403,
+        "Permission denied",
+    )
+    assert_empty_write(
+        await acl_call(agent, "DELETE", f"/v1/query/{query_id}", None, master)
+    )
+    await acl_call(
+        agent, "PUT", f"/v1/agent/service/deregister/{unique_name}", None, master
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_intention_endpoints_ignore_namespaces(
+    agent: AgentUnderTest, unique_name: str
+) -> None:
+    # 1.8.7 reads no namespace on intention endpoints (the others refuse one).
+    body = {"SourceName": "a", "DestinationName": unique_name, "Action": "allow"}
+    created = await agent.http.post("/v1/connect/intentions?ns=team", body)
+    assert created.status == 200
+    intention_id = created.json()["ID"]
+    paths = [
+        "/v1/connect/intentions?ns=team",
+        f"/v1/connect/intentions/{intention_id}?ns=team",
+        f"/v1/connect/intentions/match?by=destination&name={unique_name}&ns=team",
+        f"/v1/connect/intentions/check?source=a&destination={unique_name}&ns=team",
+    ]
+    for path in paths:
+        answer = await agent.http.request(
+            "GET", path, headers={"X-Consul-Namespace": "team"}
+        )
+        assert (path, answer.status) == (path, 200)
+    deleted = await agent.http.request(
+        "DELETE", f"/v1/connect/intentions/{intention_id}?ns=team"
+    )
+    assert deleted.status == 200
+    refused = await agent.http.get(f"/v1/catalog/service/{unique_name}?ns=team")
+    assert_error(
+        refused,
+        400,
+        'Bad request: Invalid query parameter: "ns" - Namespaces are a Consul '
+        "Enterprise feature",
+    )

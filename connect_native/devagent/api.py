@@ -37,6 +37,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from connect_native.devagent.acl import Authorizer
+from connect_native.devagent.query import QueryInput
 from connect_native.devagent.state import (
     CAConfigInput,
     CheckDefinition,
@@ -913,6 +914,43 @@ _INTENTION = _Struct(
     },
     custom=True,
 )
+_QUERY = _Struct(
+    "structs.PreparedQuery",
+    "",
+    {
+        "ID": _Str(),
+        "Name": _Str(),
+        "Session": _Str(),
+        "Token": _Str(),
+        "Template": _Struct(
+            "structs.QueryTemplateOptions",
+            "Template",
+            {"Type": _Str(), "Regexp": _Str(), "RemoveEmptyTags": _Bool()},
+        ),
+        "Service": _Struct(
+            "structs.ServiceQuery",
+            "Service",
+            {
+                "Service": _Str(),
+                "Failover": _Struct(
+                    "structs.QueryDatacenterOptions",
+                    "Failover",
+                    {"NearestN": _Int(), "Datacenters": _List(_Str())},
+                ),
+                "OnlyPassing": _Bool(),
+                "IgnoreCheckIDs": _List(_Str("types.CheckID")),
+                "Near": _Str(),
+                "Tags": _List(_Str()),
+                "NodeMeta": _Map(_Str()),
+                "ServiceMeta": _Map(_Str()),
+                "Connect": _Bool(),
+            },
+        ),
+        "DNS": _Struct("structs.QueryDNSOptions", "DNS", {"TTL": _Str()}),
+        "CreateIndex": _Int("uint64", 64, signed=False),
+        "ModifyIndex": _Int("uint64", 64, signed=False),
+    },
+)
 _ACL_POLICY = _Struct(
     "struct { Hash string; *structs.Alias }",
     "",
@@ -1288,6 +1326,8 @@ _ROUTES = (
     _Route("/v1/catalog/connect/", True, ("GET",), "catalog_connect"),
     _Route("/v1/health/service/", True, ("GET",), "health_service"),
     _Route("/v1/health/connect/", True, ("GET",), "health_connect"),
+    _Route("/v1/query", False, ("GET", "POST"), "queries"),
+    _Route("/v1/query/", True, ("GET", "PUT", "DELETE"), "query_specific"),
     _Route("/v1/acl/policy", False, ("PUT",), "acl_policy_create"),
     _Route("/v1/acl/token", False, ("PUT",), "acl_token_create"),
 )
@@ -1497,6 +1537,16 @@ class AgentResource(Resource):
         :raises ConsulError: 403 ``ACL not found`` for an unknown token.
         """
         return self.agent.resolve_token(request_token(request, _query(request)))
+
+    def _intention_namespaces(
+        self, request: Request, query: dict[str, list[str]]
+    ) -> None:
+        """
+        1.8.7's intention endpoints ignore ``?ns=`` and ``X-Consul-Namespace``
+        (measured); from 1.9 they parse them, and Consul OSS refuses them.
+        """
+        if self.agent.newer_api:
+            _no_namespaces(request, query)
 
     def _check_dc(self, options: QueryOptions, *, meta: bool = False) -> None:
         """
@@ -1821,7 +1871,7 @@ class AgentResource(Resource):
         self, request: Request, reply: _Reply, rest: str, method: str
     ) -> None:
         query = _query(request)
-        _no_namespaces(request, query)
+        self._intention_namespaces(request, query)
         options = _query_options(request, query)
         self._check_dc(options, meta=method == "GET")
         if method == "POST":
@@ -1848,7 +1898,7 @@ class AgentResource(Resource):
         self, request: Request, reply: _Reply, rest: str, method: str
     ) -> None:
         query = _query(request)
-        _no_namespaces(request, query)
+        self._intention_namespaces(request, query)
         options = _query_options(request, query)
         self._check_dc(options)
         by = query.get("by")
@@ -1881,7 +1931,7 @@ class AgentResource(Resource):
         self, request: Request, reply: _Reply, rest: str, method: str
     ) -> None:
         query = _query(request)
-        _no_namespaces(request, query)
+        self._intention_namespaces(request, query)
         options = _query_options(request, query)
         self._check_dc(options)
         for key in ("source", "destination"):
@@ -1902,7 +1952,7 @@ class AgentResource(Resource):
         self, request: Request, reply: _Reply, rest: str, method: str
     ) -> None:
         query = _query(request)
-        _no_namespaces(request, query)
+        self._intention_namespaces(request, query)
         options = _query_options(request, query)
         self._check_dc(options)
         authz = self._authz(request)
@@ -2069,6 +2119,130 @@ class AgentResource(Resource):
         )
         return True
 
+    # ---- prepared queries
+
+    def _queries(self, request: Request, reply: _Reply, rest: str, method: str) -> None:
+        query = _query(request)
+        options = _query_options(request, query)
+        self._check_dc(options, meta=method == "GET")
+        authz = self._authz(request)
+        if method == "POST":
+            reply.json(
+                {"ID": self.agent.query_create(self._query_body(request), authz)}
+            )
+            return
+
+        def answer() -> None:
+            reply.json(
+                self.agent.queries_list(authz),
+                _meta_headers(
+                    self.agent.queries_index,
+                    known_leader=True,
+                    consistency=options.consistency,
+                ),
+            )
+
+        self._rpc_blocking(reply, options, lambda: self.agent.queries_index, answer)
+
+    def _query_body(self, request: Request) -> QueryInput:
+        try:
+            d = decode_go_json(self._body(request), _QUERY)
+        except GoJSONError as e:
+            raise ConsulError(400, f"Request decode failed: {e}") from None
+        service = d["Service"] or {}
+        failover = service.get("Failover") or {}
+        template = d["Template"] or {}
+        dns = d["DNS"] or {}
+
+        def strings(value: Any) -> tuple[str, ...] | None:
+            return None if value is None else tuple(v or "" for v in value)
+
+        def mapping(value: Any) -> dict[str, str] | None:
+            return None if value is None else {k: v or "" for k, v in value.items()}
+
+        return QueryInput(
+            id=d["ID"] or "",
+            name=d["Name"] or "",
+            session=d["Session"] or "",
+            token=d["Token"] or "",
+            template_type=template.get("Type") or "",
+            template_regexp=template.get("Regexp") or "",
+            remove_empty_tags=bool(template.get("RemoveEmptyTags")),
+            service=service.get("Service") or "",
+            nearest_n=failover.get("NearestN") or 0,
+            failover_datacenters=strings(failover.get("Datacenters")),
+            only_passing=bool(service.get("OnlyPassing")),
+            ignore_check_ids=strings(service.get("IgnoreCheckIDs")),
+            near=service.get("Near") or "",
+            tags=strings(service.get("Tags")),
+            node_meta=mapping(service.get("NodeMeta")),
+            service_meta=mapping(service.get("ServiceMeta")),
+            connect=bool(service.get("Connect")),
+            dns_ttl=dns.get("TTL") or "",
+        )
+
+    def _query_specific(
+        self, request: Request, reply: _Reply, rest: str, method: str
+    ) -> None:
+        query = _query(request)
+        options = _query_options(request, query)
+        if rest.endswith("/execute"):
+            if method != "GET":
+                raise ConsulError(405, f"method {method} not allowed", allow="GET")
+            self._check_dc(options)
+            limit = 0
+            limit_text = _get(query, "limit")
+            if limit_text:
+                limit = _go_atoi(limit_text, "Bad limit: ")
+            connect = False
+            connect_text = _get(query, "connect")
+            if connect_text:
+                try:
+                    connect = _parse_bool(connect_text)
+                except ValueError:
+                    raise ConsulError(
+                        500,
+                        "Error parsing 'connect' value: strconv.ParseBool: "
+                        f"parsing {go_quote(connect_text)}: invalid syntax",
+                    ) from None
+            authz = self._authz(request)
+            # Never blocking: index and wait are ignored, and the index
+            # reported is 1 (query-execute-index.http).
+            reply.json(
+                self.agent.query_execute(
+                    rest[: -len("/execute")], connect=connect, limit=limit, authz=authz
+                ),
+                _meta_headers(1, known_leader=True, consistency=options.consistency),
+            )
+            return
+        self._check_dc(options, meta=method == "GET")
+        authz = self._authz(request)
+        if method == "GET":
+
+            def answer() -> None:
+                try:
+                    body = self.agent.query_get(rest, authz)
+                except ConsulError as e:
+                    reply.error(e)
+                    return
+                reply.json(
+                    body,
+                    _meta_headers(
+                        self.agent.queries_index,
+                        known_leader=True,
+                        consistency=options.consistency,
+                    ),
+                )
+
+            self.agent.query_get(rest, authz)
+            self._rpc_blocking(reply, options, lambda: self.agent.queries_index, answer)
+        elif method == "PUT":
+            self.agent.query_update(rest, self._query_body(request), authz)
+            reply.empty()
+        else:
+            self.agent.query_delete(rest, authz)
+            reply.empty()
+
     # ---- ACLs
 
     def _acl_policy_create(
@@ -2125,6 +2299,22 @@ class AgentResource(Resource):
             # aclDisabled: before the token is looked at.
             raise ConsulError(401, "ACL support disabled")
         return self._authz(request)
+
+
+def _go_atoi(text: str, prefix: str) -> int:
+    # strconv.Atoi, with its two error texts.
+    if not re.fullmatch(r"[+-]?[0-9]+", text):
+        raise ConsulError(
+            500,
+            f"{prefix}strconv.Atoi: parsing {go_quote(text)}: invalid syntax",
+        )
+    value = int(text)
+    if not -(1 << 63) <= value < 1 << 63:
+        raise ConsulError(
+            500,
+            f"{prefix}strconv.Atoi: parsing {go_quote(text)}: value out of range",
+        )
+    return value
 
 
 def _refuse_filter(query: dict[str, list[str]]) -> None:

@@ -52,6 +52,12 @@ from connect_native.devagent.acl import (
     policy_problem,
 )
 from connect_native.devagent.ca import DevCA, IssuedLeaf, LeafRequestError
+from connect_native.devagent.query import (
+    PreparedQuery,
+    QueryInput,
+    filter_entries,
+    query_problem,
+)
 
 __all__ = [
     "ConsulError",
@@ -120,6 +126,15 @@ class ConsulError(Exception):
         self.message = message
         self.allow = allow
         self.headers = tuple(headers)
+
+
+def _parse_version(text: object) -> tuple[int, int, int] | None:
+    if not isinstance(text, str):
+        return None
+    match = re.fullmatch(r"(\d+)\.(\d+)(?:\.(\d+))?", text)
+    if match is None:
+        return None
+    return (int(match[1]), int(match[2]), int(match[3] or 0))
 
 
 def permission_denied(cause: str = "") -> ConsulError:
@@ -940,6 +955,12 @@ class DevAgent:
     :param acl_default_policy: ``None`` (the default) for ACLs off, as a
         ``-dev`` agent; ``"allow"`` or ``"deny"`` turns ACLs on with that
         default policy.
+    :param version: the Consul version to behave as: ``"1.8.7"`` (the
+        default, compared with a real agent) or a later one such as
+        ``"1.10.0"``, which adds the 1.9+ API layer (exact intentions,
+        ``service-intentions`` config entries with L7 permissions, the OSS
+        400 for namespaces on intention endpoints), written from Consul's
+        source and not compared with a real agent.
     :param master_token: with ACLs on, the token that may do anything
         (``acl.tokens.master``); it creates policies and tokens through
         ``/v1/acl/policy`` and ``/v1/acl/token``.
@@ -957,7 +978,14 @@ class DevAgent:
         ca: DevCA | None = None,
         acl_default_policy: str | None = None,
         master_token: str | None = None,
+        version: str = CONSUL_VERSION,
     ) -> None:
+        parsed_version = _parse_version(version)
+        if parsed_version is None or parsed_version < (1, 8, 7):
+            raise ValueError(
+                f"version must be a Consul version from 1.8.7 on, such as '1.8.7' "
+                f"or '1.10.0', not {version!r}"
+            )
         if acl_default_policy not in (None, "allow", "deny"):
             raise ValueError(
                 "acl_default_policy must be None (ACLs off), 'allow' or 'deny', "
@@ -979,6 +1007,10 @@ class DevAgent:
         if not isinstance(node_name, str) or not node_name:
             raise ValueError(f"node_name must be a non-empty str, not {node_name!r}")
         self.clock = clock
+        self.version = version
+        # The 1.9+ layer: exact intentions, service-intentions config
+        # entries with L7 permissions, namespaces refused on intentions.
+        self.newer_api = parsed_version >= (1, 9, 0)
         self.rng: random.Random = secrets.SystemRandom() if rng is None else rng
         self.datacenter = datacenter
         self.node_name = node_name
@@ -1026,6 +1058,9 @@ class DevAgent:
 
         self._intentions: dict[str, Intention] = {}
         self._intentions_index = 0
+
+        self._queries: dict[str, PreparedQuery] = {}
+        self._queries_index = 0
 
         self._leaves: dict[tuple[str, str], _LeafEntry] = {}
         self._roots_cached = False
@@ -1118,7 +1153,7 @@ class DevAgent:
         """
         node_tags = {
             "acls": "0",
-            "build": f"{CONSUL_VERSION}:",
+            "build": f"{self.version}:",
             "dc": self.datacenter,
             "ft_fs": "1",
             "id": self.node_id,
@@ -1140,7 +1175,7 @@ class DevAgent:
                 "NodeID": self.node_id,
                 "Revision": "",
                 "Server": True,
-                "Version": CONSUL_VERSION,
+                "Version": self.version,
             },
             "DebugConfig": self._debug_config(),
             "Coord": {
@@ -1172,7 +1207,7 @@ class DevAgent:
                 "build": {
                     "prerelease": "",
                     "revision": "",
-                    "version": CONSUL_VERSION,
+                    "version": self.version,
                 },
                 "consul": {
                     "acl": "disabled",
@@ -1254,7 +1289,7 @@ class DevAgent:
             "Revision": "",
             "ServerMode": True,
             "TaggedAddresses": self._node_tagged_addresses(),
-            "Version": CONSUL_VERSION,
+            "Version": self.version,
             "VersionPrerelease": "",
         }
 
@@ -2663,6 +2698,211 @@ class DevAgent:
             )
             out.append(flat)
         return out
+
+    # ----------------------------------------------------------------------
+    # prepared queries
+
+    @property
+    def queries_index(self) -> int:
+        return max(self._queries_index, 1)
+
+    def _query_readable(self, query: PreparedQuery, authz: Authorizer | None) -> bool:
+        if authz is None or authz.management:
+            return True
+        # A query without a name is seen only by management tokens.
+        return bool(query.name) and authz.allowed("query", query.name, "read")
+
+    def _query_json(
+        self, query: PreparedQuery, authz: Authorizer | None
+    ) -> dict[str, Any]:
+        return query.to_json(redact_token=authz is not None and not authz.management)
+
+    def queries_list(self, authz: Authorizer | None = None) -> list[dict[str, Any]]:
+        """
+        ``GET /v1/query``: by ID, those the token may read.
+        """
+        return [
+            self._query_json(q, authz)
+            for _, q in sorted(self._queries.items())
+            if self._query_readable(q, authz)
+        ]
+
+    def _query_by_id(self, query_id: str, what: str) -> PreparedQuery | None:
+        problem = _uuid_problem(query_id)
+        if problem is not None:
+            raise ConsulError(
+                500, f"{what}failed prepared query lookup: index error: {problem}"
+            )
+        return self._queries.get(query_id.lower())
+
+    def query_get(
+        self, query_id: str, authz: Authorizer | None = None
+    ) -> list[dict[str, Any]]:
+        """
+        ``GET /v1/query/<id>``: a list of one.
+
+        :raises ConsulError: 500 for an ID that is not a UUID, 404 ``Query
+            not found``, 403 when the token may not read it.
+        """
+        query = self._query_by_id(query_id, "")
+        if query is None:
+            raise ConsulError(404, "Query not found")
+        if not self._query_readable(query, authz):
+            raise permission_denied()
+        return [self._query_json(query, authz)]
+
+    def _query_checked(
+        self, given: QueryInput, authz: Authorizer | None, *, own_id: str
+    ) -> None:
+        problem = query_problem(given)
+        if problem is not None:
+            raise ConsulError(500, f"Invalid prepared query: {problem}")
+        for other in self._queries.values():
+            if other.id == own_id:
+                continue
+            if given.name and other.name == given.name:
+                raise ConsulError(
+                    500, f"name '{given.name}' aliases an existing query name"
+                )
+        if (
+            given.name
+            and given.name.lower() in self._queries
+            and (given.name.lower() != own_id)
+        ):
+            raise ConsulError(500, f"name '{given.name}' aliases an existing query ID")
+        if given.template_type:
+            # Consul compiles name_prefix_match templates with HIL
+            # interpolation; the development agent has no template engine.
+            reason = (
+                f"Bad Template.Type '{given.template_type}'"
+                if given.template_type != "name_prefix_match"
+                else "the development agent does not support prepared query "
+                "templates; use a query per service name, or a real agent"
+            )
+            raise ConsulError(500, f"failed compiling template: {reason}")
+        if given.session:
+            # There are no sessions on the development agent.
+            raise ConsulError(500, f"invalid session {go_quote(given.session)}")
+
+    def _query_write(self, name: str, authz: Authorizer | None) -> None:
+        if authz is not None and name and not authz.allowed("query", name, "write"):
+            raise permission_denied()
+
+    def query_create(self, given: QueryInput, authz: Authorizer | None = None) -> str:
+        """
+        ``POST /v1/query``: the new query's ID.
+
+        :raises ConsulError: 500 with Consul's message, 403 without
+            ``query:write`` on its name.
+        """
+        if given.id:
+            raise ConsulError(
+                500, "ID must be empty when creating a new prepared query"
+            )
+        self._query_write(given.name, authz)
+        query_id = random_uuid(self.rng)
+        self._query_checked(given, authz, own_id=query_id)
+        index = self._bump()
+        self._queries[query_id] = PreparedQuery(
+            id=query_id, given=given, create_index=index, modify_index=index
+        )
+        self._queries_index = index
+        log.info("prepared query created: {name} ({id})", name=given.name, id=query_id)
+        self._changed()
+        return query_id
+
+    def query_update(
+        self, query_id: str, given: QueryInput, authz: Authorizer | None = None
+    ) -> None:
+        """
+        ``PUT /v1/query/<id>``: the URL's ID wins.
+        """
+        self._query_write(given.name, authz)
+        existing = self._query_by_id(query_id, "Prepared Query lookup failed: ")
+        if existing is None:
+            raise ConsulError(
+                500, f"Cannot modify non-existent prepared query: '{query_id}'"
+            )
+        self._query_write(existing.name, authz)
+        self._query_checked(given, authz, own_id=existing.id)
+        index = self._bump()
+        self._queries[existing.id] = evolve(
+            existing, given=evolve(given, id=existing.id), modify_index=index
+        )
+        self._queries_index = index
+        self._changed()
+
+    def query_delete(self, query_id: str, authz: Authorizer | None = None) -> None:
+        """
+        ``DELETE /v1/query/<id>``.
+        """
+        existing = self._query_by_id(query_id, "Prepared Query lookup failed: ")
+        if existing is None:
+            raise ConsulError(
+                500, f"Cannot modify non-existent prepared query: '{query_id}'"
+            )
+        self._query_write(existing.name, authz)
+        del self._queries[existing.id]
+        self._queries_index = self._bump()
+        log.info("prepared query deleted: {id}", id=existing.id)
+        self._changed()
+
+    def query_execute(
+        self,
+        id_or_name: str,
+        *,
+        connect: bool = False,
+        limit: int = 0,
+        authz: Authorizer | None = None,
+    ) -> dict[str, Any]:
+        """
+        ``GET /v1/query/<id-or-name>/execute``: the healthy instances of
+        the query's service (native instances and proxies with ``connect``
+        or a Connect query), shuffled, with the query metadata in the body
+        as 1.8.7 leaks it.  Never blocks.
+
+        :raises ConsulError: 404 ``Query not found``.
+        """
+        query = (
+            self._queries.get(id_or_name.lower())
+            if _uuid_problem(id_or_name) is None
+            else None
+        )
+        if query is None:
+            query = next(
+                (q for q in self._queries.values() if q.name and q.name == id_or_name),
+                None,
+            )
+        if query is None:
+            raise ConsulError(404, "Query not found")
+        q = query.given
+        if q.token:
+            # The query runs with its own token, whoever executes it.
+            authz = self.resolve_token(q.token)
+        entries = self.health(q.service, connect=connect or q.connect, authz=authz)
+        nodes = filter_entries(entries, q)
+        self.rng.shuffle(nodes)
+        if limit > 0:
+            nodes = nodes[:limit]
+        for entry in nodes:
+            # Straight from the RPC: empty tag lists are nil here, unlike
+            # the health endpoint's.
+            if not entry["Service"]["Tags"]:
+                entry["Service"]["Tags"] = None
+            for check in entry["Checks"]:
+                if not check["ServiceTags"]:
+                    check["ServiceTags"] = None
+        return {
+            "Service": q.service,
+            "Nodes": nodes,
+            "DNS": {"TTL": q.dns_ttl},
+            "Datacenter": self.datacenter,
+            "Failovers": 0,
+            "Index": 0,
+            "LastContact": 0,
+            "KnownLeader": True,
+            "ConsistencyLevel": "leader",
+        }
 
     def cache_lookup(self, key: tuple[Any, ...]) -> bool:
         """
