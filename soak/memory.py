@@ -23,8 +23,9 @@ Two phases, each against a fresh terminator so one cannot hide the other
    ``/proc/<pid>/status``) and open descriptors at each checkpoint and after
    an idle hold; make one more round trip on every connection (none was
    dropped), close them all and check the descriptors are released; then
-   open as many again and check the resident set did not grow past its
-   first peak (the memory of closed connections is reused, not leaked).
+   open as many again (``--rounds``) and check the resident set grew by at
+   most a bounded fraction of what the first round took (the memory of
+   closed connections is reused, not leaked).
 
 ``cycles``
    Repeatedly open a batch of connections, make a round trip on each, close
