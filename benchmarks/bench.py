@@ -484,25 +484,47 @@ def read_exactly(tls: ssl.SSLSocket, size: int) -> bytes:
     return got
 
 
-def one_request(context: ssl.SSLContext, port: int) -> bool:
+def one_request(
+    context: ssl.SSLContext, port: int, times: list[float] | None = None
+) -> bool:
+    """
+    One connection, one request: with ``times``, appends how long the
+    connect + handshake took, then the request, in ms.
+    """
+    started = time.perf_counter()
     with connect(context, port) as tls:
+        shaken = time.perf_counter()
         tls.sendall(b"C\n")
-        return read_exactly(tls, 3) == b"ok\n"
+        ok = read_exactly(tls, 3) == b"ok\n"
+        answered = time.perf_counter()
+    if times is not None:
+        times.extend(((shaken - started) * 1e3, (answered - shaken) * 1e3))
+    return ok
 
 
 def _conn_client(certs: dict[str, str], port: int, seconds: float) -> dict[str, Any]:
     context = client_context(certs)
     done = errors = 0
+    handshakes: list[float] = []
+    requests: list[float] = []
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
+        times: list[float] = []
         try:
-            if one_request(context, port):
+            if one_request(context, port, times):
                 done += 1
+                handshakes.append(times[0])
+                requests.append(times[1])
             else:
                 errors += 1
         except (OSError, ssl.SSLError):
             errors += 1
-    return {"done": done, "errors": errors}
+    return {
+        "done": done,
+        "errors": errors,
+        "handshakes": handshakes,
+        "requests": requests,
+    }
 
 
 def _bulk_client(
@@ -668,6 +690,9 @@ def measure(
     figures["conns_per_s"] = done / wall if done else None
     figures["cpu_us_per_conn"] = cpu / done * 1e6 if done else None
     figures["agent_cpu_us_per_conn"] = agent_cpu / done * 1e6 if done else None
+    for key, label in (("handshakes", "conn_handshake"), ("requests", "conn_request")):
+        samples = [t for r in results for t in r.get(key, [])]
+        figures[f"{label}_p50_ms"] = statistics.median(samples) if samples else None
 
     for label, clients, size in (
         ("bulk1", 1, plan.bulk1_bytes),
@@ -731,6 +756,8 @@ def check_target(target: Target, certs: dict[str, str]) -> dict[str, Any]:
 FIGURES = (
     ("cpu_us_per_conn", "CPU µs/conn", "{:.0f}"),
     ("conns_per_s", "conns/s", "{:.0f}"),
+    ("conn_handshake_p50_ms", "handshake p50 ms", "{:.2f}"),
+    ("conn_request_p50_ms", "1st answer p50 ms", "{:.2f}"),
     ("bulk1_mib_s", "bulk x1 MiB/s", "{:.0f}"),
     ("bulk8_mib_s", "bulk x8 MiB/s", "{:.0f}"),
     ("bulk8_cpu_s_per_gib", "CPU s/GiB x8", "{:.2f}"),
