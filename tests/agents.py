@@ -146,14 +146,21 @@ class AgentUnderTest:
 
 
 def serve_dev_agent(
-    *, acl_default_policy: str | None = None, master_token: str | None = None
+    *,
+    acl_default_policy: str | None = None,
+    master_token: str | None = None,
+    version: str = "1.8.7",
 ) -> AgentUnderTest:
     """
     A new development agent on 127.0.0.1 (a free port), on the real reactor;
-    with ACLs on when ``acl_default_policy`` is given.
+    with ACLs on when ``acl_default_policy`` is given, and the 1.9+ API
+    layer for a later ``version``.
     """
     dev = DevAgent(
-        reactor, acl_default_policy=acl_default_policy, master_token=master_token
+        reactor,
+        acl_default_policy=acl_default_policy,
+        master_token=master_token,
+        version=version,
     )
     site = Site(dev.resource())
     site.noisy = False

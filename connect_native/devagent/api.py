@@ -951,6 +951,90 @@ _QUERY = _Struct(
         "ModifyIndex": _Int("uint64", 64, signed=False),
     },
 )
+# Consul 1.9+ (from the source): L7 permissions and service-intentions
+# config entries.
+_HEADER_PERMISSION = _Struct(
+    "structs.IntentionHTTPHeaderPermission",
+    "Header",
+    {
+        "Name": _Str(),
+        "Present": _Bool(),
+        "Exact": _Str(),
+        "Prefix": _Str(),
+        "Suffix": _Str(),
+        "Contains": _Str(),
+        "Regex": _Str(),
+        "Invert": _Bool(),
+        "IgnoreCase": _Bool(),
+    },
+    aliases={"ignore_case": "IgnoreCase"},
+)
+_HTTP_PERMISSION = _Struct(
+    "structs.IntentionHTTPPermission",
+    "HTTP",
+    {
+        "PathExact": _Str(),
+        "PathPrefix": _Str(),
+        "PathRegex": _Str(),
+        "Header": _List(_HEADER_PERMISSION),
+        "Methods": _List(_Str()),
+    },
+    aliases={
+        "path_exact": "PathExact",
+        "path_prefix": "PathPrefix",
+        "path_regex": "PathRegex",
+    },
+)
+_PERMISSION = _Struct(
+    "structs.IntentionPermission",
+    "Permissions",
+    {"Action": _Str("structs.IntentionAction"), "HTTP": _HTTP_PERMISSION},
+)
+_SOURCE_INTENTION = _Struct(
+    "structs.SourceIntention",
+    "Sources",
+    {
+        "Name": _Str(),
+        "Namespace": _Str(),
+        "Partition": _Str(),
+        "Action": _Str("structs.IntentionAction"),
+        "Permissions": _List(_PERMISSION),
+        "Precedence": _Int(),
+        "Type": _Str("structs.IntentionSourceType"),
+        "Description": _Str(),
+    },
+)
+_CONFIG_ENTRY = _Struct(
+    "structs.ServiceIntentionsConfigEntry",
+    "",
+    {
+        "Kind": _Str(),
+        "Name": _Str(),
+        "Namespace": _Str(),
+        "Partition": _Str(),
+        "Sources": _List(_SOURCE_INTENTION),
+        "Meta": _Map(_Str()),
+        "CreateIndex": _Int("uint64", 64, signed=False),
+        "ModifyIndex": _Int("uint64", 64, signed=False),
+    },
+)
+_EXACT_INTENTION = _Struct(
+    "structs.Intention",
+    "",
+    {
+        "ID": _Str(),
+        "Description": _Str(),
+        "SourceNS": _Str(),
+        "SourceName": _Str(),
+        "DestinationNS": _Str(),
+        "DestinationName": _Str(),
+        "SourceType": _Str("structs.IntentionSourceType"),
+        "Action": _Str("structs.IntentionAction"),
+        "Permissions": _List(_PERMISSION),
+        "Meta": _Map(_Str()),
+        "Precedence": _Int(),
+    },
+)
 _ACL_POLICY = _Struct(
     "struct { Hash string; *structs.Alias }",
     "",
@@ -1326,6 +1410,8 @@ _ROUTES = (
     _Route("/v1/catalog/connect/", True, ("GET",), "catalog_connect"),
     _Route("/v1/health/service/", True, ("GET",), "health_service"),
     _Route("/v1/health/connect/", True, ("GET",), "health_connect"),
+    _Route("/v1/config", False, ("PUT",), "config_apply"),
+    _Route("/v1/config/", True, ("GET", "DELETE"), "config_entry"),
     _Route("/v1/query", False, ("GET", "POST"), "queries"),
     _Route("/v1/query/", True, ("GET", "PUT", "DELETE"), "query_specific"),
     _Route("/v1/acl/policy", False, ("PUT",), "acl_policy_create"),
@@ -1956,6 +2042,9 @@ class AgentResource(Resource):
         options = _query_options(request, query)
         self._check_dc(options)
         authz = self._authz(request)
+        if rest == "exact" and self.agent.newer_api:
+            self._intention_exact(request, reply, query, method, authz)
+            return
         if method == "GET":
             reply.json(self.agent.intention_get(rest, authz))
         elif method == "PUT":
@@ -2118,6 +2207,132 @@ class AgentResource(Resource):
             _meta_headers(1, known_leader=False, consistency=options.consistency),
         )
         return True
+
+    # ---- Consul 1.9+: exact intentions and config entries (from the source)
+
+    def _intention_exact(
+        self,
+        request: Request,
+        reply: _Reply,
+        query: dict[str, list[str]],
+        method: str,
+        authz: Authorizer | None,
+    ) -> None:
+        names = []
+        for key in ("source", "destination"):
+            if not _get(query, key):
+                raise ConsulError(500, f"required query parameter '{key}' not set")
+            names.append(_get(query, key))
+        source, destination = names
+        if method == "GET":
+            # No meta headers on this one (IntentionGetExact has no setMeta).
+            reply.json(self.agent.intention_exact_get(source, destination, authz))
+            return
+        if method == "DELETE":
+            self.agent.intention_exact_delete(source, destination, authz)
+            reply.json(True)
+            return
+        try:
+            fields = decode_go_json(self._body(request), _EXACT_INTENTION)
+        except GoJSONError as e:
+            raise ConsulError(400, f"Bad request: Request decode failed: {e}") from None
+        self.agent.intention_exact_put(source, destination, fields, authz)
+        reply.json(True)
+
+    def _config_apply(
+        self, request: Request, reply: _Reply, rest: str, method: str
+    ) -> None:
+        query = _query(request)
+        _no_namespaces(request, query)
+        options = _query_options(request, query)
+        self._check_dc(options)
+        try:
+            decoded = decode_go_json(self._body(request), _CONFIG_ENTRY)
+        except GoJSONError as e:
+            raise ConsulError(
+                400, f"Bad request: Request decoding failed: {e}"
+            ) from None
+        kind = decoded["Kind"] or ""
+        if kind != "service-intentions" or not self.agent.newer_api:
+            raise ConsulError(
+                400,
+                f"Bad request: Request decoding failed: invalid config entry kind: "
+                f"{kind}",
+            )
+        for key in ("Namespace", "Partition"):
+            if decoded[key] and decoded[key] != "default":
+                raise ConsulError(
+                    400,
+                    f"Bad request: Request decoding failed: {key}s are a Consul "
+                    "Enterprise feature",
+                )
+        cas = self._cas(query)
+        authz = self._authz(request)
+        sources = [src for src in decoded["Sources"] or [] if src is not None]
+        reply.json(
+            self.agent.config_apply(
+                decoded["Name"] or "",
+                sources,
+                decoded["Meta"],
+                cas=cas,
+                authz=authz,
+            )
+        )
+
+    def _cas(self, query: dict[str, list[str]]) -> int | None:
+        if "cas" not in query:
+            return None
+        text = _get(query, "cas")
+        if not re.fullmatch(r"[0-9]+", text) or int(text) >= 1 << 64:
+            raise ConsulError(
+                400, f"Bad request: Failed to parse 'cas' value: {go_quote(text)}"
+            )
+        return int(text)
+
+    def _config_entry(
+        self, request: Request, reply: _Reply, rest: str, method: str
+    ) -> None:
+        query = _query(request)
+        _no_namespaces(request, query)
+        options = _query_options(request, query)
+        self._check_dc(options, meta=method == "GET")
+        kind, _, name = rest.partition("/")
+        authz = self._authz(request)
+        if method == "DELETE":
+            if not name:
+                raise ConsulError(
+                    405, "method DELETE not allowed", allow="OPTIONS,GET,PUT"
+                )
+            reply.json(
+                self.agent.config_delete(kind, name, cas=self._cas(query), authz=authz)
+            )
+            return
+
+        def answer() -> None:
+            try:
+                body: Any = (
+                    self.agent.config_get(kind, name, authz)
+                    if name
+                    else self.agent.config_list(kind, authz)
+                )
+            except ConsulError as e:
+                reply.error(e)
+                return
+            reply.json(
+                body,
+                _meta_headers(
+                    self.agent.config_index,
+                    known_leader=True,
+                    consistency=options.consistency,
+                ),
+            )
+
+        # Errors (an unknown kind) before blocking.
+        if name:
+            self.agent.config_get(kind, name, authz)
+        else:
+            self.agent.config_list(kind, authz)
+        self._rpc_blocking(reply, options, lambda: self.agent.config_index, answer)
 
     # ---- prepared queries
 

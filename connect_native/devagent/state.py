@@ -52,6 +52,12 @@ from connect_native.devagent.acl import (
     policy_problem,
 )
 from connect_native.devagent.ca import DevCA, IssuedLeaf, LeafRequestError
+from connect_native.devagent.config import (
+    SERVICE_INTENTIONS,
+    IntentionsEntry,
+    entry_problem,
+    normalized,
+)
 from connect_native.devagent.query import (
     PreparedQuery,
     QueryInput,
@@ -721,8 +727,40 @@ class Intention:
     hash: str
     create_index: int
     modify_index: int
+    # Consul 1.9+: L7 permissions (plain JSON), and whether the intention
+    # has an ID (made through the ID API) or comes from a config entry.
+    permissions: tuple[Mapping[str, Any], ...] = ()
+    legacy: bool = True
 
     def to_json(self) -> dict[str, Any]:
+        if not self.legacy:
+            # ToIntention, marshalled with omitempty and no zero times.
+            out: dict[str, Any] = {}
+            if self.description:
+                out["Description"] = self.description
+            out.update(
+                {
+                    "SourceNS": self.source_ns,
+                    "SourceName": self.source_name,
+                    "DestinationNS": self.destination_ns,
+                    "DestinationName": self.destination_name,
+                    "SourceType": self.source_type,
+                }
+            )
+            if self.action:
+                out["Action"] = self.action
+            if self.permissions:
+                out["Permissions"] = [dict(p) for p in self.permissions]
+            if self.meta:
+                out["Meta"] = dict(self.meta)
+            out.update(
+                {
+                    "Precedence": self.precedence,
+                    "CreateIndex": self.create_index,
+                    "ModifyIndex": self.modify_index,
+                }
+            )
+            return out
         return {
             "ID": self.id,
             "Description": self.description,
@@ -742,6 +780,26 @@ class Intention:
             "CreateIndex": self.create_index,
             "ModifyIndex": self.modify_index,
         }
+
+    def describe(self, *, newer: bool) -> str:
+        """
+        ``Intention.String()``: 1.8's form, or 1.9+'s (``default/api =>
+        default/web (ID: ..., Precedence: 9, Action: ALLOW)``, the ID only
+        for intentions made through the ID API, ``Permissions: n`` for L7).
+        """
+        if not newer:
+            return str(self)
+        id_part = f"ID: {self.id}, " if self.legacy else ""
+        detail = (
+            f"Permissions: {len(self.permissions)}"
+            if self.permissions
+            else f"Action: {self.action.upper()}"
+        )
+        return (
+            f"{self.source_ns}/{self.source_name} => "
+            f"{self.destination_ns}/{self.destination_name} "
+            f"({id_part}Precedence: {self.precedence}, {detail})"
+        )
 
     def __str__(self) -> str:
         # structs.Intention.String() in 1.8.
@@ -1011,6 +1069,7 @@ class DevAgent:
         # The 1.9+ layer: exact intentions, service-intentions config
         # entries with L7 permissions, namespaces refused on intentions.
         self.newer_api = parsed_version >= (1, 9, 0)
+        self._version = parsed_version
         self.rng: random.Random = secrets.SystemRandom() if rng is None else rng
         self.datacenter = datacenter
         self.node_name = node_name
@@ -1058,6 +1117,8 @@ class DevAgent:
 
         self._intentions: dict[str, Intention] = {}
         self._intentions_index = 0
+        self._intention_entries: dict[str, IntentionsEntry] = {}
+        self._config_index = 0
 
         self._queries: dict[str, PreparedQuery] = {}
         self._queries_index = 0
@@ -1727,8 +1788,16 @@ class DevAgent:
                 continue
             if ixn.source_name not in (WILDCARD, identity.service):
                 continue
-            return ixn.action == "allow", f"Matched intention: {ixn}", hit
+            if not self.newer_api:
+                return ixn.action == "allow", f"Matched intention: {ixn}", hit
+            described = ixn.describe(newer=True)
+            if ixn.permissions:
+                # L7 intentions deny at L4: the HTTP layer must decide.
+                return False, f"Matched L7 intention: {described}", hit
+            return ixn.action == "allow", f"Matched L4 intention: {described}", hit
         if authz is None:
+            if self._version >= (1, 11, 0):
+                return True, "Default behavior configured by ACLs", hit
             return True, "ACLs disabled, access is allowed by default", hit
         return (
             authz.intention_default_allow(),
@@ -1750,9 +1819,42 @@ class DevAgent:
         """
         return [
             i.to_json()
-            for i in sorted(self._intentions.values(), key=Intention.sort_key)
+            for i in sorted(self._all_intentions(), key=Intention.sort_key)
             if authz is None or authz.intention_read(i.destination_name)
         ]
+
+    def _all_intentions(self) -> list[Intention]:
+        """
+        The intentions made through the ID API and, from 1.9, those of the
+        ``service-intentions`` config entries (``ToIntention``).
+        """
+        out = list(self._intentions.values())
+        for entry in self._intention_entries.values():
+            for src in entry.sources:
+                out.append(
+                    Intention(
+                        id="",
+                        description=src.description,
+                        source_ns=src.namespace,
+                        source_name=src.name,
+                        destination_ns=DEFAULT_NAMESPACE,
+                        destination_name=entry.name,
+                        source_type=src.type,
+                        action=src.action,
+                        default_addr="",
+                        default_port=0,
+                        meta=dict(entry.meta or {}),
+                        precedence=src.precedence,
+                        created_at=0.0,
+                        updated_at=0.0,
+                        hash="",
+                        create_index=entry.create_index,
+                        modify_index=entry.modify_index,
+                        permissions=src.permissions,
+                        legacy=False,
+                    )
+                )
+        return out
 
     def _match(self, by: str, namespace: str, name: str) -> list[Intention]:
         # state.IntentionMatch: (ns, name), (ns, *) and (*, *).
@@ -1760,7 +1862,7 @@ class DevAgent:
         if namespace != WILDCARD:
             wanted.add((WILDCARD, WILDCARD))
         found = []
-        for ixn in self._intentions.values():
+        for ixn in self._all_intentions():
             pair = (
                 (ixn.destination_ns, ixn.destination_name)
                 if by == "destination"
@@ -1818,7 +1920,8 @@ class DevAgent:
                 continue
             if ixn.source_name not in (WILDCARD, src):
                 continue
-            return ixn.action == "allow"
+            # An L7 intention counts as a deny here.
+            return ixn.action == "allow" and not ixn.permissions
         # Consul asks the anonymous token: the default policy.
         return authz is None or self.acl_default_policy == "allow"
 
@@ -1856,7 +1959,7 @@ class DevAgent:
         ixn = self._checked_intention(
             given, intention_id=random_uuid(self.rng), created_at=now, create_index=0
         )
-        for other in self._intentions.values():
+        for other in self._all_intentions():
             if (
                 other.source_ns,
                 other.source_name,
@@ -1868,7 +1971,11 @@ class DevAgent:
                 ixn.destination_ns,
                 ixn.destination_name,
             ):
-                raise ConsulError(500, f"duplicate intention found: {other}")
+                raise ConsulError(
+                    500,
+                    "duplicate intention found: "
+                    + other.describe(newer=self.newer_api),
+                )
         index = self._bump()
         ixn = evolve(ixn, create_index=index, modify_index=index)
         self._intentions[ixn.id] = ixn
@@ -2698,6 +2805,233 @@ class DevAgent:
             )
             out.append(flat)
         return out
+
+    # ----------------------------------------------------------------------
+    # Consul 1.9+: service-intentions config entries and exact intentions
+    # (from Consul's source, not compared with a real agent)
+
+    def _config_kind(self, kind: str) -> None:
+        if kind == SERVICE_INTENTIONS and self.newer_api:
+            return
+        if kind == SERVICE_INTENTIONS or not self.newer_api:
+            # What 1.8.7 answers (measured) for a kind it does not know.
+            raise ConsulError(500, f"invalid config entry kind: {kind}")
+        raise ConsulError(
+            500,
+            f"the development agent has no {go_quote(kind)} config entries: "
+            "only service-intentions (test other kinds against a real agent)",
+        )
+
+    @property
+    def config_index(self) -> int:
+        return max(self._config_index, 1)
+
+    def _entries_changed(self) -> None:
+        index = self._bump()
+        self._config_index = index
+        self._intentions_index = index
+        self._changed()
+
+    def config_apply(
+        self,
+        name: str,
+        sources: Sequence[Mapping[str, Any]],
+        meta: Mapping[str, str] | None,
+        *,
+        cas: int | None = None,
+        authz: Authorizer | None = None,
+    ) -> bool:
+        """
+        ``PUT /v1/config`` with a ``service-intentions`` entry: ``False``
+        when ``cas`` does not match the entry's ``ModifyIndex``.
+
+        :raises ConsulError: 500 with Consul's validation message, 403
+            without ``intentions = "write"`` on the destination.
+        """
+        if authz is not None and not authz.intention_write(name):
+            raise permission_denied()
+        entry = normalized(name, sources, meta)
+        problem = entry_problem(entry)
+        if problem is not None:
+            raise ConsulError(500, problem)
+        existing = self._intention_entries.get(name)
+        if cas is not None:
+            current = existing.modify_index if existing is not None else 0
+            if cas != current:
+                return False
+        for ixn in self._intentions.values():
+            if ixn.destination_name == name and any(
+                (src.namespace, src.name) == (ixn.source_ns, ixn.source_name)
+                for src in entry.sources
+            ):
+                raise ConsulError(
+                    500,
+                    f"duplicate intention found: {ixn.describe(newer=True)}",
+                )
+        index = self._bump()
+        self._intention_entries[name] = evolve(
+            entry,
+            create_index=existing.create_index if existing is not None else index,
+            modify_index=index,
+        )
+        log.info("service-intentions entry written: {name}", name=name)
+        self._entries_changed()
+        return True
+
+    def config_get(
+        self, kind: str, name: str, authz: Authorizer | None = None
+    ) -> dict[str, Any]:
+        self._config_kind(kind)
+        entry = self._intention_entries.get(name)
+        if entry is None:
+            raise ConsulError(
+                404, f"Config entry not found for {go_quote(kind)} / {go_quote(name)}"
+            )
+        if authz is not None and not authz.intention_read(name):
+            raise permission_denied()
+        return entry.to_json()
+
+    def config_list(
+        self, kind: str, authz: Authorizer | None = None
+    ) -> list[dict[str, Any]]:
+        self._config_kind(kind)
+        return [
+            e.to_json()
+            for name, e in sorted(self._intention_entries.items())
+            if authz is None or authz.intention_read(name)
+        ]
+
+    def config_delete(
+        self,
+        kind: str,
+        name: str,
+        *,
+        cas: int | None = None,
+        authz: Authorizer | None = None,
+    ) -> bool:
+        self._config_kind(kind)
+        if authz is not None and not authz.intention_write(name):
+            raise permission_denied()
+        entry = self._intention_entries.get(name)
+        if cas is not None and (entry.modify_index if entry else 0) != cas:
+            return False
+        if entry is not None:
+            del self._intention_entries[name]
+            log.info("service-intentions entry deleted: {name}", name=name)
+            self._entries_changed()
+        return True
+
+    def _exact_names(self, source: str, destination: str) -> tuple[str, str, str]:
+        src_ns, src = _parse_match_name(source)
+        dst_ns, dst = _parse_match_name(destination)
+        if dst_ns != DEFAULT_NAMESPACE:
+            raise ConsulError(
+                400,
+                'Bad request: Invalid query parameter: "ns" - Namespaces are a '
+                "Consul Enterprise feature",
+            )
+        return src_ns, src, dst
+
+    def intention_exact_get(
+        self, source: str, destination: str, authz: Authorizer | None = None
+    ) -> dict[str, Any]:
+        """
+        ``GET /v1/connect/intentions/exact``: 404 ``Intention not found``.
+        """
+        src_ns, src, dst = self._exact_names(source, destination)
+        if authz is not None and not authz.intention_read(dst):
+            raise permission_denied()
+        for ixn in self._all_intentions():
+            if (ixn.source_ns, ixn.source_name, ixn.destination_name) == (
+                src_ns,
+                src,
+                dst,
+            ):
+                return ixn.to_json()
+        raise ConsulError(404, "Intention not found")
+
+    def intention_exact_put(
+        self,
+        source: str,
+        destination: str,
+        fields: Mapping[str, Any],
+        authz: Authorizer | None = None,
+    ) -> None:
+        """
+        ``PUT /v1/connect/intentions/exact``: the source is upserted into the
+        destination's config entry (or the intention of the ID API with the
+        same names is updated).
+        """
+        src_ns, src, dst = self._exact_names(source, destination)
+        if authz is not None and not authz.intention_write(dst):
+            raise permission_denied()
+        for ixn in self._intentions.values():
+            if (ixn.source_ns, ixn.source_name, ixn.destination_name) == (
+                src_ns,
+                src,
+                dst,
+            ):
+                self.intention_update(
+                    ixn.id,
+                    IntentionInput(
+                        description=fields.get("Description") or "",
+                        source_ns=src_ns,
+                        source_name=src,
+                        destination_name=dst,
+                        source_type=fields.get("SourceType") or "",
+                        action=fields.get("Action") or "",
+                        meta=ixn.meta,
+                    ),
+                    authz,
+                )
+                return
+        new_source = {
+            "Name": src,
+            "Namespace": src_ns,
+            "Action": fields.get("Action") or "",
+            "Permissions": fields.get("Permissions"),
+            "Type": fields.get("SourceType") or "",
+            "Description": fields.get("Description") or "",
+        }
+        entry = self._intention_entries.get(dst)
+        sources = [] if entry is None else [s.to_json() for s in entry.sources]
+        sources = [
+            s
+            for s in sources
+            if (s.get("Namespace", DEFAULT_NAMESPACE), s["Name"]) != (src_ns, src)
+        ]
+        sources.append(new_source)
+        self.config_apply(
+            dst, sources, None if entry is None else entry.meta, authz=authz
+        )
+
+    def intention_exact_delete(
+        self, source: str, destination: str, authz: Authorizer | None = None
+    ) -> None:
+        src_ns, src, dst = self._exact_names(source, destination)
+        if authz is not None and not authz.intention_write(dst):
+            raise permission_denied()
+        for ixn in list(self._intentions.values()):
+            if (ixn.source_ns, ixn.source_name, ixn.destination_name) == (
+                src_ns,
+                src,
+                dst,
+            ):
+                self.intention_delete(ixn.id, authz)
+                return
+        entry = self._intention_entries.get(dst)
+        if entry is None:
+            raise ConsulError(404, "Intention not found")
+        kept = tuple(s for s in entry.sources if (s.namespace, s.name) != (src_ns, src))
+        if len(kept) == len(entry.sources):
+            raise ConsulError(404, "Intention not found")
+        if kept:
+            self._intention_entries[dst] = evolve(
+                entry, sources=kept, modify_index=self._bump()
+            )
+        else:
+            del self._intention_entries[dst]
+        self._entries_changed()
 
     # ----------------------------------------------------------------------
     # prepared queries
