@@ -447,24 +447,24 @@ def test_slash_in_name_is_refused_with_consuls_message(clock: Clock) -> None:
 def test_refused_names_use_no_serial(ca: DevCA) -> None:
     with pytest.raises(LeafRequestError):
         ca.sign_leaf("")
-    assert ca.sign_leaf("web").serial_number == "02"
+    assert ca.sign_leaf("web").serial_number == "08"
 
 
 # --- serials and indexes ---
 
 
 def test_one_serial_counter_for_roots_leaves_and_cross_signed(ca: DevCA) -> None:
-    assert ca.roots().active_root.serial_number == 1
-    assert ca.sign_leaf("web").serial_number == "02"
-    assert ca.sign_leaf("db").serial_number == "03"
+    assert ca.roots().active_root.serial_number == 7
+    assert ca.sign_leaf("web").serial_number == "08"
+    assert ca.sign_leaf("db").serial_number == "09"
     ca.rotate()
     new_root = ca.roots().active_root
-    assert new_root.serial_number == 4
+    assert new_root.serial_number == 10
     assert new_root.intermediate_certs is not None
-    assert pem_certs(new_root.intermediate_certs[0])[0].serial_number == 5
+    assert pem_certs(new_root.intermediate_certs[0])[0].serial_number == 11
     leaf = ca.sign_leaf("web")
-    assert leaf.serial_number == "06"
-    assert pem_certs(leaf.cert_pem)[0].serial_number == 6
+    assert leaf.serial_number == "0c"
+    assert pem_certs(leaf.cert_pem)[0].serial_number == 12
 
 
 @pytest.mark.parametrize(

@@ -45,6 +45,9 @@ __all__ = [
     "LeafRequestError",
 ]
 
+# The serial of a fresh -dev agent's root (measured on 1.8.7).
+FIRST_SERIAL = 7
+
 ROOT_NAME = "Consul CA Root Cert"
 DEFAULT_LEAF_TTL = 72 * 3600.0
 _ROOT_YEARS = 10
@@ -297,7 +300,9 @@ class DevCA:
         self._datacenter = datacenter
         self._leaf_ttl = 0.0
         self.set_leaf_ttl(leaf_ttl)
-        self._serials = count(1)
+        # A fresh `consul agent -dev` signs its root with serial 7 and its
+        # first leaf with 8 ("08"): the same numbers here.
+        self._serials = count(FIRST_SERIAL)
         self._next_index: Callable[[], int] = (
             count(1).__next__ if next_index is None else next_index
         )
