@@ -1,6 +1,8 @@
 """
 The development agent's state and behaviour: the catalog with its checks, TTL
-checks, intentions, the CA configuration, the agent caches (roots, leaves,
+checks, intentions (and, from version 1.9, service-intentions config entries),
+prepared queries, ACLs (:mod:`connect_native.devagent.acl`), the CA
+configuration, the agent caches (roots, leaves,
 authorize) and raft-like indexes, with real Consul 1.8.7's rules and messages.
 
 :class:`DevAgent` is the whole agent; :mod:`connect_native.devagent.api` serves
@@ -999,7 +1001,7 @@ def _soft_expiry(now: float, leaf: IssuedLeaf) -> tuple[float, float]:
 
 class DevAgent:
     """
-    A Consul 1.8.7-compatible agent in memory, with ACLs off.
+    A Consul 1.8.7-compatible agent in memory, with ACLs off unless asked.
 
     :param clock: all time comes from it; a test ``Clock`` should start at
         the wall-clock time, since certificate validity is checked by OpenSSL
