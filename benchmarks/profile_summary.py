@@ -52,7 +52,10 @@ def read(path: Path) -> list[tuple[str, list[str], int]]:
         if not stack or not count.isdigit():
             continue
         parts = stack.split(";")
-        process = next((p.split(":")[0] for p in parts if p.startswith("process ")), "")
+        # With --subprocesses a child's stack starts with its parent's
+        # process frame, then its own: the last one names the process.
+        processes = [p.split(":")[0] for p in parts if p.startswith("process ")]
+        process = processes[-1] if processes else ""
         # The command line (which has a ';' of its own) is not a frame.
         frames = [frame_name(f) for f in parts if _FRAME.search(f)]
         if not frames or any(IDLE.match(f) for f in frames):
