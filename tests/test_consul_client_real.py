@@ -15,6 +15,7 @@ import pytest
 import pytest_twisted
 from cryptography import x509
 from twisted.internet import reactor
+from twisted.internet.task import deferLater
 
 from connect_native.consul.client import (
     ConsulClient,
@@ -100,7 +101,9 @@ async def test_authorize_allowed_then_denied_by_an_intention(
 
     ixn_id = await client.create_intention(source, target, "deny", description="t")
     try:
-        denied = await client.authorize(target, uri, "0a")
+        # The agent's authorize cache learns of intention writes from a
+        # background blocking query: usually at once, but not synchronously.
+        denied = await authorize_until(client, target, uri, False)
         assert denied.authorized is False
         assert ixn_id in denied.reason  # carried verbatim
         assert f"default/{source} => default/{target}" in denied.reason
@@ -112,7 +115,22 @@ async def test_authorize_allowed_then_denied_by_an_intention(
         assert (fetched.source_name, fetched.action) == (source, "deny")
     finally:
         await client.delete_intention(ixn_id)
-    assert (await client.authorize(target, uri, "0a")).authorized is True
+    assert (await authorize_until(client, target, uri, True)).authorized is True
+
+
+async def authorize_until(
+    client: ConsulClient, target: str, uri: str, expected: bool, within: float = 10.0
+) -> Any:
+    """
+    The agent's authorize answer, asked again (every 50 ms, for at most
+    ``within`` seconds) until it is ``expected``; the last answer otherwise.
+    """
+    deadline = reactor.seconds() + within
+    while True:
+        answer = await client.authorize(target, uri, "0a")
+        if answer.authorized is expected or reactor.seconds() > deadline:
+            return answer
+        await deferLater(reactor, 0.05, lambda: None)
 
 
 @pytest_twisted.ensureDeferred
