@@ -15,7 +15,6 @@ import pytest
 import pytest_twisted
 from cryptography import x509
 from twisted.internet import reactor
-from twisted.internet.task import deferLater
 
 from connect_native.consul.client import (
     ConsulClient,
@@ -26,6 +25,7 @@ from connect_native.consul.client import (
 )
 from connect_native.consul.records import ServiceRegistration, TTLCheck
 from tests.consul_agent import RealConsulAgent, free_ports
+from tests.waiting import authorize_until
 
 
 def uri_sans(pem: str) -> list[str]:
@@ -116,21 +116,6 @@ async def test_authorize_allowed_then_denied_by_an_intention(
     finally:
         await client.delete_intention(ixn_id)
     assert (await authorize_until(client, target, uri, True)).authorized is True
-
-
-async def authorize_until(
-    client: ConsulClient, target: str, uri: str, expected: bool, within: float = 10.0
-) -> Any:
-    """
-    The agent's authorize answer, asked again (every 50 ms, for at most
-    ``within`` seconds) until it is ``expected``; the last answer otherwise.
-    """
-    deadline = reactor.seconds() + within
-    while True:
-        answer = await client.authorize(target, uri, "0a")
-        if answer.authorized is expected or reactor.seconds() > deadline:
-            return answer
-        await deferLater(reactor, 0.05, lambda: None)
 
 
 @pytest_twisted.ensureDeferred

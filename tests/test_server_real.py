@@ -37,6 +37,7 @@ from connect_native.identity import ServiceIdentity
 from connect_native.server import ConnectServerEndpoint, peer_identity
 from connect_native.tls import ClientConnectionCreator
 from tests.consul_agent import RealConsulAgent
+from tests.waiting import authorize_until
 
 T = TypeVar("T")
 
@@ -147,6 +148,7 @@ async def test_api_reaches_web_until_an_intention_denies_it(
         assert allowed["target"] == web
 
         intention = await bounded(client.create_intention(api, web, "deny"))
+        await authorize_until(client, web, api_bundle.identity.uri, False)
         assert await call(number, creator) == b""
         [_, denied] = decisions
         assert denied["allowed"] is False

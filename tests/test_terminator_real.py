@@ -50,6 +50,7 @@ from connect_native.server import ConnectServerEndpoint, peer_identity
 from connect_native.testing import CertificateFactory
 from connect_native.tls import ClientConnectionCreator
 from tests.consul_agent import RealConsulAgent, free_ports
+from tests.waiting import authorize_until
 
 SOURCE_TREE = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -413,6 +414,7 @@ async def test_an_api_client_is_refused_after_a_deny_intention(
     intention = await bounded(consul.create_intention(api, setup.web, "deny"))
     try:
         bundle = await client_bundle(consul, api)
+        await authorize_until(consul, setup.web, bundle.identity.uri, False)
         creator = ClientConnectionCreator(bundle, web_identity(bundle, setup.web))
         before = len(setup.received)
         _sent, got = await call(setup.public, creator, Caller(b"hello?"))
