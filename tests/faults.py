@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import random
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
@@ -18,7 +17,6 @@ from urllib.parse import unquote
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
-from treq.testing import StubTreq
 from twisted.internet import task
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
@@ -27,7 +25,6 @@ from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
 )
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
-from twisted.internet.testing import MemoryReactorClock
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.test.iosim import FakeTransport, IOPump, connect
@@ -37,7 +34,7 @@ from zope.interface import implementer
 
 from connect_native.certs import Bundle, RootPEMs
 from connect_native.consul.client import ConsulClient
-from connect_native.devagent import DevAgent
+from connect_native.testing import MemoryAgent
 
 T = TypeVar("T")
 
@@ -91,43 +88,16 @@ class FaultyAgent(Resource):
         return result
 
 
-class MemoryWorld:
+class MemoryWorld(MemoryAgent):
     """
-    The development agent on a ``MemoryReactorClock`` started at the wall
-    clock (OpenSSL checks validity against real time), behind a
-    :class:`FaultyAgent`, and a ``ConsulClient`` that reaches it through
-    ``StubTreq``.
+    :class:`connect_native.testing.MemoryAgent` with a :class:`FaultyAgent`
+    between the client and the development agent (``self.front``).
     """
+
+    front: FaultyAgent
 
     def __init__(self) -> None:
-        self.reactor = MemoryReactorClock()
-        self.reactor.advance(time.time())
-        self.agent = DevAgent(self.reactor, rng=random.Random(7))
-        self.front = FaultyAgent(self.agent.resource())
-        self.stub = StubTreq(self.front)
-        self.client = ConsulClient(self.reactor, http_client=self.stub, timeout=5.0)
-
-    def flush(self) -> None:
-        self.stub.flush()
-
-    def advance(self, seconds: float, step: float = 1.0) -> None:
-        """Let ``seconds`` pass in steps, answering requests as they come."""
-        self.flush()
-        while seconds > 0:
-            self.reactor.advance(min(step, seconds))
-            seconds -= step
-            self.flush()
-
-    def result(self, d: Deferred[T]) -> T:
-        """What ``d`` fired with, after answering pending requests."""
-        self.flush()
-        results: list[Any] = []
-        d.addBoth(results.append)
-        assert results, "no answer"
-        if isinstance(results[0], Failure):
-            results[0].raiseException()
-        answer: T = results[0]
-        return answer
+        super().__init__(front=FaultyAgent, seed=7)
 
     def tls_factory(self) -> Any:
         [(_, factory, _, _)] = self.reactor.tcpServers
