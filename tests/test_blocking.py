@@ -24,6 +24,7 @@ from connect_native.consul.blocking import (
     WatchStoppedError,
     WatchTimeoutError,
 )
+from connect_native.consul.client import ConsulUnavailable
 from connect_native.consul.records import Indexed
 
 
@@ -378,6 +379,34 @@ def test_failure_log_names_the_watch_and_index() -> None:
     [event] = events
     assert event["log_level"] is LogLevel.warn
     assert (event["watch"], event["index"], event["failures"]) == ("health db", 0, 1)
+
+
+def test_expected_agent_errors_are_one_line_without_a_traceback() -> None:
+    """
+    The agent being down is expected trouble: the warning carries the
+    error's message, and no Failure that a text observer would print as a
+    traceback on every retry.
+    """
+    h = make(name="roots")
+    h.watch.start()
+    with capturedLogs() as events:
+        h.fetch.last.error(
+            ConsulUnavailable("GET", "/v1/x", "refused", agent="http://a:1")
+        )
+    [event] = events
+    assert event["log_level"] is LogLevel.warn
+    assert "log_failure" not in event
+    assert "could not talk to the Consul agent at http://a:1" in event["error"]
+    assert event["error_type"] == "ConsulUnavailable"
+
+
+def test_unexpected_errors_keep_their_traceback() -> None:
+    h = make(name="roots")
+    h.watch.start()
+    with capturedLogs() as events:
+        h.fetch.last.error(KeyError("surprise"))
+    [event] = events
+    assert event["log_failure"].check(KeyError)
 
 
 # -- the bound on each fetch ------------------------------------------------

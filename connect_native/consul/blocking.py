@@ -38,7 +38,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from connect_native.consul.records import Indexed
+from connect_native.consul.records import ConsulError, Indexed
 
 __all__ = [
     "Fetch",
@@ -406,16 +406,31 @@ class Watch(Generic[T]):
         # that restarted may hold lower indexes than ours).
         self._index = 0
         delay = self._backoff()
-        self._log.failure(
-            "watch {watch}: request with index={index} failed "
-            "({failures} in a row); retrying in {delay:.2f}s",
-            failure,
-            LogLevel.warn,
-            watch=self.name,
-            index=sent,
-            failures=self._failures,
-            delay=delay,
-        )
+        if isinstance(failure.value, (ConsulError, WatchTimeoutError)):
+            # Expected trouble (the agent down, slow, refusing us): its
+            # message says it all, and a traceback per retry is noise.
+            self._log.warn(
+                "watch {watch}: request with index={index} failed "
+                "({failures} in a row); retrying in {delay:.2f}s: {error}",
+                watch=self.name,
+                index=sent,
+                failures=self._failures,
+                delay=delay,
+                error=failure.getErrorMessage(),
+                # not log_failure: text observers would print its traceback
+                error_type=type(failure.value).__name__,
+            )
+        else:
+            self._log.failure(
+                "watch {watch}: request with index={index} failed "
+                "({failures} in a row); retrying in {delay:.2f}s",
+                failure,
+                LogLevel.warn,
+                watch=self.name,
+                index=sent,
+                failures=self._failures,
+                delay=delay,
+            )
         if self._on_error is not None:
             try:
                 self._on_error(failure)

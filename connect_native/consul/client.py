@@ -230,7 +230,8 @@ class ConsulUnavailable(ConsulError):  # noqa: N818
         self.agent = agent
         super().__init__(
             f"{method} {path}: could not talk to the Consul agent at {agent}: "
-            f"{reason}. Check that the agent is running there (CONSUL_HTTP_ADDR) "
+            f"{reason.rstrip('.')}. Check that the agent is running there "
+            "(CONSUL_HTTP_ADDR) "
             "and, for HTTPS, that CONSUL_CACERT / CONSUL_TLS_SERVER_NAME match "
             "its certificate"
         )
