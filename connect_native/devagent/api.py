@@ -1286,6 +1286,21 @@ class QueryOptions:
         return "leader"
 
 
+@frozen
+class _DiscoveryRead:
+    """
+    A catalog or health read of one service, parsed and checked.
+    """
+
+    name: str
+    connect: bool
+    query: dict[str, list[str]]
+    options: QueryOptions
+    tags: list[str]
+    node_meta: dict[str, str]
+    authz: Authorizer | None
+
+
 def _query_options(request: Request, query: dict[str, list[str]]) -> QueryOptions:
     """
     Consul's ``parseDC``, ``parseConsistency``, ``parseCacheControl`` and
@@ -2090,46 +2105,72 @@ class AgentResource(Resource):
     def _catalog(
         self, request: Request, reply: _Reply, name: str, *, connect: bool
     ) -> None:
-        query = _query(request)
-        _no_namespaces(request, query)
-        options = _query_options(request, query)
-        self._check_dc(options, meta=True)
-        if not name:
-            raise ConsulError(400, "Missing service name")
-        _refuse_filter(query)
-        tags = query.get("tag", [])
-        node_meta = _node_meta(query)
-        authz = self._authz(request)
-        if self._connect_denied(reply, authz, name, connect, options):
+        read = self._discovery_read(request, reply, name, connect=connect)
+        if read is None:
             return
-
-        def index() -> int:
-            return self.agent.catalog_index(name)
-
-        def answer(cache_headers: list[tuple[str, str]]) -> None:
-            reply.json(
-                self.agent.catalog(
-                    name, connect=connect, tags=tags, node_meta=node_meta, authz=authz
-                ),
-                cache_headers
-                + _meta_headers(
-                    index(), known_leader=True, consistency=options.consistency
-                ),
-            )
-
-        if options.cached:
-            existed = self.agent.cache_lookup(
-                ("catalog", connect, name.lower(), tuple(tags))
-            )
-            self._cache_blocking(
-                reply, options, existed, index, lambda hit: answer(_cache_headers(hit))
-            )
-            return
-        self._rpc_blocking(reply, options, index, lambda: answer([]))
+        self._serve_discovery(
+            reply,
+            read,
+            "catalog",
+            lambda: self.agent.catalog_index(name),
+            lambda: self.agent.catalog(
+                name,
+                connect=connect,
+                tags=read.tags,
+                node_meta=read.node_meta,
+                authz=read.authz,
+            ),
+        )
 
     def _health(
         self, request: Request, reply: _Reply, name: str, *, connect: bool
     ) -> None:
+        read = self._discovery_read(request, reply, name, connect=connect)
+        if read is None:
+            return
+
+        def entries() -> Any:
+            # Consul reads ?passing after the query, so a bad value is only
+            # reported once a blocking call returns.
+            passing = False
+            if "passing" in read.query:
+                value = _get(read.query, "passing")
+                if value:
+                    try:
+                        passing = _parse_bool(value)
+                    except ValueError:
+                        raise ConsulError(400, "Invalid value for ?passing") from None
+                else:
+                    passing = True
+            return self.agent.health(
+                name,
+                connect=connect,
+                passing=passing,
+                tags=read.tags,
+                node_meta=read.node_meta,
+                authz=read.authz,
+            )
+
+        self._serve_discovery(
+            reply,
+            read,
+            "health",
+            lambda: self.agent.health_index(name, connect=connect),
+            entries,
+        )
+
+    def _discovery_read(
+        self, request: Request, reply: _Reply, name: str, *, connect: bool
+    ) -> _DiscoveryRead | None:
+        """
+        The checks and parameters that ``/v1/catalog/service``,
+        ``/v1/catalog/connect``, ``/v1/health/service`` and
+        ``/v1/health/connect`` share, in Consul's order; ``None`` once a
+        Connect read without ``service:read`` has been answered.
+
+        :raises ConsulError: with Consul's status and message for a bad
+            parameter, another datacenter, a missing name or an unknown token.
+        """
         query = _query(request)
         _no_namespaces(request, query)
         options = _query_options(request, query)
@@ -2141,44 +2182,45 @@ class AgentResource(Resource):
         node_meta = _node_meta(query)
         authz = self._authz(request)
         if self._connect_denied(reply, authz, name, connect, options):
-            return
+            return None
+        return _DiscoveryRead(
+            name=name,
+            connect=connect,
+            query=query,
+            options=options,
+            tags=tags,
+            node_meta=node_meta,
+            authz=authz,
+        )
 
-        def index() -> int:
-            return self.agent.health_index(name, connect=connect)
+    def _serve_discovery(
+        self,
+        reply: _Reply,
+        read: _DiscoveryRead,
+        kind: str,
+        index: Callable[[], int],
+        body: Callable[[], Any],
+    ) -> None:
+        """
+        Answer a service read with ``body()`` and its query meta, through
+        the agent cache under ``kind`` with ``?cached``, else as a blocking
+        query.  A :class:`ConsulError` from ``body`` is the answer instead,
+        also after a blocking wait.
+        """
 
         def answer(cache_headers: list[tuple[str, str]]) -> None:
-            # Consul reads ?passing after the query, so a bad value is only
-            # reported once a blocking call returns.
-            passing = False
-            if "passing" in query:
-                value = _get(query, "passing")
-                if value:
-                    try:
-                        passing = _parse_bool(value)
-                    except ValueError:
-                        reply.error(ConsulError(400, "Invalid value for ?passing"))
-                        return
-                else:
-                    passing = True
-            entries = self.agent.health(
-                name,
-                connect=connect,
-                passing=passing,
-                tags=tags,
-                node_meta=node_meta,
-                authz=authz,
-            )
             reply.json(
-                entries,
+                body(),
                 cache_headers
                 + _meta_headers(
-                    index(), known_leader=True, consistency=options.consistency
+                    index(), known_leader=True, consistency=read.options.consistency
                 ),
             )
 
+        options = read.options
         if options.cached:
             existed = self.agent.cache_lookup(
-                ("health", connect, name.lower(), tuple(tags))
+                (kind, read.connect, read.name.lower(), tuple(read.tags))
             )
             self._cache_blocking(
                 reply, options, existed, index, lambda hit: answer(_cache_headers(hit))

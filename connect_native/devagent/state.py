@@ -1997,20 +1997,7 @@ class DevAgent:
         """
         if authz is not None and not authz.intention_write(given.destination_name):
             raise permission_denied()
-        problem = _uuid_problem(intention_id)
-        if problem is not None:
-            raise ConsulError(
-                500,
-                "Intention lookup failed: failed intention lookup: index error: "
-                + problem,
-            )
-        existing = self._intentions.get(intention_id.lower())
-        if existing is None:
-            raise ConsulError(
-                500, f"Cannot modify non-existent intention: '{intention_id}'"
-            )
-        if authz is not None and not authz.intention_write(existing.destination_name):
-            raise permission_denied()
+        existing = self._intention_to_change(intention_id, "modify", authz)
         ixn = self._checked_intention(
             given,
             intention_id=existing.id,
@@ -2041,6 +2028,24 @@ class DevAgent:
     def intention_delete(
         self, intention_id: str, authz: Authorizer | None = None
     ) -> None:
+        existing = self._intention_to_change(intention_id, "delete", authz)
+        del self._intentions[existing.id]
+        self._intentions_index = self._bump()
+        log.info("intention deleted: {ixn}", ixn=str(existing))
+        self._changed()
+
+    def _intention_to_change(
+        self, intention_id: str, verb: str, authz: Authorizer | None
+    ) -> Intention:
+        """
+        The stored intention an update or delete names, as Consul's apply
+        endpoint looks it up before changing it.
+
+        :param verb: ``modify`` or ``delete``, for Consul's message.
+        :raises ConsulError: 500 for an ID that is not a UUID or names no
+            intention, 403 without ``intentions = "write"`` on its
+            destination.
+        """
         problem = _uuid_problem(intention_id)
         if problem is not None:
             raise ConsulError(
@@ -2051,14 +2056,11 @@ class DevAgent:
         existing = self._intentions.get(intention_id.lower())
         if existing is None:
             raise ConsulError(
-                500, f"Cannot delete non-existent intention: '{intention_id}'"
+                500, f"Cannot {verb} non-existent intention: '{intention_id}'"
             )
         if authz is not None and not authz.intention_write(existing.destination_name):
             raise permission_denied()
-        del self._intentions[existing.id]
-        self._intentions_index = self._bump()
-        log.info("intention deleted: {ixn}", ixn=str(existing))
-        self._changed()
+        return existing
 
     def _checked_intention(
         self,
