@@ -38,6 +38,8 @@ from connect_native.consul.records import (
 )
 from connect_native.devagent.ca import DevCA
 from connect_native.testing import CertificateFactory, FakeBundleSource, make_bundle
+from tests.deferreds import fired as result_of
+from tests.deferreds import not_fired
 
 LEAF_TTL = 3600.0
 
@@ -211,28 +213,12 @@ def make(
     return clock, ca, agent, manager
 
 
-def result_of(d: Deferred[Any]) -> Any:
-    """The result a Deferred has already fired with (raising its failure)."""
-    results: list[Any] = []
-    d.addBoth(results.append)
-    assert results, "the Deferred has not fired"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
-
-
 def pump(clock: Clock, seconds: float, step: float = 1.0) -> None:
     """Advance in steps, so that calls scheduled on the way run in time."""
     end = clock.seconds() + seconds
     while clock.seconds() + step < end:
         clock.advance(step)
     clock.advance(end - clock.seconds())
-
-
-def not_fired(d: Deferred[Any]) -> bool:
-    results: list[Any] = []
-    d.addBoth(lambda r: results.append(r) or r)
-    return not results
 
 
 def serial(leaf: LeafCert) -> int:

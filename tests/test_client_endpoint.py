@@ -44,6 +44,7 @@ from connect_native.testing import (
     make_bundle,
 )
 from connect_native.tls import peer_identity
+from tests.deferreds import failed, fired
 
 
 class InOrder(random.Random):
@@ -116,23 +117,6 @@ class World:
         resolver = StaticResolver([s.instance for s in servers])
         kwargs.setdefault("rng", InOrder())
         return ConnectClientEndpoint(self.reactor, resolver, self.source, **kwargs)
-
-
-def fired(d: Deferred[Any]) -> Any:
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out, "the Deferred has not fired"
-    if isinstance(out[0], Failure):
-        out[0].raiseException()
-    return out[0]
-
-
-def failed(d: Deferred[Any]) -> BaseException:
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out, "the Deferred has not fired"
-    assert isinstance(out[0], Failure), f"expected a failure, got {out[0]!r}"
-    return out[0].value
 
 
 @pytest.fixture

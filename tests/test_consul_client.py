@@ -48,6 +48,8 @@ from connect_native.consul.records import (
     TTLCheck,
 )
 from tests.captures import load
+from tests.deferreds import failed as error
+from tests.deferreds import fired as result
 
 FIXTURES = Path(__file__).parent / "fixtures" / "real-1.8.7"
 TOKEN = "5e3c0b7a-token-that-must-never-leak-9f1d"
@@ -143,23 +145,6 @@ def make(resource: Resource, **kwargs: Any) -> tuple[ConsulClient, Clock]:
     clock = Clock()
     client = ConsulClient(clock, http_client=StubTreq(resource), **kwargs)
     return client, clock
-
-
-def result(d: Deferred[Any]) -> Any:
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out, "the Deferred has not fired"
-    if isinstance(out[0], Failure):
-        out[0].raiseException()
-    return out[0]
-
-
-def error(d: Deferred[Any]) -> BaseException:
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out, "the Deferred has not fired"
-    assert isinstance(out[0], Failure), f"expected a failure, got {out[0]!r}"
-    return out[0].value
 
 
 def pending(d: Deferred[Any]) -> None:

@@ -17,7 +17,6 @@ from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
-from twisted.python.failure import Failure
 from twisted.web._newclient import ResponseNeverReceived
 from twisted.web.client import URI
 from twisted.web.resource import Resource
@@ -41,6 +40,7 @@ from connect_native.testing import (
     make_bundle,
 )
 from connect_native.tls import peer_identity
+from tests.deferreds import failed, fired
 
 # --- host names ---
 
@@ -302,23 +302,6 @@ class Mesh:
         for _ in range(5):
             for pump in self.pumps:
                 pump.flush()
-
-
-def fired(d: Deferred[Any]) -> Any:
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out, "the Deferred has not fired"
-    if isinstance(out[0], Failure):
-        out[0].raiseException()
-    return out[0]
-
-
-def failed(d: Deferred[Any]) -> BaseException:
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out, "the Deferred has not fired"
-    assert isinstance(out[0], Failure), f"expected a failure, got {out[0]!r}"
-    return out[0].value
 
 
 def test_get_and_post_reach_the_service_over_connect() -> None:

@@ -17,9 +17,8 @@ from urllib.parse import parse_qsl
 
 import pytest
 from treq.testing import StubTreq
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, succeed
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -35,26 +34,11 @@ from connect_native.resolve import (
     StaticResolver,
 )
 from tests.captures import body as capture_body
+from tests.deferreds import failed as failure_of
+from tests.deferreds import fired as result
 
 TD = "35fbb6e4-f678-8abb-17a1-d9437ce1a4b3.consul"
 OTHER_TD = "11111111-2222-3333-4444-555555555555.consul"
-
-
-def result(d: Deferred[Any]) -> Any:
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out, "the Deferred has not fired"
-    if isinstance(out[0], Failure):
-        out[0].raiseException()
-    return out[0]
-
-
-def failure_of(d: Deferred[Any]) -> BaseException:
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out, "the Deferred has not fired"
-    assert isinstance(out[0], Failure), f"expected a failure, got {out[0]!r}"
-    return out[0].value
 
 
 # --- the in-memory agent ----------------------------------------------------------
