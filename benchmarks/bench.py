@@ -410,8 +410,10 @@ class ConnectNative(Target):
         authorize: str,
         cache: float | None = None,
         workers: int = 1,
+        source: str | None = None,
     ) -> None:
         super().__init__(name)
+        self.source = source
         self.agent = agent
         self.authorize = authorize
         self.cache = cache
@@ -421,7 +423,7 @@ class ConnectNative(Target):
             self.core = f"{SERVER_CORE},{LOAD_CORE}"
 
     def env(self) -> dict[str, str]:
-        env = dict(os.environ, PYTHONPATH=package_path())
+        env = dict(os.environ, PYTHONPATH=self.source or package_path())
         for name in ("CONSUL_HTTP_ADDR", "CONSUL_HTTP_TOKEN", "CONSUL_HTTP_TOKEN_FILE"):
             env.pop(name, None)
         return env
@@ -803,6 +805,20 @@ def table(
     )
 
 
+def tree_commit(tree: str) -> str:
+    """The git commit a source tree is at (and whether it has changes)."""
+    try:
+        done = subprocess.run(
+            ["git", "-C", tree, "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except OSError:
+        return "?"
+    return done.stdout.strip() or "?"
+
+
 def versions() -> dict[str, str]:
     import cryptography
     import OpenSSL
@@ -868,7 +884,9 @@ ALL_TARGETS = (
 )
 
 
-def make_targets(names: Sequence[str], agent: str) -> list[Target]:
+def make_targets(
+    names: Sequence[str], agent: str, variants: Sequence[tuple[str, str]] = ()
+) -> list[Target]:
     made: dict[str, Callable[[], Target]] = {
         "nginx": lambda: Nginx("nginx"),
         "haproxy": lambda: HAProxy("haproxy"),
@@ -882,7 +900,10 @@ def make_targets(names: Sequence[str], agent: str) -> list[Target]:
             "cn-intentions-w2", agent, "intentions", workers=2
         ),
     }
-    return [made[name]() for name in names]
+    return [made[name]() for name in names] + [
+        ConnectNative(name, agent, "intentions", source=source)
+        for name, source in variants
+    ]
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -915,6 +936,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=None,
         help="the JSON file (default benchmarks/results/<time>.json)",
     )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="also run --authorize intentions with connect_native imported from "
+        "the source tree DIR (e.g. a git worktree of another commit) as target "
+        "NAME, to compare changes in one interleaved run; repeatable",
+    )
     parser.add_argument("--no-install", action="store_true", help="never run apt-get")
     parser.add_argument(
         "--profile",
@@ -935,6 +965,17 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
             f"--targets: unknown {', '.join(unknown)}; "
             f"choose from {', '.join(ALL_TARGETS)}"
         )
+    variants = []
+    for value in args.variant:
+        name, _, source = value.partition("=")
+        tree = Path(source).resolve()
+        if not name or name in ALL_TARGETS or not (tree / "connect_native").is_dir():
+            parser.error(
+                f"--variant {value!r}: give NAME=DIR, a new target name and a "
+                "source tree with connect_native/ in it"
+            )
+        variants.append((name, str(tree)))
+    args.variant = variants
     if args.reps is None:
         args.reps = 2 if args.quick else 5
     if args.reps < 1:
@@ -963,7 +1004,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             target=_serve_backend, args=(backend,), daemon=True
         )
         backend_process.start()
-        targets = make_targets(args.targets, agent)
+        targets = make_targets(args.targets, agent, args.variant)
         for target in targets:
             target.start(procs, work, certs, backend)
         checks = {}
@@ -1037,6 +1078,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "machine": {**machine(), "loadavg_before": load_before},
         "versions": versions(),
+        "variants": {name: tree_commit(tree) for name, tree in args.variant},
         "checks": checks,
         "errors": errors,
         "medians": summary,
