@@ -9,6 +9,7 @@ reactor's thread while the reactor is serving a test.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -53,6 +54,23 @@ def free_ports(count: int) -> list[int]:
 
 class AgentFailed(Exception):
     pass
+
+
+# Loaded here, not in the child: importing after fork can deadlock when
+# another thread held the import lock.
+try:
+    _libc: ctypes.CDLL | None = ctypes.CDLL("libc.so.6", use_errno=True)
+except OSError:
+    _libc = None
+
+
+def _die_with_parent() -> None:
+    """
+    In the child, before exec: ask Linux to kill the agent when the test
+    process dies, so that a killed test run leaves no agent behind.
+    """
+    if _libc is not None:
+        _libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 class RealConsulAgent:
@@ -189,6 +207,7 @@ class RealConsulAgent:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         self._wait_ready(timeout)
 
