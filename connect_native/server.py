@@ -800,6 +800,13 @@ class ConnectServerEndpoint:
         buffers (``SSL_MODE_RELEASE_BUFFERS``): less memory per idle
         connection, at a CPU cost too small to measure here (see
         ``docs/performance.rst``).
+    :param buffer_small_writes: keep the default of Twisted's TLS transport,
+        which holds writes under 64 kB until the next turn of the reactor to
+        make fewer, larger TLS records out of many small writes (what
+        twisted.web wants).  ``False`` encrypts each write and hands it to
+        the connection at once: for a protocol that writes whole reads, such
+        as the terminator's forwarder, that saves a delayed call and a copy
+        per write (see ``docs/performance.rst``).
     :param start_hook: called at the start of every ``listen()`` (e.g. to
         start or take a reference on the service's certificate manager).
     :param stop_hook: called once when a port from ``listen()`` stops, or
@@ -820,6 +827,7 @@ class ConnectServerEndpoint:
         authorize_timeout: float = 10.0,
         alpn_protocols: Sequence[bytes] | None = None,
         release_buffers: bool = False,
+        buffer_small_writes: bool = True,
         start_hook: Callable[[], object] | None = None,
         stop_hook: StopHook | None = None,
     ) -> None:
@@ -848,6 +856,7 @@ class ConnectServerEndpoint:
         self._start_hook = start_hook
         self._stop_hook = stop_hook
         self._release_buffers = bool(release_buffers)
+        self._buffer_small_writes = bool(buffer_small_writes)
 
     @classmethod
     def for_service(
@@ -985,6 +994,10 @@ class ConnectServerEndpoint:
         tls_factory = _ConnectTLSFactory(
             _GateCreator(), isClient=False, wrappedFactory=gates, clock=self._reactor
         )
+        if not self._buffer_small_writes:
+            # The factory's default protocol is BufferingTLSTransport, which
+            # aggregates small writes; its public base class writes through.
+            tls_factory.protocol = TLSMemoryBIOProtocol
         listening: Deferred[IListeningPort] = self._wrapped.listen(tls_factory)
 
         def wrap(port: IListeningPort) -> IListeningPort:

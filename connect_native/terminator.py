@@ -945,6 +945,8 @@ class Terminator(Service):
             authorizer=authorizer,
             handshake_timeout=settings.handshake_timeout,
             release_buffers=settings.release_buffers,
+            # The forwarder writes each read whole: nothing to aggregate.
+            buffer_small_writes=False,
         )
         backend = clientFromString(reactor, to)
         factory = ForwardingFactory(

@@ -12,6 +12,8 @@ connection, so each check reads a creator that has made none.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -100,7 +102,12 @@ def test_the_option_is_off_by_default_and_reaches_the_workers() -> None:
     assert "--release-buffers" not in plain
 
 
-def public_creator(release: bool) -> Any:
+@contextmanager
+def public_listener(release: bool) -> Iterator[Any]:
+    """
+    A started terminator's public listening factory (in memory, with the
+    development agent), stopped afterwards.
+    """
     reactor = MemoryReactorClock()
     reactor.advance(time.time())
     agent = DevAgent(reactor)
@@ -119,11 +126,17 @@ def public_creator(release: bool) -> Any:
     service.startService()
     assert service.started.called
     [(_, factory, _, _)] = reactor.tcpServers
-    accepted = factory.buildProtocol(ADDRESS)
-    creator = accepted.wrappedProtocol.wrappedProtocol.creator
-    service.stopService()
-    reactor.advance(60)
-    return creator
+    try:
+        yield factory
+    finally:
+        service.stopService()
+        reactor.advance(60)
+
+
+def public_creator(release: bool) -> Any:
+    with public_listener(release) as factory:
+        accepted = factory.buildProtocol(ADDRESS)
+        return accepted.wrappedProtocol.wrappedProtocol.creator
 
 
 @pytest.mark.parametrize("release", [True, False])
