@@ -8,16 +8,11 @@ without ``service:write`` fails ``when_ready()`` at once.
 
 from __future__ import annotations
 
-import datetime
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import pytest
 import pytest_twisted
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred
 
@@ -29,6 +24,7 @@ from connect_native.certs import (
 )
 from connect_native.consul.client import ConsulClient
 from tests.consul_agent import RealConsulAgent
+from tests.roots import new_root
 
 T = TypeVar("T")
 
@@ -49,53 +45,6 @@ async def poll(
         if reactor.seconds() >= deadline:
             raise AssertionError(f"no answer within {seconds}s")
         await task.deferLater(reactor, interval, lambda: None)
-
-
-def new_root(trust_domain: str) -> tuple[str, str, x509.Certificate]:
-    """A CA root for ``PUT /v1/connect/ca/configuration`` (key PEM, cert PEM)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Test Rotated Root")])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=365))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
-        )
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]
-            ),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    ).decode()
-    return key_pem, cert.public_bytes(serialization.Encoding.PEM).decode(), cert
 
 
 @pytest_twisted.ensureDeferred

@@ -61,7 +61,7 @@ from tests.faults import (
     client_bundle,
     poll,
 )
-from tests.test_certmanager_real import new_root
+from tests.roots import new_root
 
 pytestmark = pytest.mark.real_consul
 
