@@ -140,13 +140,14 @@ class App(Protocol):
 
 
 class AppFactory(Factory):
-    def __init__(self) -> None:
+    def __init__(self, app_class: type[App] | None = None) -> None:
+        self.app_class = App if app_class is None else app_class
         self.built: list[App] = []
         self.addresses: list[Any] = []
 
     def buildProtocol(self, addr: Any) -> App:
         self.addresses.append(addr)
-        app = App()
+        app = self.app_class()
         app.factory = self
         self.built.append(app)
         return app
@@ -387,15 +388,9 @@ def test_application_pausing_the_transport_during_early_bytes_stays_paused(
             super().dataReceived(data)
             self.transport.pauseProducing()  # type: ignore[union-attr]
 
-    class PausingFactory(AppFactory):
-        def buildProtocol(self, addr: Any) -> App:
-            app = Pausing()
-            self.built.append(app)
-            return app
-
     authorizer = FakeAuthorizer({"api"}, hold=True)
     h = Harness(ca, authorizer, StaticSource(bundle(ca, ca.leaf("web"))))
-    apps = PausingFactory()
+    apps = AppFactory(Pausing)
     h.listen(apps)
     conn = h.connect([b"request"])
     authorizer.release()
@@ -1079,15 +1074,9 @@ def test_an_application_aborting_on_connect_gets_no_early_bytes(
         def connectionMade(self) -> None:
             self.transport.abortConnection()  # type: ignore[union-attr]
 
-    class AbortingFactory(AppFactory):
-        def buildProtocol(self, addr: Any) -> App:
-            app = Aborting()
-            self.built.append(app)
-            return app
-
     authorizer = FakeAuthorizer({"api"}, hold=True)
     h = Harness(ca, authorizer, StaticSource(bundle(ca, ca.leaf("web"))))
-    apps = AbortingFactory()
+    apps = AppFactory(Aborting)
     h.listen(apps)
     conn = h.connect([b"early"])
     authorizer.release()
