@@ -14,7 +14,8 @@ Host names, as Consul's Go library reads them, and more:
 Any other host is refused with :class:`NotAConnectHost` (use a plain treq
 client for it), and so is any scheme but ``https`` (Connect is always TLS).
 The requests speak HTTP/1.1 (Twisted's client speaks nothing else, and only
-``http/1.1`` is offered in ALPN), carry a timeout by default, and a request
+``http/1.1`` is offered in ALPN), carry a timeout by default (which bounds
+the response body as well as the headers), and a request
 that can be repeated (an idempotent method without a body) is sent again on
 a new connection when the connection fails before any response.
 """
@@ -30,10 +31,13 @@ from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.interfaces import (
+    IDelayedCall,
     IProtocol,
     IProtocolFactory,
+    IReactorTime,
     IStreamClientEndpoint,
 )
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
@@ -68,6 +72,7 @@ __all__ = [
     "ConnectHost",
     "NotAConnectHost",
     "RequestTimeout",
+    "ResponseBodyTimeout",
     "client",
     "parse_connect_host",
 ]
@@ -100,7 +105,16 @@ class NotAConnectHost(SchemeNotSupported, ValueError):  # noqa: N818 (says what 
 
 class RequestTimeout(DeferredTimeoutError):  # noqa: N818 (like ConnectTimeout)
     """
-    A request did not complete within the client's default timeout.
+    A request did not complete within its timeout: the client's default, or
+    (for the body) the request's own ``timeout=``.
+    """
+
+
+class ResponseBodyTimeout(RequestTimeout):
+    """
+    The response's headers came in time, but its body did not complete
+    before the request's deadline (its timeout, counted from the start of
+    the request); the connection it was read from was closed.
     """
 
 
@@ -439,11 +453,167 @@ def _body_producer(data: Any) -> IBodyProducer:
     return producer
 
 
+@implementer(IProtocol)
+class _DeadlineBodyProtocol(Protocol):
+    """
+    Passes a response body on to ``inner`` unless the deadline passes first:
+    then it stops the body's transport (which closes the connection: a body
+    left half read cannot be reused) and ends ``inner`` with
+    ``expired()``, whatever the transport does next.
+    """
+
+    def __init__(
+        self,
+        inner: IProtocol,
+        clock: IReactorTime,
+        deadline: float,
+        expired: Callable[[], Exception],
+    ) -> None:
+        self._inner = inner
+        self._clock = clock
+        self._deadline = deadline
+        self._expired = expired
+        self._timer: IDelayedCall | None = None
+        self._ended = False
+        self._body_transport: Any = None
+
+    def makeConnection(self, transport: Any) -> None:
+        self.transport = transport
+        self._body_transport = transport
+        # A body already complete is delivered (and the timer cancelled) by
+        # the calls that follow at once; a deadline already past ends a
+        # body still streaming on the next turn.
+        remaining = max(0.0, self._deadline - self._clock.seconds())
+        self._timer = self._clock.callLater(remaining, self._expire)
+        self._inner.makeConnection(transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._ended:
+            self._inner.dataReceived(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._stop_timer()
+        if self._ended:
+            # The body after its deadline: the caller already has the timeout.
+            return
+        self._ended = True
+        self._inner.connectionLost(reason)
+
+    def _stop_timer(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _expire(self) -> None:
+        self._timer = None
+        if self._ended:
+            return
+        # Ended first, so that a connectionLost the transport delivers while
+        # stopping is not passed on as well.
+        self._ended = True
+        self._body_transport.stopProducing()
+        self._inner.connectionLost(_failure(self._expired()))
+
+
+@implementer(IResponse)
+class _DeadlineResponse:
+    """
+    ``original``, whose body is delivered through a
+    :class:`_DeadlineBodyProtocol`.
+    """
+
+    def __init__(self, original: IResponse, agent: _BodyDeadlineAgent) -> None:
+        # Any: IResponse's methods are declared without types.
+        self._original: Any = original
+        self._agent = agent
+
+    @property
+    def version(self) -> Any:
+        return self._original.version
+
+    @property
+    def code(self) -> Any:
+        return self._original.code
+
+    @property
+    def phrase(self) -> Any:
+        return self._original.phrase
+
+    @property
+    def headers(self) -> Any:
+        return self._original.headers
+
+    @property
+    def length(self) -> Any:
+        return self._original.length
+
+    @property
+    def request(self) -> Any:
+        return self._original.request
+
+    @property
+    def previousResponse(self) -> Any:
+        return self._original.previousResponse
+
+    def setPreviousResponse(self, response: IResponse) -> None:
+        self._original.setPreviousResponse(response)
+
+    def deliverBody(self, protocol: IProtocol) -> None:
+        agent = self._agent
+        self._original.deliverBody(
+            _DeadlineBodyProtocol(protocol, agent.clock, agent.deadline, agent.expired)
+        )
+
+
+@implementer(IAgent)
+class _BodyDeadlineAgent:
+    """
+    One request's view of the client's agent: every response it gives
+    (the first and, through treq's redirect handling, each redirected one)
+    has its body bounded by the request's ``deadline`` (clock seconds).
+    Header timeouts stay with the caller (treq's ``timeout=``, or
+    :meth:`ConnectHTTPClient.request`'s default).
+    """
+
+    def __init__(
+        self,
+        agent: IAgent,
+        clock: IReactorTime,
+        deadline: float,
+        expired: Callable[[], Exception],
+    ) -> None:
+        self._agent = agent
+        self.clock = clock
+        self.deadline = deadline
+        self.expired = expired
+
+    def request(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: Headers | None = None,
+        bodyProducer: IBodyProducer | None = None,
+    ) -> Deferred[IResponse]:
+        answered = self._agent.request(method, uri, headers, bodyProducer)
+        return answered.addCallback(self._bounded)
+
+    def _bounded(self, response: IResponse) -> IResponse:
+        return _DeadlineResponse(response, self)
+
+
 class ConnectHTTPClient(HTTPClient):
     """
     A ``treq.HTTPClient`` whose requests carry a timeout (and the injected
     reactor) unless the caller gives one, and which can :meth:`close` what it
     holds.  Made by :func:`client`.
+
+    A request's timeout (the client's default, or the request's own
+    ``timeout=``) bounds the whole request: the response's headers and then
+    its body, both counted from the start of the request.  A body still
+    incomplete at that deadline is cut off (its connection closed) and
+    reading it fails with :class:`ResponseBodyTimeout`.  With no timeout
+    (``timeout=None`` for the client and none for the request) neither is
+    bounded.
     """
 
     def __init__(
@@ -471,10 +641,40 @@ class ConnectHTTPClient(HTTPClient):
 
     def request(self, method: str, url: Any, **kwargs: Any) -> Any:
         kwargs.setdefault("reactor", self._reactor)
-        if kwargs.get("timeout") is not None or self._timeout is None:
+        own = kwargs.get("timeout")
+        seconds = self._timeout if own is None else own
+        if not seconds:
+            # No timeout at all (treq too reads 0 as none).
             return super().request(method, url, **kwargs)
-        seconds = self._timeout
-        d: Deferred[Any] = super().request(method, url, **kwargs)
+        if own is None:
+            why = "the client's default timeout; pass timeout= to a request for another"
+        else:
+            why = "the request's own timeout="
+
+        def body_expired() -> Exception:
+            return ResponseBodyTimeout(
+                f"{method} {url}: the response body did not complete within "
+                f"{seconds:g}s of the request ({why}); its connection was closed"
+            )
+
+        # treq's HTTPClient sends through self._agent: a client over this
+        # request's own view of it gives this request (and its redirects)
+        # its deadline without sharing it with any other request.
+        clock: IReactorTime = kwargs["reactor"] or self._reactor
+        bounded = HTTPClient(
+            _BodyDeadlineAgent(
+                self._agent,
+                clock,
+                clock.seconds() + seconds,
+                body_expired,
+            ),
+            cookiejar=self._cookiejar,
+            data_to_body_producer=self._data_to_body_producer,
+        )
+        d: Deferred[Any] = bounded.request(method, url, **kwargs)
+        if own is not None:
+            # treq bounds the headers with the request's own timeout.
+            return d
         expired: list[bool] = []
 
         def expire() -> None:
@@ -528,7 +728,12 @@ def client(
     :param consul: the agent's client; by default one configured from the
         ``CONSUL_*`` environment variables.
     :param timeout: seconds a whole request may take unless the request says
-        otherwise (``None``: no default).
+        otherwise (``None``: no default): the response's headers must
+        arrive, and its body be read to the end, within this many seconds of
+        the start of the request, else the request fails with
+        :class:`RequestTimeout` (for the body,
+        :class:`ResponseBodyTimeout`).  A request's own ``timeout=`` bounds
+        both the same way.
     :param connect_timeout: seconds to find an instance and make a verified
         connection to it.
     :param attempt_timeout: seconds one instance may take before the next is

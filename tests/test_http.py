@@ -14,21 +14,27 @@ import pytest
 import treq
 import zope.interface
 from treq.testing import StubTreq
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
-from twisted.web._newclient import ResponseNeverReceived
+from twisted.python.failure import Failure
+from twisted.web._newclient import ResponseDone, ResponseNeverReceived
 from twisted.web.client import URI
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from connect_native.client import ConnectClientEndpoint, ConnectTimeout
 from connect_native.consul.client import ConsulClient
 from connect_native.http import (
     ConnectEndpointFactory,
     ConnectHost,
+    ConnectHTTPClient,
     NotAConnectHost,
     RequestTimeout,
+    ResponseBodyTimeout,
     client,
     parse_connect_host,
 )
@@ -438,4 +444,250 @@ def test_close_closes_idle_connections() -> None:
     closed = mesh.http.close()
     mesh.flush()
     fired(closed)
+    assert pump.clientIO.disconnected
+
+
+# --- the response body is bounded by the request's deadline ---
+
+
+class BodyTransport:
+    """The transport a response gives its body protocol."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+
+@zope.interface.implementer(IResponse)
+class SlowResponse:
+    """
+    A response whose body comes only as the test sends it: ``send(data)``,
+    then ``finish()`` (or never, for a server that stalls).
+    """
+
+    version = (b"HTTP", 1, 1)
+    phrase = b"OK"
+    length = UNKNOWN_LENGTH
+    request = None
+    previousResponse = None
+
+    def __init__(self, code: int = 200, headers: Headers | None = None) -> None:
+        self.code = code
+        self.headers = headers or Headers()
+        self.transport = BodyTransport()
+        self.protocol: Any = None
+
+    def setPreviousResponse(self, response: Any) -> None:
+        self.previousResponse = response
+
+    def deliverBody(self, protocol: Any) -> None:
+        self.protocol = protocol
+        protocol.makeConnection(self.transport)
+
+    def send(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+
+    def finish(self) -> None:
+        self.protocol.connectionLost(Failure(ResponseDone()))
+
+
+@zope.interface.implementer(IAgent)
+class HeldAgent:
+    """Answers each request with the Deferred the test fires."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[bytes, Deferred[Any]]] = []
+
+    def request(
+        self, method: bytes, uri: bytes, headers: Any = None, bodyProducer: Any = None
+    ) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.requests.append((uri, d))
+        return d
+
+    def answer(self, response: SlowResponse, which: int = -1) -> None:
+        self.requests[which][1].callback(response)
+
+
+def held_client(
+    timeout: float | None = 20,
+) -> tuple[ConnectHTTPClient, HeldAgent, Clock]:
+    agent, clock = HeldAgent(), Clock()
+    return ConnectHTTPClient(agent, clock, timeout), agent, clock
+
+
+URL = "https://web.service.consul/report"
+
+
+def test_a_body_that_stalls_after_the_headers_fails_at_the_request_deadline() -> None:
+    http, agent, clock = held_client(timeout=20)
+    d = http.get(URL)
+    clock.advance(5)
+    response = SlowResponse()
+    agent.answer(response)
+    body = treq.content(fired(d))
+    response.send(b"first part")
+    clock.advance(14.9)  # 19.9s after the request started
+    assert not body.called
+    assert not response.transport.stopped
+    clock.advance(0.1)
+    error = failed(body)
+    assert isinstance(error, ResponseBodyTimeout)
+    assert isinstance(error, RequestTimeout)  # one except clause catches both
+    message = str(error)
+    assert f"GET {URL}" in message
+    assert "response body did not complete within 20s" in message
+    assert "the client's default timeout; pass timeout= to a request" in message
+    assert response.transport.stopped  # the stalled connection is let go of
+    assert clock.getDelayedCalls() == []
+    response.send(b"late")  # what the transport still delivers is dropped
+    response.finish()
+
+
+def test_a_body_that_completes_in_time_cancels_its_deadline() -> None:
+    http, agent, clock = held_client(timeout=20)
+    d = http.get(URL)
+    response = SlowResponse()
+    agent.answer(response)
+    body = treq.content(fired(d))
+    response.send(b"all ")
+    (deadline,) = clock.getDelayedCalls()
+    assert deadline.getTime() == 20
+    clock.advance(19)
+    response.send(b"of it")
+    response.finish()
+    assert fired(body) == b"all of it"
+    assert clock.getDelayedCalls() == []
+    assert not response.transport.stopped
+
+
+def test_collect_and_deliver_body_are_bounded_too() -> None:
+    http, agent, clock = held_client(timeout=20)
+    d = http.get(URL, unbuffered=True)
+    response = SlowResponse()
+    agent.answer(response)
+    parts: list[bytes] = []
+    collected = treq.collect(fired(d), parts.append)
+    response.send(b"one")
+    clock.advance(20)
+    assert parts == [b"one"]
+    assert isinstance(failed(collected), ResponseBodyTimeout)
+    assert response.transport.stopped
+
+
+def test_a_requests_own_timeout_bounds_its_body() -> None:
+    http, agent, clock = held_client(timeout=20)
+    d = http.get(URL, timeout=5)
+    clock.advance(1)
+    response = SlowResponse()
+    agent.answer(response)
+    body = treq.content(fired(d))
+    clock.advance(3.9)
+    assert not body.called
+    clock.advance(0.1)
+    error = failed(body)
+    assert isinstance(error, ResponseBodyTimeout)
+    assert "within 5s" in str(error)
+    assert "the request's own timeout=" in str(error)
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_requests_own_timeout_still_bounds_its_headers() -> None:
+    http, agent, clock = held_client(timeout=20)
+    d = http.get(URL, timeout=5)
+    clock.advance(5)
+    # treq's own timeout: it cancels the request.
+    assert isinstance(failed(d), CancelledError)
+    ((_, sent),) = agent.requests
+    assert sent.called
+
+
+def test_without_a_timeout_the_body_is_not_bounded() -> None:
+    http, agent, clock = held_client(timeout=None)
+    d = http.get(URL)
+    response = SlowResponse()
+    agent.answer(response)
+    body = treq.content(fired(d))
+    assert clock.getDelayedCalls() == []
+    clock.advance(10_000)
+    assert not body.called
+    response.send(b"eventually")
+    response.finish()
+    assert fired(body) == b"eventually"
+
+
+def test_a_body_read_after_the_deadline_passed_is_cut_off() -> None:
+    http, agent, clock = held_client(timeout=20)
+    d = http.get(URL)
+    response = SlowResponse()
+    agent.answer(response)
+    answered = fired(d)
+    clock.advance(30)
+    body = treq.content(answered)
+    assert not body.called  # the next turn of the reactor, not within deliverBody
+    clock.advance(0)
+    assert isinstance(failed(body), ResponseBodyTimeout)
+
+
+def test_a_redirected_request_keeps_the_deadline_of_the_first() -> None:
+    http, agent, clock = held_client(timeout=20)
+    d = http.get(URL)
+    clock.advance(3)
+    agent.answer(
+        SlowResponse(302, Headers({b"Location": [b"https://web.service.consul/moved"]}))
+    )
+    assert [uri for uri, _ in agent.requests] == [
+        URL.encode(),
+        b"https://web.service.consul/moved",
+    ]
+    clock.advance(5)
+    final = SlowResponse()
+    agent.answer(final)
+    response = fired(d)
+    assert response.code == 200
+    body = treq.content(response)
+    clock.advance(11.9)  # 19.9s after the first request started
+    assert not body.called
+    clock.advance(0.1)
+    assert isinstance(failed(body), ResponseBodyTimeout)
+    assert final.transport.stopped
+
+
+class StallingBody(Resource):
+    """Sends the headers and part of the body, then nothing more."""
+
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> object:
+        request.setHeader(b"Content-Length", b"1000")
+        request.write(b"the first bytes")
+        return NOT_DONE_YET
+
+
+def test_a_stalled_body_from_a_connect_server_closes_the_connection() -> None:
+    site = Site(StallingBody(), reactor=MemoryReactorClock())
+    site.timeOut = None
+    mesh = Mesh(site)
+    d = mesh.http.get("https://web.service.consul/stall")
+    mesh.accept()
+    mesh.flush()
+    response = fired(d)
+    assert response.code == 200
+    body = treq.content(response)
+    mesh.flush()
+    (pump,) = mesh.pumps
+    assert not pump.clientIO.disconnected
+    mesh.reactor.advance(20)
+    mesh.flush()
+    error = failed(body)
+    assert isinstance(error, ResponseBodyTimeout)
+    assert "GET https://web.service.consul/stall" in str(error)
     assert pump.clientIO.disconnected

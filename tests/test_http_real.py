@@ -11,22 +11,34 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
 import pytest_twisted
 import treq
 from klein import Klein
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.python.failure import Failure
 from twisted.web.server import Request, Site
 
 from connect_native import http
 from connect_native.consul.client import ConsulClient
 from connect_native.consul.records import ServiceRegistration
+from connect_native.http import ResponseBodyTimeout
 from connect_native.server import ConnectServerEndpoint, peer_identity
 from tests.consul_agent import RealConsulAgent
 
 
-def web_app() -> Klein:
+def web_app(stalled: list[Deferred[None]] | None = None) -> Klein:
     app = Klein()
+
+    @app.route("/stall", methods=["GET"])
+    def stall(request: Request) -> Deferred[bytes]:
+        # The headers and a first chunk go out; the rest never does.
+        request.write(b"the first bytes")
+        if stalled is not None:
+            stalled.append(request.notifyFinish())
+        return Deferred()
 
     @app.route("/whoami", methods=["GET"])
     def whoami(request: Request) -> bytes:
@@ -85,6 +97,48 @@ async def test_treq_get_and_post_reach_a_klein_app_over_connect(
             "created": {"name": "x"},
             "by": api,
         }
+    finally:
+        await pool_client.close()
+        await consul.deregister_service(web)
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_that_stalls_after_the_headers_fails_at_the_deadline(
+    consul: ConsulClient, unique_name: str
+) -> None:
+    web, api = f"{unique_name}-web", f"{unique_name}-api"
+    stalled: list[Deferred[None]] = []
+    endpoint = ConnectServerEndpoint.for_service(
+        reactor,
+        TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"),
+        consul,
+        web,
+        ready_timeout=30,
+    )
+    port: Any = await endpoint.listen(Site(web_app(stalled).resource()))
+    await consul.register_service(
+        ServiceRegistration(
+            name=web, id=web, port=port.getHost().port, address="127.0.0.1"
+        )
+    )
+    pool_client = http.client(api, reactor=reactor, consul=consul, timeout=30)
+    try:
+        # Certificates and the connection first, under the default timeout.
+        warm = await pool_client.get(f"https://{web}.service.consul/whoami")
+        await treq.content(warm)
+        response = await pool_client.get(
+            f"https://{web}.service.consul/stall", timeout=1
+        )
+        assert response.code == 200
+        with pytest.raises(
+            ResponseBodyTimeout, match="response body did not complete within 1s"
+        ):
+            await treq.content(response)
+        # The server sees the connection closed under its unfinished request.
+        (finished,) = stalled
+        (outcome,) = await finished.addBoth(lambda result: [result])
+        assert isinstance(outcome, Failure)
     finally:
         await pool_client.close()
         await consul.deregister_service(web)
