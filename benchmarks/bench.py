@@ -141,6 +141,11 @@ class Processes:
         self, argv: list[str], log_path: Path, **kw: Any
     ) -> subprocess.Popen[bytes]:
         out = open(log_path, "ab")
+        # In the work directory: ``python -c`` puts the working directory
+        # first on sys.path, so started from a source tree, every server
+        # would import that tree's connect_native whatever PYTHONPATH (a
+        # --variant's tree) says.
+        kw.setdefault("cwd", log_path.parent)
         process = subprocess.Popen(
             argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **kw
         )
@@ -654,11 +659,19 @@ def run_clients(
 # --- measuring -----------------------------------------------------------------
 
 
+PHASES = ("conn", "bulk", "rtt")
+
+
 class Plan:
     def __init__(
-        self, quick: bool, conn_clients: int, profile: Path | None = None
+        self,
+        quick: bool,
+        conn_clients: int,
+        profile: Path | None = None,
+        phases: Sequence[str] = PHASES,
     ) -> None:
         self.profile = profile
+        self.phases = tuple(phases)
         self.conn_seconds = 1.0 if quick else 3.0
         self.conn_clients = conn_clients
         self.bulk1_bytes = (48 if quick else 512) << 20
@@ -671,13 +684,30 @@ def measure(
     target: Target, certs: dict[str, str], plan: Plan, agent_pid: int
 ) -> dict[str, Any]:
     figures: dict[str, Any] = {}
-    port = target.port
 
     def profile(phase: str) -> Path | None:
         if plan.profile is None or not isinstance(target, ConnectNative):
             return None
         return plan.profile / f"{target.name}-{phase}.txt"
 
+    if "conn" in plan.phases:
+        _measure_conn(target, certs, plan, agent_pid, figures, profile)
+    if "bulk" in plan.phases:
+        _measure_bulk(target, certs, plan, figures, profile)
+    if "rtt" in plan.phases:
+        _measure_rtt(target, certs, plan, figures, profile)
+    return figures
+
+
+def _measure_conn(
+    target: Target,
+    certs: dict[str, str],
+    plan: Plan,
+    agent_pid: int,
+    figures: dict[str, Any],
+    profile: Callable[[str], Path | None],
+) -> None:
+    port = target.port
     agent_before = cpu_seconds([agent_pid])
     results, wall, cpu = run_clients(
         target,
@@ -696,6 +726,15 @@ def measure(
         samples = [t for r in results for t in r.get(key, [])]
         figures[f"{label}_p50_ms"] = statistics.median(samples) if samples else None
 
+
+def _measure_bulk(
+    target: Target,
+    certs: dict[str, str],
+    plan: Plan,
+    figures: dict[str, Any],
+    profile: Callable[[str], Path | None],
+) -> None:
+    port = target.port
     for label, clients, size in (
         ("bulk1", 1, plan.bulk1_bytes),
         ("bulk8", 8, plan.bulk8_bytes),
@@ -711,8 +750,16 @@ def measure(
         figures[f"{label}_mib_s"] = moved / wall / (1 << 20) if moved else None
         figures[f"{label}_cpu_s_per_gib"] = cpu / (moved / (1 << 30)) if moved else None
 
-    results, wall, cpu = run_clients(
-        target, _rtt_client, [(certs, port, plan.rtt_count)], profile("rtt")
+
+def _measure_rtt(
+    target: Target,
+    certs: dict[str, str],
+    plan: Plan,
+    figures: dict[str, Any],
+    profile: Callable[[str], Path | None],
+) -> None:
+    results, _wall, cpu = run_clients(
+        target, _rtt_client, [(certs, target.port, plan.rtt_count)], profile("rtt")
     )
     samples = sorted(results[0].get("samples", []))
     figures["rtt_errors"] = results[0].get("errors", 0)
@@ -720,7 +767,6 @@ def measure(
         figures["rtt_p50_us"] = samples[len(samples) // 2]
         figures["rtt_p99_us"] = samples[min(len(samples) - 1, int(len(samples) * 0.99))]
         figures["cpu_us_per_req"] = cpu / (len(samples) + 50) * 1e6
-    return figures
 
 
 def wait_ready(target: Target, certs: dict[str, str]) -> None:
@@ -945,6 +991,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "the source tree DIR (e.g. a git worktree of another commit) as target "
         "NAME, to compare changes in one interleaved run; repeatable",
     )
+    parser.add_argument(
+        "--phases",
+        default=",".join(PHASES),
+        help="comma-separated, from conn,bulk,rtt (all by default): e.g. "
+        "--phases conn for a quicker run comparing CPU per connection only",
+    )
     parser.add_argument("--no-install", action="store_true", help="never run apt-get")
     parser.add_argument(
         "--profile",
@@ -965,6 +1017,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
             f"--targets: unknown {', '.join(unknown)}; "
             f"choose from {', '.join(ALL_TARGETS)}"
         )
+    args.phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    if not args.phases or set(args.phases) - set(PHASES):
+        parser.error(f"--phases: choose one or more of {','.join(PHASES)}")
     variants = []
     for value in args.variant:
         name, _, source = value.partition("=")
@@ -1020,7 +1075,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         profile_dir = Path(args.profile).resolve() if args.profile else None
         if profile_dir is not None:
             profile_dir.mkdir(parents=True, exist_ok=True)
-        plan = Plan(args.quick, args.conn_clients, profile_dir)
+        plan = Plan(args.quick, args.conn_clients, profile_dir, args.phases)
         raw: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
         for rep in range(args.reps):
             # Rotate who goes first, so no target always follows the same one.
