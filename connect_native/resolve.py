@@ -24,6 +24,7 @@ the expected URI).
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import weakref
 from collections.abc import Callable, Sequence
@@ -59,6 +60,7 @@ __all__ = [
     "Instance",
     "PreparedQueryResolver",
     "ResolveError",
+    "StaleAnswer",
     "StaticResolver",
 ]
 
@@ -76,6 +78,26 @@ class ResolveError(Exception):
     DNS server failed or did not answer in time, or answered something that
     cannot be used.  The message names the resolver and what went wrong.
     """
+
+
+class StaleAnswer(ResolveError):  # noqa: N818 (says what it is, like ResolveError)
+    """
+    A :class:`ConsulResolver` has an answer, but the agent has failed to
+    confirm it for longer than the resolver's ``max_staleness``: the
+    instances may have moved or gone, so they are no longer dialed.
+    Resolution works again as soon as the agent answers.
+
+    :ivar failing_since: when the reads of the answer began to fail (the
+        clock's seconds; the Unix time under a real reactor).
+    :ivar last_answer: when the agent last answered, or ``None``.
+    """
+
+    def __init__(
+        self, message: str, failing_since: float, last_answer: float | None
+    ) -> None:
+        super().__init__(message)
+        self.failing_since = failing_since
+        self.last_answer = last_answer
 
 
 # --- records -----------------------------------------------------------------
@@ -374,6 +396,29 @@ def _instances_from_entries(
     return tuple(instances)
 
 
+def _staleness_seconds(value: object) -> float:
+    """
+    ``max_staleness``: the shared :func:`positive_seconds` check, with 0
+    allowed (it means "never use an answer the agent failed to confirm"),
+    as :class:`~connect_native.authorize_intentions.IntentionAuthorizer`'s.
+    """
+    what = "ConsulResolver max_staleness"
+    if not isinstance(value, bool) and value == 0:
+        return 0.0
+    try:
+        return positive_seconds(what, value)
+    except ValueError:
+        raise ValueError(
+            f"{what} must be a finite number of seconds >= 0, not {value!r}"
+        ) from None
+
+
+def _utc(seconds: float) -> str:
+    """Clock seconds as a UTC time (a real reactor's are Unix time)."""
+    moment = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
+    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
 def _default_reactor() -> Any:
     from twisted.internet import reactor
 
@@ -447,8 +492,14 @@ class _SharedHealth:
         self.leases = 0
         self._forget = forget
         self._client = client
+        self._clock = clock
         self.entries: tuple[HealthEntry, ...] | None = None
         self.error: Failure | None = None
+        # When the agent last answered, and when its reads began to fail
+        # after that (None while they succeed or are held by the agent).
+        self.last_success: float | None = None
+        self.failing_since: float | None = None
+        self.stale_reported = False
         self._waiters: list[Deferred[tuple[HealthEntry, ...]]] = []
         self.watch: Watch[tuple[HealthEntry, ...]] = Watch(
             clock,
@@ -473,7 +524,22 @@ class _SharedHealth:
             partition=q.partition,
             filter=q.filter,
             near=q.near,
-        )
+        ).addCallback(self._answered)
+
+    def _answered(
+        self, answer: Indexed[tuple[HealthEntry, ...]]
+    ) -> Indexed[tuple[HealthEntry, ...]]:
+        # Recorded here rather than in on_change: an unchanged answer (a
+        # blocking read that timed out) also proves the last one current.
+        self.last_success = self._clock.seconds()
+        self.failing_since = None
+        if self.stale_reported:
+            self.stale_reported = False
+            log.info(
+                "{query}: the agent answers again; resolving from fresh answers",
+                query=str(self.query),
+            )
+        return answer
 
     def _changed(self, entries: tuple[HealthEntry, ...]) -> None:
         self.entries = entries
@@ -484,6 +550,8 @@ class _SharedHealth:
 
     def _failed(self, failure: Failure) -> None:
         self.error = failure
+        if self.failing_since is None:
+            self.failing_since = self._clock.seconds()
         if self.entries is None:
             # Before the first answer, a waiter learns why at once rather
             # than waiting out its deadline while the watch backs off.
@@ -502,6 +570,8 @@ class _SharedHealth:
             self.watch.stop()
             self.entries = None
             self.error = None
+            self.last_success = self.failing_since = None
+            self.stale_reported = False
             waiters, self._waiters = self._waiters, []
             for waiter in waiters:
                 waiter.cancel()
@@ -563,8 +633,10 @@ class ConsulResolver:
     other ``ConsulResolver`` of the same client and query in the process; it
     stops when the last of them is closed (:meth:`close`) or garbage
     collected.  When the agent stops answering, the last answer keeps being
-    used; before the first answer, :meth:`resolve` fails as soon as the
-    agent's first request fails.
+    used for ``max_staleness`` seconds after the first failed read; after
+    that :meth:`resolve` fails with :class:`StaleAnswer` until the agent
+    answers again.  Before the first answer, :meth:`resolve` fails as soon as
+    the agent's first request fails.
 
     For each entry: the address is ``Service.Address``, else
     ``Node.Address``; the port ``Service.Port``; the expected identity is the
@@ -582,6 +654,19 @@ class ConsulResolver:
     :param near: sort by round-trip time from this node (``_agent``: ours).
     :param reactor: schedules the watch (the global reactor by default).
     :param wait: seconds each blocking request may be held by the agent.
+    :param min_interval: least seconds between two reads of the watch.
+    :param max_staleness: after the agent stops answering, keep resolving
+        from the last answer for this many seconds after the first failed
+        read, then fail (0: fail as soon as a read fails).  Counted from
+        the first failure rather than from the last answer because a
+        blocking read held by the agent (up to ``wait``) keeps the answer
+        current: the agent would have answered any change.  The default is
+        :class:`~connect_native.authorize_intentions.IntentionAuthorizer`'s,
+        so that through an agent outage a client keeps dialing for as long
+        as a server keeps deciding (long enough for an agent restart), and
+        no longer: past it, instances deregistered or failing meanwhile
+        would still be dialed (the TLS identity check still refuses another
+        service answering there).
     """
 
     def __init__(
@@ -597,6 +682,7 @@ class ConsulResolver:
         reactor: IReactorTime | None = None,
         wait: float = 300.0,
         min_interval: float = 1.0,
+        max_staleness: float = 300.0,
     ) -> None:
         self.client = client
         self.query = _HealthQuery(
@@ -614,6 +700,7 @@ class ConsulResolver:
             "wait": positive_seconds("wait", wait),
             "min_interval": positive_seconds("min_interval", min_interval),
         }
+        self.max_staleness = _staleness_seconds(max_staleness)
         self._shared: _SharedHealth | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
         self._agent_datacenter: str | None = None
@@ -653,6 +740,11 @@ class ConsulResolver:
         """
         shared = self._lease()
         if shared.entries is not None:
+            stale = self._stale(shared)
+            if stale is not None:
+                refused: Deferred[Sequence[Instance]] = Deferred()
+                refused.errback(_failure(stale))
+                return refused
             entries: Deferred[tuple[HealthEntry, ...]] = succeed(shared.entries)
         elif shared.error is not None:
             entries = Deferred()
@@ -661,6 +753,39 @@ class ConsulResolver:
             entries = shared.next_entries()
         entries.addErrback(self._explain)
         return entries.addCallback(self._instances)
+
+    def _stale(self, shared: _SharedHealth) -> StaleAnswer | None:
+        """
+        Why the last answer may no longer be used, or ``None`` while it may.
+        """
+        since = shared.failing_since
+        if since is None:
+            return None
+        failing_for = self._clock.seconds() - since
+        if failing_for <= self.max_staleness:
+            return None
+        last = shared.last_success
+        read_at = "never" if last is None else _utc(last)
+        why = shared.error.getErrorMessage() if shared.error is not None else "?"
+        message = (
+            f"cannot find the instances of {self.description}: the last answer "
+            f"from the agent is stale: {self.query} has failed since "
+            f"{_utc(since)} ({failing_for:g}s, longer than max_staleness "
+            f"{self.max_staleness:g}s; last answered at {read_at}): {why}. "
+            "Resolving works again when the agent answers; check that it is "
+            "running and reachable"
+        )
+        if not shared.stale_reported:
+            shared.stale_reported = True
+            log.warn(
+                "{query}: the agent has not answered for longer than "
+                "max_staleness ({max_staleness}s, failing since {since}); "
+                "resolving fails until it answers again",
+                query=str(self.query),
+                max_staleness=f"{self.max_staleness:g}",
+                since=_utc(since),
+            )
+        return StaleAnswer(message, since, last)
 
     def _explain(self, failure: Failure) -> Failure:
         if isinstance(failure.value, CancelledError):

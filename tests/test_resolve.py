@@ -19,6 +19,7 @@ import pytest
 from treq.testing import StubTreq
 from twisted.internet.defer import CancelledError, succeed
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -31,6 +32,7 @@ from connect_native.resolve import (
     IResolver,
     PreparedQueryResolver,
     ResolveError,
+    StaleAnswer,
     StaticResolver,
 )
 from tests.captures import body as capture_body
@@ -404,6 +406,117 @@ def test_consul_resolver_keeps_the_last_answer_while_the_agent_fails() -> None:
     clock.advance(1)
     assert result(resolver.resolve()) == instances
     resolver.close()
+
+
+def fail_held_read(resource: FakeHealth) -> None:
+    """The agent fails the blocking read it holds (e.g. it is shutting down)."""
+    request = resource.held.pop()
+    request.setResponseCode(500)
+    request.write(b"rpc error: no leader")
+    request.finish()
+    assert resource.stub is not None
+    resource.stub.flush()
+
+
+def test_consul_resolver_refuses_an_answer_stale_past_max_staleness() -> None:
+    client, resource, clock = agent()
+    resolver = ConsulResolver(client, "db", reactor=clock, max_staleness=60)
+    instances = result(resolver.resolve())
+    resource.fail_with = 500
+    clock.advance(1)  # the next read fails: failing since t=1
+    clock.advance(60)
+    assert result(resolver.resolve()) == instances  # 60s: still within the bound
+    with capturedLogs() as events:
+        clock.advance(0.5)
+        error = failure_of(resolver.resolve())
+        assert isinstance(failure_of(resolver.resolve()), StaleAnswer)
+    assert isinstance(error, StaleAnswer)
+    assert isinstance(error, ResolveError)
+    assert (error.failing_since, error.last_answer) == (1, 0)
+    message = str(error)
+    assert "Consul service 'db'" in message
+    assert "the last answer from the agent is stale" in message
+    assert "/v1/health/connect/db?passing=1 has failed since 1970-01-01T00:00:01Z" in (
+        message
+    )
+    assert "60.5s, longer than max_staleness 60s" in message
+    assert "last answered at 1970-01-01T00:00:00Z" in message
+    assert "no leader" in message
+    # One warning for the watch, not one per refused resolve.
+    warnings = [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
+    assert len(warnings) == 1
+    assert "longer than max_staleness (60s" in warnings[0]
+    # A fresh answer restores service (the watch retries within its backoff).
+    resource.fail_with = None
+    with capturedLogs() as events:
+        clock.advance(60)
+    assert [i.instance_id for i in result(resolver.resolve())] == [
+        "db-1",
+        "db-proxy-1",
+    ]
+    assert any("answers again" in formatEvent(e) for e in events)
+    resolver.close()
+
+
+def test_staleness_counts_from_the_first_failed_read_not_the_last_answer() -> None:
+    client, resource, clock = agent()
+    resolver = ConsulResolver(client, "db", reactor=clock, max_staleness=60)
+    instances = result(resolver.resolve())
+    clock.advance(1)  # the blocking read goes out, and the agent holds it
+    clock.advance(249)
+    # Held for 249s, longer than max_staleness: the agent would have answered
+    # any change, so the answer is current.
+    assert result(resolver.resolve()) == instances
+    resource.fail_with = 500
+    fail_held_read(resource)  # at t=250
+    clock.advance(60)
+    assert result(resolver.resolve()) == instances
+    clock.advance(1)
+    error = failure_of(resolver.resolve())
+    assert isinstance(error, StaleAnswer)
+    assert error.failing_since == 250
+    resolver.close()
+
+
+def test_max_staleness_zero_refuses_the_answer_once_a_read_fails() -> None:
+    client, resource, clock = agent()
+    resolver = ConsulResolver(client, "db", reactor=clock, max_staleness=0)
+    result(resolver.resolve())
+    clock.advance(1)
+    assert result(resolver.resolve())  # held by the agent: current
+    resource.fail_with = 500
+    fail_held_read(resource)
+    clock.advance(0.001)
+    assert isinstance(failure_of(resolver.resolve()), StaleAnswer)
+    resolver.close()
+
+
+def test_resolvers_sharing_a_watch_each_apply_their_own_max_staleness() -> None:
+    client, resource, clock = agent()
+    strict = ConsulResolver(client, "db", reactor=clock, max_staleness=10)
+    lenient = ConsulResolver(client, "db", reactor=clock)  # the default, 300s
+    assert lenient.max_staleness == 300
+    instances = result(strict.resolve())
+    result(lenient.resolve())
+    resource.fail_with = 500
+    clock.advance(1)
+    clock.advance(100)
+    assert isinstance(failure_of(strict.resolve()), StaleAnswer)
+    assert result(lenient.resolve()) == instances
+    clock.advance(201)  # failing for 301s
+    assert isinstance(failure_of(lenient.resolve()), StaleAnswer)
+    strict.close()
+    lenient.close()
+
+
+@pytest.mark.parametrize("bad", [-1, float("nan"), float("inf"), "5", True, None])
+def test_max_staleness_must_be_seconds_at_least_zero(bad: Any) -> None:
+    client, _, clock = agent()
+    with pytest.raises(
+        ValueError,
+        match="ConsulResolver max_staleness must be a finite number of seconds >= 0",
+    ):
+        ConsulResolver(client, "db", reactor=clock, max_staleness=bad)
 
 
 def test_a_resolve_waiting_for_the_first_answer_can_be_cancelled() -> None:

@@ -6,11 +6,13 @@ proxies.  Service names come from ``unique_name``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
 
 from connect_native.consul.client import ConsulClient
 from connect_native.resolve import (
@@ -19,6 +21,7 @@ from connect_native.resolve import (
     ExpectedIdentity,
     PreparedQueryResolver,
     ResolveError,
+    StaleAnswer,
 )
 from tests.consul_agent import RealConsulAgent
 
@@ -141,3 +144,61 @@ async def test_dns_resolver_reads_the_agents_srv_records(
         f"{name}-nosuch", dns_address=("127.0.0.1", real_consul.dns_port)
     )
     assert list(await nosuch.resolve()) == []
+
+
+async def poll_async(
+    condition: Callable[[], Awaitable[bool]], seconds: float, what: str
+) -> None:
+    deadline = reactor.seconds() + seconds
+    while not await condition():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"{what}: not within {seconds}s")
+        await deferLater(reactor, 0.1, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_consul_resolver_fails_once_a_killed_agent_stays_down_past_max_staleness(
+    fresh_real_consul: RealConsulAgent, unique_name: str
+) -> None:
+    agent, name = fresh_real_consul, unique_name
+    native: dict[str, object] = {
+        "ID": name,
+        "Name": name,
+        "Address": "127.0.0.1",
+        "Port": 5001,
+        "Connect": {"Native": True},
+    }
+    register(agent, native)
+    client = ConsulClient(reactor, address=agent.http_address, timeout=5)
+    resolver = ConsulResolver(client, name, reactor=reactor, max_staleness=1)
+    try:
+        assert [i.port for i in await resolver.resolve()] == [5001]
+        await deferToThread(agent.kill)
+
+        refused: list[StaleAnswer] = []
+
+        async def stale() -> bool:
+            try:
+                await resolver.resolve()
+            except StaleAnswer as e:
+                refused.append(e)
+            return bool(refused)
+
+        await poll_async(stale, 30, "resolution refused as stale")
+        assert "the last answer from the agent is stale" in str(refused[0])
+        assert "max_staleness 1s" in str(refused[0])
+        # The agent back (a -dev agent forgets the registration: register
+        # again): a fresh answer restores resolution.
+        await deferToThread(agent.restart)
+        await deferToThread(register, agent, native)
+
+        async def answers() -> bool:
+            try:
+                return [i.port for i in await resolver.resolve()] == [5001]
+            except StaleAnswer:
+                return False
+
+        await poll_async(answers, 90, "resolution from a fresh answer")
+    finally:
+        resolver.close()
+        await client.close()
