@@ -18,7 +18,10 @@ server, server authentication when we are the client).  The verify callback
 then checks the leaf (depth 0): the extended key usage, exactly one
 ``spiffe://`` service URI (:func:`connect_native.identity.identity_of_certificate`),
 a trust domain that a current root carries, and, for a client, the expected
-service.  ``cryptography.x509.verification`` is not used in the handshake
+service.  Each creator remembers the leaves that passed those checks, by
+their bytes, so a returning peer's certificate is not parsed again (the chain
+is still verified and authorization still asked in every handshake).
+``cryptography.x509.verification`` is not used in the handshake
 because OpenSSL's verify callback is not given the intermediates the peer sent
 (pyOpenSSL sets the peer chain only after verification), and a check after the
 handshake would let a TLS 1.3 client finish its handshake before being
@@ -301,6 +304,51 @@ def _check_leaf(
     return identity
 
 
+#: How many distinct peer leaves a creator remembers as checked.
+_LEAVES_KEPT = 256
+
+
+class _Leaves:
+    """
+    The peer leaves that passed :func:`_check_leaf` for one creator (so one
+    Bundle and its trust domains), by their DER bytes.
+
+    A peer reconnecting with the same certificate, the usual case since a
+    leaf lives for days, is then neither parsed nor checked again: that work
+    was about 60 us of every handshake.  What is remembered is only what the
+    certificate's own bytes decide (its identity, key usages, serial); OpenSSL
+    still verifies the chain, the signatures and the validity period in every
+    handshake, and authorization is asked every time.  A leaf that fails is
+    not remembered, so each refusal is worked out and logged afresh.
+    """
+
+    def __init__(self, bundle: Bundle, usage: x509.ObjectIdentifier, role: str) -> None:
+        self._bundle = bundle
+        self._usage = usage
+        self._role = role
+        self._passed: dict[bytes, tuple[x509.Certificate, ServiceIdentity, str]] = {}
+
+    def check(
+        self, certificate: crypto.X509
+    ) -> tuple[x509.Certificate, ServiceIdentity, str]:
+        """
+        The leaf, its identity and its colon-hex serial; :class:`PeerRefused`
+        if it may not be a Connect peer in this role.
+        """
+        der = crypto.dump_certificate(crypto.FILETYPE_ASN1, certificate)
+        known = self._passed.get(der)
+        if known is not None:
+            return known
+        leaf = x509.load_der_x509_certificate(der)
+        identity = _check_leaf(self._bundle, leaf, self._usage, self._role)
+        checked = (leaf, identity, _serial(leaf))
+        if len(self._passed) >= _LEAVES_KEPT:
+            # The oldest first: dicts keep insertion order.
+            del self._passed[next(iter(self._passed))]
+        self._passed[der] = checked
+        return checked
+
+
 def _refused(side: str, reason: str, depth: int, certificate: str) -> None:
     _log.warn(
         "TLS {side}: refused the peer's certificate ({certificate}, depth "
@@ -318,7 +366,7 @@ VerifyCallback = Callable[[SSL.Connection, crypto.X509, int, int, int], bool]
 
 def _verify_callback(
     side: str,
-    check: Callable[[SSL.Connection, x509.Certificate], VerifiedPeer],
+    check: Callable[[SSL.Connection, crypto.X509], VerifiedPeer],
     on_refusal: Callable[[SSL.Connection, PeerRefused], None],
 ) -> VerifyCallback:
     """
@@ -344,9 +392,7 @@ def _verify_callback(
                 return True
             else:
                 try:
-                    _verified[connection] = check(
-                        connection, certificate.to_cryptography()
-                    )
+                    _verified[connection] = check(connection, certificate)
                     return True
                 except PeerRefused as e:
                     refusal = e
@@ -469,6 +515,7 @@ class ServerConnectionCreator(_ConnectionCreator):
         self.bundle = bundle
         self._protocols = _protocols(alpn_protocols)
         self._decide_now = decide_peer_now
+        self._leaves = _Leaves(bundle, ExtendedKeyUsageOID.CLIENT_AUTH, "client")
         context = _context(bundle, release_buffers)
         context.set_verify(
             SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT,
@@ -479,19 +526,17 @@ class ServerConnectionCreator(_ConnectionCreator):
         self._context = context
 
     def _check(
-        self, connection: SSL.Connection, leaf: x509.Certificate
+        self, connection: SSL.Connection, certificate: crypto.X509
     ) -> VerifiedPeer:
-        identity = _check_leaf(
-            self.bundle, leaf, ExtendedKeyUsageOID.CLIENT_AUTH, "client"
-        )
+        leaf, identity, serial = self._leaves.check(certificate)
         decision: bool | None = None
         if self._decide_now is not None:
-            decision = self._decide_now(identity, _serial(leaf))
+            decision = self._decide_now(identity, serial)
             if decision is False:
                 raise PeerRefused(f"{identity.uri} is not allowed to connect")
             if decision is not True:
                 decision = None
-        return VerifiedPeer(identity, leaf, _serial(leaf), decision)
+        return VerifiedPeer(identity, leaf, serial, decision)
 
     def _select_protocol(
         self, connection: SSL.Connection, offered: list[bytes]
@@ -584,6 +629,7 @@ class ClientConnectionCreator(_ConnectionCreator):
         self.bundle = bundle
         self.expected = expected
         self.any_trusted_trust_domain = any_trusted_trust_domain
+        self._leaves = _Leaves(bundle, ExtendedKeyUsageOID.SERVER_AUTH, "server")
         protocols = _protocols(alpn_protocols)
         context = _context(bundle)
         context.set_verify(
@@ -595,18 +641,16 @@ class ClientConnectionCreator(_ConnectionCreator):
         self._context = context
 
     def _check(
-        self, connection: SSL.Connection, leaf: x509.Certificate
+        self, connection: SSL.Connection, certificate: crypto.X509
     ) -> VerifiedPeer:
-        identity = _check_leaf(
-            self.bundle, leaf, ExtendedKeyUsageOID.SERVER_AUTH, "server"
-        )
+        leaf, identity, serial = self._leaves.check(certificate)
         wanted = self.expected
         if self.any_trusted_trust_domain:
             # _check_leaf refused a trust domain no current root carries.
             wanted = evolve(wanted, trust_domain=identity.trust_domain)
         if not identity.matches(wanted):
             raise PeerIdentityMismatch(identity.uri, self.expected.uri)
-        return VerifiedPeer(identity, leaf, _serial(leaf))
+        return VerifiedPeer(identity, leaf, serial)
 
     def clientConnectionForTLS(
         self, tlsProtocol: TLSMemoryBIOProtocol

@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 from twisted.test.iosim import IOPump, connectedServerAndClient
 from zope.interface import implementer
 
+from connect_native import tls as tls_module
 from connect_native._certbuild import serial_hex
 from connect_native.certs import Bundle, RootPEMs
 from connect_native.identity import ServiceIdentity
@@ -830,3 +831,123 @@ def test_creators_refuse_malformed_alpn_protocols() -> None:
         ClientConnectionCreator(bundle, ca.identity("db"), alpn_protocols=[b""])
     with pytest.raises(TypeError, match="ServiceIdentity"):
         ClientConnectionCreator(bundle, ca.uri("db"))  # type: ignore[arg-type]
+
+
+# --- leaves checked once per creator -------------------------------------------
+
+
+@pytest.fixture
+def leaf_checks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """
+    The URIs of the leaves the creators parse and check, in order.
+    """
+    checked: list[str] = []
+    real = tls_module._check_leaf
+
+    def counting(
+        bundle: Bundle, leaf: x509.Certificate, usage: Any, role: str
+    ) -> ServiceIdentity:
+        identity = real(bundle, leaf, usage, role)
+        checked.append(identity.uri)
+        return identity
+
+    monkeypatch.setattr(tls_module, "_check_leaf", counting)
+    return checked
+
+
+def test_a_returning_client_leaf_is_checked_once_but_authorized_every_time(
+    clock: Clock, leaf_checks: list[str]
+) -> None:
+    """
+    A client reconnecting with the same leaf is recognised by its bytes: its
+    fields are not parsed and checked again, but every connection records
+    the peer and asks decide_peer_now afresh.
+    """
+    ca = CA()
+    api = ca.leaf("api")
+    asked: list[str] = []
+
+    def decide(identity: ServiceIdentity, serial: str) -> bool:
+        asked.append(serial)
+        return True
+
+    server = ServerConnectionCreator(ca.bundle(ca.leaf("web")), decide_peer_now=decide)
+    for _ in range(3):
+        conn = connect(server, AnyClient(api), clock)
+        assert conn.server_app.handshake_done
+        assert peer_identity(conn.server) == ca.identity("api")
+        peer = verified_peer(conn.server)
+        assert peer is not None
+        assert peer.certificate == api.certificate
+    assert leaf_checks == [ca.uri("api")]
+    assert asked == [serial_hex(api.certificate.serial_number)] * 3
+
+    # Another creator (a new Bundle: other roots, other trust domains)
+    # checks for itself.
+    connect(ServerConnectionCreator(ca.bundle(ca.leaf("web"))), AnyClient(api), clock)
+    assert leaf_checks == [ca.uri("api")] * 2
+
+
+def test_a_refused_leaf_is_checked_and_logged_every_time(
+    clock: Clock, leaf_checks: list[str], logged: list[LogEvent]
+) -> None:
+    ca = CA()
+    server = ServerConnectionCreator(ca.bundle(ca.leaf("web")))
+    bad = ca.leaf("api", extended_key_usages=None)
+    for _ in range(2):
+        assert_server_refused(connect(server, AnyClient(bad), clock))
+    refusals = server_refusals(logged)
+    assert len(refusals) == 2
+    assert all("has no extended key usage" in r for r in refusals)
+
+
+def test_a_refused_decision_is_not_remembered_as_allowed(clock: Clock) -> None:
+    """
+    Only the certificate's own facts are remembered: a peer allowed once and
+    denied the next time is refused.
+    """
+    ca = CA()
+    api = ca.leaf("api")
+    answers = [True, False]
+    server = ServerConnectionCreator(
+        ca.bundle(ca.leaf("web")), decide_now=lambda peer: answers.pop(0)
+    )
+    assert connect(server, AnyClient(api), clock).server_app.handshake_done
+    assert_server_refused(connect(server, AnyClient(api), clock))
+
+
+def test_the_remembered_leaves_are_bounded(
+    clock: Clock, leaf_checks: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    A creator remembers at most _LEAVES_KEPT leaves, forgetting the oldest.
+    """
+    monkeypatch.setattr(tls_module, "_LEAVES_KEPT", 2)
+    ca = CA()
+    server = ServerConnectionCreator(ca.bundle(ca.leaf("web")))
+    leaves = [ca.leaf(name) for name in ("a", "b", "c")]
+    for leaf in [*leaves, leaves[2], leaves[0]]:
+        assert connect(server, AnyClient(leaf), clock).server_app.handshake_done
+    # c was still remembered; a had been forgotten when c came.
+    assert leaf_checks == [ca.uri("a"), ca.uri("b"), ca.uri("c"), ca.uri("a")]
+
+
+def test_a_returning_server_leaf_is_still_matched_against_the_expected_service(
+    clock: Clock, leaf_checks: list[str]
+) -> None:
+    """
+    The client side remembers a server's leaf too, and still compares its
+    identity with the service it means to reach on every connection.
+    """
+    ca = CA()
+    web = ca.leaf("web")
+    client = ClientConnectionCreator(ca.bundle(ca.leaf("api")), ca.identity("web"))
+    for _ in range(2):
+        conn = connect(AnyServer(web), client, clock)
+        assert peer_identity(conn.client) == ca.identity("web")
+    assert leaf_checks == [ca.uri("web")]
+    wrong = ClientConnectionCreator(ca.bundle(ca.leaf("api")), ca.identity("db"))
+    for _ in range(2):
+        conn = connect(AnyServer(web), wrong, clock)
+        assert peer_identity(conn.client) is None
+        assert conn.client_app.lost is not None
