@@ -400,9 +400,10 @@ class _Gate(Protocol):
     """
     The TLS protocol's wrapped protocol until the peer is authorized.
 
-    It bounds the handshake, pauses the transport once the handshake is done,
-    holds the bytes that arrived meanwhile, and asks the authorizer (bounded
-    too).  Allowed: it puts the application's protocol in its place.
+    It bounds the handshake, then asks the authorizer.  An answer the
+    authorizer has at once is acted on there and then; otherwise the gate
+    pauses the transport, holds the bytes that arrived meanwhile, and bounds
+    the wait.  Allowed: it puts the application's protocol in its place.
     Otherwise: it aborts the connection.
     """
 
@@ -423,6 +424,7 @@ class _Gate(Protocol):
         self._started = 0.0
         self._peer: Peer | None = None
         self._handshaken = False
+        self._paused = False
 
     def connectionMade(self) -> None:
         factory = self.gate_factory
@@ -456,9 +458,6 @@ class _Gate(Protocol):
         if self._finished:
             return
         factory = self.gate_factory
-        # Hold the client until it is authorized: nothing more is read from
-        # the socket, so the early bytes stay bounded.
-        _underlying(self.transport).pauseProducing()
         self._started = factory.clock.seconds()
         verified = verified_peer(self.transport)
         if verified is None:
@@ -489,12 +488,21 @@ class _Gate(Protocol):
             )
             return
         self._pending = pending
-        self._timer = factory.clock.callLater(
-            factory.authorize_timeout, self._authorize_timed_out
-        )
         pending.addCallbacks(
             lambda decision: self._answered(decision, peer),
             lambda failure: self._failed(failure, peer),
+        )
+        if self._finished:
+            # Answered at once (a local or remembered decision): nothing was
+            # read meanwhile, so there was nothing to hold and no wait to
+            # bound.
+            return
+        # Hold the client until it is authorized: nothing more is read from
+        # the socket, so the early bytes stay bounded.
+        _underlying(self.transport).pauseProducing()
+        self._paused = True
+        self._timer = factory.clock.callLater(
+            factory.authorize_timeout, self._authorize_timed_out
         )
 
     def _authorize_timed_out(self) -> None:
@@ -589,7 +597,9 @@ class _Gate(Protocol):
         # pause state (twisted.web pauses it while it handles a request, and
         # a resume after the early bytes would undo that).  Resuming reads
         # nothing synchronously, so the order of bytes is unchanged.
-        _underlying(tls).resumeProducing()
+        if self._paused:
+            self._paused = False
+            _underlying(tls).resumeProducing()
         app.makeConnection(tls)
         if IHandshakeListener.providedBy(app):
             app.handshakeCompleted()

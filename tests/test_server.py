@@ -195,9 +195,11 @@ class PausableTransport(FakeTransport):
     """
 
     paused = False
+    pauses = 0
 
     def pauseProducing(self) -> None:
         self.paused = True
+        self.pauses += 1
 
     def resumeProducing(self) -> None:
         self.paused = False
@@ -356,6 +358,38 @@ def test_bytes_sent_before_the_decision_arrive_in_order_after_allow(
         *(["data"] * (len(app.events) - 2)),
     ]
     assert app.received == b"one two three"
+    assert not conn.server_transport.paused
+
+
+@pytest.mark.parametrize("hold", [False, True], ids=["at once", "later"])
+def test_the_client_is_held_and_the_wait_bounded_only_if_the_answer_is_not_at_once(
+    ca: CertificateFactory, hold: bool
+) -> None:
+    """
+    A decision the authorizer has at once (local intentions, a remembered
+    answer) is acted on as the handshake completes: the transport is never
+    paused and no authorization deadline is scheduled.  A decision still to
+    come pauses the transport and is bounded.
+    """
+    authorizer = FakeAuthorizer({"api"}, hold=hold)
+    h = harness(ca, authorizer, authorize_timeout=7.25)
+    scheduled: list[float] = []
+    real_call_later = h.reactor.callLater
+
+    def call_later(delay: float, f: Any, *a: Any, **kw: Any) -> Any:
+        scheduled.append(delay)
+        return real_call_later(delay, f, *a, **kw)
+
+    h.reactor.callLater = call_later  # type: ignore[method-assign]
+    conn = h.connect([b"hello"])
+    if hold:
+        authorizer.release()
+        conn.pump.flush()
+
+    [app] = h.apps.built
+    assert app.received == b"hello"
+    assert conn.server_transport.pauses == (1 if hold else 0)
+    assert (7.25 in scheduled) is hold
     assert not conn.server_transport.paused
 
 
