@@ -141,6 +141,7 @@ class Settings:
     workers: int = 1
     worker: bool = False
     release_buffers: bool = False
+    log_allowed: bool = True
 
 
 def _split_description(description: str) -> list[str]:
@@ -369,6 +370,7 @@ class Options(usage.Options):
         super().__init__()  # type: ignore[no-untyped-call]
         self["upstream"] = []
         self["register"] = True
+        self["log-allowed"] = True
         self.settings: Settings | None = None
 
     def opt_upstream(self, value: str) -> None:
@@ -381,6 +383,14 @@ class Options(usage.Options):
         "datacenter); binds 127.0.0.1 unless the endpoint names an interface "
         "(repeatable)"
     )
+
+    def opt_log_allowed(self) -> None:
+        """log each allowed connection (the default; refusals are always logged)"""
+        self["log-allowed"] = True
+
+    def opt_no_log_allowed(self) -> None:
+        """log refusals only, not each allowed connection"""
+        self["log-allowed"] = False
 
     def opt_register(self) -> None:
         """register this instance with the agent (the default)"""
@@ -485,6 +495,7 @@ class Options(usage.Options):
             workers=workers,
             worker=worker,
             release_buffers=bool(self["release-buffers"]),
+            log_allowed=bool(self["log-allowed"]),
         )
 
 
@@ -668,6 +679,8 @@ def worker_arguments(settings: Settings, port: int, consul: str | None) -> list[
     ]
     if settings.release_buffers:
         arguments.append("--release-buffers")
+    if not settings.log_allowed:
+        arguments.append("--no-log-allowed")
     if consul is not None:
         arguments += ["--consul", consul]
     return arguments
@@ -945,6 +958,7 @@ class Terminator(Service):
             authorizer=authorizer,
             handshake_timeout=settings.handshake_timeout,
             release_buffers=settings.release_buffers,
+            log_allowed=settings.log_allowed,
             # The forwarder writes each read whole: nothing to aggregate.
             buffer_small_writes=False,
         )

@@ -477,6 +477,23 @@ def test_denied_peer_is_aborted_and_never_reaches_the_application(
     assert decision["log_level"].name == "warn"
 
 
+@pytest.mark.parametrize("allowed", [True, False], ids=["allowed", "denied"])
+def test_without_log_allowed_only_refusals_are_logged(
+    ca: CertificateFactory, logged: list[LogEvent], allowed: bool
+) -> None:
+    authorizer = FakeAuthorizer({"api"} if allowed else set())
+    h = harness(ca, authorizer, log_allowed=False)
+    h.connect([b"hello"])
+
+    assert len(h.apps.built) == (1 if allowed else 0)
+    if allowed:
+        assert decisions(logged) == []
+    else:
+        [decision] = decisions(logged)
+        assert decision["decision"] == "denied"
+        assert decision["log_level"].name == "warn"
+
+
 def test_authorizer_timeout_denies_and_cancels_its_deferred(
     ca: CertificateFactory, logged: list[LogEvent]
 ) -> None:

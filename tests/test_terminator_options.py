@@ -97,6 +97,12 @@ def test_every_option() -> None:
     )
 
 
+def test_allowed_connections_are_logged_unless_no_log_allowed() -> None:
+    assert parse(*BASE).log_allowed is True
+    assert parse(*BASE, "--no-log-allowed").log_allowed is False
+    assert parse(*BASE, "--no-log-allowed", "--log-allowed").log_allowed is True
+
+
 def test_register_and_no_register_last_one_wins() -> None:
     assert parse(*BASE, "--no-register", "--register").register is True
     assert parse(*BASE, "--register", "--no-register").register is False
