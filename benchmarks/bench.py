@@ -416,9 +416,11 @@ class ConnectNative(Target):
         cache: float | None = None,
         workers: int = 1,
         source: str | None = None,
+        log_allowed: bool = True,
     ) -> None:
         super().__init__(name)
         self.source = source
+        self.log_allowed = log_allowed
         self.agent = agent
         self.authorize = authorize
         self.cache = cache
@@ -460,6 +462,8 @@ class ConnectNative(Target):
             argv += ["--authorize-cache", repr(self.cache)]
         if self.workers > 1:
             argv += ["--workers", str(self.workers)]
+        if not self.log_allowed:
+            argv.append("--no-log-allowed")
         return argv
 
 
@@ -926,6 +930,7 @@ ALL_TARGETS = (
     "cn-agent",
     "cn-agent-nocache",
     "cn-intentions",
+    "cn-intentions-quiet",
     "cn-intentions-w2",
 )
 
@@ -942,6 +947,10 @@ def make_targets(
             "cn-agent-nocache", agent, "agent", cache=0
         ),
         "cn-intentions": lambda: ConnectNative("cn-intentions", agent, "intentions"),
+        # As nginx and haproxy here: no line logged per allowed connection.
+        "cn-intentions-quiet": lambda: ConnectNative(
+            "cn-intentions-quiet", agent, "intentions", log_allowed=False
+        ),
         "cn-intentions-w2": lambda: ConnectNative(
             "cn-intentions-w2", agent, "intentions", workers=2
         ),
