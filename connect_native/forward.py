@@ -57,11 +57,13 @@ from zope.interface import implementer
 from connect_native.consul.records import positive_seconds
 
 __all__ = [
+    "BUFFER_SIZE",
     "MAX_PENDING_BYTES",
     "ConnectionTracker",
     "Dial",
     "ForwardingFactory",
     "TrackedEndpoint",
+    "set_buffer_size",
     "set_no_delay",
 ]
 
@@ -118,6 +120,28 @@ def set_no_delay(transport: object) -> bool:
         # Closed in the meantime (Twisted deletes a lost connection's
         # socket): nothing left to delay.
         return False
+    return True
+
+
+#: What the forwarder reads at once from each TCP connection, and how much
+#: its write buffer holds before it pauses the other side: four times
+#: Twisted's 64 KiB (see :class:`ForwardingFactory`).
+BUFFER_SIZE = 256 * 1024
+
+
+def set_buffer_size(transport: object, size: int) -> bool:
+    """
+    Have the TCP connection under ``transport`` (looking through wrappers, as
+    :func:`set_no_delay`) read up to ``size`` bytes at a time, and hold up to
+    ``size`` bytes in its write buffer before it pauses its producer:
+    Twisted's ``FileDescriptor.bufferSize``, 64 KiB by default.
+
+    :returns: whether a TCP connection was found.
+    """
+    tcp = _tcp_transport(transport)
+    if tcp is None or not hasattr(tcp, "bufferSize"):
+        return False
+    tcp.bufferSize = size
     return True
 
 
@@ -423,6 +447,7 @@ class _Front(Protocol):
         # Nothing is read from the front until the back can take it.
         transport.pauseProducing()
         set_no_delay(transport)
+        set_buffer_size(transport, factory.buffer_size)
         self._last = factory.clock.seconds()
         self._idle = factory.clock.callLater(factory.idle_timeout, self._check_idle)
         try:
@@ -484,6 +509,7 @@ class _Front(Protocol):
         back: Any = back_protocol.transport
         self.back = back
         set_no_delay(back)
+        set_buffer_size(back, self.factory.buffer_size)
         if self._front_gone:
             # A dial that ignored its cancellation: nobody will read this
             # connection and there is nothing to flush, and a graceful TLS
@@ -625,6 +651,12 @@ class ForwardingFactory(Factory):
     :param idle_timeout: seconds without a byte in either direction after
         which both connections are aborted.
     :param label: names this forwarder in the logs.
+    :param buffer_size: bytes read at once from each TCP connection, and the
+        bytes a connection's write buffer may hold before the other side is
+        paused (so a slow reader holds up to this much of the other side's
+        bytes, per direction).  256 KiB by default, four times Twisted's own:
+        fewer, larger reads made one bulk connection about 1.2x faster
+        (``docs/performance.rst``).
     """
 
     noisy = False
@@ -638,7 +670,18 @@ class ForwardingFactory(Factory):
         connect_timeout: float,
         idle_timeout: float,
         label: str,
+        buffer_size: int = BUFFER_SIZE,
     ) -> None:
+        if (
+            isinstance(buffer_size, bool)
+            or not isinstance(buffer_size, int)
+            or buffer_size < 4096
+        ):
+            raise ValueError(
+                f"buffer_size must be a whole number of bytes >= 4096, not "
+                f"{buffer_size!r}"
+            )
+        self.buffer_size = buffer_size
         self.clock = clock
         self.dial = dial
         self.target = target

@@ -54,7 +54,12 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from connect_native.forward import ConnectionTracker, ForwardingFactory, TrackedEndpoint
+from connect_native.forward import (
+    BUFFER_SIZE,
+    ConnectionTracker,
+    ForwardingFactory,
+    TrackedEndpoint,
+)
 
 __all__ = [
     "DEMO_CLIENT_SERVICE",
@@ -142,6 +147,7 @@ class Settings:
     worker: bool = False
     release_buffers: bool = False
     log_allowed: bool = True
+    buffer_size: int = BUFFER_SIZE
 
 
 def _split_description(description: str) -> list[str]:
@@ -317,6 +323,14 @@ class Options(usage.Options):
             "accepted connections open at once, over all listeners (per worker)",
         ],
         [
+            "buffer-size",
+            None,
+            str(BUFFER_SIZE),
+            "bytes read at once from each connection, and queued for a slow "
+            "reader before the other side is paused (per connection and "
+            "direction; Twisted's default is 65536)",
+        ],
+        [
             "workers",
             None,
             "1",
@@ -462,6 +476,7 @@ class Options(usage.Options):
             )
         authorize_cache = _cache_seconds(self["authorize-cache"])
         workers = _workers(self["workers"])
+        buffer_size = _buffer_size(self["buffer-size"])
         worker = bool(self["worker"])
         if workers > 1 or worker:
             _check_workers(listen, demo, self["to"], workers)
@@ -496,6 +511,7 @@ class Options(usage.Options):
             worker=worker,
             release_buffers=bool(self["release-buffers"]),
             log_allowed=bool(self["log-allowed"]),
+            buffer_size=buffer_size,
         )
 
 
@@ -510,6 +526,18 @@ def _cache_seconds(value: str) -> float:
             f"cache off), not {value!r}"
         )
     return seconds
+
+
+def _buffer_size(value: str) -> int:
+    try:
+        size = int(value)
+    except ValueError:
+        size = 0
+    if size < 4096:
+        raise usage.UsageError(
+            f"--buffer-size must be a whole number of bytes >= 4096, not {value!r}"
+        )
+    return size
 
 
 def _workers(value: str) -> int:
@@ -681,6 +709,7 @@ def worker_arguments(settings: Settings, port: int, consul: str | None) -> list[
         arguments.append("--release-buffers")
     if not settings.log_allowed:
         arguments.append("--no-log-allowed")
+    arguments += ["--buffer-size", str(settings.buffer_size)]
     if consul is not None:
         arguments += ["--consul", consul]
     return arguments
@@ -970,6 +999,7 @@ class Terminator(Service):
             connect_timeout=settings.connect_timeout,
             idle_timeout=settings.idle_timeout,
             label=label,
+            buffer_size=settings.buffer_size,
         )
 
         def listening(port: IListeningPort) -> None:
@@ -1013,6 +1043,7 @@ class Terminator(Service):
             connect_timeout=settings.connect_timeout,
             idle_timeout=settings.idle_timeout,
             label=label,
+            buffer_size=settings.buffer_size,
         )
         endpoint = TrackedEndpoint(
             serverFromString(reactor, upstream.listen), self.tracker, label

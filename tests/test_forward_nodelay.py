@@ -1,8 +1,8 @@
 """
-TCP_NODELAY on every connection the forwarder touches: in memory with a
-fake TCP transport that records ``setTcpNoDelay``, through TLS and the
-connection tracker's wrapper, and once over real loopback sockets with
-``getsockopt``.
+TCP_NODELAY and the read and write buffer size on every connection the
+forwarder touches: in memory with a fake TCP transport that records
+``setTcpNoDelay`` and has Twisted's ``bufferSize``, through TLS and the
+connection tracker's wrapper, and once over real loopback sockets.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from connect_native.forward import (
+    BUFFER_SIZE,
     ConnectionTracker,
     ForwardingFactory,
     TrackedEndpoint,
@@ -44,6 +45,8 @@ BACK = IPv4Address("TCP", "127.0.0.1", 8080)
 @implementer(ITCPTransport)
 class TCPTransport(StringTransport):
     """A TCP transport in memory that records ``setTcpNoDelay``."""
+
+    bufferSize = 65536  # as Twisted's FileDescriptor
 
     def __init__(self) -> None:
         super().__init__()
@@ -95,6 +98,39 @@ def test_front_and_back_tcp_connections_get_no_delay() -> None:
     assert back.no_delay == [True]
 
 
+def test_front_and_back_tcp_connections_get_the_forwarders_buffer_size() -> None:
+    back, front = TCPTransport(), TCPTransport()
+    forwarding(Dialer(back)).buildProtocol(FRONT).makeConnection(front)
+    assert (front.bufferSize, back.bufferSize) == (BUFFER_SIZE, BUFFER_SIZE)
+    assert BUFFER_SIZE > TCPTransport.bufferSize
+
+    back, front = TCPTransport(), TCPTransport()
+    ForwardingFactory(
+        Clock(),
+        Dialer(back),
+        "the backend",
+        connect_timeout=5,
+        idle_timeout=60,
+        label="t",
+        buffer_size=100_000,
+    ).buildProtocol(FRONT).makeConnection(front)
+    assert (front.bufferSize, back.bufferSize) == (100_000, 100_000)
+
+
+@pytest.mark.parametrize("bad", [0, 4095, -1, 65536.0, True, "65536"])
+def test_the_buffer_size_must_be_a_whole_number_of_at_least_4096(bad: Any) -> None:
+    with pytest.raises(ValueError, match="buffer_size"):
+        ForwardingFactory(
+            Clock(),
+            Dialer(TCPTransport()),
+            "b",
+            connect_timeout=5,
+            idle_timeout=60,
+            label="t",
+            buffer_size=bad,
+        )
+
+
 def test_the_tcp_connection_under_tls_gets_no_delay(ca: CertificateFactory) -> None:
     clock = Clock()
     clock.advance(time.time())
@@ -112,6 +148,7 @@ def test_the_tcp_connection_under_tls_gets_no_delay(ca: CertificateFactory) -> N
     # TCP connection's: that is the one set.
     assert tcp.no_delay == [True]
     assert back.no_delay == [True]
+    assert tcp.bufferSize == BUFFER_SIZE
 
 
 def test_a_dialled_tls_connection_gets_no_delay_on_its_tcp_connection(
@@ -220,6 +257,8 @@ async def test_real_sockets_have_tcp_nodelay_set() -> None:
         dialled = tracked.wrappedProtocol.back.socket
         for sock in (accepted, dialled):
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        assert tracked.transport.bufferSize == BUFFER_SIZE
+        assert tracked.wrappedProtocol.back.bufferSize == BUFFER_SIZE
         transport.loseConnection()
         if tracker.open:
             drained = tracker.drain(10)

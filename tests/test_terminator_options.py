@@ -97,6 +97,11 @@ def test_every_option() -> None:
     )
 
 
+def test_the_buffer_size_is_256_kib_unless_given() -> None:
+    assert parse(*BASE).buffer_size == 262144
+    assert parse(*BASE, "--buffer-size", "1048576").buffer_size == 1048576
+
+
 def test_allowed_connections_are_logged_unless_no_log_allowed() -> None:
     assert parse(*BASE).log_allowed is True
     assert parse(*BASE, "--no-log-allowed").log_allowed is False
@@ -194,6 +199,8 @@ def test_upstream_targets_name_what_is_dialled() -> None:
         ([*BASE, "--upstream", ".query=tcp:1"], "--upstream"),
         ([*BASE, "--upstream", "db=nonsense:x"], "--upstream"),
         ([*BASE, "--authorize", "anyone"], "--authorize"),
+        ([*BASE, "--buffer-size", "4095"], "--buffer-size"),
+        ([*BASE, "--buffer-size", "1MiB"], "--buffer-size"),
         ([*BASE, "--max-connections", "0"], "--max-connections"),
         ([*BASE, "--max-connections", "many"], "--max-connections"),
         ([*BASE, "--max-connections", "1.5"], "--max-connections"),

@@ -105,6 +105,7 @@ def test_a_worker_gets_the_bound_port_and_no_registration_or_token() -> None:
         workers=2,
         max_connections=12,
         log_allowed=False,
+        buffer_size=1 << 20,
     )
     arguments = worker_arguments(settings, 4321, "http://127.0.0.1:8500")
     assert "secret-token" not in " ".join(arguments)
@@ -122,6 +123,7 @@ def test_a_worker_gets_the_bound_port_and_no_registration_or_token() -> None:
     assert (worker.authorize, worker.authorize_cache) == ("intentions", 0.5)
     assert worker.max_connections == 12
     assert worker.log_allowed is False
+    assert worker.buffer_size == 1 << 20
 
 
 # --- --authorize-cache reaches the AgentAuthorizer ------------------------------
