@@ -23,10 +23,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
+from connect_native import _logging
 from connect_native.consul.records import AuthorizeResult, positive_seconds
 from connect_native.identity import ServiceIdentity
 
-log = Logger()
+log = Logger(observer=_logging.observer)
 
 #: How many decisions an authorizer remembers at most.  Each certificate
 #: renewal is a new serial, and so a new entry: without a bound a long

@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from connect_native import _logging
 from connect_native.authorize import (
     MAX_REMEMBERED,
     AgentAuthorizer,
@@ -56,7 +57,7 @@ from connect_native.intentions import (
 
 __all__ = ["IntentionAuthorizer", "IntentionsClient"]
 
-log = Logger()
+log = Logger(observer=_logging.observer)
 
 
 class IntentionsClient(Protocol):

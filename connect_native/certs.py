@@ -36,6 +36,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
+from connect_native import _logging
 from connect_native.consul.blocking import Watch
 from connect_native.consul.client import ConsulPermissionDenied
 from connect_native.consul.records import CARoots, Indexed, LeafCert
@@ -557,7 +558,7 @@ class CertManager(Service):
         :class:`random.Random`).
     """
 
-    _log = Logger()
+    _log = Logger(observer=_logging.observer)
 
     def __init__(
         self,

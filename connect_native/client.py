@@ -57,6 +57,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from connect_native import _logging
 from connect_native.certs import Bundle, IBundleSource
 from connect_native.consul.records import positive_seconds
 from connect_native.resolve import (
@@ -91,7 +92,7 @@ __all__ = [
     "our_service_name",
 ]
 
-log = Logger()
+log = Logger(observer=_logging.observer)
 
 _failure: Callable[[BaseException], Failure] = Failure
 

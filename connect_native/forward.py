@@ -54,6 +54,7 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from connect_native import _logging
 from connect_native.consul.records import positive_seconds
 
 __all__ = [
@@ -67,7 +68,7 @@ __all__ = [
     "set_no_delay",
 ]
 
-log = Logger()
+log = Logger(observer=_logging.observer)
 
 #: Bytes a front connection may send before its back connection is up.  The
 #: front is paused as soon as it is accepted, so only what came with the

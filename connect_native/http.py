@@ -52,6 +52,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
+from connect_native import _logging
 from connect_native.certs import IBundleSource
 from connect_native.client import (
     ConnectClientEndpoint,
@@ -77,7 +78,7 @@ __all__ = [
     "parse_connect_host",
 ]
 
-log = Logger()
+log = Logger(observer=_logging.observer)
 
 _failure: Callable[[BaseException], Failure] = Failure
 

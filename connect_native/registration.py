@@ -34,6 +34,7 @@ from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTi
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from connect_native import _logging
 from connect_native.certs import ManagerState, StateChange
 from connect_native.consul.records import (
     ServiceRegistration,
@@ -52,7 +53,7 @@ __all__ = [
 CheckStatus = Literal["passing", "warning", "critical"]
 _STATUSES: tuple[CheckStatus, ...] = ("passing", "warning", "critical")
 
-log = Logger()
+log = Logger(observer=_logging.observer)
 
 
 class RegistrationClient(Protocol):

@@ -38,6 +38,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
+from connect_native import _logging
 from connect_native.consul.blocking import Watch
 from connect_native.consul.records import (
     AgentSelf,
@@ -64,7 +65,7 @@ __all__ = [
     "StaticResolver",
 ]
 
-log = Logger()
+log = Logger(observer=_logging.observer)
 
 _failure: Callable[[BaseException], Failure] = Failure
 

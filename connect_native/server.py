@@ -54,6 +54,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from connect_native import _logging
 from connect_native.authorize import (
     AgentAuthorizer,
     Decision,
@@ -86,7 +87,7 @@ __all__ = [
     "peer_identity",
 ]
 
-log = Logger()
+log = Logger(observer=_logging.observer)
 
 #: How many application bytes a client may send before it is authorized.
 #: The transport is paused as soon as the handshake completes, so only what

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from connect_native import _logging
 from connect_native.certs import CertificateAuthorityClient, CertManager
 
 __all__ = [
@@ -99,7 +100,7 @@ class CertManagerRegistry:
         ``CertManager(clock, client, service)``.
     """
 
-    _log = Logger()
+    _log = Logger(observer=_logging.observer)
 
     def __init__(self, factory: CertManagerFactory = CertManager) -> None:
         self._factory = factory

@@ -49,11 +49,12 @@ from twisted.internet.interfaces import (
     IStreamServerEndpoint,
 )
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
-from twisted.logger import Logger
+from twisted.logger import InvalidLogLevelError, Logger, LogLevel
 from twisted.python import usage
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from connect_native import _logging
 from connect_native.forward import (
     BUFFER_SIZE,
     ConnectionTracker,
@@ -72,7 +73,7 @@ __all__ = [
     "parse_upstream",
 ]
 
-log = Logger()
+log = Logger(observer=_logging.observer)
 
 # Twisted's endpoint helpers are untyped.
 serverFromString: Any = endpoints.serverFromString  # noqa: N816
@@ -148,6 +149,7 @@ class Settings:
     release_buffers: bool = False
     log_allowed: bool = True
     buffer_size: int = BUFFER_SIZE
+    log_level: str = "info"
 
 
 def _split_description(description: str) -> list[str]:
@@ -337,6 +339,13 @@ class Options(usage.Options):
             "processes accepting on --listen (a tcp or tcp6 endpoint), sharing "
             "its port with SO_REUSEPORT",
         ],
+        [
+            "log-level",
+            None,
+            "info",
+            "connect_native's events below this level are not logged: debug, "
+            "info, warn, error or critical (twistd itself shows every level)",
+        ],
         ["handshake-timeout", None, "10", "seconds a client has for the TLS handshake"],
         [
             "connect-timeout",
@@ -477,6 +486,7 @@ class Options(usage.Options):
         authorize_cache = _cache_seconds(self["authorize-cache"])
         workers = _workers(self["workers"])
         buffer_size = _buffer_size(self["buffer-size"])
+        log_level = _log_level(self["log-level"])
         worker = bool(self["worker"])
         if workers > 1 or worker:
             _check_workers(listen, demo, self["to"], workers)
@@ -512,6 +522,7 @@ class Options(usage.Options):
             release_buffers=bool(self["release-buffers"]),
             log_allowed=bool(self["log-allowed"]),
             buffer_size=buffer_size,
+            log_level=log_level,
         )
 
 
@@ -526,6 +537,17 @@ def _cache_seconds(value: str) -> float:
             f"cache off), not {value!r}"
         )
     return seconds
+
+
+def _log_level(value: str) -> str:
+    try:
+        LogLevel.levelWithName(value)
+    except InvalidLogLevelError:
+        raise usage.UsageError(
+            "--log-level must be one of debug, info, warn, error or critical, "
+            f"not {value!r}"
+        ) from None
+    return value
 
 
 def _buffer_size(value: str) -> int:
@@ -710,6 +732,7 @@ def worker_arguments(settings: Settings, port: int, consul: str | None) -> list[
     if not settings.log_allowed:
         arguments.append("--no-log-allowed")
     arguments += ["--buffer-size", str(settings.buffer_size)]
+    arguments += ["--log-level", settings.log_level]
     if consul is not None:
         arguments += ["--consul", consul]
     return arguments
@@ -861,6 +884,7 @@ class Terminator(Service):
         self._lease: Any = None
         self._closables: list[Any] = []
         self._starting: Deferred[None] | None = None
+        self._log_level_before: LogLevel | None = None
         self.workers: list[_WorkerProcess] = []
         self.started: Deferred[None] = Deferred()
 
@@ -868,6 +892,9 @@ class Terminator(Service):
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
+        self._log_level_before = _logging.set_log_level(
+            LogLevel.levelWithName(self.settings.log_level)
+        )
         self._starting = ensureDeferred(self._start())
         self._starting.addCallbacks(self._start_done, self._start_failed)
 
@@ -1206,7 +1233,15 @@ class Terminator(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()  # type: ignore[no-untyped-call]
-        return ensureDeferred(self._stop())
+        stopping = ensureDeferred(self._stop())
+
+        def level_back(result: object) -> object:
+            if self._log_level_before is not None:
+                _logging.set_log_level(self._log_level_before)
+                self._log_level_before = None
+            return result
+
+        return stopping.addBoth(level_back)
 
     async def _stop(self) -> None:
         starting, self._starting = self._starting, None

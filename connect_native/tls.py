@@ -49,6 +49,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from connect_native import _logging
 from connect_native.certs import Bundle
 from connect_native.identity import (
     InvalidIdentity,
@@ -71,7 +72,7 @@ __all__ = [
     "verified_peer",
 ]
 
-_log = Logger()
+_log = Logger(observer=_logging.observer)
 
 #: ``decide_now(peer)``: allow (True), deny (False, a TLS alert), or
 #: undecided (None: the authorization gate decides after the handshake).

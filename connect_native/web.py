@@ -28,6 +28,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from zope.interface import implementer
 
+from connect_native import _logging
 from connect_native.authorize import Decision, Peer
 from connect_native.identity import ServiceIdentity
 from connect_native.intentions import HeadersLike
@@ -46,7 +47,7 @@ __all__ = [
     "routed_path",
 ]
 
-log = Logger()
+log = Logger(observer=_logging.observer)
 
 #: The body of every 403: short, and naming no intention (the caller learns
 #: nothing about our rules; the log has the reason).

@@ -102,6 +102,11 @@ def test_the_buffer_size_is_256_kib_unless_given() -> None:
     assert parse(*BASE, "--buffer-size", "1048576").buffer_size == 1048576
 
 
+def test_the_log_level_is_info_unless_given() -> None:
+    assert parse(*BASE).log_level == "info"
+    assert parse(*BASE, "--log-level", "debug").log_level == "debug"
+
+
 def test_allowed_connections_are_logged_unless_no_log_allowed() -> None:
     assert parse(*BASE).log_allowed is True
     assert parse(*BASE, "--no-log-allowed").log_allowed is False
@@ -199,6 +204,7 @@ def test_upstream_targets_name_what_is_dialled() -> None:
         ([*BASE, "--upstream", ".query=tcp:1"], "--upstream"),
         ([*BASE, "--upstream", "db=nonsense:x"], "--upstream"),
         ([*BASE, "--authorize", "anyone"], "--authorize"),
+        ([*BASE, "--log-level", "verbose"], "--log-level"),
         ([*BASE, "--buffer-size", "4095"], "--buffer-size"),
         ([*BASE, "--buffer-size", "1MiB"], "--buffer-size"),
         ([*BASE, "--max-connections", "0"], "--max-connections"),

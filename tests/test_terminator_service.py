@@ -81,3 +81,28 @@ def test_a_listener_that_cannot_start_ends_the_process_with_1() -> None:
     assert "address in use" in formatEvent(critical)
     with capturedLogs():
         service.stopService()
+
+
+def test_the_log_level_holds_while_the_terminator_runs_and_is_put_back() -> None:
+    """
+    twistd shows every event whatever its level: the terminator drops
+    connect_native's events below --log-level (info by default) while it
+    runs, and puts the level back when it stops.
+    """
+    from connect_native.authorize import log as library_log
+
+    service, _, _ = terminator(
+        Settings(service="web", upstreams=(parse_upstream("db=tcp:9191"),))
+    )
+    with capturedLogs() as events:
+        library_log.debug("before: {n}", n=1)
+        service.startService()
+        library_log.debug("while running: {n}", n=2)
+        library_log.info("while running, info: {n}", n=3)
+        service.stopService()
+        library_log.debug("after: {n}", n=4)
+    texts = [formatEvent(e) for e in events]
+    assert "before: 1" in texts
+    assert "while running: 2" not in texts
+    assert "while running, info: 3" in texts
+    assert "after: 4" in texts

@@ -38,6 +38,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
+from connect_native import _logging
 from connect_native.consul.records import ConsulError, Indexed
 
 __all__ = [
@@ -128,7 +129,7 @@ class Watch(Generic[T]):
     :param equal: decides whether a new value is the same as the last one.
     """
 
-    _log = Logger()
+    _log = Logger(observer=_logging.observer)
 
     def __init__(
         self,

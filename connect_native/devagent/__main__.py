@@ -22,9 +22,10 @@ from twisted.logger import (
 )
 from twisted.web.server import Site
 
+from connect_native import _logging
 from connect_native.devagent.state import DevAgent
 
-log = Logger()
+log = Logger(observer=_logging.observer)
 
 INTERFACE = "127.0.0.1"
 

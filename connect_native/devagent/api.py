@@ -36,6 +36,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from connect_native import _logging
 from connect_native.devagent.acl import Authorizer
 from connect_native.devagent.query import QueryInput
 from connect_native.devagent.state import (
@@ -55,7 +56,7 @@ from connect_native.devagent.state import (
 
 __all__ = ["AgentResource", "GoJSONError", "decode_go_json"]
 
-log = Logger()
+log = Logger(observer=_logging.observer)
 
 T = TypeVar("T")
 

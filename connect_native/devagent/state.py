@@ -39,6 +39,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.web.resource import IResource
 
+from connect_native import _logging
 from connect_native.devagent.acl import (
     ACL_NOT_FOUND,
     GLOBAL_MANAGEMENT_ID,
@@ -76,7 +77,7 @@ __all__ = [
     "parse_go_duration",
 ]
 
-log = Logger()
+log = Logger(observer=_logging.observer)
 
 CONSUL_VERSION = "1.8.7"
 NANOSECOND = 1e-9
