@@ -528,33 +528,13 @@ class _DeadlineResponse:
         self._original: Any = original
         self._agent = agent
 
-    @property
-    def version(self) -> Any:
-        return self._original.version
-
-    @property
-    def code(self) -> Any:
-        return self._original.code
-
-    @property
-    def phrase(self) -> Any:
-        return self._original.phrase
-
-    @property
-    def headers(self) -> Any:
-        return self._original.headers
-
-    @property
-    def length(self) -> Any:
-        return self._original.length
-
-    @property
-    def request(self) -> Any:
-        return self._original.request
-
-    @property
-    def previousResponse(self) -> Any:
-        return self._original.previousResponse
+    def __getattr__(self, name: str) -> Any:
+        # version, code, phrase, headers, length, request, previousResponse:
+        # the original's, unchanged.  Never our own private names (asked for
+        # before __init__ ran, e.g. by copy), or this would recurse.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._original, name)
 
     def setPreviousResponse(self, response: IResponse) -> None:
         self._original.setPreviousResponse(response)

@@ -653,6 +653,14 @@ def test_a_redirected_request_keeps_the_deadline_of_the_first() -> None:
     agent.answer(final)
     response = fired(d)
     assert response.code == 200
+    # Everything but the body is the original response's.
+    assert (response.version, response.phrase, response.length) == (
+        final.version,
+        final.phrase,
+        final.length,
+    )
+    assert response.headers is final.headers
+    assert response.previousResponse.code == 302
     body = treq.content(response)
     clock.advance(11.9)  # 19.9s after the first request started
     assert not body.called
