@@ -63,11 +63,8 @@ async def consul(real_consul: RealConsulAgent) -> AsyncIterator[ConsulClient]:
     await client.close()
 
 
-@pytest_twisted.ensureDeferred
-async def test_treq_get_and_post_reach_a_klein_app_over_connect(
-    consul: ConsulClient, unique_name: str
-) -> None:
-    web, api = f"{unique_name}-web", f"{unique_name}-api"
+async def serve(consul: ConsulClient, web: str, app: Any) -> Any:
+    """``app`` (a Klein app) as Connect service ``web``, registered."""
     endpoint = ConnectServerEndpoint.for_service(
         reactor,
         TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"),
@@ -75,12 +72,21 @@ async def test_treq_get_and_post_reach_a_klein_app_over_connect(
         web,
         ready_timeout=30,
     )
-    port: Any = await endpoint.listen(Site(web_app().resource()))
+    port: Any = await endpoint.listen(Site(app.resource()))
     await consul.register_service(
         ServiceRegistration(
             name=web, id=web, port=port.getHost().port, address="127.0.0.1"
         )
     )
+    return port
+
+
+@pytest_twisted.ensureDeferred
+async def test_treq_get_and_post_reach_a_klein_app_over_connect(
+    consul: ConsulClient, unique_name: str
+) -> None:
+    web, api = f"{unique_name}-web", f"{unique_name}-api"
+    port = await serve(consul, web, web_app())
     pool_client = http.client(api, reactor=reactor, consul=consul, timeout=30)
     try:
         response = await pool_client.get(f"https://{web}.service.consul/whoami")
@@ -109,19 +115,7 @@ async def test_a_body_that_stalls_after_the_headers_fails_at_the_deadline(
 ) -> None:
     web, api = f"{unique_name}-web", f"{unique_name}-api"
     stalled: list[Deferred[None]] = []
-    endpoint = ConnectServerEndpoint.for_service(
-        reactor,
-        TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"),
-        consul,
-        web,
-        ready_timeout=30,
-    )
-    port: Any = await endpoint.listen(Site(web_app(stalled).resource()))
-    await consul.register_service(
-        ServiceRegistration(
-            name=web, id=web, port=port.getHost().port, address="127.0.0.1"
-        )
-    )
+    port = await serve(consul, web, web_app(stalled))
     pool_client = http.client(api, reactor=reactor, consul=consul, timeout=30)
     try:
         # Certificates and the connection first, under the default timeout.
