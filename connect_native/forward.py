@@ -112,7 +112,10 @@ def set_no_delay(transport: object) -> bool:
     :returns: whether a TCP connection was found.  Anything else (a UNIX
         socket, a connection already closed) is left as it is.
     """
-    tcp = _tcp_transport(transport)
+    return _no_delay(_tcp_transport(transport))
+
+
+def _no_delay(tcp: Any) -> bool:
     if tcp is None:
         return False
     try:
@@ -139,11 +142,21 @@ def set_buffer_size(transport: object, size: int) -> bool:
 
     :returns: whether a TCP connection was found.
     """
-    tcp = _tcp_transport(transport)
+    return _buffer_size(_tcp_transport(transport), size)
+
+
+def _buffer_size(tcp: Any, size: int) -> bool:
     if tcp is None or not hasattr(tcp, "bufferSize"):
         return False
     tcp.bufferSize = size
     return True
+
+
+def _tune(transport: object, size: int) -> None:
+    """:func:`set_no_delay` and :func:`set_buffer_size`, with one lookup."""
+    tcp = _tcp_transport(transport)
+    _no_delay(tcp)
+    _buffer_size(tcp, size)
 
 
 # --- how many connections, and draining them ---------------------------------
@@ -447,8 +460,7 @@ class _Front(Protocol):
         transport: Any = self.transport
         # Nothing is read from the front until the back can take it.
         transport.pauseProducing()
-        set_no_delay(transport)
-        set_buffer_size(transport, factory.buffer_size)
+        _tune(transport, factory.buffer_size)
         self._last = factory.clock.seconds()
         self._idle = factory.clock.callLater(factory.idle_timeout, self._check_idle)
         try:
@@ -509,8 +521,7 @@ class _Front(Protocol):
     def _back_made(self, back_protocol: _Back) -> None:
         back: Any = back_protocol.transport
         self.back = back
-        set_no_delay(back)
-        set_buffer_size(back, self.factory.buffer_size)
+        _tune(back, self.factory.buffer_size)
         if self._front_gone:
             # A dial that ignored its cancellation: nobody will read this
             # connection and there is nothing to flush, and a graceful TLS
