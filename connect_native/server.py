@@ -90,9 +90,10 @@ __all__ = [
 log = Logger(observer=_logging.observer)
 
 #: How many application bytes a client may send before it is authorized.
-#: The transport is paused as soon as the handshake completes, so only what
-#: arrived with the last handshake flight is held; more is a misbehaving
-#: client, and is refused rather than buffered without bound.
+#: An authorization still to come pauses the transport as the handshake
+#: completes (one answered at once needs no holding), so only what arrived
+#: with the last handshake flight is held; more is a misbehaving client, and
+#: is refused rather than buffered without bound.
 MAX_EARLY_BYTES = 256 * 1024
 
 StopHook = Callable[[], "Deferred[Any] | None"]
