@@ -32,6 +32,21 @@ settings.load_profile(
     os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev")
 )
 
+
+@pytest.fixture(autouse=True)
+def _library_log_level_restored() -> Iterator[None]:
+    """
+    A terminator started in a test and never stopped would leave
+    connect_native's log level raised for every later test.
+    """
+    from twisted.logger import LogLevel
+
+    from connect_native import _logging
+
+    yield
+    _logging.set_log_level(LogLevel.debug)
+
+
 REAL_FIXTURES = {"real_consul", "fresh_real_consul", "real_consul_acl"}
 FIXTURES_DIR = Path(__file__).parent / "fixtures"
 
