@@ -42,6 +42,7 @@ from connect_native.consul.records import (
     Indexed,
     Intention,
     positive_seconds,
+    seconds_or_zero,
 )
 from connect_native.identity import ServiceIdentity
 from connect_native.intentions import (
@@ -87,16 +88,9 @@ def _seconds(name: str, value: float, *, allow_zero: bool = False) -> float:
     ``agent_cache_ttl``).
     """
     what = f"IntentionAuthorizer {name}"
-    if allow_zero and not isinstance(value, bool) and value == 0:
-        return 0.0
-    try:
-        return positive_seconds(what, value)
-    except ValueError:
-        if not allow_zero:
-            raise
-        raise ValueError(
-            f"{what} must be a finite number of seconds >= 0, not {value!r}"
-        ) from None
+    if allow_zero:
+        return seconds_or_zero(what, value)
+    return positive_seconds(what, value)
 
 
 def _identity(peer: Peer | ServiceIdentity) -> ServiceIdentity:

@@ -55,7 +55,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from connect_native import _logging
-from connect_native.consul.records import positive_seconds
+from connect_native.consul.records import positive_seconds, whole_number
 
 __all__ = [
     "BUFFER_SIZE",
@@ -173,16 +173,8 @@ class ConnectionTracker:
     """
 
     def __init__(self, clock: IReactorTime, max_connections: int) -> None:
-        if (
-            isinstance(max_connections, bool)
-            or not isinstance(max_connections, int)
-            or max_connections < 1
-        ):
-            raise ValueError(
-                f"max_connections must be a whole number >= 1, not {max_connections!r}"
-            )
         self.clock = clock
-        self.max_connections = max_connections
+        self.max_connections = whole_number("max_connections", max_connections, 1)
         self.open: set[_Tracked] = set()
         self.draining = False
         self._drained: list[Deferred[None]] = []
@@ -684,16 +676,7 @@ class ForwardingFactory(Factory):
         label: str,
         buffer_size: int = BUFFER_SIZE,
     ) -> None:
-        if (
-            isinstance(buffer_size, bool)
-            or not isinstance(buffer_size, int)
-            or buffer_size < 4096
-        ):
-            raise ValueError(
-                f"buffer_size must be a whole number of bytes >= 4096, not "
-                f"{buffer_size!r}"
-            )
-        self.buffer_size = buffer_size
+        self.buffer_size = whole_number("buffer_size", buffer_size, 4096, "bytes")
         self.clock = clock
         self.dial = dial
         self.target = target

@@ -59,7 +59,7 @@ from connect_native.client import (
     _LeasedBundleSource,
     our_service_name,
 )
-from connect_native.consul.records import positive_seconds
+from connect_native.consul.records import positive_seconds, whole_number
 from connect_native.resolve import ConsulResolver, IResolver, PreparedQueryResolver
 
 if TYPE_CHECKING:
@@ -268,14 +268,7 @@ class ConnectEndpointFactory:
         max_hosts: int = MAX_HOSTS,
         **endpoint_options: Any,
     ) -> None:
-        if (
-            isinstance(max_hosts, bool)
-            or not isinstance(max_hosts, int)
-            or max_hosts < 1
-        ):
-            raise ValueError(
-                f"max_hosts must be a whole number >= 1, not {max_hosts!r}"
-            )
+        whole_number("max_hosts", max_hosts, 1)
         self._reactor = reactor
         self._consul = consul
         self._source = bundle_source

@@ -46,6 +46,7 @@ from connect_native.consul.records import (
     Indexed,
     PreparedQueryResult,
     positive_seconds,
+    seconds_or_zero,
 )
 from connect_native.identity import (
     InvalidIdentity,
@@ -397,23 +398,6 @@ def _instances_from_entries(
     return tuple(instances)
 
 
-def _staleness_seconds(value: object) -> float:
-    """
-    ``max_staleness``: the shared :func:`positive_seconds` check, with 0
-    allowed (it means "never use an answer the agent failed to confirm"),
-    as :class:`~connect_native.authorize_intentions.IntentionAuthorizer`'s.
-    """
-    what = "ConsulResolver max_staleness"
-    if not isinstance(value, bool) and value == 0:
-        return 0.0
-    try:
-        return positive_seconds(what, value)
-    except ValueError:
-        raise ValueError(
-            f"{what} must be a finite number of seconds >= 0, not {value!r}"
-        ) from None
-
-
 def _utc(seconds: float) -> str:
     """Clock seconds as a UTC time (a real reactor's are Unix time)."""
     moment = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
@@ -701,7 +685,9 @@ class ConsulResolver:
             "wait": positive_seconds("wait", wait),
             "min_interval": positive_seconds("min_interval", min_interval),
         }
-        self.max_staleness = _staleness_seconds(max_staleness)
+        self.max_staleness = seconds_or_zero(
+            "ConsulResolver max_staleness", max_staleness
+        )
         self._shared: _SharedHealth | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
         self._agent_datacenter: str | None = None

@@ -474,18 +474,10 @@ class Options(usage.Options):
                     "--authorize intentions is not available yet in this "
                     "version; use --authorize agent"
                 ) from None
-        try:
-            max_connections = int(self["max-connections"])
-        except ValueError:
-            max_connections = 0
-        if max_connections < 1:
-            raise usage.UsageError(
-                "--max-connections must be a whole number >= 1, not "
-                f"{self['max-connections']!r}"
-            )
+        max_connections = _whole_option("--max-connections", self["max-connections"], 1)
         authorize_cache = _cache_seconds(self["authorize-cache"])
         workers = _workers(self["workers"])
-        buffer_size = _buffer_size(self["buffer-size"])
+        buffer_size = _whole_option("--buffer-size", self["buffer-size"], 4096, "bytes")
         log_level = _log_level(self["log-level"])
         worker = bool(self["worker"])
         if workers > 1 or worker:
@@ -550,16 +542,18 @@ def _log_level(value: str) -> str:
     return value
 
 
-def _buffer_size(value: str) -> int:
+def _whole_option(option: str, value: str, minimum: int, unit: str = "") -> int:
+    """An option's whole number of at least ``minimum``, or a UsageError."""
     try:
-        size = int(value)
+        number = int(value)
     except ValueError:
-        size = 0
-    if size < 4096:
+        number = minimum - 1
+    if number < minimum:
+        of = f" of {unit}" if unit else ""
         raise usage.UsageError(
-            f"--buffer-size must be a whole number of bytes >= 4096, not {value!r}"
+            f"{option} must be a whole number{of} >= {minimum}, not {value!r}"
         )
-    return size
+    return number
 
 
 def _workers(value: str) -> int:

@@ -10,6 +10,7 @@ import json
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -39,6 +40,8 @@ from connect_native.consul.records import (
     decode_leaf,
     decode_prepared_query_result,
     format_duration,
+    seconds_or_zero,
+    whole_number,
 )
 from tests.captures import body as body_of
 from tests.captures import load
@@ -368,3 +371,33 @@ def test_registration_converts_and_stays_hashable() -> None:
 def test_a_plain_non_native_registration_has_no_connect_block() -> None:
     body = ServiceRegistration(name="web", port=80, connect_native=False).to_json()
     assert "Connect" not in body
+
+
+# --- the shared settings checks ---------------------------------------------
+
+
+@pytest.mark.parametrize(("value", "expected"), [(0, 0.0), (0.0, 0.0), (2, 2.0)])
+def test_seconds_or_zero_takes_zero_and_positive_seconds(
+    value: float, expected: float
+) -> None:
+    assert seconds_or_zero("bound", value) == expected
+
+
+@pytest.mark.parametrize("bad", [-1, float("nan"), float("inf"), False, "1", None])
+def test_seconds_or_zero_refuses_the_rest_naming_the_setting(bad: Any) -> None:
+    with pytest.raises(
+        ValueError, match="bound must be a finite number of seconds >= 0"
+    ):
+        seconds_or_zero("bound", bad)
+
+
+def test_whole_number_takes_an_int_of_at_least_the_minimum() -> None:
+    assert whole_number("size", 4096, 4096) == 4096
+
+
+@pytest.mark.parametrize("bad", [4095, 4096.0, True, "4096", None])
+def test_whole_number_refuses_the_rest_naming_the_setting_and_unit(bad: Any) -> None:
+    with pytest.raises(
+        ValueError, match="size must be a whole number of bytes >= 4096, not"
+    ):
+        whole_number("size", bad, 4096, "bytes")

@@ -1055,6 +1055,35 @@ def positive_seconds(what: str, value: object) -> float:
     return float(value)
 
 
+def seconds_or_zero(what: str, value: object) -> float:
+    """
+    :func:`positive_seconds`, with 0 allowed too (a bound where 0 means
+    "never": never reuse, never serve stale); the error says ``>= 0``.
+    """
+    if not isinstance(value, bool) and isinstance(value, int | float) and value == 0:
+        return 0.0
+    try:
+        return positive_seconds(what, value)
+    except ValueError:
+        raise ValueError(
+            f"{what} must be a finite number of seconds >= 0, not {value!r}"
+        ) from None
+
+
+def whole_number(what: str, value: object, minimum: int, unit: str = "") -> int:
+    """
+    ``value`` if it is an ``int`` (not a bool) of at least ``minimum``; a
+    :class:`ValueError` naming ``what`` (and the ``unit``, e.g. "bytes")
+    otherwise.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        of = f" of {unit}" if unit else ""
+        raise ValueError(
+            f"{what} must be a whole number{of} >= {minimum}, not {value!r}"
+        )
+    return value
+
+
 def format_duration(seconds: float, what: str = "duration") -> str:
     """
     Seconds as a Go duration string, as the agent parses them: whole seconds
