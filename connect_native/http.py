@@ -447,6 +447,18 @@ def _body_producer(data: Any) -> IBodyProducer:
     return producer
 
 
+@frozen
+class _BodyDeadline:
+    """
+    When one request's response bodies must be complete (``at``, in
+    ``clock``'s seconds), and the error for a body that is not.
+    """
+
+    clock: IReactorTime
+    at: float
+    expired: Callable[[], Exception]
+
+
 @implementer(IProtocol)
 class _DeadlineBodyProtocol(Protocol):
     """
@@ -456,17 +468,9 @@ class _DeadlineBodyProtocol(Protocol):
     ``expired()``, whatever the transport does next.
     """
 
-    def __init__(
-        self,
-        inner: IProtocol,
-        clock: IReactorTime,
-        deadline: float,
-        expired: Callable[[], Exception],
-    ) -> None:
+    def __init__(self, inner: IProtocol, deadline: _BodyDeadline) -> None:
         self._inner = inner
-        self._clock = clock
         self._deadline = deadline
-        self._expired = expired
         self._timer: IDelayedCall | None = None
         self._ended = False
         self._body_transport: Any = None
@@ -477,8 +481,9 @@ class _DeadlineBodyProtocol(Protocol):
         # A body already complete is delivered (and the timer cancelled) by
         # the calls that follow at once; a deadline already past ends a
         # body still streaming on the next turn.
-        remaining = max(0.0, self._deadline - self._clock.seconds())
-        self._timer = self._clock.callLater(remaining, self._expire)
+        clock = self._deadline.clock
+        remaining = max(0.0, self._deadline.at - clock.seconds())
+        self._timer = clock.callLater(remaining, self._expire)
         self._inner.makeConnection(transport)
 
     def dataReceived(self, data: bytes) -> None:
@@ -506,7 +511,7 @@ class _DeadlineBodyProtocol(Protocol):
         # stopping is not passed on as well.
         self._ended = True
         self._body_transport.stopProducing()
-        self._inner.connectionLost(_failure(self._expired()))
+        self._inner.connectionLost(_failure(self._deadline.expired()))
 
 
 @implementer(IResponse)
@@ -516,10 +521,10 @@ class _DeadlineResponse:
     :class:`_DeadlineBodyProtocol`.
     """
 
-    def __init__(self, original: IResponse, agent: _BodyDeadlineAgent) -> None:
+    def __init__(self, original: IResponse, deadline: _BodyDeadline) -> None:
         # Any: IResponse's methods are declared without types.
         self._original: Any = original
-        self._agent = agent
+        self._deadline = deadline
 
     def __getattr__(self, name: str) -> Any:
         # version, code, phrase, headers, length, request, previousResponse:
@@ -533,10 +538,7 @@ class _DeadlineResponse:
         self._original.setPreviousResponse(response)
 
     def deliverBody(self, protocol: IProtocol) -> None:
-        agent = self._agent
-        self._original.deliverBody(
-            _DeadlineBodyProtocol(protocol, agent.clock, agent.deadline, agent.expired)
-        )
+        self._original.deliverBody(_DeadlineBodyProtocol(protocol, self._deadline))
 
 
 @implementer(IAgent)
@@ -544,22 +546,14 @@ class _BodyDeadlineAgent:
     """
     One request's view of the client's agent: every response it gives
     (the first and, through treq's redirect handling, each redirected one)
-    has its body bounded by the request's ``deadline`` (clock seconds).
+    has its body bounded by the request's ``deadline``.
     Header timeouts stay with the caller (treq's ``timeout=``, or
     :meth:`ConnectHTTPClient.request`'s default).
     """
 
-    def __init__(
-        self,
-        agent: IAgent,
-        clock: IReactorTime,
-        deadline: float,
-        expired: Callable[[], Exception],
-    ) -> None:
+    def __init__(self, agent: IAgent, deadline: _BodyDeadline) -> None:
         self._agent = agent
-        self.clock = clock
         self.deadline = deadline
-        self.expired = expired
 
     def request(
         self,
@@ -572,7 +566,7 @@ class _BodyDeadlineAgent:
         return answered.addCallback(self._bounded)
 
     def _bounded(self, response: IResponse) -> IResponse:
-        return _DeadlineResponse(response, self)
+        return _DeadlineResponse(response, self.deadline)
 
 
 class ConnectHTTPClient(HTTPClient):
@@ -638,9 +632,7 @@ class ConnectHTTPClient(HTTPClient):
         bounded = HTTPClient(
             _BodyDeadlineAgent(
                 self._agent,
-                clock,
-                clock.seconds() + seconds,
-                body_expired,
+                _BodyDeadline(clock, clock.seconds() + seconds, body_expired),
             ),
             cookiejar=self._cookiejar,
             data_to_body_producer=self._data_to_body_producer,
