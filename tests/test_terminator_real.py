@@ -284,7 +284,13 @@ def raw_tls_call(port: int, cert_dir: Path | None) -> bytes:
 
 
 class Setup:
-    def __init__(self, agent: RealConsulAgent, prefix: str, work: Path) -> None:
+    def __init__(
+        self,
+        agent: RealConsulAgent,
+        prefix: str,
+        work: Path,
+        extra: tuple[str, ...] = (),
+    ) -> None:
         self.agent = agent
         self.web = f"{prefix}-web"
         self.db = f"{prefix}-db"
@@ -308,6 +314,7 @@ class Setup:
                 f"http://{agent.http_address}",
                 "--upstream",
                 f"{self.db}=tcp:{self.upstream}:interface=127.0.0.1",
+                *extra,
             ],
             work,
         )
@@ -425,6 +432,61 @@ async def test_an_api_client_is_refused_after_a_deny_intention(
     finally:
         await bounded(consul.delete_intention(intention))
         await consul.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_intentions_quiet_logs_and_large_reads_against_the_real_agent(
+    real_consul: RealConsulAgent, consul: ConsulClient, tmp_path: Path
+) -> None:
+    """
+    ``--authorize intentions --no-log-allowed --buffer-size 1048576`` (and
+    the default ``--log-level info``): an allowed client gets its bytes
+    through unchanged with no line logged for it, a denied one is refused
+    and logged, and none of the library's debug events (one per blocking
+    query round) reach twistd's log.
+    """
+    import uuid
+
+    web = f"quiet-{uuid.uuid4().hex[:8]}-web"
+    denied = f"{web}-denied"
+    # Before the terminator starts: its first intentions read has it.
+    intention = await bounded(consul.create_intention(denied, web, "deny"))
+    started = Setup(
+        real_consul,
+        web.removesuffix("-web"),
+        tmp_path,
+        (
+            "--authorize",
+            "intentions",
+            "--no-log-allowed",
+            "--buffer-size",
+            "1048576",
+        ),
+    )
+    try:
+        await bounded(deferToThread(started.process.wait_for_line, "accepting", 60))
+        api = f"{started.web}-api"
+        bundle = await client_bundle(consul, api)
+        creator = ClientConnectionCreator(bundle, web_identity(bundle, started.web))
+        total = 3 * 1024 * 1024
+        sent, got = await call(started.public, creator, Caller(total=total))
+        assert got == sent
+        assert started.received[0].digest.digest() == sent
+
+        refused = await client_bundle(consul, denied)
+        creator = ClientConnectionCreator(refused, web_identity(refused, started.web))
+        _sent, got = await call(started.public, creator, Caller(b"hello?"))
+        assert got == b""
+        await log_line(started.process, "denied", refused.identity.uri)
+        output = started.process.output()
+        assert f"allowed {bundle.identity.uri}" not in output
+        assert "#debug]" not in output
+    finally:
+        await bounded(consul.delete_intention(intention))
+        code = started.process.stop()
+        started.backend_port.stopListening()
+        await consul.close()
+    assert code in (0, -signal.SIGTERM), started.process.output()
 
 
 class Echo(Protocol):
