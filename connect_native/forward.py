@@ -56,6 +56,7 @@ from zope.interface import implementer
 
 from connect_native import _logging
 from connect_native.consul.records import positive_seconds, whole_number
+from connect_native.tls_transport import TLSServerProtocol
 
 __all__ = [
     "BUFFER_SIZE",
@@ -288,7 +289,9 @@ class _TrackingFactory(WrappingFactory):
     def unregisterProtocol(self, p: Any) -> None:
         pass
 
-    def buildProtocol(self, addr: IAddress) -> _Tracked | None:  # type: ignore[override]
+    def buildProtocol(  # type: ignore[override]
+        self, addr: IAddress
+    ) -> _Tracked | TLSServerProtocol | None:
         refused = self.tracker.refusal()
         if refused is not None:
             log.warn(
@@ -302,6 +305,11 @@ class _TrackingFactory(WrappingFactory):
         wrapped = self.wrappedFactory.buildProtocol(addr)
         if wrapped is None:
             return None
+        if isinstance(wrapped, TLSServerProtocol):
+            # It reports its own lifetime (and turns Nagle off): no wrapper
+            # in between.
+            wrapped.track(self.tracker)
+            return wrapped
         return _Tracked(self, wrapped)  # type: ignore[arg-type]
 
 
@@ -351,7 +359,7 @@ class _Valve:
 
 
 def _is_tls(transport: object) -> bool:
-    return isinstance(transport, TLSMemoryBIOProtocol)
+    return isinstance(transport, TLSMemoryBIOProtocol | TLSServerProtocol)
 
 
 def _close_write(transport: Any) -> None:

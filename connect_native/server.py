@@ -75,6 +75,7 @@ from connect_native.service import (
 )
 from connect_native.tls import ServerConnectionCreator, refusal_of, verified_peer
 from connect_native.tls import peer_identity as _peer_identity_or_none
+from connect_native.tls_transport import TLS_TRANSPORTS, TLSServerProtocol
 
 if TYPE_CHECKING:
     from connect_native.consul.client import ConsulClient
@@ -357,6 +358,31 @@ class _ConnectTLSFactory(TLSMemoryBIOFactory):
         if gate is None:
             return None
         return self.protocol(self, gate)
+
+
+class _OwnTLSFactory(Factory):
+    """
+    Builds :class:`~connect_native.tls_transport.TLSServerProtocol` over each
+    accepted connection, with its gate inside; refuses (closes the socket)
+    when the gate cannot be built.
+    """
+
+    noisy = False
+
+    def __init__(self, gates: _GateFactory) -> None:
+        self.wrappedFactory = gates
+
+    def doStart(self) -> None:
+        self.wrappedFactory.doStart()
+
+    def doStop(self) -> None:
+        self.wrappedFactory.doStop()
+
+    def buildProtocol(self, addr: IAddress | None) -> TLSServerProtocol | None:
+        gate = self.wrappedFactory.buildProtocol(addr)
+        if gate is None:
+            return None
+        return TLSServerProtocol(gate.creator.serverConnectionForTLS, gate)
 
 
 class _GateFactory(Factory):
@@ -822,6 +848,16 @@ class ConnectServerEndpoint:
         the connection at once: for a protocol that writes whole reads, such
         as the terminator's forwarder, that saves a delayed call and a copy
         per write (see ``docs/performance.rst``).
+    :param tls_transport: whose TLS transport carries each connection:
+        ``"twisted"`` (Twisted's ``TLSMemoryBIOProtocol``, the default: what
+        twisted.web, HTTP/2 and any application expect), or
+        ``"connect_native"``
+        (:class:`~connect_native.tls_transport.TLSServerProtocol`, a smaller
+        transport for an application that only needs a byte stream, such
+        as a forwarder: about 10 % less CPU per connection and a third more
+        throughput over many connections, see ``docs/performance.rst``).
+        With ``"connect_native"``, ``buffer_small_writes`` does not apply:
+        every write is encrypted and handed over at once.
     :param log_allowed: log each allowed connection (info: peer, address,
         reason, who decided, how long it took).  Refusals are always logged
         (warn).  ``False`` for a busy service whose access log is kept
@@ -849,6 +885,7 @@ class ConnectServerEndpoint:
         release_buffers: bool = False,
         buffer_small_writes: bool = True,
         log_allowed: bool = True,
+        tls_transport: str = "twisted",
         start_hook: Callable[[], object] | None = None,
         stop_hook: StopHook | None = None,
     ) -> None:
@@ -879,6 +916,12 @@ class ConnectServerEndpoint:
         self._release_buffers = bool(release_buffers)
         self._buffer_small_writes = bool(buffer_small_writes)
         self._log_allowed = bool(log_allowed)
+        if tls_transport not in TLS_TRANSPORTS:
+            raise ValueError(
+                "tls_transport must be one of "
+                f"{', '.join(map(repr, TLS_TRANSPORTS))}, not {tls_transport!r}"
+            )
+        self._own_tls = tls_transport == "connect_native"
 
     @classmethod
     def for_service(
@@ -1014,10 +1057,17 @@ class ConnectServerEndpoint:
             self._authorize_timeout,
             self._log_allowed,
         )
-        tls_factory = _ConnectTLSFactory(
-            _GateCreator(), isClient=False, wrappedFactory=gates, clock=self._reactor
-        )
-        if not self._buffer_small_writes:
+        tls_factory: Any
+        if self._own_tls:
+            tls_factory = _OwnTLSFactory(gates)
+        else:
+            tls_factory = _ConnectTLSFactory(
+                _GateCreator(),
+                isClient=False,
+                wrappedFactory=gates,
+                clock=self._reactor,
+            )
+        if not self._buffer_small_writes and not self._own_tls:
             # The factory's default protocol is BufferingTLSTransport, which
             # aggregates small writes; its public base class writes through.
             tls_factory.protocol = TLSMemoryBIOProtocol

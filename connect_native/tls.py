@@ -554,11 +554,11 @@ class ServerConnectionCreator(_ConnectionCreator):
         # Empty: pyOpenSSL ends the handshake (no_application_protocol alert).
         return b""
 
-    def serverConnectionForTLS(
-        self, tlsProtocol: TLSMemoryBIOProtocol
-    ) -> SSL.Connection:
+    def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
         """
-        A connection for one accepted client, sharing this creator's context.
+        A connection for one accepted client, sharing this creator's context
+        (for Twisted's ``TLSMemoryBIOProtocol`` or our
+        :class:`~connect_native.tls_transport.TLSServerProtocol`).
         """
         return self._connection()
 

@@ -136,7 +136,7 @@ def public_listener(release: bool) -> Iterator[Any]:
 def public_creator(release: bool) -> Any:
     with public_listener(release) as factory:
         accepted = factory.buildProtocol(ADDRESS)
-        return accepted.wrappedProtocol.wrappedProtocol.creator
+        return accepted.wrappedProtocol.creator
 
 
 @pytest.mark.parametrize("release", [True, False])

@@ -49,6 +49,7 @@ from connect_native.server import (
 )
 from connect_native.testing import CertificateFactory, FakeAuthorizer, TestLeaf
 from connect_native.tls import ClientConnectionCreator, verified_peer
+from connect_native.tls_transport import TLS_TRANSPORTS, TLSServerProtocol
 
 ADDRESS = IPv4Address("TCP", "127.0.0.1", 40000)
 
@@ -207,10 +208,23 @@ class PausableTransport(FakeTransport):
 
 # --- the harness ------------------------------------------------------------
 
+# Every test of this module runs over both TLS transports: Twisted's
+# TLSMemoryBIOProtocol and connect_native's own TLSServerProtocol.
+_TLS_TRANSPORT = ["twisted"]
+
+
+@pytest.fixture(autouse=True, params=TLS_TRANSPORTS)
+def tls_transport(request: pytest.FixtureRequest) -> Iterator[str]:
+    _TLS_TRANSPORT[0] = request.param
+    try:
+        yield request.param
+    finally:
+        _TLS_TRANSPORT[0] = "twisted"
+
 
 @define
 class Connection:
-    server: TLSMemoryBIOProtocol
+    server: TLSMemoryBIOProtocol | TLSServerProtocol
     server_transport: PausableTransport
     client: TLSMemoryBIOProtocol
     client_app: Client
@@ -232,6 +246,7 @@ class Harness:
     port: Any = None
 
     def listen(self, factory: Any = None, **options: Any) -> Deferred[IListeningPort]:
+        options.setdefault("tls_transport", _TLS_TRANSPORT[0])
         if self.reactor.seconds() == 0:
             self.reactor.advance(time.time())
         self.endpoint = ConnectServerEndpoint(
@@ -651,7 +666,7 @@ def test_handshake_timeout_aborts_and_frees_the_connection(
     pump = connect(
         server, server_transport, silent, FakeTransport(silent, isServer=False)
     )
-    assert server in h.tls_factory.protocols
+    assert server.connected
 
     h.reactor.advance(4.9)
     assert not server_transport.disconnecting
@@ -659,7 +674,7 @@ def test_handshake_timeout_aborts_and_frees_the_connection(
     pump.flush()
 
     assert server_transport.disconnecting
-    assert server not in h.tls_factory.protocols
+    assert not server.connected
     assert h.reactor.getDelayedCalls() == []
     assert authorizer.authorize_calls == []
     [event] = [e for e in logged if e.get("reason") == "handshake timeout"]

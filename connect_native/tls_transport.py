@@ -1,0 +1,377 @@
+"""
+A TLS server transport of our own, over a memory BIO, for connections whose
+application is known to need only a byte stream (the terminator's forwarder).
+
+Twisted's ``TLSMemoryBIOProtocol`` is general: it accepts writes before the
+handshake, wraps producers in membranes, declares every interface of the
+transport it wraps on each new connection (``directlyProvides``, 15 calls a
+connection), encrypts each write in 16 KiB slices (each slice a copy) and
+hands the TCP transport one write per record.  :class:`TLSServerProtocol`
+does what a server that hands the connection over only after the handshake
+needs, with the same observable behaviour towards the application and the
+peer (see the docs' "TLS transport" section for what each difference
+measured):
+
+- the OpenSSL connection comes from a connection creator
+  (``serverConnectionForTLS``), exactly as with Twisted, so the verify
+  callback, the leaf memory and ALPN are the same code;
+- a write is encrypted record by record from one view of the caller's bytes
+  and handed to TCP as one write;
+- a producer is registered on the TCP transport itself (nothing is buffered
+  in between once the handshake is done);
+- ``loseConnection`` sends ``close_notify`` and keeps reading until the
+  peer's (or the connection's end); ``abortConnection`` drops whatever is
+  still unread; a peer that ends the TCP connection without
+  ``close_notify`` is reported as ``ConnectionLost``, as Twisted does
+  (a truncation is not a clean end);
+- a TLS failure (a handshake refused by the verify callback, a corrupt
+  record) sends OpenSSL's alert, closes the connection and is the reason
+  the application's ``connectionLost`` receives.
+
+Only the public APIs of Twisted and pyOpenSSL are used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+from typing import Protocol as TypingProtocol
+
+from OpenSSL import SSL
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import (
+    IConsumer,
+    IHandshakeListener,
+    INegotiated,
+    IProducer,
+    IProtocol,
+    IPushProducer,
+    ISSLTransport,
+)
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+__all__ = ["TLS_TRANSPORTS", "TLSServerProtocol"]
+
+#: The values of ``ConnectServerEndpoint(tls_transport=...)`` and of
+#: ``twistd connect-native --tls-transport``.
+TLS_TRANSPORTS = ("twisted", "connect_native")
+
+# What one SSL_read may return is one record: at most 16 KiB of plaintext.
+# pyOpenSSL allocates the size asked for on every call, so ask for no more.
+_RECV_SIZE = 2**14 + 1024
+
+# Room for the framing OpenSSL adds to each record (TLS 1.3: 5 bytes of
+# header, 1 of content type, a 16-byte tag; TLS 1.2 with GCM: 29 bytes).
+_RECORD_PLAINTEXT = 2**14
+_RECORD_OVERHEAD = 64
+
+# What a flush after handshake traffic reads at once (a handshake flight with
+# a certificate chain is a few KiB).
+_FLUSH_SIZE = 2**15
+
+
+class _Tracker(TypingProtocol):
+    def _add(self, connection: Any) -> None: ...
+
+    def _remove(self, connection: Any) -> None: ...
+
+
+@implementer(ISSLTransport, INegotiated, IConsumer, IPushProducer)
+class TLSServerProtocol(Protocol):
+    """
+    The server side of TLS on one accepted connection: the TCP transport's
+    protocol, and the transport of ``wrappedProtocol``.
+
+    :param connection_for: called once, with this protocol, for the
+        connection's ``OpenSSL.SSL.Connection`` (a connection creator's
+        ``serverConnectionForTLS``).
+    :param wrappedProtocol: the protocol that gets the plaintext.  It is
+        connected at once (``makeConnection``) and told when the handshake
+        completes (``handshakeCompleted``, if it is an
+        ``IHandshakeListener``); it may be replaced by assigning
+        ``wrappedProtocol`` (the authorization gate hands the connection to
+        the application that way).
+    """
+
+    disconnecting = False
+    _aborted = False
+    _handshake_done = False
+    # The peer's close_notify arrived, or TLS failed: nothing more to read.
+    _lost_tls = False
+    _reason: Failure | None = None
+    _producer: IProducer | None = None
+    _tracker: _Tracker | None = None
+
+    def __init__(
+        self,
+        connection_for: Callable[[TLSServerProtocol], SSL.Connection],
+        wrappedProtocol: IProtocol,
+    ) -> None:
+        self._connection_for = connection_for
+        self.wrappedProtocol = wrappedProtocol
+        self._tls: SSL.Connection | None = None
+        self._early_writes: list[bytes] = []
+
+    # -- for the connection tracker ---------------------------------------
+
+    def track(self, tracker: _Tracker) -> None:
+        """
+        Count this connection in ``tracker`` (``ConnectionTracker``) from
+        its accept to its end, without a wrapping protocol.
+        """
+        self._tracker = tracker
+
+    def abort(self) -> None:
+        """What a tracker's drain deadline calls: ``abortConnection``."""
+        self.abortConnection()
+
+    # -- IProtocol, towards the TCP transport -------------------------------
+
+    def connectionMade(self) -> None:
+        tls = self._tls = self._connection_for(self)
+        tls.set_accept_state()
+        tls.set_app_data(self)
+        try:
+            # Each handshake flight, and each forwarded write, goes out at
+            # once rather than waiting for the peer's ACK (Nagle).
+            self.transport.setTcpNoDelay(True)  # type: ignore[union-attr]
+        except (OSError, AttributeError):
+            pass  # not TCP (a UNIX socket), or already closed
+        if self._tracker is not None:
+            self._tracker._add(self)
+        self.wrappedProtocol.makeConnection(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        tls = self._tls
+        if tls is None or self._lost_tls:
+            return
+        tls.bio_write(data)
+        if not self._handshake_done:
+            if self._aborted:
+                return
+            try:
+                tls.do_handshake()
+            except SSL.WantReadError:
+                self._flush(_FLUSH_SIZE)
+                return
+            except SSL.Error:
+                self._tls_failed(Failure())  # type: ignore[no-untyped-call]
+                return
+            self._handshake_done = True
+            self._flush(_FLUSH_SIZE)
+            wrapped = self.wrappedProtocol
+            if IHandshakeListener.providedBy(wrapped):
+                wrapped.handshakeCompleted()
+            if self._early_writes:
+                early, self._early_writes = self._early_writes, []
+                for each in early:
+                    self._encrypt(each)
+                if self.disconnecting and self._producer is None:
+                    self._shutdown()
+        self._read()
+
+    def _read(self) -> None:
+        tls = self._tls
+        while not self._lost_tls and tls is not None:
+            try:
+                data = tls.recv(_RECV_SIZE)
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:
+                self._peer_closed()
+                return
+            except SSL.Error:
+                self._tls_failed(Failure())  # type: ignore[no-untyped-call]
+                return
+            if not self._aborted:
+                self.wrappedProtocol.dataReceived(data)
+        # A read can make OpenSSL answer (a key update, an alert).
+        self._flush(_FLUSH_SIZE)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._reason is not None:
+            reason = self._reason
+        elif not self._lost_tls:
+            # The TCP connection ended without the peer's close_notify: a
+            # truncation, not a clean end (as Twisted reports it).
+            reason = Failure(  # type: ignore[no-untyped-call]
+                ConnectionLost("the connection ended without a TLS close_notify")
+            )
+        self._lost_tls = True
+        self._reason = None
+        self.connected = False
+        self.disconnecting = True
+        try:
+            self.wrappedProtocol.connectionLost(reason)
+        finally:
+            if self._tracker is not None:
+                self._tracker._remove(self)
+            self._early_writes = []
+            # As Twisted's: the peer's identity goes with the connection.
+            self._tls = None
+
+    # -- what ends TLS -----------------------------------------------------
+
+    def _flush(self, size: int) -> None:
+        """Hand what OpenSSL wrote to the TCP transport, as one write."""
+        tls = self._tls
+        if tls is None:
+            return
+        while True:
+            try:
+                out = tls.bio_read(size)
+            except SSL.WantReadError:
+                return
+            self.transport.write(out)  # type: ignore[union-attr]
+            if len(out) < size:
+                return
+
+    def _tls_failed(self, failure: Failure) -> None:
+        if self._reason is None:
+            self._reason = failure
+        self._lost_tls = True
+        # OpenSSL's alert, then the end of the TCP connection.
+        self._flush(_FLUSH_SIZE)
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _peer_closed(self) -> None:
+        self._lost_tls = True
+        self._reason = Failure(  # type: ignore[no-untyped-call]
+            ConnectionDone("the peer sent a TLS close_notify")
+        )
+        self._shutdown_now()
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _shutdown_now(self) -> bool:
+        tls = self._tls
+        if tls is None:
+            return False
+        try:
+            done = bool(tls.shutdown())
+        except SSL.Error:
+            done = False
+        self._flush(_FLUSH_SIZE)
+        return done
+
+    def _shutdown(self) -> None:
+        if self._shutdown_now():
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    # -- ITransport, towards the application ----------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.disconnecting and self._producer is None:
+            return
+        if self._lost_tls:
+            return
+        if not self._handshake_done:
+            self._early_writes.append(bytes(data))
+            return
+        self._encrypt(data)
+
+    def _encrypt(self, data: bytes) -> None:
+        tls = self._tls
+        if tls is None or not data:
+            return
+        view = memoryview(data)
+        total = len(view)
+        sent = 0
+        try:
+            while sent < total:
+                sent += tls.send(view[sent:])
+        except SSL.Error:
+            # WantReadError included: renegotiation is refused, so a write
+            # that waits for the peer is a broken connection, not a pause.
+            self._tls_failed(Failure())  # type: ignore[no-untyped-call]
+            return
+        records = total // _RECORD_PLAINTEXT + 1
+        self._flush(total + records * _RECORD_OVERHEAD)
+
+    def writeSequence(self, data: Iterable[bytes]) -> None:
+        self.write(b"".join(data))
+
+    def loseConnection(self) -> None:
+        if self.disconnecting or not self.connected:
+            return
+        if not self._handshake_done and not self._early_writes:
+            self.abortConnection()
+            return
+        self.disconnecting = True
+        if self._handshake_done and self._producer is None and not self._lost_tls:
+            self._shutdown()
+
+    def loseWriteConnection(self) -> None:
+        """A TLS stream ends its writing side with ``close_notify``."""
+        self.loseConnection()
+
+    def abortConnection(self) -> None:
+        self._aborted = True
+        self.disconnecting = True
+        self._early_writes = []
+        transport: Any = self.transport
+        if transport is not None:
+            transport.abortConnection()
+
+    def getPeer(self) -> Any:
+        return self.transport.getPeer()  # type: ignore[union-attr]
+
+    def getHost(self) -> Any:
+        return self.transport.getHost()  # type: ignore[union-attr]
+
+    def getTcpNoDelay(self) -> bool:
+        return bool(self.transport.getTcpNoDelay())  # type: ignore[union-attr]
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.transport.setTcpNoDelay(enabled)  # type: ignore[union-attr]
+
+    def getTcpKeepAlive(self) -> bool:
+        return bool(self.transport.getTcpKeepAlive())  # type: ignore[union-attr]
+
+    def setTcpKeepAlive(self, enabled: bool) -> None:
+        self.transport.setTcpKeepAlive(enabled)  # type: ignore[union-attr]
+
+    # -- ISSLTransport, INegotiated -----------------------------------------------
+
+    def getHandle(self) -> SSL.Connection | None:
+        """The ``OpenSSL.SSL.Connection`` (as Twisted's TLS transport)."""
+        return self._tls
+
+    def getPeerCertificate(self) -> Any:
+        tls = self._tls
+        return None if tls is None else tls.get_peer_certificate()
+
+    @property
+    def negotiatedProtocol(self) -> bytes | None:
+        tls = self._tls
+        if tls is None:
+            return None
+        name: bytes | None = tls.get_alpn_proto_negotiated()
+        return name or None
+
+    # -- IConsumer, IPushProducer: straight to the TCP transport --------------
+
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
+        if self._lost_tls:
+            producer.stopProducing()
+            return
+        self.transport.registerProducer(producer, streaming)  # type: ignore[union-attr]
+        self._producer = producer
+
+    def unregisterProducer(self) -> None:
+        if self._producer is None:
+            return
+        self._producer = None
+        self.transport.unregisterProducer()  # type: ignore[union-attr]
+        if self.disconnecting and not self._lost_tls and self._handshake_done:
+            self._shutdown()
+
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()  # type: ignore[union-attr]
+
+    def stopProducing(self) -> None:
+        self.transport.stopProducing()  # type: ignore[union-attr]
