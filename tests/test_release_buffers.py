@@ -103,7 +103,7 @@ def test_the_option_is_off_by_default_and_reaches_the_workers() -> None:
 
 
 @contextmanager
-def public_listener(release: bool) -> Iterator[Any]:
+def public_listener(release: bool, **settings: Any) -> Iterator[Any]:
     """
     A started terminator's public listening factory (in memory, with the
     development agent), stopped afterwards.
@@ -118,6 +118,7 @@ def public_listener(release: bool) -> Iterator[Any]:
             to="tcp:127.0.0.1:8080",
             register=False,
             release_buffers=release,
+            **settings,
         ),
         reactor,
         consul_client=client,

@@ -11,9 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from twisted.protocols.tls import BufferingTLSTransport
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
 
 from connect_native.testing import CertificateFactory, FakeAuthorizer
+from connect_native.tls_transport import TLSServerProtocol
 from tests.test_release_buffers import ADDRESS, public_listener
 from tests.test_server import harness
 
@@ -58,7 +59,15 @@ def test_unbuffered_keeps_the_order_and_content_of_many_writes(
     assert conn.client_app.received == b"".join(chunks)
 
 
-def test_the_terminators_public_listener_writes_through() -> None:
+def test_the_terminators_public_listener_uses_its_own_tls_transport() -> None:
     with public_listener(release=False) as factory:
+        accepted = factory.buildProtocol(ADDRESS)
+        # No wrapper either: it reports its lifetime to the tracker itself.
+        assert isinstance(accepted, TLSServerProtocol)
+
+
+def test_with_twisteds_tls_the_terminators_public_listener_writes_through() -> None:
+    with public_listener(release=False, tls_transport="twisted") as factory:
         tls = factory.buildProtocol(ADDRESS).wrappedProtocol
+        assert isinstance(tls, TLSMemoryBIOProtocol)
         assert not isinstance(tls, BufferingTLSTransport)

@@ -102,6 +102,11 @@ def test_the_buffer_size_is_256_kib_unless_given() -> None:
     assert parse(*BASE, "--buffer-size", "1048576").buffer_size == 1048576
 
 
+def test_the_tls_transport_is_connect_natives_unless_given() -> None:
+    assert parse(*BASE).tls_transport == "connect_native"
+    assert parse(*BASE, "--tls-transport", "twisted").tls_transport == "twisted"
+
+
 def test_the_log_level_is_info_unless_given() -> None:
     assert parse(*BASE).log_level == "info"
     assert parse(*BASE, "--log-level", "debug").log_level == "debug"
@@ -205,6 +210,7 @@ def test_upstream_targets_name_what_is_dialled() -> None:
         ([*BASE, "--upstream", "db=nonsense:x"], "--upstream"),
         ([*BASE, "--authorize", "anyone"], "--authorize"),
         ([*BASE, "--log-level", "verbose"], "--log-level"),
+        ([*BASE, "--tls-transport", "openssl"], "--tls-transport"),
         ([*BASE, "--buffer-size", "4095"], "--buffer-size"),
         ([*BASE, "--buffer-size", "1MiB"], "--buffer-size"),
         ([*BASE, "--max-connections", "0"], "--max-connections"),

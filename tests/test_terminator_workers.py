@@ -107,6 +107,7 @@ def test_a_worker_gets_the_bound_port_and_no_registration_or_token() -> None:
         log_allowed=False,
         buffer_size=1 << 20,
         log_level="warn",
+        tls_transport="twisted",
     )
     arguments = worker_arguments(settings, 4321, "http://127.0.0.1:8500")
     assert "secret-token" not in " ".join(arguments)
@@ -126,6 +127,7 @@ def test_a_worker_gets_the_bound_port_and_no_registration_or_token() -> None:
     assert worker.log_allowed is False
     assert worker.buffer_size == 1 << 20
     assert worker.log_level == "warn"
+    assert worker.tls_transport == "twisted"
 
 
 # --- --authorize-cache reaches the AgentAuthorizer ------------------------------

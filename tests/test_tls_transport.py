@@ -1,0 +1,370 @@
+"""
+connect_native's own TLS server transport (``TLSServerProtocol``), in memory:
+a Connect client on Twisted's TLS talks to it over iosim.  What the gate does
+over it (authorization, refusals, timeouts, early bytes, peer identity) is
+``tests/test_server.py``, which runs over both transports; this module is
+what the transport itself promises.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from attrs import define
+from OpenSSL import SSL
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
+from twisted.test.iosim import FakeTransport, IOPump, connect
+from zope.interface import implementer
+
+from connect_native.forward import ConnectionTracker, _TrackingFactory
+from connect_native.testing import CertificateFactory
+from connect_native.tls import ClientConnectionCreator, ServerConnectionCreator
+from connect_native.tls import peer_identity as peer_identity_or_none
+from connect_native.tls_transport import TLSServerProtocol
+from tests.test_server import ADDRESS, Client, ClientFactory, bundle, identity
+
+
+@pytest.fixture(scope="module")
+def ca() -> CertificateFactory:
+    return CertificateFactory()
+
+
+@implementer(IHandshakeListener)
+class App(Protocol):
+    """The server's application: records what happens to it."""
+
+    def __init__(self, hello: bytes = b"") -> None:
+        self.hello = hello
+        self.received: list[bytes] = []
+        self.handshakes = 0
+        self.lost: Failure | None = None
+        self.abort_on_data = False
+
+    def connectionMade(self) -> None:
+        if self.hello:
+            self.transport.write(self.hello)  # type: ignore[union-attr]
+
+    def handshakeCompleted(self) -> None:
+        self.handshakes += 1
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received.append(data)
+        if self.abort_on_data:
+            self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure | None = None) -> None:  # type: ignore[override]
+        self.lost = reason
+
+
+class CountingTransport(FakeTransport):
+    """An iosim transport that counts writes and remembers Nagle's setting."""
+
+    writes = 0
+    no_delay: bool | None = None
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        super().write(data)
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.no_delay = enabled
+
+
+@define
+class Pair:
+    server: TLSServerProtocol
+    server_transport: CountingTransport
+    client: TLSMemoryBIOProtocol
+    client_app: Client
+    pump: IOPump
+    reactor: MemoryReactorClock
+
+    def sent_by_server(self) -> bytes:
+        return b"".join(self.server_transport.stream)
+
+
+def pair(
+    ca: CertificateFactory, app: Protocol, early: list[bytes] | None = None
+) -> Pair:
+    reactor = MemoryReactorClock()
+    creator = ServerConnectionCreator(bundle(ca, ca.leaf("web")))
+    server = TLSServerProtocol(creator.serverConnectionForTLS, app)
+    client_creator = ClientConnectionCreator(
+        bundle(ca, ca.leaf("api")), identity(ca, "web")
+    )
+    client_apps = ClientFactory(early or [])
+    client_factory = TLSMemoryBIOFactory(
+        client_creator, True, client_apps, clock=reactor
+    )
+    # Each client write its own record (Twisted's default joins small ones).
+    client_factory.protocol = TLSMemoryBIOProtocol
+    client = client_factory.buildProtocol(ADDRESS)
+    server_transport = CountingTransport(server, isServer=True)
+    pump = connect(
+        server,
+        server_transport,
+        client,
+        FakeTransport(client, isServer=False),
+        clock=reactor,
+    )
+    return Pair(server, server_transport, client, client_apps.built[0], pump, reactor)
+
+
+def test_the_application_gets_the_handshake_and_the_peers_identity(
+    ca: CertificateFactory,
+) -> None:
+    app = App()
+    p = pair(ca, app, [b"hello"])
+    assert app.handshakes == 1
+    assert b"".join(app.received) == b"hello"
+    assert peer_identity_or_none(app.transport) == identity(ca, "api")
+    assert app.transport is p.server
+    assert p.server.getHandle() is not None
+    assert p.server.negotiatedProtocol is None  # no ALPN offered
+
+
+def test_nagle_is_turned_off_when_the_connection_is_accepted(
+    ca: CertificateFactory,
+) -> None:
+    p = pair(ca, App())
+    assert p.server_transport.no_delay is True
+
+
+def test_a_large_write_arrives_whole_and_in_order_as_one_tcp_write(
+    ca: CertificateFactory,
+) -> None:
+    app = App()
+    p = pair(ca, app)
+    data = bytes(range(256)) * 4100 + b"end"  # 1 MiB and change: 65 records
+    before = p.server_transport.writes
+    app.transport.write(data)  # type: ignore[union-attr]
+    assert p.server_transport.writes - before == 1
+    p.pump.flush()
+    assert p.client_app.received == data
+
+
+def test_many_writes_keep_their_order_and_content(ca: CertificateFactory) -> None:
+    app = App()
+    p = pair(ca, app)
+    chunks = [bytes([i]) * (i * 997 % 70000 + 1) for i in range(40)]
+    for chunk in chunks[:20]:
+        app.transport.write(chunk)  # type: ignore[union-attr]
+    app.transport.writeSequence(chunks[20:])  # type: ignore[union-attr]
+    p.pump.flush()
+    assert p.client_app.received == b"".join(chunks)
+
+
+def test_writes_before_the_handshake_go_out_after_it(ca: CertificateFactory) -> None:
+    app = App(hello=b"welcome")
+    p = pair(ca, app)
+    assert p.client_app.handshake_done
+    assert p.client_app.received == b"welcome"
+
+
+def test_a_producer_is_registered_on_the_tcp_transport(ca: CertificateFactory) -> None:
+    app = App()
+    p = pair(ca, app)
+
+    @implementer(IPushProducer)
+    class Producer:
+        def pauseProducing(self) -> None: ...
+
+        def resumeProducing(self) -> None: ...
+
+        def stopProducing(self) -> None: ...
+
+    producer = Producer()
+    app.transport.registerProducer(producer, True)  # type: ignore[union-attr]
+    assert p.server_transport.producer is producer
+    app.transport.unregisterProducer()  # type: ignore[union-attr]
+    assert p.server_transport.producer is None
+
+
+def test_pausing_the_transport_pauses_the_tcp_connection(
+    ca: CertificateFactory,
+) -> None:
+    app = App()
+    p = pair(ca, app)
+    paused: list[str] = []
+    p.server_transport.pauseProducing = lambda: paused.append("pause")  # type: ignore[method-assign]
+    p.server_transport.resumeProducing = lambda: paused.append("resume")  # type: ignore[method-assign]
+    app.transport.pauseProducing()  # type: ignore[union-attr]
+    app.transport.resumeProducing()  # type: ignore[union-attr]
+    assert paused == ["pause", "resume"]
+
+
+def test_lose_connection_sends_close_notify_and_delivers_until_the_peers(
+    ca: CertificateFactory,
+) -> None:
+    app = App()
+    p = pair(ca, app)
+    app.transport.loseConnection()  # type: ignore[union-attr]
+    # Still open for reading: the client's bytes in flight arrive.
+    p.client.write(b"late")
+    assert not p.server_transport.disconnecting
+    p.pump.flush()
+    assert b"".join(app.received) == b"late"
+    assert p.server_transport.disconnecting
+    assert app.lost is not None
+    assert app.lost.check(ConnectionDone)
+    assert p.client_app.lost is not None
+    assert p.client_app.lost.check(ConnectionDone)
+
+
+def test_writes_after_lose_connection_are_dropped(ca: CertificateFactory) -> None:
+    app = App()
+    p = pair(ca, app)
+    app.transport.write(b"first")  # type: ignore[union-attr]
+    app.transport.loseConnection()  # type: ignore[union-attr]
+    app.transport.write(b"late")  # type: ignore[union-attr]
+    p.pump.flush()
+    assert p.client_app.received == b"first"
+
+
+def test_with_a_producer_the_close_waits_for_it_to_unregister(
+    ca: CertificateFactory,
+) -> None:
+    app = App()
+    p = pair(ca, app)
+
+    @implementer(IPushProducer)
+    class Producer:
+        def pauseProducing(self) -> None: ...
+
+        def resumeProducing(self) -> None: ...
+
+        def stopProducing(self) -> None: ...
+
+    app.transport.registerProducer(Producer(), True)  # type: ignore[union-attr]
+    app.transport.loseConnection()  # type: ignore[union-attr]
+    app.transport.write(b"more")  # type: ignore[union-attr]
+    p.pump.flush()
+    assert p.client_app.received == b"more"
+    assert p.client_app.lost is None  # no close_notify yet
+    app.transport.unregisterProducer()  # type: ignore[union-attr]
+    p.pump.flush()
+    assert p.client_app.lost is not None
+    assert p.client_app.lost.check(ConnectionDone)
+    assert app.lost is not None
+    assert app.lost.check(ConnectionDone)
+
+
+def test_the_peers_close_notify_ends_the_connection_cleanly(
+    ca: CertificateFactory,
+) -> None:
+    app = App()
+    p = pair(ca, app)
+    p.client.loseConnection()
+    p.pump.flush()
+    assert app.lost is not None
+    assert app.lost.check(ConnectionDone)
+    assert p.server_transport.disconnecting
+    # Our close_notify answered the client's: a clean end on its side too.
+    assert p.client_app.lost is not None
+    assert p.client_app.lost.check(ConnectionDone)
+
+
+def test_a_tcp_end_without_close_notify_is_reported_as_connection_lost(
+    ca: CertificateFactory,
+) -> None:
+    app = App()
+    p = pair(ca, app)
+    p.client.transport.loseConnection()  # TCP only: no close_notify
+    p.pump.flush()
+    assert app.lost is not None
+    assert app.lost.check(ConnectionLost)
+    assert "close_notify" in app.lost.getErrorMessage()
+
+
+def test_an_abort_drops_what_is_still_unread(ca: CertificateFactory) -> None:
+    app = App()
+    app.abort_on_data = True
+    p = pair(ca, app)
+    # Two records in one read: the second arrives after the abort.
+    p.client.write(b"one")
+    p.client.write(b"two")
+    p.pump.flush()
+    assert app.received == [b"one"]
+    assert p.server_transport.disconnecting
+
+
+def test_a_corrupt_record_ends_the_connection_with_the_tls_error(
+    ca: CertificateFactory,
+) -> None:
+    app = App()
+    p = pair(ca, app)
+    before = p.server_transport.writes
+    # An application-data record whose authentication cannot succeed.
+    p.server.dataReceived(b"\x17\x03\x03\x00\x20" + b"\x00" * 32)
+    assert app.lost is None  # until the TCP connection has gone
+    assert p.server_transport.disconnecting
+    assert p.server_transport.writes > before  # OpenSSL's alert
+    p.server.connectionLost(Failure(ConnectionDone()))
+    assert app.lost is not None
+    assert app.lost.check(SSL.Error)
+    # Nothing more is read or written once TLS has failed.
+    p.server.dataReceived(b"\x17\x03\x03\x00\x05hello")
+    app.transport.write(b"after")  # type: ignore[union-attr]
+    assert app.received == []
+
+
+def test_a_failed_handshake_is_the_applications_reason(
+    ca: CertificateFactory,
+) -> None:
+    app = App()
+    other = CertificateFactory()
+    reactor = MemoryReactorClock()
+    creator = ServerConnectionCreator(bundle(ca, ca.leaf("web")))
+    server = TLSServerProtocol(creator.serverConnectionForTLS, app)
+    # A client whose certificate the server's roots did not sign.
+    client_creator = ClientConnectionCreator(
+        bundle(other, other.leaf("api"), ca), identity(ca, "web")
+    )
+    client = TLSMemoryBIOFactory(
+        client_creator, True, ClientFactory([]), clock=reactor
+    ).buildProtocol(ADDRESS)
+    pump = connect(
+        server,
+        CountingTransport(server, isServer=True),
+        client,
+        FakeTransport(client, isServer=False),
+        clock=reactor,
+    )
+    pump.flush()
+    assert app.handshakes == 0
+    assert app.lost is not None
+    assert app.lost.check(SSL.Error)
+    assert peer_identity_or_none(server) is None
+
+
+def test_the_tracker_counts_it_without_a_wrapper_and_drain_aborts_it(
+    ca: CertificateFactory,
+) -> None:
+    reactor = MemoryReactorClock()
+    tracker = ConnectionTracker(reactor, max_connections=10)
+    creator = ServerConnectionCreator(bundle(ca, ca.leaf("web")))
+
+    class Builds(Factory):
+        def buildProtocol(self, addr: Any) -> TLSServerProtocol:
+            return TLSServerProtocol(creator.serverConnectionForTLS, App())
+
+    tracking = _TrackingFactory(Builds(), tracker, "test")
+    server = tracking.buildProtocol(ADDRESS)
+    assert isinstance(server, TLSServerProtocol)
+    transport = CountingTransport(server, isServer=True)
+    server.makeConnection(transport)
+    assert len(tracker) == 1
+    assert transport.no_delay is True
+
+    draining = tracker.drain(5)
+    reactor.advance(5)
+    assert draining.result == 1
+    assert transport.disconnecting  # aborted by the drain's deadline
+    server.connectionLost(Failure(ConnectionDone()))
+    assert len(tracker) == 0
