@@ -417,10 +417,12 @@ class ConnectNative(Target):
         workers: int = 1,
         source: str | None = None,
         log_allowed: bool = True,
+        tls_transport: str | None = None,
     ) -> None:
         super().__init__(name)
         self.source = source
         self.log_allowed = log_allowed
+        self.tls_transport = tls_transport
         self.agent = agent
         self.authorize = authorize
         self.cache = cache
@@ -464,6 +466,8 @@ class ConnectNative(Target):
             argv += ["--workers", str(self.workers)]
         if not self.log_allowed:
             argv.append("--no-log-allowed")
+        if self.tls_transport is not None:
+            argv += ["--tls-transport", self.tls_transport]
         return argv
 
 
@@ -931,6 +935,7 @@ ALL_TARGETS = (
     "cn-agent-nocache",
     "cn-intentions",
     "cn-intentions-quiet",
+    "cn-intentions-twisted-tls",
     "cn-intentions-w2",
 )
 
@@ -950,6 +955,10 @@ def make_targets(
         # As nginx and haproxy here: no line logged per allowed connection.
         "cn-intentions-quiet": lambda: ConnectNative(
             "cn-intentions-quiet", agent, "intentions", log_allowed=False
+        ),
+        # Twisted's TLSMemoryBIOProtocol instead of connect_native's own.
+        "cn-intentions-twisted-tls": lambda: ConnectNative(
+            "cn-intentions-twisted-tls", agent, "intentions", tls_transport="twisted"
         ),
         "cn-intentions-w2": lambda: ConnectNative(
             "cn-intentions-w2", agent, "intentions", workers=2

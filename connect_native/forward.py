@@ -56,7 +56,7 @@ from zope.interface import implementer
 
 from connect_native import _logging
 from connect_native.consul.records import positive_seconds, whole_number
-from connect_native.tls_transport import TLSServerProtocol
+from connect_native.tls_transport import TLSServerProtocol, write_now
 
 __all__ = [
     "BUFFER_SIZE",
@@ -478,7 +478,7 @@ class _Front(Protocol):
         self._last = self.factory.clock.seconds()
         back = self.back
         if back is not None:
-            back.write(data)
+            write_now(back, data)
             return
         self._pending_size += len(data)
         if self._pending_size > MAX_PENDING_BYTES:

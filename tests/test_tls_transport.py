@@ -8,15 +8,19 @@ what the transport itself promises.
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import pytest
 from attrs import define
 from OpenSSL import SSL
+from twisted.internet import tcp
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.test.iosim import FakeTransport, IOPump, connect
@@ -26,7 +30,7 @@ from connect_native.forward import ConnectionTracker, _TrackingFactory
 from connect_native.testing import CertificateFactory
 from connect_native.tls import ClientConnectionCreator, ServerConnectionCreator
 from connect_native.tls import peer_identity as peer_identity_or_none
-from connect_native.tls_transport import TLSServerProtocol
+from connect_native.tls_transport import WRITE_NOW_MAX, TLSServerProtocol, write_now
 from tests.test_server import ADDRESS, Client, ClientFactory, bundle, identity
 
 
@@ -368,3 +372,97 @@ def test_the_tracker_counts_it_without_a_wrapper_and_drain_aborts_it(
     assert transport.disconnecting  # aborted by the drain's deadline
     server.connectionLost(Failure(ConnectionDone()))
     assert len(tracker) == 0
+
+
+# --- write_now: a write that goes out within the call -------------------------
+
+
+class Socketless(FileDescriptor):
+    """A FileDescriptor whose socket is a list; ``takes`` bytes per send."""
+
+    def __init__(self, takes: int | None = None, fails: bool = False) -> None:
+        super().__init__(MemoryReactorClock())
+        self.connected = 1
+        self.takes = takes
+        self.fails = fails
+        self.sent: list[bytes] = []
+
+    def startWriting(self) -> None:
+        self.watching = True
+
+    def stopWriting(self) -> None:
+        self.watching = False
+
+    def writeSomeData(self, data: bytes) -> int | Exception:  # type: ignore[override]
+        if self.fails:
+            return ConnectionLost("gone")
+        taken = bytes(data[: self.takes])
+        self.sent.append(taken)
+        return len(taken)
+
+    def queued(self) -> bytes:
+        return bytes(self.dataBuffer) + b"".join(self._tempDataBuffer)
+
+
+def test_write_now_sends_within_the_call_when_nothing_is_queued() -> None:
+    fd = Socketless()
+    write_now(fd, b"ping")
+    assert fd.sent == [b"ping"]
+    assert fd.queued() == b""
+    assert not getattr(fd, "watching", False)  # the reactor was not asked
+
+
+def test_write_now_queues_what_the_socket_did_not_take() -> None:
+    fd = Socketless(takes=3)
+    write_now(fd, b"abcdef")
+    assert fd.sent == [b"abc"]
+    assert fd.queued() == b"def"
+    # Now something is queued: the next write goes behind it, not past it.
+    write_now(fd, b"ghi")
+    assert fd.sent == [b"abc"]
+    assert fd.queued() == b"defghi"
+
+
+def test_write_now_leaves_a_large_write_to_the_ordinary_path() -> None:
+    fd = Socketless()
+    large = b"x" * (WRITE_NOW_MAX + 1)
+    write_now(fd, large)
+    assert fd.sent == []
+    assert fd.queued() == large
+    assert fd.watching  # the reactor sends it when the socket is writable
+
+
+def test_write_now_leaves_an_error_to_the_ordinary_path() -> None:
+    fd = Socketless(fails=True)
+    write_now(fd, b"lost?")
+    assert fd.queued() == b"lost?"  # doWrite meets the error and closes
+
+
+def test_write_now_never_writes_past_a_wrapper() -> None:
+    # Twisted's TLS transport is a ProtocolWrapper, which hands unknown
+    # attributes (writeSomeData, dataBuffer) to the TCP transport under it:
+    # using them would put plaintext on the wire.
+    fd = Socketless()
+    wrapper = ProtocolWrapper(WrappingFactory(Factory()), Protocol())
+    wrapper.makeConnection(fd)
+    write_now(wrapper, b"secret")
+    assert fd.sent == []
+    assert fd.queued() == b"secret"  # through the wrapper's own write()
+
+
+def test_write_now_uses_twisteds_tcp_connection_as_it_is() -> None:
+    # Pins what write_now reads of Twisted's TCP transport: with another
+    # Twisted, this fails instead of every write quietly taking the slow path.
+    ours, theirs = socket.socketpair()
+    try:
+        ours.setblocking(False)
+        theirs.settimeout(5)  # bounded: a failure here must not hang
+        connection = tcp.Connection(ours, Protocol(), MemoryReactorClock())
+        connection.connected = 1
+        write_now(connection, b"hello")
+        assert theirs.recv(100) == b"hello"
+        assert not connection.dataBuffer
+        assert not connection._tempDataBuffer
+    finally:
+        ours.close()
+        theirs.close()
