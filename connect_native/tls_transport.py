@@ -26,9 +26,13 @@ measured):
   (a truncation is not a clean end);
 - a TLS failure (a handshake refused by the verify callback, a corrupt
   record) sends OpenSSL's alert, closes the connection and is the reason
-  the application's ``connectionLost`` receives.
+  the application's ``connectionLost`` receives;
+- a small write goes to the socket within the call when nothing is queued
+  (:func:`write_now`).
 
-Only the public APIs of Twisted and pyOpenSSL are used.
+The transport uses only the public APIs of Twisted and pyOpenSSL;
+:func:`write_now` also reads three private attributes of Twisted's
+``FileDescriptor`` to know that its queue is empty (a test pins them).
 """
 
 from __future__ import annotations
