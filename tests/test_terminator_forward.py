@@ -36,6 +36,7 @@ from connect_native.forward import (
 from connect_native.identity import ServiceIdentity
 from connect_native.testing import CertificateFactory, make_bundle
 from connect_native.tls import ClientConnectionCreator, ServerConnectionCreator
+from connect_native.tls_transport import TLS_TRANSPORTS, TLSServerProtocol
 
 FRONT = IPv4Address("TCP", "127.0.0.1", 40000)
 BACK = IPv4Address("TCP", "127.0.0.1", 8080)
@@ -396,19 +397,38 @@ class Client(Protocol):
         self.lost = reason
 
 
-def tls_pair(ca: CertificateFactory) -> tuple[Any, Client, Dialer, Any, Clock]:
+@pytest.fixture(params=TLS_TRANSPORTS)
+def tls_transport(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def tls_pair(
+    ca: CertificateFactory, tls_transport: str
+) -> tuple[Any, Client, Dialer, Any, Clock]:
+    """
+    A Connect client and the forwarder over ``tls_transport``: Twisted's
+    TLSMemoryBIOProtocol, or connect_native's TLSServerProtocol.
+    """
     clock = Clock()
     clock.advance(time.time())
     dialer = Dialer()
     forwarding = ForwardingFactory(
         clock, dialer, "the backend", connect_timeout=5, idle_timeout=60, label="t"
     )
-    server_factory = TLSMemoryBIOFactory(
-        ServerConnectionCreator(make_bundle(ca, "web")),
-        isClient=False,
-        wrappedFactory=forwarding,
-        clock=clock,
-    )
+    creator = ServerConnectionCreator(make_bundle(ca, "web"))
+    server_factory: Any
+    if tls_transport == "twisted":
+        server_factory = TLSMemoryBIOFactory(
+            creator, isClient=False, wrappedFactory=forwarding, clock=clock
+        )
+    else:
+
+        class Own(Factory):
+            def buildProtocol(self, addr: Any) -> TLSServerProtocol:
+                front = forwarding.buildProtocol(addr)
+                return TLSServerProtocol(creator.serverConnectionForTLS, front)
+
+        server_factory = Own()
     client = Client()
     client_factory = TLSMemoryBIOFactory(
         ClientConnectionCreator(
@@ -432,9 +452,9 @@ def tls_pair(ca: CertificateFactory) -> tuple[Any, Client, Dialer, Any, Clock]:
 
 
 def test_backend_end_of_stream_sends_close_notify_and_the_client_can_still_send(
-    ca: CertificateFactory,
+    ca: CertificateFactory, tls_transport: str
 ) -> None:
-    server, client, dialer, pump, _clock = tls_pair(ca)
+    server, client, dialer, pump, _clock = tls_pair(ca, tls_transport)
     pump.flush()
     back, back_t = dialer.answer()
     pump.flush()
@@ -460,9 +480,9 @@ def test_backend_end_of_stream_sends_close_notify_and_the_client_can_still_send(
 
 
 def test_a_client_close_notify_closes_the_backend_cleanly(
-    ca: CertificateFactory,
+    ca: CertificateFactory, tls_transport: str
 ) -> None:
-    _server, client, dialer, pump, _clock = tls_pair(ca)
+    _server, client, dialer, pump, _clock = tls_pair(ca, tls_transport)
     pump.flush()
     _, back_t = dialer.answer()
     client.transport.write(b"last words")  # type: ignore[union-attr]

@@ -489,6 +489,45 @@ async def test_intentions_quiet_logs_and_large_reads_against_the_real_agent(
     assert code in (0, -signal.SIGTERM), started.process.output()
 
 
+@pytest_twisted.ensureDeferred
+async def test_twisteds_tls_transport_against_the_real_agent(
+    real_consul: RealConsulAgent, consul: ConsulClient, tmp_path: Path
+) -> None:
+    """
+    ``--tls-transport twisted``: the same terminator over Twisted's
+    TLSMemoryBIOProtocol (the module's other tests run over connect_native's
+    own, the default): an allowed client's 3 MiB go through unchanged both
+    ways and are logged, a client without a certificate is refused with the
+    reason logged.
+    """
+    import uuid
+
+    prefix = f"ttls-{uuid.uuid4().hex[:8]}"
+    started = Setup(real_consul, prefix, tmp_path, ("--tls-transport", "twisted"))
+    try:
+        await bounded(deferToThread(started.process.wait_for_line, "accepting", 60))
+        api = f"{started.web}-api"
+        bundle = await client_bundle(consul, api)
+        creator = ClientConnectionCreator(bundle, web_identity(bundle, started.web))
+        total = 3 * 1024 * 1024
+        sent, got = await call(started.public, creator, Caller(total=total))
+        assert got == sent
+        assert started.received[0].count == total
+        assert started.received[0].digest.digest() == sent
+        await log_line(started.process, "allowed", bundle.identity.uri)
+
+        got = await bounded(deferToThread(raw_tls_call, started.public, None))
+        assert got == b""
+        line = await log_line(started.process, "the TLS handshake failed")
+        assert "did not return a certificate" in line
+        assert len(started.received) == 1
+    finally:
+        code = started.process.stop()
+        started.backend_port.stopListening()
+        await consul.close()
+    assert code in (0, -signal.SIGTERM), started.process.output()
+
+
 class Echo(Protocol):
     def dataReceived(self, data: bytes) -> None:
         peer = peer_identity(self.transport).service.encode()
