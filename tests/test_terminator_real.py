@@ -434,6 +434,22 @@ async def test_an_api_client_is_refused_after_a_deny_intention(
         await consul.close()
 
 
+async def three_mebibytes_through(started: Setup, consul: ConsulClient) -> Bundle:
+    """
+    An allowed client (``<web>-api``) sends and gets back 3 MiB through the
+    terminator ``started``, unchanged: its first backend connection saw them
+    all.  Returns the client's bundle.
+    """
+    bundle = await client_bundle(consul, f"{started.web}-api")
+    creator = ClientConnectionCreator(bundle, web_identity(bundle, started.web))
+    total = 3 * 1024 * 1024
+    sent, got = await call(started.public, creator, Caller(total=total))
+    assert got == sent
+    assert started.received[0].count == total
+    assert started.received[0].digest.digest() == sent
+    return bundle
+
+
 @pytest_twisted.ensureDeferred
 async def test_intentions_quiet_logs_and_large_reads_against_the_real_agent(
     real_consul: RealConsulAgent, consul: ConsulClient, tmp_path: Path
@@ -465,13 +481,7 @@ async def test_intentions_quiet_logs_and_large_reads_against_the_real_agent(
     )
     try:
         await bounded(deferToThread(started.process.wait_for_line, "accepting", 60))
-        api = f"{started.web}-api"
-        bundle = await client_bundle(consul, api)
-        creator = ClientConnectionCreator(bundle, web_identity(bundle, started.web))
-        total = 3 * 1024 * 1024
-        sent, got = await call(started.public, creator, Caller(total=total))
-        assert got == sent
-        assert started.received[0].digest.digest() == sent
+        bundle = await three_mebibytes_through(started, consul)
 
         refused = await client_bundle(consul, denied)
         creator = ClientConnectionCreator(refused, web_identity(refused, started.web))
@@ -506,14 +516,7 @@ async def test_twisteds_tls_transport_against_the_real_agent(
     started = Setup(real_consul, prefix, tmp_path, ("--tls-transport", "twisted"))
     try:
         await bounded(deferToThread(started.process.wait_for_line, "accepting", 60))
-        api = f"{started.web}-api"
-        bundle = await client_bundle(consul, api)
-        creator = ClientConnectionCreator(bundle, web_identity(bundle, started.web))
-        total = 3 * 1024 * 1024
-        sent, got = await call(started.public, creator, Caller(total=total))
-        assert got == sent
-        assert started.received[0].count == total
-        assert started.received[0].digest.digest() == sent
+        bundle = await three_mebibytes_through(started, consul)
         await log_line(started.process, "allowed", bundle.identity.uri)
 
         got = await bounded(deferToThread(raw_tls_call, started.public, None))

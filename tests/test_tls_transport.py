@@ -66,6 +66,15 @@ class App(Protocol):
         self.lost = reason
 
 
+@implementer(IPushProducer)
+class NullProducer:
+    def pauseProducing(self) -> None: ...
+
+    def resumeProducing(self) -> None: ...
+
+    def stopProducing(self) -> None: ...
+
+
 class CountingTransport(FakeTransport):
     """An iosim transport that counts writes and remembers Nagle's setting."""
 
@@ -94,13 +103,21 @@ class Pair:
 
 
 def pair(
-    ca: CertificateFactory, app: Protocol, early: list[bytes] | None = None
+    ca: CertificateFactory,
+    app: Protocol,
+    early: list[bytes] | None = None,
+    client_ca: CertificateFactory | None = None,
 ) -> Pair:
+    """
+    Our server over iosim with a Connect client for ``web``, whose ``api``
+    leaf ``client_ca`` signed (``ca`` by default); the client trusts ``ca``.
+    """
     reactor = MemoryReactorClock()
     creator = ServerConnectionCreator(bundle(ca, ca.leaf("web")))
     server = TLSServerProtocol(creator.serverConnectionForTLS, app)
+    issuer = ca if client_ca is None else client_ca
     client_creator = ClientConnectionCreator(
-        bundle(ca, ca.leaf("api")), identity(ca, "web")
+        bundle(issuer, issuer.leaf("api"), ca), identity(ca, "web")
     )
     client_apps = ClientFactory(early or [])
     client_factory = TLSMemoryBIOFactory(
@@ -175,15 +192,7 @@ def test_a_producer_is_registered_on_the_tcp_transport(ca: CertificateFactory) -
     app = App()
     p = pair(ca, app)
 
-    @implementer(IPushProducer)
-    class Producer:
-        def pauseProducing(self) -> None: ...
-
-        def resumeProducing(self) -> None: ...
-
-        def stopProducing(self) -> None: ...
-
-    producer = Producer()
+    producer = NullProducer()
     app.transport.registerProducer(producer, True)  # type: ignore[union-attr]
     assert p.server_transport.producer is producer
     app.transport.unregisterProducer()  # type: ignore[union-attr]
@@ -237,15 +246,7 @@ def test_with_a_producer_the_close_waits_for_it_to_unregister(
     app = App()
     p = pair(ca, app)
 
-    @implementer(IPushProducer)
-    class Producer:
-        def pauseProducing(self) -> None: ...
-
-        def resumeProducing(self) -> None: ...
-
-        def stopProducing(self) -> None: ...
-
-    app.transport.registerProducer(Producer(), True)  # type: ignore[union-attr]
+    app.transport.registerProducer(NullProducer(), True)  # type: ignore[union-attr]
     app.transport.loseConnection()  # type: ignore[union-attr]
     app.transport.write(b"more")  # type: ignore[union-attr]
     p.pump.flush()
@@ -322,29 +323,13 @@ def test_a_failed_handshake_is_the_applications_reason(
     ca: CertificateFactory,
 ) -> None:
     app = App()
-    other = CertificateFactory()
-    reactor = MemoryReactorClock()
-    creator = ServerConnectionCreator(bundle(ca, ca.leaf("web")))
-    server = TLSServerProtocol(creator.serverConnectionForTLS, app)
     # A client whose certificate the server's roots did not sign.
-    client_creator = ClientConnectionCreator(
-        bundle(other, other.leaf("api"), ca), identity(ca, "web")
-    )
-    client = TLSMemoryBIOFactory(
-        client_creator, True, ClientFactory([]), clock=reactor
-    ).buildProtocol(ADDRESS)
-    pump = connect(
-        server,
-        CountingTransport(server, isServer=True),
-        client,
-        FakeTransport(client, isServer=False),
-        clock=reactor,
-    )
-    pump.flush()
+    p = pair(ca, app, client_ca=CertificateFactory())
+    p.pump.flush()
     assert app.handshakes == 0
     assert app.lost is not None
     assert app.lost.check(SSL.Error)
-    assert peer_identity_or_none(server) is None
+    assert peer_identity_or_none(p.server) is None
 
 
 def test_the_tracker_counts_it_without_a_wrapper_and_drain_aborts_it(
