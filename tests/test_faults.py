@@ -30,7 +30,11 @@ from connect_native.certs import CertManager, LeafPermissionDenied, ManagerState
 from connect_native.consul.records import LeafCert
 from connect_native.server import ConnectServerEndpoint
 from connect_native.testing import FakeAuthorizer
+from tests import transports
 from tests.faults import ClockedClientCreator, Echo, Link, MemoryWorld, Stream
+
+# A fixture: every test of this module runs over both TLS transports.
+from tests.transports import over_each_tls_transport  # noqa: F401
 
 LEAF_TTL = 3600.0
 
@@ -65,6 +69,7 @@ class Service:
             FakeAuthorizer(["api"]) if authorizer is None else authorizer,
             "web",
             ready_timeout=30,
+            tls_transport=transports.current(),
         )
 
     def start(self) -> Any:
@@ -164,8 +169,12 @@ def test_certificate_expiring_while_the_agent_is_down_refuses_then_recovers(
     assert not while_degraded.closed
 
     # The agent is back: a new certificate, new connections served with it.
+    # At worst the manager notices after its hung request's bound (the
+    # 30 s wait, wait/16 and a 5 s grace: about 37 s) and its
+    # longest retry delay (backoff_max, 120 s, times a jitter of 0.5 to 1):
+    # 150 s was less than that, and failed about one run in ten.
     world.front.behave()
-    world.advance(150, step=5)
+    world.advance(200, step=5)
     assert service.manager.state is ManagerState.READY
     renewed = service.manager.current()
     assert renewed is not None

@@ -52,6 +52,7 @@ from connect_native.registration import Registration
 from connect_native.server import ConnectServerEndpoint
 from connect_native.testing import FakeAuthorizer
 from connect_native.tls import ClientConnectionCreator
+from tests import transports
 from tests.consul_agent import RealConsulAgent
 from tests.faults import (
     ClockedClientCreator,
@@ -62,6 +63,9 @@ from tests.faults import (
     poll,
 )
 from tests.roots import new_root
+
+# A fixture: every test of this module runs over both TLS transports.
+from tests.transports import over_each_tls_transport  # noqa: F401
 
 pytestmark = pytest.mark.real_consul
 
@@ -140,6 +144,7 @@ class Web:
             self.name,
             ready_timeout=30,
             handshake_timeout=10,
+            tls_transport=transports.current(),
         )
         self.port: Any = None
         self.registration: Registration | None = None
@@ -329,7 +334,10 @@ async def test_a_server_agent_restarted_keeps_the_ca_and_the_watches_recover(
                 ManagerState.DEGRADED in web.states
                 and web.manager.state is ManagerState.READY
             ),
-            20,
+            # A restarted server agent elects itself and loads its CA again
+            # before it answers: usually a few seconds, up to about 20 on a
+            # busy 2-core machine (a 20 s bound failed there once).
+            60,
             "degraded while down, then ready",
         )
         after = web.bundle()

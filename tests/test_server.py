@@ -49,7 +49,11 @@ from connect_native.server import (
 )
 from connect_native.testing import CertificateFactory, FakeAuthorizer, TestLeaf
 from connect_native.tls import ClientConnectionCreator, verified_peer
-from connect_native.tls_transport import TLS_TRANSPORTS, TLSServerProtocol
+from connect_native.tls_transport import TLSServerProtocol
+from tests import transports
+
+# A fixture: every test of this module runs over both TLS transports.
+from tests.transports import over_each_tls_transport  # noqa: F401
 
 ADDRESS = IPv4Address("TCP", "127.0.0.1", 40000)
 
@@ -208,19 +212,6 @@ class PausableTransport(FakeTransport):
 
 # --- the harness ------------------------------------------------------------
 
-# Every test of this module runs over both TLS transports: Twisted's
-# TLSMemoryBIOProtocol and connect_native's own TLSServerProtocol.
-_TLS_TRANSPORT = ["twisted"]
-
-
-@pytest.fixture(autouse=True, params=TLS_TRANSPORTS)
-def tls_transport(request: pytest.FixtureRequest) -> Iterator[str]:
-    _TLS_TRANSPORT[0] = request.param
-    try:
-        yield request.param
-    finally:
-        _TLS_TRANSPORT[0] = "twisted"
-
 
 @define
 class Connection:
@@ -246,7 +237,7 @@ class Harness:
     port: Any = None
 
     def listen(self, factory: Any = None, **options: Any) -> Deferred[IListeningPort]:
-        options.setdefault("tls_transport", _TLS_TRANSPORT[0])
+        options.setdefault("tls_transport", transports.current())
         if self.reactor.seconds() == 0:
             self.reactor.advance(time.time())
         self.endpoint = ConnectServerEndpoint(
