@@ -41,6 +41,7 @@ from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThread
 
 from connect_native.testing import CertificateFactory, TestLeaf
+from connect_native.tls_transport import TLS_TRANSPORTS
 from tests.consul_agent import RealConsulAgent, free_ports
 from tests.test_terminator_real import Backend, Process, log_line
 
@@ -99,10 +100,17 @@ class World:
         self.small = small
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=TLS_TRANSPORTS)
 def world(
-    consul_binary_path: Path, tmp_path_factory: pytest.TempPathFactory
+    consul_binary_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
 ) -> Iterator[World]:
+    """
+    The agent and two terminators, once over each ``--tls-transport``: every
+    test of the suite runs against both.
+    """
+    transport = ("--tls-transport", str(request.param))
     agent = RealConsulAgent(consul_binary_path)
     agent.start()
     terminators: list[Terminator] = []
@@ -126,7 +134,7 @@ def world(
         assert status == 200, body
         prefix = f"bad-{uuid.uuid4().hex[:6]}"
         work = tmp_path_factory.mktemp("bad-input")
-        web = Terminator(agent, work, f"{prefix}-web")
+        web = Terminator(agent, work, f"{prefix}-web", *transport)
         terminators.append(web)
         small = Terminator(
             agent,
@@ -134,6 +142,7 @@ def world(
             f"{prefix}-small",
             "--max-connections",
             str(MAX_CONNECTIONS),
+            *transport,
         )
         terminators.append(small)
         for each in terminators:
