@@ -567,8 +567,9 @@ class _Front(Protocol):
 
     def _from_back(self, data: bytes) -> None:
         self._last = self.factory.clock.seconds()
-        transport: Any = self.transport
-        transport.write(data)
+        # A plain TCP front (an upstream listener) sends a small answer at
+        # once; a TLS front's transport does the same itself.
+        write_now(self.transport, data)
 
     def _back_eof(self) -> None:
         self._back_eof_seen = True

@@ -16,6 +16,7 @@ from attrs import define
 from OpenSSL import SSL
 from twisted.internet import tcp
 from twisted.internet.abstract import FileDescriptor
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
@@ -26,7 +27,11 @@ from twisted.python.failure import Failure
 from twisted.test.iosim import FakeTransport, IOPump, connect
 from zope.interface import implementer
 
-from connect_native.forward import ConnectionTracker, _TrackingFactory
+from connect_native.forward import (
+    ConnectionTracker,
+    ForwardingFactory,
+    _TrackingFactory,
+)
 from connect_native.testing import CertificateFactory
 from connect_native.tls import ClientConnectionCreator, ServerConnectionCreator
 from connect_native.tls import peer_identity as peer_identity_or_none
@@ -451,3 +456,27 @@ def test_write_now_uses_twisteds_tcp_connection_as_it_is() -> None:
     finally:
         ours.close()
         theirs.close()
+
+
+def test_the_forwarder_sends_a_small_message_each_way_within_the_call() -> None:
+    clock = MemoryReactorClock()
+    back_fd = Socketless()
+    backs: list[Any] = []
+
+    def dial(factory: Any) -> Deferred[Any]:
+        back = factory.buildProtocol(ADDRESS)
+        back.makeConnection(back_fd)
+        backs.append(back)
+        return succeed(back)
+
+    forwarding = ForwardingFactory(
+        clock, dial, "the backend", connect_timeout=5, idle_timeout=60, label="t"
+    )
+    front_fd = Socketless()
+    front = forwarding.buildProtocol(ADDRESS)
+    front.makeConnection(front_fd)
+    front.dataReceived(b"ping")
+    assert back_fd.sent == [b"ping"]
+    backs[0].dataReceived(b"pong")
+    assert front_fd.sent == [b"pong"]
+    assert back_fd.queued() == front_fd.queued() == b""
