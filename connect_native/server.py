@@ -854,8 +854,9 @@ class ConnectServerEndpoint:
         ``"connect_native"``
         (:class:`~connect_native.tls_transport.TLSServerProtocol`, a smaller
         transport for an application that only needs a byte stream, such
-        as a forwarder: about 10 % less CPU per connection and a third more
-        throughput over many connections, see ``docs/performance.rst``).
+        as a forwarder: 11-16 % less CPU per new connection and 12-39 %
+        more throughput over 8 connections in the benchmarks, see
+        ``docs/performance.rst``).
         With ``"connect_native"``, ``buffer_small_writes`` does not apply:
         every write is encrypted and handed over at once.
     :param log_allowed: log each allowed connection (info: peer, address,
