@@ -154,9 +154,14 @@ def _buffer_size(tcp: Any, size: int) -> bool:
 
 
 def _tune(transport: object, size: int) -> None:
-    """:func:`set_no_delay` and :func:`set_buffer_size`, with one lookup."""
+    """
+    :func:`set_no_delay` and :func:`set_buffer_size`, with one lookup.
+    connect_native's TLS transport turned Nagle off when it accepted the
+    connection (for the handshake): no second system call for it.
+    """
     tcp = _tcp_transport(transport)
-    _no_delay(tcp)
+    if not isinstance(transport, TLSServerProtocol):
+        _no_delay(tcp)
     _buffer_size(tcp, size)
 
 

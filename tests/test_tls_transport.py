@@ -92,6 +92,7 @@ class CountingTransport(FakeTransport):
 
     def setTcpNoDelay(self, enabled: bool) -> None:
         self.no_delay = enabled
+        self.no_delay_calls = getattr(self, "no_delay_calls", 0) + 1
 
 
 @define
@@ -480,3 +481,25 @@ def test_the_forwarder_sends_a_small_message_each_way_within_the_call() -> None:
     backs[0].dataReceived(b"pong")
     assert front_fd.sent == [b"pong"]
     assert back_fd.queued() == front_fd.queued() == b""
+
+
+def test_a_forwarded_connection_turns_nagle_off_once(ca: CertificateFactory) -> None:
+    # At accept, for the handshake; the forwarder does not ask again.
+    def dial(factory: Any) -> Deferred[Any]:
+        back = factory.buildProtocol(ADDRESS)
+        back.makeConnection(Socketless())
+        return succeed(back)
+
+    forwarding = ForwardingFactory(
+        MemoryReactorClock(),
+        dial,
+        "the backend",
+        connect_timeout=5,
+        idle_timeout=60,
+        label="t",
+    )
+    p = pair(ca, forwarding.buildProtocol(ADDRESS))
+    p.client.write(b"hello")
+    p.pump.flush()
+    assert p.server_transport.no_delay is True
+    assert p.server_transport.no_delay_calls == 1
