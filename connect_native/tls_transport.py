@@ -200,7 +200,9 @@ class TLSServerProtocol(Protocol):
     def connectionMade(self) -> None:
         tls = self._tls = self._connection_for(self)
         tls.set_accept_state()
-        tls.set_app_data(self)
+        # No set_app_data (Twisted's creators set it): nothing on the server
+        # side reads it, and it would tie the connection and this protocol
+        # in a cycle for the garbage collector.
         try:
             # Each handshake flight, and each forwarded write, goes out at
             # once rather than waiting for the peer's ACK (Nagle).
