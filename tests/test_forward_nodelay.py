@@ -131,17 +131,21 @@ def test_the_buffer_size_must_be_a_whole_number_of_at_least_4096(bad: Any) -> No
         )
 
 
+def tls_server(ca: CertificateFactory, wrapped: Any, clock: Clock) -> Any:
+    """Twisted's TLS, server side, for ``web``, around ``wrapped``."""
+    return TLSMemoryBIOFactory(
+        ServerConnectionCreator(make_bundle(ca, "web")),
+        isClient=False,
+        wrappedFactory=wrapped,
+        clock=clock,
+    )
+
+
 def test_the_tcp_connection_under_tls_gets_no_delay(ca: CertificateFactory) -> None:
     clock = Clock()
     clock.advance(time.time())
     back = TCPTransport()
-    tls_factory = TLSMemoryBIOFactory(
-        ServerConnectionCreator(make_bundle(ca, "web")),
-        isClient=False,
-        wrappedFactory=forwarding(Dialer(back)),
-        clock=clock,
-    )
-    tls = tls_factory.buildProtocol(FRONT)
+    tls = tls_server(ca, forwarding(Dialer(back)), clock).buildProtocol(FRONT)
     tcp = TCPTransport()
     tls.makeConnection(tcp)
     # TLS declares the interfaces of what it wraps, but the socket is the
@@ -158,12 +162,7 @@ def test_a_dialled_tls_connection_gets_no_delay_on_its_tcp_connection(
     clock.advance(time.time())
     tcp = TCPTransport()
     # The back connection as the upstream dialler gives it: TLS over TCP.
-    tls = TLSMemoryBIOFactory(
-        ServerConnectionCreator(make_bundle(ca, "web")),
-        isClient=False,
-        wrappedFactory=Factory.forProtocol(Protocol),
-        clock=clock,
-    ).buildProtocol(BACK)
+    tls = tls_server(ca, Factory.forProtocol(Protocol), clock).buildProtocol(BACK)
     tls.makeConnection(tcp)
 
     class TLSDialer:

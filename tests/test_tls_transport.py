@@ -459,10 +459,11 @@ def test_write_now_uses_twisteds_tcp_connection_as_it_is() -> None:
         theirs.close()
 
 
-def test_the_forwarder_sends_a_small_message_each_way_within_the_call() -> None:
-    clock = MemoryReactorClock()
-    back_fd = Socketless()
-    backs: list[Any] = []
+def forwarding_to(back_fd: Socketless, backs: list[Any]) -> ForwardingFactory:
+    """
+    The forwarder, dialling at once a back connection over ``back_fd``;
+    each back protocol is appended to ``backs``.
+    """
 
     def dial(factory: Any) -> Deferred[Any]:
         back = factory.buildProtocol(ADDRESS)
@@ -470,11 +471,21 @@ def test_the_forwarder_sends_a_small_message_each_way_within_the_call() -> None:
         backs.append(back)
         return succeed(back)
 
-    forwarding = ForwardingFactory(
-        clock, dial, "the backend", connect_timeout=5, idle_timeout=60, label="t"
+    return ForwardingFactory(
+        MemoryReactorClock(),
+        dial,
+        "the backend",
+        connect_timeout=5,
+        idle_timeout=60,
+        label="t",
     )
+
+
+def test_the_forwarder_sends_a_small_message_each_way_within_the_call() -> None:
+    back_fd = Socketless()
+    backs: list[Any] = []
     front_fd = Socketless()
-    front = forwarding.buildProtocol(ADDRESS)
+    front = forwarding_to(back_fd, backs).buildProtocol(ADDRESS)
     front.makeConnection(front_fd)
     front.dataReceived(b"ping")
     assert back_fd.sent == [b"ping"]
@@ -485,19 +496,7 @@ def test_the_forwarder_sends_a_small_message_each_way_within_the_call() -> None:
 
 def test_a_forwarded_connection_turns_nagle_off_once(ca: CertificateFactory) -> None:
     # At accept, for the handshake; the forwarder does not ask again.
-    def dial(factory: Any) -> Deferred[Any]:
-        back = factory.buildProtocol(ADDRESS)
-        back.makeConnection(Socketless())
-        return succeed(back)
-
-    forwarding = ForwardingFactory(
-        MemoryReactorClock(),
-        dial,
-        "the backend",
-        connect_timeout=5,
-        idle_timeout=60,
-        label="t",
-    )
+    forwarding = forwarding_to(Socketless(), [])
     p = pair(ca, forwarding.buildProtocol(ADDRESS))
     p.client.write(b"hello")
     p.pump.flush()
