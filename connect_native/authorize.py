@@ -85,11 +85,20 @@ class Decision:
 
     ``reason`` says why, for the logs; ``source`` says who decided (for
     example ``agent``, ``agent-cache``, ``intentions``, ``error``).
+
+    ``per_request`` marks a denial that only stands at the connection level:
+    the matching intention carries L7 (HTTP) permissions, which Consul's
+    authorize API and Envoy's network filter treat as a deny.  A server
+    whose application decides every request itself (a ``twisted.web`` site
+    serving :func:`connect_native.web.protect`, which provides
+    :class:`IDecidesEachRequest`) may accept such a connection; every other
+    listener refuses it, so forgetting ``protect()`` fails closed.
     """
 
     allowed: bool
     reason: str
     source: str
+    per_request: bool = False
 
     @classmethod
     def deny(cls, reason: str, source: str = "error") -> Decision:
@@ -112,6 +121,27 @@ class IAuthorizer(Interface):
         The decision, eventually.  The Deferred never fails: any error is a
         denial carrying the reason.  Cancelling it is allowed.
         """
+
+
+class IDecidesEachRequest(Interface):
+    """
+    A marker: the provider (a protocol factory, or the root resource of a
+    ``twisted.web`` site) decides every HTTP request by the intentions'
+    L7 permissions before the application sees it.  Only a listener whose
+    factory or site root provides it accepts a connection that an L7
+    intention decides (``Decision.per_request``).
+    """
+
+
+def decides_each_request(factory: object) -> bool:
+    """
+    Whether ``factory`` (a protocol factory) enforces L7 permissions per
+    request: it provides :class:`IDecidesEachRequest`, or it is a site
+    whose root resource does.
+    """
+    if IDecidesEachRequest.providedBy(factory):
+        return True
+    return IDecidesEachRequest.providedBy(getattr(factory, "resource", None))
 
 
 class AuthorizeCall(Protocol):

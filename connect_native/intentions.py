@@ -88,8 +88,9 @@ MATCH_SOURCE = "intentions"
 """An L4 intention matched."""
 L7_SOURCE = "intentions-l7"
 """
-An intention with HTTP permissions matched at L4: the connection is let
-through only so that each request can be decided by :func:`decide_http`.
+An intention with HTTP permissions matched at L4: the connection is denied
+(``per_request``) unless the server decides each request by
+:func:`decide_http`.
 """
 DEFAULT_SOURCE = "intentions-default"
 """No intention matched; the configured default decided."""
@@ -462,10 +463,12 @@ def decide_connection(
     intention matches and ``default_allows`` is ``None`` (the caller's
     default, e.g. asking the agent, decides).
 
-    An intention with L7 permissions allows the connection (source
-    :data:`L7_SOURCE`) only if some request could be allowed: one of its
+    An intention with L7 permissions denies the connection, as Consul's
+    authorize API does; when some request could be allowed (one of its
     permissions allows, or the default allows requests no permission
-    matches.  Each request must then go through :func:`decide_http`.
+    matches) the denial has source :data:`L7_SOURCE` and ``per_request``
+    set, and a server whose application decides each request through
+    :func:`decide_http` accepts the connection.
     """
     found = table.first_match(source)
     if found is None:
@@ -492,11 +495,15 @@ def decide_connection(
             intention.action == "allow", f"Matched intention: {described}", MATCH_SOURCE
         )
     if _could_allow(intention, default_allows):
+        # Denied here, as the agent's authorize API denies it: only a server
+        # that decides each request (connect_native.web.protect) lifts it.
         return Decision(
-            True,
-            f"Matched L7 intention: {described}; every request is decided by "
-            "its permissions",
+            False,
+            f"Matched L7 intention: {described}; its HTTP permissions can only "
+            "be enforced per request: serve the resource wrapped with "
+            "connect_native.web.protect() to accept this caller",
             L7_SOURCE,
+            per_request=True,
         )
     return Decision(
         False,

@@ -60,6 +60,7 @@ from connect_native.authorize import (
     Decision,
     IAuthorizer,
     Peer,
+    decides_each_request,
 )
 from connect_native.certs import (
     Bundle,
@@ -197,6 +198,21 @@ def _log_decision(
     )
 
 
+def _per_request(decision: Decision, decides_each_request: bool) -> Decision:
+    """
+    A connection-level denial by an L7 intention: lifted when the
+    application decides each request itself, otherwise kept (fail closed).
+    """
+    if decides_each_request:
+        return Decision(
+            True,
+            f"{decision.reason.split('; ')[0]}; every request is decided by "
+            "its permissions (protect())",
+            decision.source,
+        )
+    return decision
+
+
 def _abort(tls: Any) -> None:
     tls.abortConnection()
 
@@ -239,8 +255,10 @@ class _Creators:
         authorizer: IAuthorizer,
         clock: IReactorTime,
         release_buffers: bool = False,
+        decides_each_request: bool = False,
     ) -> None:
         self._release_buffers = release_buffers
+        self._decides_each_request = decides_each_request
         self._source = source
         self._service = service
         self._alpn = tuple(alpn_protocols)
@@ -322,6 +340,10 @@ class _Creators:
                 "not a Decision"
             )
         if not decision.allowed:
+            if decision.per_request and self._decides_each_request:
+                # An L7 intention, and the application decides each request:
+                # the gate lifts the connection-level denial.
+                return True
             _log_decision(
                 peer, self._service, decision, 0.0, None, "in the TLS handshake"
             )
@@ -402,8 +424,10 @@ class _GateFactory(Factory):
         handshake_timeout: float,
         authorize_timeout: float,
         log_allowed: bool = True,
+        decides_each_request: bool = False,
     ) -> None:
         self.app_factory = app_factory
+        self.decides_each_request = decides_each_request
         self.creators = creators
         self.authorizer = authorizer
         self.service = service
@@ -587,6 +611,8 @@ class _Gate(Protocol):
         self._cancel_timer()
         factory = self.gate_factory
         elapsed = factory.clock.seconds() - self._started
+        if not decision.allowed and decision.per_request:
+            decision = _per_request(decision, factory.decides_each_request)
         app: IProtocol | None = None
         if decision.allowed:
             try:
@@ -1040,6 +1066,7 @@ class ConnectServerEndpoint:
         alpn = self._alpn
         if alpn is None:
             alpn = alpn_protocols_for(protocolFactory)
+        each_request = decides_each_request(protocolFactory)
         creators = _Creators(
             self._source,
             self.service,
@@ -1047,6 +1074,7 @@ class ConnectServerEndpoint:
             self._authorizer,
             self._reactor,
             self._release_buffers,
+            each_request,
         )
         gates = _GateFactory(
             protocolFactory,
@@ -1057,6 +1085,7 @@ class ConnectServerEndpoint:
             self._handshake_timeout,
             self._authorize_timeout,
             self._log_allowed,
+            each_request,
         )
         tls_factory: Any
         if self._own_tls:

@@ -29,7 +29,7 @@ from twisted.web.resource import IResource
 from zope.interface import implementer
 
 from connect_native import _logging
-from connect_native.authorize import Decision, Peer
+from connect_native.authorize import Decision, IDecidesEachRequest, Peer
 from connect_native.identity import ServiceIdentity
 from connect_native.intentions import HeadersLike
 from connect_native.server import NotAConnectConnection
@@ -176,7 +176,7 @@ _decided: weakref.WeakKeyDictionary[Any, dict[int, Decision]] = (
 )
 
 
-@implementer(IResource)
+@implementer(IResource, IDecidesEachRequest)
 class ConnectProtected:
     """
     ``resource``, with every request decided by ``authorizer`` before
@@ -196,6 +196,11 @@ class ConnectProtected:
         authorize API decides connections, not requests.
     :param service: the service being protected, for the logs; by default
         the authorizer's ``service``.
+
+    It provides :class:`~connect_native.authorize.IDecidesEachRequest`: a
+    Connect server endpoint serving a ``Site`` with this as its root accepts
+    callers whose intention has L7 permissions (each request is decided
+    here); a site without it refuses them at the connection.
 
     :raises TypeError: when ``resource`` is not an ``IResource`` or
         ``authorizer`` cannot decide requests.

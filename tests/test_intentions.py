@@ -242,13 +242,20 @@ def test_source_partition_absent_means_default() -> None:
 # -- L4 for intentions with L7 permissions ---------------------------------------
 
 
-def test_l7_intention_allows_the_connection_when_a_permission_allows() -> None:
+def test_l7_intention_denies_the_connection_pending_per_request_checks() -> None:
+    # As Consul's authorize API: an L7 intention is a deny at L4.  It is
+    # marked per_request, so only a server that decides each request lifts it.
     table = compile_intentions(
         [ixn("web", permissions=(perm(path_prefix="/v1"),))], "api"
     )
     decision = decide_connection(table, ident("web"), False)
     assert decision is not None
-    assert (decision.allowed, decision.source) == (True, L7_SOURCE)
+    assert (decision.allowed, decision.source, decision.per_request) == (
+        False,
+        L7_SOURCE,
+        True,
+    )
+    assert "connect_native.web.protect()" in decision.reason
 
 
 def test_l7_intention_of_denials_only_denies_the_connection_under_default_deny() -> (
@@ -260,6 +267,7 @@ def test_l7_intention_of_denials_only_denies_the_connection_under_default_deny()
     decision = decide_connection(table, ident("web"), False)
     assert decision is not None
     assert (decision.allowed, decision.source) == (False, MATCH_SOURCE)
+    assert not decision.per_request
 
 
 def test_l7_intention_of_denials_allows_the_connection_under_default_allow() -> None:
@@ -269,7 +277,11 @@ def test_l7_intention_of_denials_allows_the_connection_under_default_allow() -> 
     )
     decision = decide_connection(table, ident("web"), True)
     assert decision is not None
-    assert (decision.allowed, decision.source) == (True, L7_SOURCE)
+    assert (decision.allowed, decision.source, decision.per_request) == (
+        False,
+        L7_SOURCE,
+        True,
+    )
 
 
 # -- L7 requests -----------------------------------------------------------------------

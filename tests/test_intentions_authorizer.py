@@ -360,12 +360,17 @@ L7 = (
 )
 
 
-def test_l7_intention_lets_the_connection_through_for_per_request_decisions() -> None:
+def test_l7_intention_defers_the_connection_to_per_request_decisions() -> None:
     consul = ScriptedConsul((ixn("web", None, permissions=L7),))
     authorizer = started(consul, Clock())
     connection = authorizer.decide_now(peer("web"), "api")
     assert connection is not None
-    assert (connection.allowed, connection.source) == (True, L7_SOURCE)
+    # Denied at L4 unless the server decides each request (per_request).
+    assert (connection.allowed, connection.source, connection.per_request) == (
+        False,
+        L7_SOURCE,
+        True,
+    )
     read = authorizer.decide_request(peer("web"), "GET", "/users", {})
     admin = authorizer.decide_request(peer("web").identity, b"GET", b"/admin/x", {})
     write = authorizer.decide_request(peer("web"), "POST", "/users", {})

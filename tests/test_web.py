@@ -212,6 +212,7 @@ class Web:
         resource: Any,
         intentions: Sequence[Intention],
         authorizer: Any = None,
+        wrap: bool = True,
     ) -> None:
         self.ca = ca
         self.reactor = MemoryReactorClock()
@@ -235,7 +236,9 @@ class Web:
             self.intentions,
             "web",
         )
-        site = Site(self.protected)
+        # wrap=False: the site serves ``resource`` itself, as a user who
+        # forgot protect() would.
+        site = Site(self.protected if wrap else resource)
         site.displayTracebacks = False
         endpoint.listen(site)
         [(_, self.tls_factory, _, _)] = self.reactor.tcpServers
@@ -673,6 +676,58 @@ def test_no_current_intentions_deny(ca: CertificateFactory) -> None:
     assert conn.request("GET", "/").code == 200
     web.intentions.stopService()
     assert conn.request("GET", "/").code == 403
+
+
+# --- L7 intentions need per-request enforcement -------------------------------------
+
+
+def refused(conn: Connection) -> bool:
+    """The request got no answer: the server dropped the connection."""
+    try:
+        conn.request("GET", "/")
+    except Exception:
+        return True
+    return False
+
+
+def test_without_protect_an_l7_intention_refuses_the_connection(
+    ca: CertificateFactory, logged: list[LogEvent]
+) -> None:
+    # An intention "api may only GET /public": a site that does not decide
+    # each request must not serve api at all (as the agent's authorize API).
+    echo = Echo()
+    web = Web(ca, echo, [l7("api", allow(path_prefix="/public"))], wrap=False)
+    conn = web.connect("api")
+    assert refused(conn)
+    assert echo.rendered == []
+    [denial] = [
+        e for e in logged if e.get("target") == "web" and e.get("allowed") is False
+    ]
+    assert "connect_native.web.protect()" in denial["reason"]
+
+
+def test_without_protect_an_l4_intention_still_serves(ca: CertificateFactory) -> None:
+    echo = Echo()
+    web = Web(ca, echo, [l4("api", "allow")], wrap=False)
+    assert web.connect("api").request("GET", "/x").code == 200
+    assert echo.rendered == [b"/x"]
+
+
+def test_behind_protect_an_l7_intention_is_decided_per_request(
+    ca: CertificateFactory, logged: list[LogEvent]
+) -> None:
+    echo = Echo()
+    web = Web(ca, echo, [l7("api", allow(path_prefix="/public"))])
+    conn = web.connect("api")
+    assert conn.request("GET", "/public/a").code == 200
+    assert conn.request("DELETE", "/admin/users").code == 403
+    assert echo.rendered == [b"/public/a"]
+    [allowed] = [
+        e
+        for e in logged
+        if e.get("target") == "web" and e.get("allowed") is True and "stage" in e
+    ]
+    assert "every request is decided" in allowed["reason"]
 
 
 # --- the log -----------------------------------------------------------------------
