@@ -168,3 +168,53 @@ async def test_port_in_use_is_a_clear_error() -> None:
     assert code == 1
     assert f"cannot listen on 127.0.0.1:{port}" in agent.output.decode()
     assert "choose another --port" in agent.output.decode()
+
+
+@pytest_twisted.ensureDeferred
+async def test_consul_version_serves_the_newer_api() -> None:
+    agent, transport = _spawn("--port", "0", "--consul-version", "1.10.0")
+    try:
+        port = await _bounded(agent.listening(), START_TIMEOUT, "starting")
+        self_info = await _bounded(
+            treq.get(f"http://127.0.0.1:{port}/v1/agent/self"),
+            REQUEST_TIMEOUT,
+            "the agent/self request",
+        )
+        assert (await self_info.json())["Config"]["Version"] == "1.10.0"
+        # 1.9+ only: a service-intentions config entry with L7 permissions.
+        entry = {
+            "Kind": "service-intentions",
+            "Name": "web",
+            "Sources": [
+                {
+                    "Name": "api",
+                    "Permissions": [
+                        {"Action": "allow", "HTTP": {"PathPrefix": "/public"}}
+                    ],
+                }
+            ],
+        }
+        written = await _bounded(
+            treq.put(f"http://127.0.0.1:{port}/v1/config", json=entry),
+            REQUEST_TIMEOUT,
+            "the config write",
+        )
+        assert written.code == 200, await written.text()
+        assert "Consul 1.10.0 API" in agent.output.decode()
+    finally:
+        if not agent.ended.called:
+            await _stop(agent, transport, "TERM")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_bad_consul_version_is_a_clear_error() -> None:
+    agent, transport = _spawn("--port", "0", "--consul-version", "1.2")
+    try:
+        code = await _bounded(agent.ended, START_TIMEOUT, "refusing the version")
+    finally:
+        if not agent.ended.called:
+            transport.signalProcess(signal.SIGKILL)
+    assert code == 2
+    output = agent.output.decode()
+    assert "version must be a Consul version from 1.8.7 on" in output
+    assert "Traceback" not in output

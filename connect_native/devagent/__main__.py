@@ -62,6 +62,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "and tokens); it is never logged",
     )
     parser.add_argument(
+        "--consul-version",
+        default="1.8.7",
+        help="the Consul version whose API to serve: 1.8.7 (default) or a "
+        "1.9+ version such as 1.10.0, which adds service-intentions config "
+        "entries with L7 (HTTP) permissions",
+    )
+    parser.add_argument(
         "--quiet",
         action="store_true",
         help="log only warnings and errors, not every request",
@@ -98,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             node_name=args.node_name,
             acl_default_policy=args.acl_default_policy,
             master_token=args.master_token,
+            version=args.consul_version,
         )
     except ValueError as e:
         log.error("cannot start the development agent: {error}", error=str(e))
@@ -118,11 +126,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     address = port.getHost()
     agent.http_port = address.port  # type: ignore[attr-defined]
     log.info(
-        "development agent (Consul 1.8.7 API, datacenter {dc}, node {node}, "
+        "development agent (Consul {version} API, datacenter {dc}, node {node}, "
         "trust domain {td}, ACLs {acls}) listening on http://{host}:{port}",
         acls=f"on, default {args.acl_default_policy}"
         if args.acl_default_policy
         else "off",
+        version=agent.version,
         dc=args.datacenter,
         node=args.node_name,
         td=agent.ca.trust_domain,
