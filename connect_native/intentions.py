@@ -152,12 +152,29 @@ def matches_destination(
     namespace: str = "default",
     partition: str | None = None,
 ) -> bool:
-    """Whether ``intention`` covers the destination ``namespace/service``."""
+    """
+    Whether ``intention`` covers the destination ``namespace/service``.
+
+    Case-insensitively, as Consul finds them: its intentions table indexes
+    ``DestinationNS`` and ``DestinationName`` lowercased (memdb
+    ``StringFieldIndex{Lowercase: true}``), so ``evil => Web`` is an
+    intention of ``web`` for the agent's authorize API and match endpoint.
+    The source side is compared exactly (``SpiffeIDService.Authorize``).
+    """
     if _partition(intention.destination_partition) != _partition(partition):
         return False
-    if intention.destination_ns not in (WILDCARD, namespace):
+    if intention.destination_ns != WILDCARD and not _same_name(
+        intention.destination_ns, namespace
+    ):
         return False
-    return intention.destination_name in (WILDCARD, service)
+    return intention.destination_name == WILDCARD or _same_name(
+        intention.destination_name, service
+    )
+
+
+def _same_name(a: str, b: str) -> bool:
+    # Go's strings.ToLower, for the ASCII names Consul accepts.
+    return a.lower() == b.lower()
 
 
 def _sort_key(intention: Intention) -> tuple[int, str, str, str, str]:

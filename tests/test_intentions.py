@@ -532,3 +532,23 @@ def test_an_intention_with_an_unusable_permission_denies_its_source() -> None:
     other = decide_connection(table, ident("cron"), False)
     assert other is not None
     assert other.allowed
+
+
+def test_the_destination_name_compares_case_insensitively_as_consul() -> None:
+    # "* => web allow" and "evil => Web deny": the agent denies evil.
+    table = compile_intentions(
+        [ixn("*", "web", "allow"), ixn("evil", "Web", "deny")], "web"
+    )
+    decision = decide_connection(table, ident("evil"), True)
+    assert decision is not None
+    assert not decision.allowed
+    assert "Web" in decision.reason
+
+
+def test_the_source_name_compares_exactly_as_consul() -> None:
+    table = compile_intentions(
+        [ixn("*", "web", "allow"), ixn("Evil", "web", "deny")], "web"
+    )
+    decision = decide_connection(table, ident("evil"), False)
+    assert decision is not None
+    assert decision.allowed

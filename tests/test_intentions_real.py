@@ -142,3 +142,24 @@ async def test_a_new_intention_takes_effect_without_restart(
     finally:
         authorizer.stopService()
         await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_names_compare_as_the_agent_compares_them(
+    fresh_real_consul: RealConsulAgent,
+) -> None:
+    # Measured: with "* => web allow" and "evil => Web deny" the agent denies
+    # evil (its intention index folds the destination's case); a local match
+    # that compared names exactly allowed it through "*".
+    agent = fresh_real_consul
+    create(agent, "*", "web", "allow")
+    create(agent, "evil", "Web", "deny")
+    create(agent, "Api", "WEB", "deny")
+    client = ConsulClient(reactor, address=agent.http_address)
+    try:
+        rows = await _compare(client, "web", ["evil", "Evil", "api", "Api", "other"])
+        for source, local, by_agent in rows:
+            assert local == by_agent, (source, local, by_agent)
+        assert dict((s, a) for s, _, a in rows)["evil"] is False
+    finally:
+        await client.close()
