@@ -158,6 +158,27 @@ def _split_description(description: str) -> list[str]:
     return _UNESCAPED_COLON.split(description)
 
 
+#: The listen backlog of the public listener when its description names
+#: none: Twisted's default of 50 overflowed at a burst of 51 connects
+#: (clients stalled a second for the SYN retry).  nginx and haproxy use 511+.
+DEFAULT_BACKLOG = 1024
+
+
+def with_default_backlog(description: str, backlog: int = DEFAULT_BACKLOG) -> str:
+    """
+    A ``tcp``/``tcp6`` server description (or a bare port) with
+    ``backlog=`` added when it names none; any other description unchanged.
+    """
+    parts = _split_description(description)
+    if len(parts) == 1 and parts[0].isdigit():
+        parts = ["tcp", parts[0]]
+    if parts[0].lower() not in ("tcp", "tcp6"):
+        return description
+    if any(part.split("=", 1)[0].strip() == "backlog" for part in parts[1:]):
+        return description
+    return ":".join([*parts, f"backlog={backlog}"])
+
+
 def _unescape(text: str) -> str:
     return re.sub(r"\\(.)", r"\1", text)
 
@@ -705,7 +726,9 @@ def worker_arguments(settings: Settings, port: int, consul: str | None) -> list[
     kind = _split_description(settings.listen)[0].lower()
     if kind.isdigit():
         kind = "tcp"
-    parsed = ReusePortEndpoint.from_description(None, settings.listen)
+    parsed = ReusePortEndpoint.from_description(
+        None, with_default_backlog(settings.listen)
+    )
     interface = parsed.interface.replace(":", "\\:")
     assert settings.to is not None
     arguments = [
@@ -1014,9 +1037,11 @@ class Terminator(Service):
         label = f"connect-native {settings.service}"
         listener: Any
         if settings.workers > 1 or settings.worker:
-            listener = ReusePortEndpoint.from_description(reactor, settings.listen)
+            listener = ReusePortEndpoint.from_description(
+                reactor, with_default_backlog(settings.listen)
+            )
         else:
-            listener = serverFromString(reactor, settings.listen)
+            listener = serverFromString(reactor, with_default_backlog(settings.listen))
         endpoint = ConnectServerEndpoint.for_service(
             reactor,
             TrackedEndpoint(listener, self.tracker, label),

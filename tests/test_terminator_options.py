@@ -18,6 +18,7 @@ from connect_native.terminator import (
     Settings,
     Upstream,
     parse_upstream,
+    worker_arguments,
 )
 
 BASE = ["--service", "web", "--to", "tcp:127.0.0.1:8080"]
@@ -260,3 +261,17 @@ def test_the_plugin_is_found_by_twistd() -> None:
     maker = makers["connect-native"]
     assert maker.module == "connect_native.terminator"
     assert isinstance(maker.options(), Options)
+
+
+def listen_of(*args: str) -> str:
+    arguments = worker_arguments(parse(*BASE, "--workers", "2", *args), 8443, None)
+    return arguments[arguments.index("--listen") + 1]
+
+
+def test_the_public_listener_backlog_is_a_servers_not_twisteds_50() -> None:
+    # A burst of 51 connects overflowed Twisted's default backlog of 50.
+    assert listen_of().endswith(":backlog=1024")
+
+
+def test_a_backlog_the_listen_description_names_is_kept() -> None:
+    assert listen_of("--listen", "tcp:8443:backlog=64").endswith(":backlog=64")
