@@ -541,6 +541,65 @@ def test_authorizer_ignoring_cancellation_still_times_out(
     assert h.apps.built == []
 
 
+class _Uncancellable(Deferred[Decision]):
+    """A Deferred that really survives ``cancel()``: it stays unfired."""
+
+    def cancel(self) -> None:
+        self.cancel_calls = getattr(self, "cancel_calls", 0) + 1
+
+
+def test_authorizer_whose_deferred_survives_cancel_still_times_out(
+    ca: CertificateFactory, logged: list[LogEvent]
+) -> None:
+    answers: list[_Uncancellable] = []
+
+    @implementer(IAuthorizer)
+    class Deaf:
+        def decide_now(self, peer: Peer, target: str) -> Decision | None:
+            return None
+
+        def authorize(self, peer: Peer, target: str) -> Deferred[Decision]:
+            answers.append(_Uncancellable())
+            return answers[-1]
+
+    h = harness(ca, Deaf(), authorize_timeout=1)
+    conn = h.connect()
+    h.reactor.advance(1)
+    [answer] = answers
+    assert answer.cancel_calls == 1
+    assert not answer.called  # the cancel really was ignored
+    assert conn.server_transport.disconnecting
+    [decision] = decisions(logged)
+    assert (decision["allowed"], decision["source"]) == (False, "timeout")
+    # A late "allowed" changes nothing.
+    answer.callback(Decision(True, "late", "test"))
+    assert h.apps.built == []
+
+
+def test_decide_now_raising_refuses_in_the_handshake(
+    ca: CertificateFactory, logged: list[LogEvent]
+) -> None:
+    # authorize() would allow: only the handshake's refusal keeps api out.
+    @implementer(IAuthorizer)
+    class Raising:
+        authorize_calls = 0
+
+        def decide_now(self, peer: Peer, target: str) -> Decision | None:
+            raise RuntimeError("decide_now exploded")
+
+        def authorize(self, peer: Peer, target: str) -> Deferred[Decision]:
+            self.authorize_calls += 1
+            return succeed(Decision(True, "would allow", "test"))
+
+    authorizer = Raising()
+    h = harness(ca, authorizer)
+    conn = h.connect([b"hello"], client_leaf=ca.leaf("api"))
+    assert authorizer.authorize_calls == 0
+    assert h.apps.built == []
+    assert conn.client_app.lost is not None
+    assert isinstance(conn.client_app.lost.value, SSL.Error)
+
+
 @pytest.mark.parametrize(
     ("answer", "reason"),
     [
