@@ -123,6 +123,14 @@ class IAuthorizer(Interface):
         """
 
 
+#: How the reason of a ``per_request`` denial ends; a server that decides
+#: each request lifts the denial and replaces this.
+L7_AT_L4 = (
+    "; its HTTP permissions can only be enforced per request: serve the "
+    "resource wrapped with connect_native.web.protect() to accept this caller"
+)
+
+
 class IDecidesEachRequest(Interface):
     """
     A marker: the provider (a protocol factory, or the root resource of a

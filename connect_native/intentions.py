@@ -47,7 +47,7 @@ from typing import Literal, Protocol
 
 from attrs import field, frozen
 
-from connect_native.authorize import Decision
+from connect_native.authorize import L7_AT_L4, Decision
 from connect_native.consul.records import (
     Intention,
     IntentionHTTPHeaderPermission,
@@ -516,9 +516,7 @@ def decide_connection(
         # that decides each request (connect_native.web.protect) lifts it.
         return Decision(
             False,
-            f"Matched L7 intention: {described}; its HTTP permissions can only "
-            "be enforced per request: serve the resource wrapped with "
-            "connect_native.web.protect() to accept this caller",
+            f"Matched L7 intention: {described}{L7_AT_L4}",
             L7_SOURCE,
             per_request=True,
         )

@@ -56,6 +56,7 @@ from zope.interface import implementer
 
 from connect_native import _logging
 from connect_native.authorize import (
+    L7_AT_L4,
     AgentAuthorizer,
     Decision,
     IAuthorizer,
@@ -206,8 +207,8 @@ def _per_request(decision: Decision, decides_each_request: bool) -> Decision:
     if decides_each_request:
         return Decision(
             True,
-            f"{decision.reason.split('; ')[0]}; every request is decided by "
-            "its permissions (protect())",
+            f"{decision.reason.removesuffix(L7_AT_L4)}; every request is "
+            "decided by its permissions (protect())",
             decision.source,
         )
     return decision
@@ -258,7 +259,9 @@ class _Creators:
         decides_each_request: bool = False,
     ) -> None:
         self._release_buffers = release_buffers
-        self._decides_each_request = decides_each_request
+        #: The application decides each HTTP request (it provides
+        #: IDecidesEachRequest): an L7 intention's denial is lifted.
+        self.decides_each_request = decides_each_request
         self._source = source
         self._service = service
         self._alpn = tuple(alpn_protocols)
@@ -340,7 +343,7 @@ class _Creators:
                 "not a Decision"
             )
         if not decision.allowed:
-            if decision.per_request and self._decides_each_request:
+            if decision.per_request and self.decides_each_request:
                 # An L7 intention, and the application decides each request:
                 # the gate lifts the connection-level denial.
                 return True
@@ -424,10 +427,8 @@ class _GateFactory(Factory):
         handshake_timeout: float,
         authorize_timeout: float,
         log_allowed: bool = True,
-        decides_each_request: bool = False,
     ) -> None:
         self.app_factory = app_factory
-        self.decides_each_request = decides_each_request
         self.creators = creators
         self.authorizer = authorizer
         self.service = service
@@ -612,7 +613,7 @@ class _Gate(Protocol):
         factory = self.gate_factory
         elapsed = factory.clock.seconds() - self._started
         if not decision.allowed and decision.per_request:
-            decision = _per_request(decision, factory.decides_each_request)
+            decision = _per_request(decision, factory.creators.decides_each_request)
         app: IProtocol | None = None
         if decision.allowed:
             try:
@@ -1085,7 +1086,6 @@ class ConnectServerEndpoint:
             self._handshake_timeout,
             self._authorize_timeout,
             self._log_allowed,
-            each_request,
         )
         tls_factory: Any
         if self._own_tls:

@@ -75,6 +75,12 @@ def _bounded(d: defer.Deferred[Any], seconds: float, what: str) -> defer.Deferre
     return d.addTimeout(seconds, reactor, onTimeoutCancel=too_late)
 
 
+def _request(method: str, port: int, path: str, what: str, **kwargs: Any) -> Any:
+    """One bounded request to the agent on 127.0.0.1:``port``."""
+    d = treq.request(method, f"http://127.0.0.1:{port}{path}", **kwargs)
+    return _bounded(d, REQUEST_TIMEOUT, what)
+
+
 def _spawn(*args: str) -> tuple[_AgentProcess, Any]:
     from twisted.internet import reactor
 
@@ -104,20 +110,16 @@ async def test_serves_logs_and_stops_on_signal(sig: str) -> None:
     agent, transport = _spawn("--port", "0")
     try:
         port = await _bounded(agent.listening(), START_TIMEOUT, "starting")
-        response = await _bounded(
-            treq.get(f"http://127.0.0.1:{port}/v1/agent/connect/ca/leaf/web"),
-            REQUEST_TIMEOUT,
-            "the leaf request",
+        response = await _request(
+            "GET", port, "/v1/agent/connect/ca/leaf/web", "the leaf request"
         )
         assert response.code == 200
         leaf = await response.json()
         assert leaf["Service"] == "web"
         assert response.headers.getRawHeaders(b"X-Cache") == [b"MISS"]
         # a blocking request still in flight does not keep it from stopping
-        roots = await _bounded(
-            treq.get(f"http://127.0.0.1:{port}/v1/agent/connect/ca/roots"),
-            REQUEST_TIMEOUT,
-            "the roots request",
+        roots = await _request(
+            "GET", port, "/v1/agent/connect/ca/roots", "the roots request"
         )
         index = roots.headers.getRawHeaders(b"X-Consul-Index")[0].decode()
         await roots.content()
@@ -175,11 +177,7 @@ async def test_consul_version_serves_the_newer_api() -> None:
     agent, transport = _spawn("--port", "0", "--consul-version", "1.10.0")
     try:
         port = await _bounded(agent.listening(), START_TIMEOUT, "starting")
-        self_info = await _bounded(
-            treq.get(f"http://127.0.0.1:{port}/v1/agent/self"),
-            REQUEST_TIMEOUT,
-            "the agent/self request",
-        )
+        self_info = await _request("GET", port, "/v1/agent/self", "agent/self")
         assert (await self_info.json())["Config"]["Version"] == "1.10.0"
         # 1.9+ only: a service-intentions config entry with L7 permissions.
         entry = {
@@ -194,10 +192,8 @@ async def test_consul_version_serves_the_newer_api() -> None:
                 }
             ],
         }
-        written = await _bounded(
-            treq.put(f"http://127.0.0.1:{port}/v1/config", json=entry),
-            REQUEST_TIMEOUT,
-            "the config write",
+        written = await _request(
+            "PUT", port, "/v1/config", "the config write", json=entry
         )
         assert written.code == 200, await written.text()
         assert "Consul 1.10.0 API" in agent.output.decode()
