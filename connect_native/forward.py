@@ -173,14 +173,37 @@ class ConnectionTracker:
     The accepted connections of a process (all listeners that share it),
     bounded by ``max_connections``, and drained on shutdown.
 
+    A Connect connection counts against ``max_connections`` once its
+    authorization gate lets it through; until then (its TLS handshake and its
+    authorization) it counts against ``max_unauthorized``, so that clients
+    that never complete a handshake cannot take the places of authorized
+    ones.  The endpoint's own handshake budget
+    (``ConnectServerEndpoint(max_handshakes=...)``) decides which waiting
+    handshakes go first; this is the hard bound on memory behind it.
+
     :param clock: times the drain's deadline.
-    :param max_connections: accepted connections open at once; one more is
-        refused (closed at once, before any TLS handshake).
+    :param max_connections: authorized (or plain, ungated) connections open
+        at once; one more is refused (closed at once, before any TLS
+        handshake).
+    :param max_unauthorized: connections in their handshake or being
+        authorized at once; one more is refused.  By default as many as
+        ``max_connections``.
     """
 
-    def __init__(self, clock: IReactorTime, max_connections: int) -> None:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        max_connections: int,
+        max_unauthorized: int | None = None,
+    ) -> None:
         self.clock = clock
         self.max_connections = whole_number("max_connections", max_connections, 1)
+        self.max_unauthorized = whole_number(
+            "max_unauthorized",
+            self.max_connections if max_unauthorized is None else max_unauthorized,
+            1,
+        )
+        self.unauthorized: set[Any] = set()
         self.open: set[_Tracked] = set()
         self.draining = False
         self._drained: list[Deferred[None]] = []
@@ -192,18 +215,30 @@ class ConnectionTracker:
         """Why a new connection would be refused now, or ``None``."""
         if self.draining:
             return "the terminator is shutting down"
-        if len(self.open) >= self.max_connections:
+        counted = len(self.open) - len(self.unauthorized)
+        if counted >= self.max_connections:
+            return f"{counted} connections are open, the maximum (--max-connections)"
+        if len(self.unauthorized) >= self.max_unauthorized:
             return (
-                f"{len(self.open)} connections are open, the maximum "
-                "(--max-connections)"
+                f"{len(self.unauthorized)} connections are in their TLS handshake "
+                "or being authorized, the most held "
+                "(--max-handshakes plus --max-connections)"
             )
         return None
 
     def _add(self, connection: _Tracked) -> None:
         self.open.add(connection)
 
+    def _authorizing(self, connection: Any) -> None:
+        if connection in self.open:
+            self.unauthorized.add(connection)
+
+    def _authorized(self, connection: Any) -> None:
+        self.unauthorized.discard(connection)
+
     def _remove(self, connection: _Tracked) -> None:
         self.open.discard(connection)
+        self.unauthorized.discard(connection)
         if not self.open and self._drained:
             waiters, self._drained = self._drained, []
             for waiter in waiters:
@@ -240,6 +275,7 @@ class ConnectionTracker:
             # Aborted connections report their loss on a later turn of the
             # reactor; the deadline is the end of the wait either way.
             self.open.clear()
+            self.unauthorized.clear()
             waiters, self._drained = self._drained, []
             for each in waiters:
                 each.callback(None)
@@ -271,6 +307,14 @@ class _Tracked(ProtocolWrapper):
         transport: Any = self.transport
         if transport is not None:
             transport.abortConnection()
+
+    def connection_authorizing(self) -> None:
+        """The authorization gate took it: a handshake until authorized."""
+        self.factory.tracker._authorizing(self)
+
+    def connection_authorized(self) -> None:
+        """The gate let it through: it counts against the maximum."""
+        self.factory.tracker._authorized(self)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.factory.tracker._remove(self)

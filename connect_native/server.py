@@ -25,6 +25,7 @@ Every decision is logged with :mod:`twisted.logger` fields ``peer``,
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +56,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from connect_native import _logging
+from connect_native._refusals import RefusalLog, address_text, host_of
 from connect_native.authorize import (
     L7_AT_L4,
     AgentAuthorizer,
@@ -75,7 +77,12 @@ from connect_native.service import (
     CertManagerRegistry,
     cert_managers,
 )
-from connect_native.tls import ServerConnectionCreator, refusal_of, verified_peer
+from connect_native.tls import (
+    PeerRefused,
+    ServerConnectionCreator,
+    refusal_of,
+    verified_peer,
+)
 from connect_native.tls import peer_identity as _peer_identity_or_none
 from connect_native.tls_transport import TLS_TRANSPORTS, TLSServerProtocol
 
@@ -98,6 +105,12 @@ log = Logger(observer=_logging.observer)
 #: with the last handshake flight is held; more is a misbehaving client, and
 #: is refused rather than buffered without bound.
 MAX_EARLY_BYTES = 256 * 1024
+
+#: Connections in their TLS handshake at once, per listening port, and from
+#: one source address: past either, the oldest handshake that has sent
+#: nothing yet (else the oldest) is dropped for the new one.
+MAX_HANDSHAKES = 256
+MAX_HANDSHAKES_PER_ADDRESS = 64
 
 StopHook = Callable[[], "Deferred[Any] | None"]
 
@@ -175,7 +188,14 @@ def _log_decision(
     elapsed: float,
     address: IAddress | None,
     stage: str,
+    refusals: RefusalLog | None = None,
 ) -> None:
+    if (
+        not decision.allowed
+        and refusals is not None
+        and not refusals.allow("connections denied", address)
+    ):
+        return
     if isinstance(peer, Peer):
         uri, serial = peer.uri, peer.serial
     elif peer is None:
@@ -194,9 +214,21 @@ def _log_decision(
         reason=decision.reason,
         source=decision.source,
         elapsed=elapsed,
-        address=str(address) if address is not None else "?",
+        address=address_text(address),
         stage=stage,
     )
+
+
+class _HandshakeDenied(PeerRefused):
+    """
+    The authorizer's ``decide_now`` denied the peer inside the handshake;
+    the gate logs the decision with the peer's address.
+    """
+
+    def __init__(self, peer: Peer, decision: Decision) -> None:
+        super().__init__(f"{peer.uri} is not allowed to connect: {decision.reason}")
+        self.peer = peer
+        self.decision = decision
 
 
 def _per_request(decision: Decision, decides_each_request: bool) -> Decision:
@@ -296,6 +328,8 @@ class _Creators:
                 alpn_protocols=self._alpn,
                 decide_peer_now=self._decide_now,
                 release_buffers=self._release_buffers,
+                # The gate logs each refusal with the peer's address.
+                log_refusals=False,
             )
         except Exception:
             self._refused_by_error(
@@ -319,22 +353,21 @@ class _Creators:
     def _decide_now(self, identity: ServiceIdentity, serial: str) -> bool | None:
         """
         The authorizer's early answer, inside the verify callback: a denial
-        here ends the handshake with a TLS alert.
+        here ends the handshake with a TLS alert (raised as a refusal that
+        the gate logs, with the peer's address, when the connection ends).
         """
         peer = Peer(identity, serial)
         try:
             decision = self._authorizer.decide_now(peer, self._service)
         except Exception:
             log.failure(
-                "Connect {target}: denied {peer} in the TLS handshake: the "
-                "authorizer's decide_now failed",
+                "Connect {target}: the authorizer's decide_now failed for {peer}",
                 peer=peer.uri,
                 target=self._service,
-                allowed=False,
-                decision="denied",
-                source="error",
             )
-            return False
+            raise _HandshakeDenied(
+                peer, Decision.deny("the authorizer's decide_now failed", "error")
+            ) from None
         if decision is None:
             return None
         if not isinstance(decision, Decision):
@@ -347,10 +380,7 @@ class _Creators:
                 # An L7 intention, and the application decides each request:
                 # the gate lifts the connection-level denial.
                 return True
-            _log_decision(
-                peer, self._service, decision, 0.0, None, "in the TLS handshake"
-            )
-            return False
+            raise _HandshakeDenied(peer, decision)
         # An early "allowed" still goes through the gate, which asks
         # authorize() (answered at once by an authorizer that knows) and logs.
         return True
@@ -382,7 +412,27 @@ class _ConnectTLSFactory(TLSMemoryBIOFactory):
         gate = self.wrappedFactory.buildProtocol(addr)
         if gate is None:
             return None
-        return self.protocol(self, gate)
+        tls = self.protocol(self, gate)
+        _note_first_bytes(tls)
+        return tls
+
+
+def _note_first_bytes(tls: Any) -> None:
+    """
+    Set ``tls.heard`` when the first bytes arrive from the peer: the
+    handshake budget drops a client that has sent nothing first.  The
+    instance's own ``dataReceived`` does it once, then steps aside for the
+    class's (no cost per read after the first).
+    """
+    receive = tls.dataReceived
+
+    def first(data: bytes) -> None:
+        del tls.dataReceived
+        tls.heard = True
+        receive(data)
+
+    tls.heard = False
+    tls.dataReceived = first
 
 
 class _OwnTLSFactory(Factory):
@@ -410,6 +460,62 @@ class _OwnTLSFactory(Factory):
         return TLSServerProtocol(gate.creator.serverConnectionForTLS, gate)
 
 
+class _HandshakeBudget:
+    """
+    The connections of one listening port still in their TLS handshake:
+    at most ``limit`` at once and ``per_address`` from one source address.
+    A new connection over either takes the place of the oldest that has sent
+    nothing yet (else of the oldest), so that clients that hold sockets open
+    without a handshake cannot keep real ones out.  Past half the budget,
+    new handshakes get a shorter timeout.
+    """
+
+    def __init__(
+        self, limit: int, per_address: int, timeout: float, pressed_timeout: float
+    ) -> None:
+        self.limit = limit
+        self.per_address = per_address
+        self.timeout = timeout
+        self.pressed_timeout = min(timeout, pressed_timeout)
+        # Oldest first (dicts keep insertion order).
+        self._waiting: dict[_Gate, str] = {}
+        self._by_host: dict[str, dict[_Gate, None]] = {}
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def admit(self, gate: _Gate) -> float:
+        """Count ``gate``, making room for it; its handshake timeout."""
+        host = host_of(gate.address)
+        same = self._by_host.get(host)
+        if same is not None and len(same) >= self.per_address:
+            self._evict(same, f"{len(same)} handshakes from {host} are waiting")
+        if len(self._waiting) >= self.limit:
+            self._evict(self._waiting, f"{len(self._waiting)} handshakes are waiting")
+        self._waiting[gate] = host
+        self._by_host.setdefault(host, {})[gate] = None
+        if len(self._waiting) > self.limit // 2:
+            return self.pressed_timeout
+        return self.timeout
+
+    def leave(self, gate: _Gate) -> None:
+        host = self._waiting.pop(gate, None)
+        if host is None:
+            return
+        same = self._by_host.get(host)
+        if same is not None:
+            same.pop(gate, None)
+            if not same:
+                del self._by_host[host]
+
+    def _evict(self, among: dict[_Gate, Any], why: str) -> None:
+        victim = next((gate for gate in among if not gate.heard()), None)
+        if victim is None:
+            victim = next(iter(among))
+        self.leave(victim)
+        victim.evict(why)
+
+
 class _GateFactory(Factory):
     """
     Builds the gate for each accepted connection.
@@ -427,6 +533,8 @@ class _GateFactory(Factory):
         handshake_timeout: float,
         authorize_timeout: float,
         log_allowed: bool = True,
+        max_handshakes: int = MAX_HANDSHAKES,
+        max_handshakes_per_address: int = MAX_HANDSHAKES_PER_ADDRESS,
     ) -> None:
         self.app_factory = app_factory
         self.creators = creators
@@ -436,11 +544,19 @@ class _GateFactory(Factory):
         self.handshake_timeout = handshake_timeout
         self.authorize_timeout = authorize_timeout
         self.log_allowed = log_allowed
+        self.handshakes = _HandshakeBudget(
+            max_handshakes,
+            max_handshakes_per_address,
+            handshake_timeout,
+            max(1.0, handshake_timeout / 5),
+        )
+        self.refusals = RefusalLog(clock, f"Connect {service}")
 
     def doStart(self) -> None:
         self.app_factory.doStart()
 
     def doStop(self) -> None:
+        self.refusals.flush()
         self.app_factory.doStop()
 
     def buildProtocol(self, addr: IAddress | None) -> _Gate | None:
@@ -476,30 +592,81 @@ class _Gate(Protocol):
         self._pending: Deferred[Decision] | None = None
         self._timed_out = False
         self._finished = False
-        self._started = 0.0
         self._peer: Peer | None = None
         self._handshaken = False
         self._paused = False
+        self._handshake_timeout = factory.handshake_timeout
+        self._started = factory.clock.seconds()
 
     def connectionMade(self) -> None:
         factory = self.gate_factory
+        tracked = _tracked(self.transport)
+        if tracked is not None:
+            # Not counted against the maximum of open connections until it
+            # is authorized.
+            tracked.connection_authorizing()
+        self._handshake_timeout = factory.handshakes.admit(self)
         self._timer = factory.clock.callLater(
-            factory.handshake_timeout, self._handshake_timed_out
+            self._handshake_timeout, self._handshake_timed_out
         )
+
+    def heard(self) -> bool:
+        """
+        Whether any bytes came from the peer (its ClientHello, or part): read
+        already, or waiting in the socket's receive buffer (a client accepted
+        in the same turn of the reactor as a crowd of others has sent its
+        ClientHello, but it has not been read yet).
+        """
+        if getattr(self.transport, "heard", True):
+            return True
+        return _bytes_waiting(self.transport)
+
+    def _refused_now(self, reason: str) -> bool:
+        """Whether to log this refusal one by one (else it is counted)."""
+        return self.gate_factory.refusals.allow(reason, self.address)
+
+    def evict(self, why: str) -> None:
+        """
+        Too many handshakes are waiting: drop this one (the oldest that sent
+        nothing, or the oldest) for a newer connection.
+        """
+        self._finished = True
+        self._cancel_timer()
+        factory = self.gate_factory
+        if self._refused_now("handshakes dropped for newer connections"):
+            log.warn(
+                "Connect {target}: aborted a connection from {address} after "
+                "{age:.1f}s in the TLS handshake ({sent}): {why}, the most held "
+                "(max_handshakes {limit}, {per_address} per address)",
+                target=factory.service,
+                address=address_text(self.address),
+                age=factory.clock.seconds() - self._started,
+                sent="it sent something" if self.heard() else "it sent nothing",
+                why=why,
+                limit=factory.handshakes.limit,
+                per_address=factory.handshakes.per_address,
+                allowed=False,
+                decision="denied",
+                reason="too many handshakes",
+            )
+        _abort(self.transport)
 
     def _handshake_timed_out(self) -> None:
         self._timer = None
         self._finished = True
-        log.warn(
-            "Connect {target}: aborted a connection from {address}: the TLS "
-            "handshake did not complete within {timeout:g}s",
-            target=self.gate_factory.service,
-            address=str(self.address),
-            timeout=self.gate_factory.handshake_timeout,
-            allowed=False,
-            decision="denied",
-            reason="handshake timeout",
-        )
+        factory = self.gate_factory
+        factory.handshakes.leave(self)
+        if self._refused_now("handshakes timed out"):
+            log.warn(
+                "Connect {target}: aborted a connection from {address}: the TLS "
+                "handshake did not complete within {timeout:g}s",
+                target=factory.service,
+                address=address_text(self.address),
+                timeout=self._handshake_timeout,
+                allowed=False,
+                decision="denied",
+                reason="handshake timeout",
+            )
         _abort(self.transport)
 
     def _cancel_timer(self) -> None:
@@ -510,9 +677,10 @@ class _Gate(Protocol):
     def handshakeCompleted(self) -> None:
         self._cancel_timer()
         self._handshaken = True
+        factory = self.gate_factory
+        factory.handshakes.leave(self)
         if self._finished:
             return
-        factory = self.gate_factory
         self._started = factory.clock.seconds()
         verified = verified_peer(self.transport)
         if verified is None:
@@ -640,6 +808,7 @@ class _Gate(Protocol):
                 elapsed,
                 self.address,
                 "after the handshake",
+                factory.refusals,
             )
         if not decision.allowed or app is None:
             self.early_bytes = []
@@ -649,6 +818,9 @@ class _Gate(Protocol):
 
     def _hand_over(self, app: IProtocol) -> None:
         tls = self.transport
+        tracked = _tracked(tls)
+        if tracked is not None:
+            tracked.connection_authorized()
         early, self.early_bytes = self.early_bytes, []
         tls.wrappedProtocol = app
         # Resume first: from here the application owns the transport's
@@ -686,10 +858,14 @@ class _Gate(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_timer()
+        self.gate_factory.handshakes.leave(self)
         self.early_bytes = []
         if not self._finished:
             self._finished = True
-            if not self._handshaken and refusal_of(self.transport) is None:
+            refusal = None if self._handshaken else refusal_of(self.transport)
+            if refusal is not None:
+                self._log_refusal(refusal)
+            elif not self._handshaken:
                 self._log_failed_handshake(reason)
             elif self._peer is not None:
                 log.info(
@@ -703,6 +879,36 @@ class _Gate(Protocol):
         if pending is not None:
             pending.cancel()
 
+    def _log_refusal(self, refusal: PeerRefused) -> None:
+        """
+        Log what the handshake refused (the verify callback only recorded
+        it): a certificate, or the authorizer's early denial.
+        """
+        factory = self.gate_factory
+        if isinstance(refusal, _HandshakeDenied):
+            _log_decision(
+                refusal.peer,
+                factory.service,
+                refusal.decision,
+                0.0,
+                self.address,
+                "in the TLS handshake",
+                factory.refusals,
+            )
+            return
+        if self._refused_now("certificates refused"):
+            log.warn(
+                "Connect {target}: refused the peer's certificate from {address} "
+                "({certificate}, depth {depth}): {reason}",
+                target=factory.service,
+                address=address_text(self.address),
+                certificate=refusal.certificate or "?",
+                depth="?" if refusal.depth is None else refusal.depth,
+                reason=refusal.reason,
+                allowed=False,
+                decision="denied",
+            )
+
     def _log_failed_handshake(self, reason: Failure) -> None:
         """
         Say why a connection ended before its TLS handshake completed.  The
@@ -712,6 +918,8 @@ class _Gate(Protocol):
         """
         target = self.gate_factory.service
         if isinstance(reason.value, SSL.Error):
+            if not self._refused_now("handshakes failed"):
+                return
             log.warn(
                 "Connect {target}: refused a connection from {address}: the TLS "
                 "handshake failed: {reason}",
@@ -721,13 +929,49 @@ class _Gate(Protocol):
                 allowed=False,
                 decision="denied",
             )
-        else:
+        elif self._refused_now("connections closed before the handshake"):
             log.info(
                 "Connect {target}: {address} closed the connection before "
                 "completing the TLS handshake",
                 target=target,
                 address=str(self.address),
             )
+
+
+def _bytes_waiting(tls: object) -> bool:
+    """
+    Whether the socket under ``tls`` has bytes to read (a peek, without
+    reading them).  ``False`` when there is no socket to ask.
+    """
+    layer: Any = getattr(tls, "transport", None)
+    for _ in range(3):
+        if layer is None:
+            return False
+        get_handle = getattr(layer, "getHandle", None)
+        handle = get_handle() if callable(get_handle) else None
+        if isinstance(handle, socket.socket):
+            try:
+                return bool(handle.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+            except OSError:
+                return False  # nothing waiting (or the socket is gone)
+        layer = getattr(layer, "transport", None)
+    return False
+
+
+def _tracked(tls: object) -> Any:
+    """
+    What counts this connection for a connection tracker (the terminator's
+    ``--max-connections``): the TLS transport itself, or a wrapper under it;
+    ``None`` when nothing does.
+    """
+    layer: Any = tls
+    for _ in range(3):
+        if layer is None:
+            return None
+        if callable(getattr(layer, "connection_authorized", None)):
+            return layer
+        layer = getattr(layer, "transport", None)
+    return None
 
 
 def _ssl_error_text(error: SSL.Error) -> str:
@@ -891,6 +1135,12 @@ class ConnectServerEndpoint:
         (warn).  ``False`` for a busy service whose access log is kept
         elsewhere: the line is about 4 % of the terminator's CPU per new
         connection (``docs/performance.rst``).
+    :param max_handshakes: connections of one port in their TLS handshake
+        at once; one more takes the place of the oldest that has sent
+        nothing yet (else of the oldest), and past half of it new handshakes
+        get a fifth of ``handshake_timeout`` (at least 1 s).  Clients holding
+        sockets open without a handshake cannot keep real ones out.
+    :param max_handshakes_per_address: the same, from one source address.
     :param start_hook: called at the start of every ``listen()`` (e.g. to
         start or take a reference on the service's certificate manager).
     :param stop_hook: called once when a port from ``listen()`` stops, or
@@ -914,6 +1164,8 @@ class ConnectServerEndpoint:
         buffer_small_writes: bool = True,
         log_allowed: bool = True,
         tls_transport: str = "twisted",
+        max_handshakes: int = MAX_HANDSHAKES,
+        max_handshakes_per_address: int = MAX_HANDSHAKES_PER_ADDRESS,
         start_hook: Callable[[], object] | None = None,
         stop_hook: StopHook | None = None,
     ) -> None:
@@ -950,6 +1202,16 @@ class ConnectServerEndpoint:
                 f"{', '.join(map(repr, TLS_TRANSPORTS))}, not {tls_transport!r}"
             )
         self._own_tls = tls_transport == "connect_native"
+        for name, count in (
+            ("max_handshakes", max_handshakes),
+            ("max_handshakes_per_address", max_handshakes_per_address),
+        ):
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise ValueError(
+                    f"{name} must be a whole number, 1 or more, not {count!r}"
+                )
+        self._max_handshakes = max_handshakes
+        self._max_handshakes_per_address = max_handshakes_per_address
 
     @classmethod
     def for_service(
@@ -1086,6 +1348,8 @@ class ConnectServerEndpoint:
             self._handshake_timeout,
             self._authorize_timeout,
             self._log_allowed,
+            self._max_handshakes,
+            self._max_handshakes_per_address,
         )
         tls_factory: Any
         if self._own_tls:

@@ -140,6 +140,8 @@ class Settings:
     dev: bool = False
     demo: bool = False
     max_connections: int = 1000
+    max_handshakes: int = 256
+    max_handshakes_per_address: int = 64
     handshake_timeout: float = 10.0
     connect_timeout: float = 10.0
     idle_timeout: float = 3600.0
@@ -345,7 +347,22 @@ class Options(usage.Options):
             "max-connections",
             None,
             "1000",
-            "accepted connections open at once, over all listeners (per worker)",
+            "accepted connections open at once, over all listeners (per worker); "
+            "a Connect connection counts once it is authorized",
+        ],
+        [
+            "max-handshakes",
+            None,
+            "256",
+            "connections in their TLS handshake at once (per worker); past it "
+            "the oldest that sent nothing (else the oldest) is dropped for the "
+            "new one, and past half of it the handshake timeout shortens",
+        ],
+        [
+            "max-handshakes-per-address",
+            None,
+            "64",
+            "the same, from one source address",
         ],
         [
             "buffer-size",
@@ -506,6 +523,10 @@ class Options(usage.Options):
                     "version; use --authorize agent"
                 ) from None
         max_connections = _whole_option("--max-connections", self["max-connections"], 1)
+        max_handshakes = _whole_option("--max-handshakes", self["max-handshakes"], 1)
+        per_address = _whole_option(
+            "--max-handshakes-per-address", self["max-handshakes-per-address"], 1
+        )
         authorize_cache = _cache_seconds(self["authorize-cache"])
         workers = _workers(self["workers"])
         buffer_size = _whole_option("--buffer-size", self["buffer-size"], 4096, "bytes")
@@ -540,6 +561,8 @@ class Options(usage.Options):
             dev=dev,
             demo=demo,
             max_connections=max_connections,
+            max_handshakes=max_handshakes,
+            max_handshakes_per_address=per_address,
             handshake_timeout=_seconds("handshake-timeout", self["handshake-timeout"]),
             connect_timeout=_seconds("connect-timeout", self["connect-timeout"]),
             idle_timeout=_seconds("idle-timeout", self["idle-timeout"]),
@@ -751,6 +774,10 @@ def worker_arguments(settings: Settings, port: int, consul: str | None) -> list[
         repr(settings.authorize_cache),
         "--max-connections",
         str(settings.max_connections),
+        "--max-handshakes",
+        str(settings.max_handshakes),
+        "--max-handshakes-per-address",
+        str(settings.max_handshakes_per_address),
         "--handshake-timeout",
         repr(settings.handshake_timeout),
         "--connect-timeout",
@@ -906,7 +933,14 @@ class Terminator(Service):
             if on_finished is not None
             else (lambda code: _stop_process(reactor, code))
         )
-        self.tracker = ConnectionTracker(reactor, settings.max_connections)
+        # Connections still in their handshake are bounded by the endpoint's
+        # handshake budget; the tracker's bound on them is the hard one
+        # behind it (the handshakes, and those being authorized).
+        self.tracker = ConnectionTracker(
+            reactor,
+            settings.max_connections,
+            settings.max_handshakes + settings.max_connections,
+        )
         self.client: Any = consul_client
         self.dev_agent: Any = None
         self.ports: dict[str, IListeningPort] = {}
@@ -1049,6 +1083,8 @@ class Terminator(Service):
             settings.service,
             authorizer=authorizer,
             handshake_timeout=settings.handshake_timeout,
+            max_handshakes=settings.max_handshakes,
+            max_handshakes_per_address=settings.max_handshakes_per_address,
             release_buffers=settings.release_buffers,
             log_allowed=settings.log_allowed,
             # The forwarder writes each read whole: nothing to aggregate.

@@ -114,6 +114,11 @@ class PeerRefused(Exception):  # noqa: N818 (a refusal, named for what happened)
     reason given to the application protocol's ``connectionLost``.
     """
 
+    #: Where in the chain the refused certificate was (0: the leaf), and
+    #: how it reads (subject, issuer, serial); set by the verify callback.
+    depth: int | None = None
+    certificate: str = ""
+
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
@@ -369,10 +374,13 @@ def _verify_callback(
     side: str,
     check: Callable[[SSL.Connection, crypto.X509], VerifiedPeer],
     on_refusal: Callable[[SSL.Connection, PeerRefused], None],
+    log_refusals: bool = True,
 ) -> VerifyCallback:
     """
     A pyOpenSSL verify callback: OpenSSL's chain result at every depth, then
-    ``check`` on the leaf, and every failure a refusal.
+    ``check`` on the leaf, and every failure a refusal.  Without
+    ``log_refusals`` the layer that knows the peer's address logs them
+    (from :func:`refusal_of`).
     """
 
     def callback(
@@ -397,7 +405,10 @@ def _verify_callback(
                     return True
                 except PeerRefused as e:
                     refusal = e
-            _refused(side, refusal.reason, depth, _describe(certificate))
+            refusal.depth = depth
+            refusal.certificate = _describe(certificate)
+            if log_refusals:
+                _refused(side, refusal.reason, depth, refusal.certificate)
             on_refusal(connection, refusal)
             return False
         except Exception:
@@ -493,6 +504,10 @@ class ServerConnectionCreator(_ConnectionCreator):
         idle connection's read and write buffers are freed and allocated
         again when bytes move (about 24 KiB less per idle connection; see
         ``docs/performance.rst``).
+    :param log_refusals: log each refused certificate here (what the
+        certificate was, and why).  ``False`` when the layer above logs it
+        with the peer's address, from :func:`refusal_of` (the
+        :class:`~connect_native.server.ConnectServerEndpoint` does).
     """
 
     def __init__(
@@ -503,6 +518,7 @@ class ServerConnectionCreator(_ConnectionCreator):
         decide_now: DecideNow | None = None,
         decide_peer_now: DecidePeerNow | None = None,
         release_buffers: bool = False,
+        log_refusals: bool = True,
     ) -> None:
         if decide_now is not None and decide_peer_now is not None:
             raise ValueError("give decide_now or decide_peer_now, not both")
@@ -520,7 +536,7 @@ class ServerConnectionCreator(_ConnectionCreator):
         context = _context(bundle, release_buffers)
         context.set_verify(
             SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT,
-            _verify_callback("server", self._check, _ignore_refusal),
+            _verify_callback("server", self._check, _ignore_refusal, log_refusals),
         )
         if self._protocols:
             context.set_alpn_select_callback(self._select_protocol)

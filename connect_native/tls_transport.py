@@ -145,6 +145,10 @@ class _Tracker(TypingProtocol):
 
     def _remove(self, connection: Any) -> None: ...
 
+    def _authorizing(self, connection: Any) -> None: ...
+
+    def _authorized(self, connection: Any) -> None: ...
+
 
 @implementer(ISSLTransport, INegotiated, IConsumer, IPushProducer)
 class TLSServerProtocol(Protocol):
@@ -171,6 +175,9 @@ class TLSServerProtocol(Protocol):
     _reason: Failure | None = None
     _producer: IProducer | None = None
     _tracker: _Tracker | None = None
+    #: Some bytes came from the peer: a client that never sends any is the
+    #: first to go when too many handshakes are waiting.
+    heard = False
 
     def __init__(
         self,
@@ -194,6 +201,19 @@ class TLSServerProtocol(Protocol):
     def abort(self) -> None:
         """What a tracker's drain deadline calls: ``abortConnection``."""
         self.abortConnection()
+
+    def connection_authorizing(self) -> None:
+        """
+        The authorization gate took the connection: until it is authorized
+        it counts as a handshake, not against the tracker's maximum.
+        """
+        if self._tracker is not None:
+            self._tracker._authorizing(self)
+
+    def connection_authorized(self) -> None:
+        """The gate let the connection through: it counts from now on."""
+        if self._tracker is not None:
+            self._tracker._authorized(self)
 
     # -- IProtocol, towards the TCP transport -------------------------------
 
@@ -219,6 +239,7 @@ class TLSServerProtocol(Protocol):
             return
         tls.bio_write(data)
         if not self._handshake_done:
+            self.heard = True
             if self._aborted:
                 return
             try:

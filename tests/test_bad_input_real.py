@@ -14,8 +14,10 @@ root the terminator trusts.
   renegotiation; a session replayed by a client without the certificate;
   garbage instead of a ClientHello: refused, and the process keeps serving;
 - a handshake that never finishes frees its slot after
-  ``--handshake-timeout 1``; a flood past ``--max-connections`` is refused
-  at once (logged) while the process keeps serving within its limit.
+  ``--handshake-timeout 1``; past ``--max-connections`` authorized
+  connections a new one is refused at once (logged) while the process keeps
+  serving within its limit; 400 sockets held open without a handshake
+  against ``--max-connections 300`` do not keep real clients out.
 
 The clients are blocking ``ssl``/pyOpenSSL sockets run in threads, every
 wait bounded; the backend (an echo server) runs on the test's reactor.
@@ -25,8 +27,10 @@ from __future__ import annotations
 
 import json
 import select
+import selectors
 import socket
 import ssl
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -94,10 +98,17 @@ class Terminator:
 
 
 class World:
-    def __init__(self, factory: CertificateFactory, web: Terminator, small: Terminator):
+    def __init__(
+        self,
+        factory: CertificateFactory,
+        web: Terminator,
+        small: Terminator,
+        crowded: Terminator,
+    ):
         self.ca = factory
         self.web = web
         self.small = small
+        self.crowded = crowded
 
 
 @pytest.fixture(scope="module", params=TLS_TRANSPORTS)
@@ -145,9 +156,20 @@ def world(
             *transport,
         )
         terminators.append(small)
+        crowded = Terminator(
+            agent,
+            work,
+            f"{prefix}-crowded",
+            "--max-connections",
+            "300",
+            "--handshake-timeout",
+            "10",
+            *transport,
+        )
+        terminators.append(crowded)
         for each in terminators:
             each.process.wait_for_line("accepting Connect", 60)
-        yield World(factory, web, small)
+        yield World(factory, web, small, crowded)
     finally:
         for each in terminators:
             each.stop()
@@ -170,6 +192,7 @@ def stdlib_call(
     *,
     version: ssl.TLSVersion | None = None,
     ports: list[int] | None = None,
+    timeout: float = 10,
 ) -> bytes:
     """
     A stdlib TLS client presenting the certificate in ``leaf_dir`` (or none);
@@ -184,7 +207,7 @@ def stdlib_call(
         context.set_ciphers("DEFAULT:@SECLEVEL=0")
     if leaf_dir is not None:
         context.load_cert_chain(leaf_dir / "cert.pem", leaf_dir / "key.pem")
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw:
         if ports is not None:
             ports.append(raw.getsockname()[1])
         try:
@@ -353,15 +376,18 @@ async def test_a_bad_client_certificate_is_refused_by_the_terminator(
 ) -> None:
     leaf = MATRIX[case](world.ca, name())
     before = world.web.bytes_received()
+    ports: list[int] = []
     answer = await in_thread(
-        stdlib_call, world.web.port, write_leaf(leaf, tmp_path / "bad")
+        stdlib_call, world.web.port, write_leaf(leaf, tmp_path / "bad"), ports=ports
     )
     assert answer == b""
     assert world.web.bytes_received() == before
+    # The refusal names the certificate and where it came from.
     line = await log_line(
         world.web.process,
         "refused the peer's certificate",
         f"serial {leaf.certificate.serial_number:#x}",
+        f"host='127.0.0.1', port={ports[0]})",
     )
     reason = line.rsplit("):", 1)[-1].strip()
     assert reason, line
@@ -520,15 +546,30 @@ async def test_a_handshake_that_never_finishes_is_closed_and_frees_its_slot(
             s.close()
 
 
+def hold_authorized(port: int, leaf_dir: Path, count: int) -> list[ssl.SSLSocket]:
+    """``count`` connections through the terminator, each answered, held open."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.load_cert_chain(leaf_dir / "cert.pem", leaf_dir / "key.pem")
+    held: list[ssl.SSLSocket] = []
+    for _ in range(count):
+        raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+        tls = context.wrap_socket(raw)
+        held.append(tls)
+        tls.sendall(MESSAGE)
+        assert tls.recv(1024) == MESSAGE
+    return held
+
+
 @pytest_twisted.ensureDeferred
-async def test_a_flood_past_max_connections_is_refused_and_serving_goes_on(
+async def test_authorized_connections_past_max_connections_are_refused(
     world: World, tmp_path: Path
 ) -> None:
     small = world.small
     leaf_dir = write_leaf(world.ca.leaf(name()), tmp_path / "good")
-    idle = await in_thread(hold_open, small.port, MAX_CONNECTIONS)
+    held = await in_thread(hold_authorized, small.port, leaf_dir, MAX_CONNECTIONS)
     try:
-        await log_line(small.process, "accepting", seconds=1)
         flood = await in_thread(hold_open, small.port, 20)
         try:
             refused = await in_thread(lambda: [closed_within(s, 0.9) for s in flood])
@@ -538,10 +579,10 @@ async def test_a_flood_past_max_connections_is_refused_and_serving_goes_on(
         assert all(refused)
         await log_line(small.process, "refused a connection", "(--max-connections)")
     finally:
-        for s in idle:
+        for s in held:
             s.close()
 
-    # The idle ones went away: the limit serves again.
+    # The held ones went away: the limit serves again.
     async def served() -> bytes:
         answer: bytes = await in_thread(stdlib_call, small.port, leaf_dir)
         return answer
@@ -552,3 +593,91 @@ async def test_a_flood_past_max_connections_is_refused_and_serving_goes_on(
         answer = await served()
     assert answer == MESSAGE
     assert small.process.process.poll() is None
+
+
+class Crowd:
+    """
+    ``count`` sockets held open on ``port`` without a byte of TLS, from a
+    thread; each one the terminator closes is opened again at once.
+    """
+
+    def __init__(self, port: int, count: int) -> None:
+        self.port = port
+        self.count = count
+        self.reopened = 0
+        self._stop = threading.Event()
+        self._sockets: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._hold, daemon=True)
+
+    def _open(self, selector: selectors.BaseSelector) -> None:
+        raw = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+        raw.setblocking(False)
+        self._sockets.append(raw)
+        selector.register(raw, selectors.EVENT_READ)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _hold(self) -> None:
+        with selectors.DefaultSelector() as selector:
+            for _ in range(self.count):
+                self._open(selector)
+            deadline = time.monotonic() + 120
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                for key, _ in selector.select(timeout=0.1):
+                    raw = key.fileobj
+                    assert isinstance(raw, socket.socket)
+                    selector.unregister(raw)
+                    self._sockets.remove(raw)
+                    raw.close()
+                    try:
+                        self._open(selector)
+                        self.reopened += 1
+                    except OSError:
+                        pass
+            for raw in self._sockets:
+                raw.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_idle_sockets_held_open_cannot_keep_real_clients_out(
+    world: World, tmp_path: Path
+) -> None:
+    """
+    400 sockets that never start a handshake, re-opened as they are closed,
+    against --max-connections 300: real clients one after another are
+    served (each within a 5 s bound), and the process's memory stays
+    bounded.
+    """
+    crowded = world.crowded
+    leaf_dir = write_leaf(world.ca.leaf(name()), tmp_path / "good")
+    pid = crowded.process.process.pid
+    before = rss_kib(pid)
+    crowd = Crowd(crowded.port, 400)
+    crowd.start()
+    try:
+        await log_line(crowded.process, "the most held", seconds=10)
+        answers = []
+        for _ in range(10):
+            answers.append(
+                await in_thread(stdlib_call, crowded.port, leaf_dir, timeout=5)
+            )
+    finally:
+        crowd.stop()
+    assert answers.count(MESSAGE) >= 9, crowded.process.output()[-6000:]
+    assert crowd.reopened > 0
+    # Bounded: the held sockets cost kilobytes each, not the process's growth
+    # without end.
+    assert rss_kib(pid) - before < 64 * 1024
+    assert crowded.process.process.poll() is None

@@ -37,8 +37,10 @@ from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from connect_native import server as server_module
+from connect_native._refusals import BURST
 from connect_native.authorize import Decision, IAuthorizer, Peer, colon_hex_serial
 from connect_native.certs import Bundle, IBundleSource, RootPEMs
+from connect_native.forward import ConnectionTracker, TrackedEndpoint
 from connect_native.identity import ServiceIdentity
 from connect_native.server import (
     CertificateNotReady,
@@ -235,14 +237,19 @@ class Harness:
     apps: AppFactory = field(factory=AppFactory)
     endpoint: ConnectServerEndpoint | None = None
     port: Any = None
+    #: Count the connections as the terminator does (--max-connections).
+    tracker: ConnectionTracker | None = None
 
     def listen(self, factory: Any = None, **options: Any) -> Deferred[IListeningPort]:
         options.setdefault("tls_transport", transports.current())
         if self.reactor.seconds() == 0:
             self.reactor.advance(time.time())
+        listener: Any = TCP4ServerEndpoint(self.reactor, 8443)
+        if self.tracker is not None:
+            listener = TrackedEndpoint(listener, self.tracker, "tracked web")
         self.endpoint = ConnectServerEndpoint(
             self.reactor,
-            TCP4ServerEndpoint(self.reactor, 8443),
+            listener,
             self.source,
             self.authorizer,
             "web",
@@ -264,11 +271,12 @@ class Harness:
         client_leaf: TestLeaf | None = None,
         client_ca: CertificateFactory | None = None,
         alpn: tuple[bytes, ...] = (),
+        address: IPv4Address = ADDRESS,
     ) -> Connection:
         """
         A Connect client for ``web`` holding ``client_leaf`` (a good ``api``
         leaf by default) from ``client_ca`` (the server's CA by default; the
-        client trusts both).
+        client trusts both), from ``address``.
         """
         leaf = self.ca.leaf("api") if client_leaf is None else client_leaf
         issuer = self.ca if client_ca is None else client_ca
@@ -278,10 +286,10 @@ class Harness:
         client_apps = ClientFactory(early or [])
         client = TLSMemoryBIOFactory(
             creator, True, client_apps, clock=self.reactor
-        ).buildProtocol(ADDRESS)
-        server = self.tls_factory.buildProtocol(ADDRESS)
+        ).buildProtocol(address)
+        server = self.tls_factory.buildProtocol(address)
         assert server is not None
-        server_transport = PausableTransport(server, isServer=True)
+        server_transport = PausableTransport(server, isServer=True, peerAddress=address)
         pump = connect(
             server,
             server_transport,
@@ -290,6 +298,18 @@ class Harness:
             clock=self.reactor,
         )
         return Connection(server, server_transport, client, client_apps.built[0], pump)
+
+    def silent(self, address: IPv4Address = ADDRESS) -> FakeTransport | None:
+        """
+        A client that connects from ``address`` and never sends a byte of
+        TLS; the server side's transport (``None``: refused at the accept).
+        """
+        server = self.tls_factory.buildProtocol(address)
+        if server is None:
+            return None
+        transport = FakeTransport(server, isServer=True, peerAddress=address)
+        server.makeConnection(transport)
+        return transport
 
 
 @pytest.fixture
@@ -692,6 +712,9 @@ def test_decide_now_denial_is_a_tls_alert_and_authorize_is_never_called(
     [decision] = decisions(logged)
     assert decision["allowed"] is False
     assert decision["stage"] == "in the TLS handshake"
+    # The denial names who was denied, and from where.
+    assert decision["peer"] == identity(ca, "api").uri
+    assert decision["address"] == str(ADDRESS)
 
 
 def test_decide_now_allowing_still_goes_through_the_gate(
@@ -1227,3 +1250,147 @@ def test_an_abort_is_told_from_twisteds_flag_else_any_disconnect_counts() -> Non
     assert server_module._aborted(NoFlagClosing())
     assert not server_module._aborted(NoFlagOpen())
     assert server_module._aborted(object())
+
+
+# --- the handshake budget, and refusals under a flood -------------------------
+
+
+def source(n: int) -> IPv4Address:
+    return IPv4Address("TCP", f"10.0.{n // 250}.{n % 250 + 1}", 50000 + n)
+
+
+def report_lost(transport: FakeTransport) -> None:
+    """What the reactor does after an abort: the protocol hears it is lost."""
+    assert transport.disconnecting
+    transport.protocol.connectionLost(Failure(ConnectionDone()))
+
+
+def tracked_harness(
+    ca: CertificateFactory, max_connections: int, **options: Any
+) -> Harness:
+    reactor = MemoryReactorClock()
+    h = Harness(
+        ca,
+        FakeAuthorizer({"api"}),
+        StaticSource(bundle(ca, ca.leaf("web"))),
+        reactor=reactor,
+        tracker=ConnectionTracker(reactor, max_connections, max_unauthorized=100),
+    )
+    assert isinstance(h.listen(**options).result, server_module._ConnectPort)
+    return h
+
+
+def test_silent_sockets_cannot_keep_authorized_clients_out(
+    ca: CertificateFactory,
+) -> None:
+    """
+    Connections that never start a handshake do not count against the
+    maximum of open connections, and past the handshake budget each new one
+    takes the place of an old one: real clients get through while 30 sockets
+    are held open.
+    """
+    h = tracked_harness(ca, 3, max_handshakes=8, max_handshakes_per_address=8)
+    held = [h.silent(source(n)) for n in range(30)]
+    assert all(t is not None for t in held)
+    waiting = [t for t in held if t is not None and not t.disconnecting]
+    assert len(waiting) == 8
+
+    for n in range(3):
+        conn = h.connect([b"hi %d" % n], address=source(100 + n))
+        assert h.apps.built[n].received == b"hi %d" % n
+        assert not conn.server_transport.disconnecting
+    # Authorized connections do count: the fourth is refused at the accept.
+    assert h.tracker is not None
+    assert h.tracker.refusal() is not None
+    assert h.tls_factory.buildProtocol(source(200)) is None
+
+
+def test_the_oldest_handshake_that_sent_nothing_goes_first(
+    ca: CertificateFactory, logged: list[LogEvent]
+) -> None:
+    h = harness(ca, FakeAuthorizer({"api"}), max_handshakes=2)
+    talking = h.silent(source(1))
+    assert talking is not None
+    talking.protocol.dataReceived(b"\x16\x03\x01\x00")  # a ClientHello begins
+    quiet = h.silent(source(2))
+    newest = h.silent(source(3))
+    assert quiet is not None
+    assert newest is not None
+
+    assert quiet.disconnecting
+    assert not talking.disconnecting
+    assert not newest.disconnecting
+    [dropped] = [e for e in logged if e.get("reason") == "too many handshakes"]
+    assert dropped["address"] == str(source(2))
+    assert "it sent nothing" in dropped["log_format"].format(**dropped)
+    report_lost(quiet)
+    # Nothing silent is older now: the oldest goes, though it spoke.
+    latest = h.silent(source(4))
+    assert latest is not None
+    assert not latest.disconnecting
+    assert newest.disconnecting
+    assert not talking.disconnecting
+
+
+def test_one_address_cannot_take_the_whole_handshake_budget(
+    ca: CertificateFactory,
+) -> None:
+    h = harness(
+        ca, FakeAuthorizer({"api"}), max_handshakes=100, max_handshakes_per_address=2
+    )
+    other = h.silent(source(9))
+    one = [h.silent(source(1)) for _ in range(3)]
+    assert other is not None
+    assert not other.disconnecting
+    assert [t is not None and t.disconnecting for t in one] == [True, False, False]
+
+
+def test_past_half_the_budget_handshakes_get_a_shorter_timeout(
+    ca: CertificateFactory,
+) -> None:
+    h = harness(ca, FakeAuthorizer({"api"}), max_handshakes=4, handshake_timeout=10)
+    relaxed = [h.silent(source(n)) for n in range(2)]
+    pressed = h.silent(source(2))
+    assert pressed is not None
+    h.reactor.advance(2)
+    assert pressed.disconnecting
+    assert not any(t is not None and t.disconnecting for t in relaxed)
+    h.reactor.advance(8)
+    assert all(t is not None and t.disconnecting for t in relaxed)
+
+
+def test_a_refused_certificate_is_logged_with_the_peer_address(
+    ca: CertificateFactory, logged: list[LogEvent]
+) -> None:
+    h = harness(ca, FakeAuthorizer({"api"}))
+    other = ca.another_ca()
+    h.connect(client_leaf=other.leaf("api"), client_ca=other, address=source(7))
+    [refusal] = [e for e in decisions(logged) if e.get("allowed") is False]
+    text = refusal["log_format"].format(**refusal)
+    assert "refused the peer's certificate" in text
+    assert refusal["address"] == str(source(7))
+    assert "does not verify against the current roots" in refusal["reason"]
+
+
+def test_a_flood_of_refusals_is_summed_up_not_logged_one_by_one(
+    ca: CertificateFactory, logged: list[LogEvent]
+) -> None:
+    h = harness(ca, FakeAuthorizer({"api"}), max_handshakes=1000)
+    held = [h.silent(source(n % 5)) for n in range(50)]
+    h.reactor.advance(10)
+    assert all(t is not None and t.disconnecting for t in held)
+    one_by_one = [e for e in logged if e.get("reason") == "handshake timeout"]
+    assert len(one_by_one) == BURST
+    assert not [e for e in logged if e.get("summary")]
+
+    h.reactor.advance(10)
+    [summary] = [e for e in logged if e.get("summary")]
+    assert summary["count"] == 50 - len(one_by_one)
+    assert summary["addresses"] == 5
+    assert summary["reason"] == "handshakes timed out"
+    text = summary["log_format"].format(**summary)
+    assert text.startswith("Connect web: 30 handshakes timed out from 5 addresses")
+    # A new interval logs one by one again.
+    h.silent(source(1))
+    h.reactor.advance(10)
+    assert len([e for e in logged if e.get("reason") == "handshake timeout"]) == 21

@@ -52,6 +52,8 @@ def test_the_defaults() -> None:
     assert settings.dev is False
     assert settings.demo is False
     assert settings.max_connections == 1000
+    assert settings.max_handshakes == 256
+    assert settings.max_handshakes_per_address == 64
     assert settings.upstreams == ()
 
 
@@ -68,6 +70,8 @@ def test_every_option() -> None:
         "--authorize", "intentions",
         "--no-register",
         "--max-connections", "7",
+        "--max-handshakes", "5",
+        "--max-handshakes-per-address", "2",
         "--handshake-timeout", "1.5",
         "--connect-timeout", "2",
         "--idle-timeout", "30",
@@ -79,6 +83,8 @@ def test_every_option() -> None:
     assert settings.authorize == "intentions"
     assert settings.register is False
     assert settings.max_connections == 7
+    assert settings.max_handshakes == 5
+    assert settings.max_handshakes_per_address == 2
     assert settings.handshake_timeout == 1.5
     assert settings.connect_timeout == 2.0
     assert settings.idle_timeout == 30.0
@@ -217,6 +223,8 @@ def test_upstream_targets_name_what_is_dialled() -> None:
         ([*BASE, "--max-connections", "0"], "--max-connections"),
         ([*BASE, "--max-connections", "many"], "--max-connections"),
         ([*BASE, "--max-connections", "1.5"], "--max-connections"),
+        ([*BASE, "--max-handshakes", "0"], "--max-handshakes"),
+        ([*BASE, "--max-handshakes-per-address", "x"], "--max-handshakes-per-address"),
         ([*BASE, "--handshake-timeout", "0"], "--handshake-timeout"),
         ([*BASE, "--connect-timeout", "-1"], "--connect-timeout"),
         ([*BASE, "--idle-timeout", "inf"], "--idle-timeout"),

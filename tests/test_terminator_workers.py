@@ -104,6 +104,8 @@ def test_a_worker_gets_the_bound_port_and_no_registration_or_token() -> None:
         authorize_cache=0.5,
         workers=2,
         max_connections=12,
+        max_handshakes=9,
+        max_handshakes_per_address=3,
         log_allowed=False,
         buffer_size=1 << 20,
         log_level="warn",
@@ -124,6 +126,7 @@ def test_a_worker_gets_the_bound_port_and_no_registration_or_token() -> None:
     assert worker.consul == "http://127.0.0.1:8500"
     assert (worker.authorize, worker.authorize_cache) == ("intentions", 0.5)
     assert worker.max_connections == 12
+    assert (worker.max_handshakes, worker.max_handshakes_per_address) == (9, 3)
     assert worker.log_allowed is False
     assert worker.buffer_size == 1 << 20
     assert worker.log_level == "warn"
