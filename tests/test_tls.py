@@ -13,13 +13,14 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from attrs import evolve, frozen
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import (
     IHandshakeListener,
@@ -177,6 +178,27 @@ def connect(server_creator: Any, client_creator: Any, clock: Clock) -> Connectio
     return Connection(client, server, pump, client_apps.built[0], server_apps.built[0])
 
 
+def _peer_context(
+    leaf: TestLeaf | None, version: int | None, ciphers: bytes | None
+) -> SSL.Context:
+    """
+    A test's own peer: presenting ``leaf`` and its chain, speaking only
+    ``version`` of TLS and only ``ciphers`` if given, checking nothing.
+    """
+    context = SSL.Context(SSL.TLS_METHOD)
+    if leaf is not None:
+        context.use_certificate(leaf.certificate)
+        context.use_privatekey(leaf.private_key)
+        for certificate in chain_of(leaf):
+            context.add_extra_chain_cert(certificate)
+    if version is not None:
+        context.set_min_proto_version(version)
+        context.set_max_proto_version(version)
+    if ciphers is not None:
+        context.set_cipher_list(ciphers)
+    return context
+
+
 @implementer(IOpenSSLClientConnectionCreator)
 class AnyClient:
     """
@@ -192,18 +214,8 @@ class AnyClient:
         ciphers: bytes | None = None,
         session: SSL.Session | None = None,
     ) -> None:
-        context = SSL.Context(SSL.TLS_METHOD)
+        context = _peer_context(leaf, version, ciphers)
         context.set_verify(SSL.VERIFY_NONE)
-        if leaf is not None:
-            context.use_certificate(leaf.certificate)
-            context.use_privatekey(leaf.private_key)
-            for certificate in chain_of(leaf):
-                context.add_extra_chain_cert(certificate)
-        if version is not None:
-            context.set_min_proto_version(version)
-            context.set_max_proto_version(version)
-        if ciphers is not None:
-            context.set_cipher_list(ciphers)
         self.context = context
         self.session = session
         self.connections: list[SSL.Connection] = []
@@ -225,13 +237,14 @@ class AnyServer:
     certificate, so that every refusal can only come from the client.
     """
 
-    def __init__(self, leaf: TestLeaf) -> None:
-        context = SSL.Context(SSL.TLS_METHOD)
-        context.use_certificate(leaf.certificate)
-        context.use_privatekey(leaf.private_key)
-        for certificate in chain_of(leaf):
-            context.add_extra_chain_cert(certificate)
-        self.context = context
+    def __init__(
+        self,
+        leaf: TestLeaf,
+        *,
+        version: int | None = None,
+        ciphers: bytes | None = None,
+    ) -> None:
+        self.context = _peer_context(leaf, version, ciphers)
 
     def serverConnectionForTLS(
         self, tlsProtocol: TLSMemoryBIOProtocol
@@ -735,6 +748,61 @@ def test_client_refuses_a_server_leaf_without_server_auth(clock: Clock) -> None:
     assert conn.client_app.lost is not None
     assert isinstance(conn.client_app.lost.value, PeerRefused)
     assert peer_identity(conn.client) is None
+
+
+# --- the system's trust store -------------------------------------------------
+
+
+def test_a_ca_the_system_trusts_is_not_trusted_on_either_side(
+    clock: Clock,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    logged: list[LogEvent],
+) -> None:
+    """
+    Only the Bundle's roots are trust anchors.  A CA that OpenSSL's default
+    verify paths trust (here through ``SSL_CERT_FILE``), issuing leaves with
+    the right trust domain and a well-formed SPIFFE ID, is refused by our
+    server and by our client, whose peers check nothing themselves.
+    """
+    ca = CA()
+    system = ca.another_ca()
+    assert system.trust_domain == ca.trust_domain
+    trusted = tmp_path / "cert.pem"
+    trusted.write_text(system.factory.root_pem)
+    (tmp_path / "certs").mkdir()
+    monkeypatch.setenv("SSL_CERT_FILE", str(trusted))
+    monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path / "certs"))
+    api, web = system.leaf("api"), system.leaf("web")
+    # The premise: a context using the default verify paths trusts them.
+    witness = SSL.Context(SSL.TLS_METHOD)
+    witness.set_default_verify_paths()
+    store = witness.get_cert_store()
+    assert store is not None
+    for leaf in (api, web):
+        crypto.X509StoreContext(
+            store, crypto.X509.from_cryptography(leaf.certificate)
+        ).verify_certificate()
+
+    to_server = connect(
+        ServerConnectionCreator(ca.bundle(ca.leaf("web"))), AnyClient(api), clock
+    )
+    assert_server_refused(to_server)
+    [server_refusal] = server_refusals(logged)
+    assert "does not verify against the current roots" in server_refusal
+
+    to_client = connect(
+        AnyServer(web),
+        ClientConnectionCreator(ca.bundle(ca.leaf("api")), ca.identity("web")),
+        clock,
+    )
+    assert not to_client.client_app.handshake_done
+    assert to_client.client_app.lost is not None
+    error = to_client.client_app.lost.value
+    assert isinstance(error, PeerRefused)
+    assert "does not verify against the current roots" in str(error)
+    assert peer_identity(to_client.client) is None
+    assert to_client.server_app.received == b""
 
 
 # --- rotation and renewal -----------------------------------------------------
