@@ -10,6 +10,9 @@ there.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -487,23 +490,133 @@ def test_bad_client_certificate_is_refused_by_the_servers_verify(
     assert reason in refusals[0]
 
 
-@pytest.mark.parametrize(
+_BELOW_1_2 = pytest.mark.parametrize(
     "version", [SSL.TLS1_VERSION, SSL.TLS1_1_VERSION], ids=["TLS1.0", "TLS1.1"]
 )
-def test_tls_below_1_2_is_refused_by_the_server(version: int, clock: Clock) -> None:
+
+# Security level 0: the test's own peer may speak TLS 1.0 and 1.1, which
+# OpenSSL's default level forbids.
+_ANY_LEVEL = b"DEFAULT:@SECLEVEL=0"
+
+
+def old_client(ca: CA, version: int) -> AnyClient:
+    return AnyClient(ca.leaf("api"), version=version, ciphers=_ANY_LEVEL)
+
+
+def old_server(ca: CA, version: int) -> AnyServer:
+    return AnyServer(ca.leaf("web"), version=version, ciphers=_ANY_LEVEL)
+
+
+def assert_no_version_in_common(conn: Connection) -> None:
     """
-    A client configured to offer only TLS 1.0 or 1.1 (security level 0, so
-    its own OpenSSL lets it) is refused by the server with a protocol
-    version alert.
+    Neither side finished the handshake: the server found no TLS version it
+    shares with the client and said so with a protocol_version alert.
     """
-    ca = CA()
-    client = AnyClient(ca.leaf("api"), version=version, ciphers=b"DEFAULT:@SECLEVEL=0")
-    conn = connect(ServerConnectionCreator(ca.bundle(ca.leaf("web"))), client, clock)
-    assert_server_refused(conn)
+    assert not conn.server_app.handshake_done
+    assert not conn.client_app.handshake_done
     assert conn.server_app.lost is not None
     assert "unsupported protocol" in str(conn.server_app.lost.value)
     assert conn.client_app.lost is not None
     assert "protocol version" in str(conn.client_app.lost.value)
+
+
+@_BELOW_1_2
+def test_tls_below_1_2_is_refused_by_the_server(version: int, clock: Clock) -> None:
+    """
+    A client configured to offer only TLS 1.0 or 1.1 is refused by the
+    server with a protocol version alert.
+    """
+    ca = CA()
+    conn = connect(
+        ServerConnectionCreator(ca.bundle(ca.leaf("web"))),
+        old_client(ca, version),
+        clock,
+    )
+    assert_server_refused(conn)
+    assert_no_version_in_common(conn)
+
+
+@_BELOW_1_2
+def test_tls_below_1_2_is_not_offered_by_the_client(version: int, clock: Clock) -> None:
+    """
+    Our client offers nothing below TLS 1.2, so a server speaking only
+    TLS 1.0 or 1.1 finds no version in common.
+    """
+    ca = CA()
+    conn = connect(
+        old_server(ca, version),
+        ClientConnectionCreator(ca.bundle(ca.leaf("api")), ca.identity("web")),
+        clock,
+    )
+    assert_no_version_in_common(conn)
+    assert peer_identity(conn.client) is None
+
+
+# What a host with a legacy crypto policy configures: TLS 1.0 and security
+# level 0 for every context that does not say otherwise.
+_LEGACY_OPENSSL_CONF = """\
+openssl_conf = openssl_init
+
+[openssl_init]
+ssl_conf = ssl_sect
+
+[ssl_sect]
+system_default = system_default_sect
+
+[system_default_sect]
+MinProtocol = TLSv1
+CipherString = DEFAULT@SECLEVEL=0
+"""
+
+
+def check_the_tls_floor() -> None:
+    """
+    The two tests above, after showing that peers with this OpenSSL's
+    defaults do connect with TLS 1.0 and 1.1; run by the next test in an
+    interpreter started with the legacy configuration.
+    """
+    clock = Clock()
+    clock.advance(time.time())
+    ca = CA()
+    for version in (SSL.TLS1_VERSION, SSL.TLS1_1_VERSION):
+        for conn in (
+            connect(AnyServer(ca.leaf("web")), old_client(ca, version), clock),
+            connect(old_server(ca, version), AnyClient(ca.leaf("api")), clock),
+        ):
+            assert conn.server_app.handshake_done, conn.server_app.lost
+            assert conn.server.getHandle().get_protocol_version() == version
+        test_tls_below_1_2_is_refused_by_the_server(version, clock)
+        test_tls_below_1_2_is_not_offered_by_the_client(version, clock)
+    print("the floor held")
+
+
+def test_the_tls_floor_holds_where_openssl_allows_tls_1_0(tmp_path: Path) -> None:
+    """
+    OpenSSL's default security level alone already rules out TLS 1.0 and
+    1.1, so the tests above pass without connect_native's own floor.  Under a
+    configuration allowing them (read once, when OpenSSL starts: hence a new
+    interpreter), peers with OpenSSL's defaults connect with them, and ours
+    still refuse them for their version (without the floor, our TLS 1.2-only
+    cipher list would end the handshake, with "no shared cipher").
+    """
+    conf = tmp_path / "openssl.cnf"
+    conf.write_text(_LEGACY_OPENSSL_CONF)
+    root = Path(__file__).resolve().parent.parent
+    path = [str(root), *filter(None, [os.environ.get("PYTHONPATH")])]
+    result = subprocess.run(
+        [sys.executable, "-c", "import tests.test_tls as t; t.check_the_tls_floor()"],
+        cwd=root,
+        env={
+            **os.environ,
+            "OPENSSL_CONF": str(conf),
+            "PYTHONPATH": os.pathsep.join(path),
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "the floor held\n"
 
 
 def _options(context: SSL.Context) -> int:
