@@ -8,6 +8,7 @@ every deadline and retry decided by the clock.
 from __future__ import annotations
 
 import random
+import time
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from connect_native.certs import Bundle, RootPEMs
 from connect_native.client import (
     AllInstancesFailed,
     ConnectClientEndpoint,
@@ -272,6 +274,40 @@ def test_a_server_of_an_untrusted_ca_is_refused(world: World) -> None:
     assert "certificate was refused" in str(error)
     assert "does not verify" in str(error)
     assert world.app.built == []
+
+
+def test_a_dropped_root_refuses_its_servers_though_our_leaf_stays(
+    world: World,
+) -> None:
+    """
+    At the end of a CA rotation the agent stops listing the old root while
+    our leaf stays the same: the same endpoint, connecting again, refuses a
+    server whose leaf chains only to the dropped root, in the handshake.
+    """
+    dropped = world.ca.another_ca()
+    during = make_bundle(world.ca, "api", extra_roots=[dropped])
+    world.source.set(during)
+    db = FakeServiceInstance(make_bundle(dropped, "db", extra_roots=[world.ca]))
+    endpoint = world.endpoint(db)
+    first = endpoint.connect(world.app)
+    db.accept(world.reactor, world.reactor)
+    assert peer_identity(fired(first).transport) == db.bundle.identity
+
+    world.source.set(
+        Bundle.build(
+            leaf_cert_pem=during.leaf_pem,
+            private_key_pem=during.private_key_pem,
+            roots=[RootPEMs(world.ca.root_pem)],
+            trust_domain=world.ca.trust_domain,
+            now=time.time(),
+        )
+    )
+    second = endpoint.connect(world.app)
+    db.accept(world.reactor, world.reactor)
+    error = failed(second)
+    assert isinstance(error, AllInstancesFailed)
+    assert "does not verify against the current roots" in str(error)
+    assert len(world.app.built) == 1
 
 
 # --- retries --------------------------------------------------------------------------

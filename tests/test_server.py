@@ -909,6 +909,37 @@ def test_a_new_root_new_connections_verify_with_it(ca: CertificateFactory) -> No
     assert peer_identity(accepted.server) == identity(ca, "api")
 
 
+def test_a_dropped_root_refuses_its_peers_though_our_leaf_stays(
+    ca: CertificateFactory, logged: list[LogEvent]
+) -> None:
+    """
+    At the end of a CA rotation the agent stops listing the old root while
+    our leaf, from the new one, stays the same: a client whose leaf chains
+    only to the dropped root is refused on a new connection (a handshake,
+    not only a new creator), and one of the remaining root still gets in.
+    """
+    dropped = CertificateFactory(ca.trust_domain)
+    web = ca.leaf("web")
+    authorizer = FakeAuthorizer({"api"})
+    h = Harness(ca, authorizer, StaticSource(bundle(ca, web, dropped)))
+    h.listen()
+    h.connect([b"during"], client_leaf=dropped.leaf("api"), client_ca=dropped)
+    assert [app.received for app in h.apps.built] == [b"during"]
+
+    h.source.bundle = bundle(ca, web)
+    refused = h.connect([b"after"], client_leaf=dropped.leaf("api"), client_ca=dropped)
+    assert refused.client_app.lost is not None
+    assert verified_peer(refused.server) is None
+    assert len(h.apps.built) == 1
+    assert len(authorizer.authorize_calls) == 1
+    [refusal] = [e for e in logged if e.get("side") == "server"]
+    assert refusal["decision"] == "denied"
+    assert "does not verify against the current roots" in refusal["reason"]
+
+    h.connect([b"kept"])
+    assert [app.received for app in h.apps.built] == [b"during", b"kept"]
+
+
 # --- listen -----------------------------------------------------------------
 
 

@@ -10,16 +10,20 @@ there.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from attrs import evolve, frozen
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import (
     IHandshakeListener,
@@ -177,6 +181,27 @@ def connect(server_creator: Any, client_creator: Any, clock: Clock) -> Connectio
     return Connection(client, server, pump, client_apps.built[0], server_apps.built[0])
 
 
+def _peer_context(
+    leaf: TestLeaf | None, version: int | None, ciphers: bytes | None
+) -> SSL.Context:
+    """
+    A test's own peer: presenting ``leaf`` and its chain, speaking only
+    ``version`` of TLS and only ``ciphers`` if given, checking nothing.
+    """
+    context = SSL.Context(SSL.TLS_METHOD)
+    if leaf is not None:
+        context.use_certificate(leaf.certificate)
+        context.use_privatekey(leaf.private_key)
+        for certificate in chain_of(leaf):
+            context.add_extra_chain_cert(certificate)
+    if version is not None:
+        context.set_min_proto_version(version)
+        context.set_max_proto_version(version)
+    if ciphers is not None:
+        context.set_cipher_list(ciphers)
+    return context
+
+
 @implementer(IOpenSSLClientConnectionCreator)
 class AnyClient:
     """
@@ -192,18 +217,8 @@ class AnyClient:
         ciphers: bytes | None = None,
         session: SSL.Session | None = None,
     ) -> None:
-        context = SSL.Context(SSL.TLS_METHOD)
+        context = _peer_context(leaf, version, ciphers)
         context.set_verify(SSL.VERIFY_NONE)
-        if leaf is not None:
-            context.use_certificate(leaf.certificate)
-            context.use_privatekey(leaf.private_key)
-            for certificate in chain_of(leaf):
-                context.add_extra_chain_cert(certificate)
-        if version is not None:
-            context.set_min_proto_version(version)
-            context.set_max_proto_version(version)
-        if ciphers is not None:
-            context.set_cipher_list(ciphers)
         self.context = context
         self.session = session
         self.connections: list[SSL.Connection] = []
@@ -225,13 +240,14 @@ class AnyServer:
     certificate, so that every refusal can only come from the client.
     """
 
-    def __init__(self, leaf: TestLeaf) -> None:
-        context = SSL.Context(SSL.TLS_METHOD)
-        context.use_certificate(leaf.certificate)
-        context.use_privatekey(leaf.private_key)
-        for certificate in chain_of(leaf):
-            context.add_extra_chain_cert(certificate)
-        self.context = context
+    def __init__(
+        self,
+        leaf: TestLeaf,
+        *,
+        version: int | None = None,
+        ciphers: bytes | None = None,
+    ) -> None:
+        self.context = _peer_context(leaf, version, ciphers)
 
     def serverConnectionForTLS(
         self, tlsProtocol: TLSMemoryBIOProtocol
@@ -474,23 +490,133 @@ def test_bad_client_certificate_is_refused_by_the_servers_verify(
     assert reason in refusals[0]
 
 
-@pytest.mark.parametrize(
+_BELOW_1_2 = pytest.mark.parametrize(
     "version", [SSL.TLS1_VERSION, SSL.TLS1_1_VERSION], ids=["TLS1.0", "TLS1.1"]
 )
-def test_tls_below_1_2_is_refused_by_the_server(version: int, clock: Clock) -> None:
+
+# Security level 0: the test's own peer may speak TLS 1.0 and 1.1, which
+# OpenSSL's default level forbids.
+_ANY_LEVEL = b"DEFAULT:@SECLEVEL=0"
+
+
+def old_client(ca: CA, version: int) -> AnyClient:
+    return AnyClient(ca.leaf("api"), version=version, ciphers=_ANY_LEVEL)
+
+
+def old_server(ca: CA, version: int) -> AnyServer:
+    return AnyServer(ca.leaf("web"), version=version, ciphers=_ANY_LEVEL)
+
+
+def assert_no_version_in_common(conn: Connection) -> None:
     """
-    A client configured to offer only TLS 1.0 or 1.1 (security level 0, so
-    its own OpenSSL lets it) is refused by the server with a protocol
-    version alert.
+    Neither side finished the handshake: the server found no TLS version it
+    shares with the client and said so with a protocol_version alert.
     """
-    ca = CA()
-    client = AnyClient(ca.leaf("api"), version=version, ciphers=b"DEFAULT:@SECLEVEL=0")
-    conn = connect(ServerConnectionCreator(ca.bundle(ca.leaf("web"))), client, clock)
-    assert_server_refused(conn)
+    assert not conn.server_app.handshake_done
+    assert not conn.client_app.handshake_done
     assert conn.server_app.lost is not None
     assert "unsupported protocol" in str(conn.server_app.lost.value)
     assert conn.client_app.lost is not None
     assert "protocol version" in str(conn.client_app.lost.value)
+
+
+@_BELOW_1_2
+def test_tls_below_1_2_is_refused_by_the_server(version: int, clock: Clock) -> None:
+    """
+    A client configured to offer only TLS 1.0 or 1.1 is refused by the
+    server with a protocol version alert.
+    """
+    ca = CA()
+    conn = connect(
+        ServerConnectionCreator(ca.bundle(ca.leaf("web"))),
+        old_client(ca, version),
+        clock,
+    )
+    assert_server_refused(conn)
+    assert_no_version_in_common(conn)
+
+
+@_BELOW_1_2
+def test_tls_below_1_2_is_not_offered_by_the_client(version: int, clock: Clock) -> None:
+    """
+    Our client offers nothing below TLS 1.2, so a server speaking only
+    TLS 1.0 or 1.1 finds no version in common.
+    """
+    ca = CA()
+    conn = connect(
+        old_server(ca, version),
+        ClientConnectionCreator(ca.bundle(ca.leaf("api")), ca.identity("web")),
+        clock,
+    )
+    assert_no_version_in_common(conn)
+    assert peer_identity(conn.client) is None
+
+
+# What a host with a legacy crypto policy configures: TLS 1.0 and security
+# level 0 for every context that does not say otherwise.
+_LEGACY_OPENSSL_CONF = """\
+openssl_conf = openssl_init
+
+[openssl_init]
+ssl_conf = ssl_sect
+
+[ssl_sect]
+system_default = system_default_sect
+
+[system_default_sect]
+MinProtocol = TLSv1
+CipherString = DEFAULT@SECLEVEL=0
+"""
+
+
+def check_the_tls_floor() -> None:
+    """
+    The two tests above, after showing that peers with this OpenSSL's
+    defaults do connect with TLS 1.0 and 1.1; run by the next test in an
+    interpreter started with the legacy configuration.
+    """
+    clock = Clock()
+    clock.advance(time.time())
+    ca = CA()
+    for version in (SSL.TLS1_VERSION, SSL.TLS1_1_VERSION):
+        for conn in (
+            connect(AnyServer(ca.leaf("web")), old_client(ca, version), clock),
+            connect(old_server(ca, version), AnyClient(ca.leaf("api")), clock),
+        ):
+            assert conn.server_app.handshake_done, conn.server_app.lost
+            assert conn.server.getHandle().get_protocol_version() == version
+        test_tls_below_1_2_is_refused_by_the_server(version, clock)
+        test_tls_below_1_2_is_not_offered_by_the_client(version, clock)
+    print("the floor held")
+
+
+def test_the_tls_floor_holds_where_openssl_allows_tls_1_0(tmp_path: Path) -> None:
+    """
+    OpenSSL's default security level alone already rules out TLS 1.0 and
+    1.1, so the tests above pass without connect_native's own floor.  Under a
+    configuration allowing them (read once, when OpenSSL starts: hence a new
+    interpreter), peers with OpenSSL's defaults connect with them, and ours
+    still refuse them for their version (without the floor, our TLS 1.2-only
+    cipher list would end the handshake, with "no shared cipher").
+    """
+    conf = tmp_path / "openssl.cnf"
+    conf.write_text(_LEGACY_OPENSSL_CONF)
+    root = Path(__file__).resolve().parent.parent
+    path = [str(root), *filter(None, [os.environ.get("PYTHONPATH")])]
+    result = subprocess.run(
+        [sys.executable, "-c", "import tests.test_tls as t; t.check_the_tls_floor()"],
+        cwd=root,
+        env={
+            **os.environ,
+            "OPENSSL_CONF": str(conf),
+            "PYTHONPATH": os.pathsep.join(path),
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "the floor held\n"
 
 
 def _options(context: SSL.Context) -> int:
@@ -735,6 +861,61 @@ def test_client_refuses_a_server_leaf_without_server_auth(clock: Clock) -> None:
     assert conn.client_app.lost is not None
     assert isinstance(conn.client_app.lost.value, PeerRefused)
     assert peer_identity(conn.client) is None
+
+
+# --- the system's trust store -------------------------------------------------
+
+
+def test_a_ca_the_system_trusts_is_not_trusted_on_either_side(
+    clock: Clock,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    logged: list[LogEvent],
+) -> None:
+    """
+    Only the Bundle's roots are trust anchors.  A CA that OpenSSL's default
+    verify paths trust (here through ``SSL_CERT_FILE``), issuing leaves with
+    the right trust domain and a well-formed SPIFFE ID, is refused by our
+    server and by our client, whose peers check nothing themselves.
+    """
+    ca = CA()
+    system = ca.another_ca()
+    assert system.trust_domain == ca.trust_domain
+    trusted = tmp_path / "cert.pem"
+    trusted.write_text(system.factory.root_pem)
+    (tmp_path / "certs").mkdir()
+    monkeypatch.setenv("SSL_CERT_FILE", str(trusted))
+    monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path / "certs"))
+    api, web = system.leaf("api"), system.leaf("web")
+    # The premise: a context using the default verify paths trusts them.
+    witness = SSL.Context(SSL.TLS_METHOD)
+    witness.set_default_verify_paths()
+    store = witness.get_cert_store()
+    assert store is not None
+    for leaf in (api, web):
+        crypto.X509StoreContext(
+            store, crypto.X509.from_cryptography(leaf.certificate)
+        ).verify_certificate()
+
+    to_server = connect(
+        ServerConnectionCreator(ca.bundle(ca.leaf("web"))), AnyClient(api), clock
+    )
+    assert_server_refused(to_server)
+    [server_refusal] = server_refusals(logged)
+    assert "does not verify against the current roots" in server_refusal
+
+    to_client = connect(
+        AnyServer(web),
+        ClientConnectionCreator(ca.bundle(ca.leaf("api")), ca.identity("web")),
+        clock,
+    )
+    assert not to_client.client_app.handshake_done
+    assert to_client.client_app.lost is not None
+    error = to_client.client_app.lost.value
+    assert isinstance(error, PeerRefused)
+    assert "does not verify against the current roots" in str(error)
+    assert peer_identity(to_client.client) is None
+    assert to_client.server_app.received == b""
 
 
 # --- rotation and renewal -----------------------------------------------------
