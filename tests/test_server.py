@@ -932,7 +932,7 @@ def test_a_dropped_root_refuses_its_peers_though_our_leaf_stays(
     assert verified_peer(refused.server) is None
     assert len(h.apps.built) == 1
     assert len(authorizer.authorize_calls) == 1
-    [refusal] = [e for e in logged if e.get("side") == "server"]
+    [refusal] = [e for e in decisions(logged) if e.get("allowed") is False]
     assert refusal["decision"] == "denied"
     assert "does not verify against the current roots" in refusal["reason"]
 
