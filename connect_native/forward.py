@@ -55,6 +55,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from connect_native import _logging
+from connect_native._refusals import RefusalLog
 from connect_native.consul.records import positive_seconds, whole_number
 from connect_native.tls_transport import TLSServerProtocol, write_now
 
@@ -331,6 +332,11 @@ class _TrackingFactory(WrappingFactory):
         super().__init__(wrapped)  # type: ignore[no-untyped-call]
         self.tracker = tracker
         self.label = label
+        self.refusals = RefusalLog(tracker.clock, label)
+
+    def doStop(self) -> None:
+        self.refusals.flush()
+        super().doStop()  # type: ignore[no-untyped-call]
 
     def registerProtocol(self, p: Any) -> None:
         pass  # the tracker counts; WrappingFactory's dict would hold them twice
@@ -343,6 +349,8 @@ class _TrackingFactory(WrappingFactory):
     ) -> _Tracked | TLSServerProtocol | None:
         refused = self.tracker.refusal()
         if refused is not None:
+            if not self.refusals.allow("connections refused at the limit", addr):
+                return None
             log.warn(
                 "{label}: refused a connection from {address}: {reason}",
                 label=self.label,

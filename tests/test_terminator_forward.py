@@ -27,6 +27,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.test.iosim import FakeTransport, connect
 
+from connect_native._refusals import BURST
 from connect_native.forward import (
     MAX_PENDING_BYTES,
     ConnectionTracker,
@@ -532,6 +533,24 @@ def test_connections_over_the_maximum_are_refused_and_logged() -> None:
     assert first is not None
     first[0].connectionLost(Failure(ConnectionDone()))
     assert accept(factory, 4) is not None
+
+
+def test_a_flood_over_the_maximum_is_summed_up_not_logged_one_by_one() -> None:
+    clock = Clock()
+    tracker = ConnectionTracker(clock, 1)
+    _, factory, _ = listening(tracker)
+    assert accept(factory, 1) is not None
+    with capturedLogs() as events:
+        for port in range(2, 102):
+            assert accept(factory, port) is None
+        assert len(events) == BURST
+        clock.advance(10)
+    summary = events[-1]
+    assert summary["summary"] is True
+    assert (summary["count"], summary["addresses"]) == (100 - BURST, 1)
+    assert _text(summary).startswith(
+        "test: 80 connections refused at the limit from 1 address in the last 10s"
+    )
 
 
 def test_the_maximum_counts_all_listeners_of_a_tracker() -> None:
