@@ -149,6 +149,7 @@ class Settings:
     worker: bool = False
     release_buffers: bool = False
     log_allowed: bool = True
+    keep_open_on_deny: bool = False
     buffer_size: int = BUFFER_SIZE
     log_level: str = "info"
     tls_transport: str = "connect_native"
@@ -413,6 +414,13 @@ class Options(usage.Options):
             "third less memory per idle connection (docs/performance.rst)",
         ],
         [
+            "keep-open-on-deny",
+            None,
+            "keep open connections open when the intentions or the trusted "
+            "roots change (by default each is decided again and closed if "
+            "now refused)",
+        ],
+        [
             "worker",
             None,
             "internal: this process is a worker started by --workers (listens "
@@ -549,6 +557,7 @@ class Options(usage.Options):
             worker=worker,
             release_buffers=bool(self["release-buffers"]),
             log_allowed=bool(self["log-allowed"]),
+            keep_open_on_deny=bool(self["keep-open-on-deny"]),
             buffer_size=buffer_size,
             log_level=log_level,
             tls_transport=self["tls-transport"],
@@ -764,6 +773,8 @@ def worker_arguments(settings: Settings, port: int, consul: str | None) -> list[
         arguments.append("--release-buffers")
     if not settings.log_allowed:
         arguments.append("--no-log-allowed")
+    if settings.keep_open_on_deny:
+        arguments.append("--keep-open-on-deny")
     arguments += ["--buffer-size", str(settings.buffer_size)]
     arguments += ["--log-level", settings.log_level]
     arguments += ["--tls-transport", settings.tls_transport]
@@ -1051,6 +1062,7 @@ class Terminator(Service):
             handshake_timeout=settings.handshake_timeout,
             release_buffers=settings.release_buffers,
             log_allowed=settings.log_allowed,
+            keep_open_on_deny=settings.keep_open_on_deny,
             # The forwarder writes each read whole: nothing to aggregate.
             buffer_small_writes=False,
             tls_transport=settings.tls_transport,

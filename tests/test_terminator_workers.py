@@ -105,6 +105,7 @@ def test_a_worker_gets_the_bound_port_and_no_registration_or_token() -> None:
         workers=2,
         max_connections=12,
         log_allowed=False,
+        keep_open_on_deny=True,
         buffer_size=1 << 20,
         log_level="warn",
         tls_transport="twisted",
@@ -125,6 +126,7 @@ def test_a_worker_gets_the_bound_port_and_no_registration_or_token() -> None:
     assert (worker.authorize, worker.authorize_cache) == ("intentions", 0.5)
     assert worker.max_connections == 12
     assert worker.log_allowed is False
+    assert worker.keep_open_on_deny is True
     assert worker.buffer_size == 1 << 20
     assert worker.log_level == "warn"
     assert worker.tls_transport == "twisted"
