@@ -8,12 +8,18 @@ known at once, or ``None`` ("don't know yet").  ``authorize`` returns a
 Deferred and runs in the server's authorization gate, after the handshake and
 before the application sees the connection.  Every authorizer fails closed:
 an error, a timeout or a doubt is a denial with a reason.
+
+An authorizer that can tell when its decisions may have changed (the
+intentions were written) also provides :class:`INotifiesChanges`; the
+server then decides its open connections again, and closes those now
+refused.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Protocol, TypeVar
 
 from attrs import frozen
@@ -24,7 +30,13 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from connect_native import _logging
-from connect_native.consul.records import AuthorizeResult, positive_seconds
+from connect_native.consul.blocking import Watch
+from connect_native.consul.records import (
+    AuthorizeResult,
+    Indexed,
+    Intention,
+    positive_seconds,
+)
 from connect_native.identity import ServiceIdentity
 
 log = Logger(observer=_logging.observer)
@@ -123,6 +135,72 @@ class IAuthorizer(Interface):
         """
 
 
+class INotifiesChanges(Interface):
+    """
+    An authorizer (or another source of trust) that says when the decisions
+    it gave may have changed: the intentions were written, the trusted
+    roots moved.  The server subscribes while it listens and decides each
+    open connection again on every call.
+    """
+
+    def subscribe(callback: Callable[[], object]) -> Callable[[], None]:
+        """
+        Call ``callback`` (with no arguments) after each change, once the
+        new decisions are in place (a ``decide_now`` or ``authorize`` made
+        from the callback already sees them).  An exception it raises is
+        logged and ignored.
+
+        :returns: a function that unsubscribes ``callback`` (calling it
+            again does nothing).
+        """
+
+
+class ChangeListeners:
+    """
+    The subscribers of an :class:`INotifiesChanges` provider.
+
+    :param first: called when the first subscriber comes (e.g. to start
+        the watch that learns of changes).
+    :param last: called when the last one goes.
+    """
+
+    def __init__(
+        self,
+        first: Callable[[], object] | None = None,
+        last: Callable[[], object] | None = None,
+    ) -> None:
+        self._callbacks: list[Callable[[], object]] = []
+        self._first = first
+        self._last = last
+
+    def __len__(self) -> int:
+        return len(self._callbacks)
+
+    def subscribe(self, callback: Callable[[], object]) -> Callable[[], None]:
+        self._callbacks.append(callback)
+        if len(self._callbacks) == 1 and self._first is not None:
+            self._first()
+        subscribed = [True]
+
+        def unsubscribe() -> None:
+            if not subscribed:
+                return
+            subscribed.clear()
+            self._callbacks.remove(callback)
+            if not self._callbacks and self._last is not None:
+                self._last()
+
+        return unsubscribe
+
+    def notify(self) -> None:
+        """Call every subscriber; one that raises is logged and skipped."""
+        for callback in list(self._callbacks):
+            try:
+                callback()
+            except Exception:
+                log.failure("a subscriber to authorization changes failed")
+
+
 #: How the reason of a ``per_request`` denial ends; a server that decides
 #: each request lifts the denial and replaces this.
 L7_AT_L4 = (
@@ -162,7 +240,18 @@ class AuthorizeCall(Protocol):
     ) -> Deferred[AuthorizeResult]: ...
 
 
-@implementer(IAuthorizer)
+class IntentionsListCall(Protocol):
+    """
+    What `AgentAuthorizer` needs of the Consul client to learn that the
+    intentions changed (a blocking read of ``/v1/connect/intentions``).
+    """
+
+    def intentions_list(
+        self, index: int | None = None, wait: float | None = None
+    ) -> Deferred[Indexed[tuple[Intention, ...]]]: ...
+
+
+@implementer(IAuthorizer, INotifiesChanges)
 class AgentAuthorizer:
     """
     Asks the agent's ``POST /v1/agent/connect/authorize`` for every new
@@ -174,6 +263,14 @@ class AgentAuthorizer:
     connections from one peer costs one round trip; at most
     :data:`MAX_REMEMBERED` decisions are kept, the oldest dropped first.
     Every request is bounded by ``timeout``.  Errors and timeouts deny.
+
+    While anyone is subscribed (:class:`INotifiesChanges`; a
+    :class:`~connect_native.server.ConnectServerEndpoint` is, while it
+    listens) and the client can list intentions, a blocking read of
+    ``/v1/connect/intentions`` (held ``wait`` seconds) learns of every
+    intention write: the remembered decisions are dropped at once, rather
+    than aged out, and the subscribers are told.  An answer asked before the
+    change and received after it is not remembered.
     """
 
     def __init__(
@@ -183,6 +280,8 @@ class AgentAuthorizer:
         *,
         timeout: float = 5.0,
         cache_ttl: float = 1.0,
+        watch_intentions: bool = True,
+        wait: float = 60.0,
     ) -> None:
         # NaN or infinity would make a timer that never fires: an unbounded
         # wait, or a decision remembered forever.
@@ -202,6 +301,64 @@ class AgentAuthorizer:
         self.max_remembered = MAX_REMEMBERED
         self._remembered: dict[tuple[str, str, str], tuple[float, Decision]] = {}
         self._in_flight: dict[tuple[str, str, str], list[Deferred[Decision]]] = {}
+        #: Moves on with every intentions change seen.
+        self.generation = 0
+        self._seen_intentions = False
+        self._intentions: Watch[tuple[Intention, ...]] | None = None
+        lister = getattr(client, "intentions_list", None)
+        if watch_intentions and callable(lister):
+            listing: IntentionsListCall = client  # type: ignore[assignment]
+            self._intentions = Watch(
+                clock,
+                lambda index, wait: (
+                    listing.intentions_list()
+                    if index == 0
+                    else listing.intentions_list(index=index, wait=wait)
+                ),
+                self._intentions_changed,
+                name="intentions (the authorize cache)",
+                wait=positive_seconds("wait", wait),
+                wake_on_change=True,
+            )
+        self._listeners = ChangeListeners(self._start_watch, self._stop_watch)
+
+    # -- changes ------------------------------------------------------------
+
+    @property
+    def watching(self) -> bool:
+        """Whether the intentions watch runs (someone is subscribed)."""
+        return self._intentions is not None and self._intentions.running
+
+    def subscribe(self, callback: Callable[[], object]) -> Callable[[], None]:
+        return self._listeners.subscribe(callback)
+
+    def _start_watch(self) -> None:
+        if self._intentions is not None:
+            self._intentions.start()
+
+    def _stop_watch(self) -> None:
+        if self._intentions is not None:
+            self._intentions.stop()
+
+    def _intentions_changed(self, intentions: tuple[Intention, ...]) -> None:
+        self.intentions_changed(first=not self._seen_intentions)
+        self._seen_intentions = True
+
+    def intentions_changed(self, *, first: bool = False) -> None:
+        """
+        Forget every remembered decision and tell the subscribers (unless
+        ``first``: the watch's first answer is no change).
+        """
+        self.generation += 1
+        self._remembered.clear()
+        if not first:
+            log.info(
+                "authorize: the intentions changed; {count} subscriber(s) told",
+                count=len(self._listeners),
+            )
+            self._listeners.notify()
+
+    # -- deciding -------------------------------------------------------------
 
     def decide_now(self, peer: Peer, target: str) -> Decision | None:
         key = (peer.uri, peer.serial, target)
@@ -245,6 +402,7 @@ class AgentAuthorizer:
 
     def _ask(self, key: tuple[str, str, str], peer: Peer, target: str) -> None:
         started = time.monotonic()
+        generation = self.generation
         request = self._client.authorize(target, peer.uri, peer.serial)
         timed_out = []
 
@@ -271,7 +429,11 @@ class AgentAuthorizer:
         def finish(decision: Decision) -> None:
             if timer.active():
                 timer.cancel()
-            if decision.source == "agent" and self._cache_ttl > 0:
+            if (
+                decision.source == "agent"
+                and self._cache_ttl > 0
+                and generation == self.generation
+            ):
                 self._prune()
                 remember_bounded(
                     self._remembered,

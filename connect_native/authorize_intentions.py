@@ -17,7 +17,7 @@ The decision rules are those of :mod:`connect_native.intentions`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Literal, Protocol
 
 from twisted.application.service import Service
@@ -31,8 +31,10 @@ from connect_native import _logging
 from connect_native.authorize import (
     MAX_REMEMBERED,
     AgentAuthorizer,
+    ChangeListeners,
     Decision,
     IAuthorizer,
+    INotifiesChanges,
     Peer,
     remember_bounded,
 )
@@ -101,10 +103,15 @@ def _source_key(identity: ServiceIdentity) -> tuple[str, str, str]:
     return (identity.partition or "default", identity.namespace, identity.service)
 
 
-@implementer(IAuthorizer)
+@implementer(IAuthorizer, INotifiesChanges)
 class IntentionAuthorizer(Service):
     """
     Decide from cached intentions for the destination ``service``.
+
+    It tells its subscribers (:class:`~connect_native.authorize.INotifiesChanges`)
+    each time the cached intentions change, once the new ones decide.  A
+    blocking read that answers with a new index is followed by the next at
+    once, so a write made just after another is seen within a round trip.
 
     :param client: a :class:`~connect_native.consul.client.ConsulClient` (or
         anything with ``intentions_match``, ``intentions_list`` and
@@ -170,7 +177,10 @@ class IntentionAuthorizer(Service):
         self._blocking = blocking
         # AuthorizeCall's structural result type is what AuthorizeResult
         # provides; Deferred's invariance alone keeps mypy from seeing it.
-        self._agent = AgentAuthorizer(client, clock, timeout=self.timeout, cache_ttl=0)
+        self._agent = AgentAuthorizer(
+            client, clock, timeout=self.timeout, cache_ttl=0, watch_intentions=False
+        )
+        self._listeners = ChangeListeners()
         self._agent_answers: dict[tuple[str, str, str], tuple[float, Decision]] = {}
         self.max_remembered = MAX_REMEMBERED
         self._table: CompiledIntentions | None = None
@@ -186,6 +196,7 @@ class IntentionAuthorizer(Service):
             wait=_seconds("wait", wait),
             poll_interval=self.poll_interval,
             on_error=self._errored,
+            wake_on_change=True,
         )
 
     # -- the cache ------------------------------------------------------------
@@ -258,10 +269,18 @@ class IntentionAuthorizer(Service):
         # Stored here rather than in the Watch's on_change: an unchanged
         # answer also proves the cache current and must wake waiters, and
         # the table must be in place before they wake.
-        if self._held != intentions:
+        changed = self._held != intentions
+        first = self._table is None
+        if changed:
             self._held = intentions
             self._changed(intentions)
         self._succeeded()
+        if changed and not first:
+            # After _succeeded: what the subscribers ask now is fresh.
+            self._listeners.notify()
+
+    def subscribe(self, callback: Callable[[], object]) -> Callable[[], None]:
+        return self._listeners.subscribe(callback)
 
     def _changed(self, intentions: tuple[Intention, ...]) -> None:
         self._table = compile_intentions(

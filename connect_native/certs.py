@@ -181,6 +181,29 @@ def _extended_key_usages(cert: x509.Certificate) -> frozenset[x509.ObjectIdentif
     return frozenset(extension.value)
 
 
+def verify_to_roots(
+    leaf: x509.Certificate,
+    chain: Sequence[x509.Certificate],
+    roots: Sequence[TrustedRoot],
+    now: float,
+) -> None:
+    """
+    Verify ``leaf`` to one of ``roots`` (the trust anchors) with OpenSSL,
+    ``chain`` the untrusted intermediates, at POSIX time ``now``.
+
+    :raises OpenSSL.crypto.X509StoreContextError: saying why not.
+    """
+    store = crypto.X509Store()
+    for root in roots:
+        store.add_cert(crypto.X509.from_cryptography(root.certificate))
+    store.set_time(datetime.datetime.fromtimestamp(now, tz=datetime.timezone.utc))
+    crypto.X509StoreContext(
+        store,
+        crypto.X509.from_cryptography(leaf),
+        [crypto.X509.from_cryptography(c) for c in chain],
+    ).verify_certificate()
+
+
 def _verify_chain(
     leaf: x509.Certificate,
     chain: Sequence[x509.Certificate],
@@ -192,17 +215,8 @@ def _verify_chain(
     the roots are the trust anchors, the leaf's own chain the untrusted
     intermediates, and the verification time is ``now``.
     """
-    store = crypto.X509Store()
-    for root in roots:
-        store.add_cert(crypto.X509.from_cryptography(root.certificate))
-    store.set_time(datetime.datetime.fromtimestamp(now, tz=datetime.timezone.utc))
-    context = crypto.X509StoreContext(
-        store,
-        crypto.X509.from_cryptography(leaf),
-        [crypto.X509.from_cryptography(c) for c in chain],
-    )
     try:
-        context.verify_certificate()
+        verify_to_roots(leaf, chain, roots, now)
     except crypto.X509StoreContextError as e:
         raise InvalidBundle(
             f"leaf_cert_pem does not verify against the current roots: {e}; "
@@ -628,6 +642,7 @@ class CertManager(Service):
         self._reason = self._waiting_reason()
         self._waiters: list[Deferred[Bundle]] = []
         self._subscribers: list[Callable[[StateChange], object]] = []
+        self._bundle_subscribers: list[Callable[[Bundle], object]] = []
         self._warning_call: IDelayedCall | None = None
         self._expiry_call: IDelayedCall | None = None
 
@@ -701,6 +716,24 @@ class CertManager(Service):
         def unsubscribe() -> None:
             if callback in self._subscribers:
                 self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    def subscribe_bundles(
+        self, callback: Callable[[Bundle], object]
+    ) -> Callable[[], None]:
+        """
+        Call ``callback`` with each new Bundle, once it is current (a new
+        leaf, or new roots with the same leaf).  An exception it raises is
+        logged and ignored.
+
+        :returns: a function that unsubscribes ``callback``.
+        """
+        self._bundle_subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            if callback in self._bundle_subscribers:
+                self._bundle_subscribers.remove(callback)
 
         return unsubscribe
 
@@ -863,6 +896,15 @@ class CertManager(Service):
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.callback(bundle)
+        for callback in list(self._bundle_subscribers):
+            try:
+                callback(bundle)
+            except Exception:
+                self._log.failure(
+                    "certificate manager for {service}: a Bundle subscriber "
+                    "failed; ignoring it",
+                    service=self.service,
+                )
 
     # -- expiry --------------------------------------------------------------------
 

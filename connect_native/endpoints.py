@@ -77,6 +77,7 @@ SERVER_OPTIONS = (
     "readyTimeout",
     "handshakeTimeout",
     "authorizeTimeout",
+    "keepOpenOnDeny",
 )
 
 #: The options of a client description.
@@ -224,6 +225,7 @@ class ServerDescription:
     ready_timeout: float = 60.0
     handshake_timeout: float = 10.0
     authorize_timeout: float = 10.0
+    keep_open_on_deny: bool = False
 
 
 @frozen
@@ -311,6 +313,9 @@ def parse_server_description(
         token_file=_optional_text(kind, "tokenFile", kwargs),
         authorize="intentions" if authorize == "intentions" else "agent",
         register=_boolean(kind, "register", kwargs.get("register", "no")),
+        keep_open_on_deny=_boolean(
+            kind, "keepOpenOnDeny", kwargs.get("keepOpenOnDeny", "no")
+        ),
         ready_timeout=timeouts["readyTimeout"],
         handshake_timeout=timeouts["handshakeTimeout"],
         authorize_timeout=timeouts["authorizeTimeout"],
@@ -584,6 +589,7 @@ class ConnectStringServerEndpoint:
             ready_timeout=description.ready_timeout,
             handshake_timeout=description.handshake_timeout,
             authorize_timeout=description.authorize_timeout,
+            keep_open_on_deny=description.keep_open_on_deny,
         )
 
     def __repr__(self) -> str:

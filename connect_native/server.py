@@ -72,6 +72,7 @@ from connect_native.certs import (
     IBundleSource,
 )
 from connect_native.identity import ServiceIdentity
+from connect_native.recheck import OpenConnections
 from connect_native.service import (
     CertManagerLease,
     CertManagerRegistry,
@@ -522,6 +523,9 @@ class _GateFactory(Factory):
     """
 
     noisy = False
+    #: Where the gates put the connections they let through, to be decided
+    #: again when the intentions or the roots change (``None``: kept open).
+    open_connections: OpenConnections | None = None
 
     def __init__(
         self,
@@ -597,6 +601,10 @@ class _Gate(Protocol):
         self._paused = False
         self._handshake_timeout = factory.handshake_timeout
         self._started = factory.clock.seconds()
+        # A change from here on and this connection is decided again once
+        # let through: its authorization may predate it.
+        opened = factory.open_connections
+        self._since = None if opened is None else opened.generation
 
     def connectionMade(self) -> None:
         factory = self.gate_factory
@@ -831,6 +839,9 @@ class _Gate(Protocol):
             self._paused = False
             _underlying(tls).resumeProducing()
         app.makeConnection(tls)
+        opened = self.gate_factory.open_connections
+        if opened is not None and self._peer is not None:
+            opened.add(self._peer, tls, self.address, self._since)
         if IHandshakeListener.providedBy(app):
             app.handshakeCompleted()
         for data in early:
@@ -999,10 +1010,12 @@ class _ConnectPort:
         port: IListeningPort,
         factory: _ConnectTLSFactory,
         stop_hook: StopHook | None,
+        unfollow: Callable[[], None] | None = None,
     ) -> None:
         self.port = port
         self.factory = factory
         self._stop_hook = stop_hook
+        self._unfollow = unfollow
         self._stopped = False
 
     def startListening(self) -> None:
@@ -1010,6 +1023,9 @@ class _ConnectPort:
 
     def stopListening(self) -> Deferred[Any]:
         stopping: Deferred[Any] = maybeDeferred(self.port.stopListening)
+        unfollow, self._unfollow = self._unfollow, None
+        if unfollow is not None:
+            unfollow()
         hook = self._stop_hook
         if self._stopped or hook is None:
             return stopping
@@ -1072,6 +1088,16 @@ class _LeasedSource:
     def current(self) -> Bundle | None:
         manager = self._manager()
         return None if manager is None else manager.current()
+
+    def subscribe_bundles(
+        self, callback: Callable[[Bundle], object]
+    ) -> Callable[[], None]:
+        """The current manager's ``subscribe_bundles``."""
+        subscribe = getattr(self._manager(), "subscribe_bundles", None)
+        if subscribe is None:
+            return lambda: None
+        unsubscribe: Callable[[], None] = subscribe(callback)
+        return unsubscribe
 
     def when_ready(self) -> Deferred[Bundle]:
         manager = self._manager()
@@ -1141,6 +1167,15 @@ class ConnectServerEndpoint:
         get a fifth of ``handshake_timeout`` (at least 1 s).  Clients holding
         sockets open without a handshake cannot keep real ones out.
     :param max_handshakes_per_address: the same, from one source address.
+    :param keep_open_on_deny: keep open the connections already let
+        through when the intentions or the trusted roots change.  By
+        default each is decided again (``authorize()``, within
+        ``authorize_timeout``; after a roots change its certificate must
+        also chain to a current root) and closed if now refused, with a
+        logged reason; this needs an authorizer that provides
+        :class:`~connect_native.authorize.INotifiesChanges` (both of ours
+        do) and, for roots, a source with ``subscribe_bundles`` (a
+        :class:`~connect_native.certs.CertManager`).
     :param start_hook: called at the start of every ``listen()`` (e.g. to
         start or take a reference on the service's certificate manager).
     :param stop_hook: called once when a port from ``listen()`` stops, or
@@ -1166,6 +1201,7 @@ class ConnectServerEndpoint:
         tls_transport: str = "twisted",
         max_handshakes: int = MAX_HANDSHAKES,
         max_handshakes_per_address: int = MAX_HANDSHAKES_PER_ADDRESS,
+        keep_open_on_deny: bool = False,
         start_hook: Callable[[], object] | None = None,
         stop_hook: StopHook | None = None,
     ) -> None:
@@ -1196,6 +1232,7 @@ class ConnectServerEndpoint:
         self._release_buffers = bool(release_buffers)
         self._buffer_small_writes = bool(buffer_small_writes)
         self._log_allowed = bool(log_allowed)
+        self._keep_open_on_deny = bool(keep_open_on_deny)
         if tls_transport not in TLS_TRANSPORTS:
             raise ValueError(
                 "tls_transport must be one of "
@@ -1351,6 +1388,15 @@ class ConnectServerEndpoint:
             self._max_handshakes,
             self._max_handshakes_per_address,
         )
+        opened = OpenConnections(
+            self._reactor,
+            self._authorizer,
+            self.service,
+            self._authorize_timeout,
+            decides_each_request=each_request,
+        )
+        if not self._keep_open_on_deny:
+            gates.open_connections = opened
         tls_factory: Any
         if self._own_tls:
             tls_factory = _OwnTLSFactory(gates)
@@ -1373,6 +1419,9 @@ class ConnectServerEndpoint:
                 target=self.service,
                 address=str(port.getHost()),
             )
-            return _ConnectPort(port, tls_factory, self._stop_hook)
+            # Followed even when kept open: the agent authorizer's watch
+            # that drops its remembered decisions runs while subscribed.
+            unfollow = opened.follow(self._source)
+            return _ConnectPort(port, tls_factory, self._stop_hook, unfollow)
 
         return listening.addCallback(wrap)

@@ -151,6 +151,7 @@ class Settings:
     worker: bool = False
     release_buffers: bool = False
     log_allowed: bool = True
+    keep_open_on_deny: bool = False
     buffer_size: int = BUFFER_SIZE
     log_level: str = "info"
     tls_transport: str = "connect_native"
@@ -430,6 +431,13 @@ class Options(usage.Options):
             "third less memory per idle connection (docs/performance.rst)",
         ],
         [
+            "keep-open-on-deny",
+            None,
+            "keep open connections open when the intentions or the trusted "
+            "roots change (by default each is decided again and closed if "
+            "now refused)",
+        ],
+        [
             "worker",
             None,
             "internal: this process is a worker started by --workers (listens "
@@ -572,6 +580,7 @@ class Options(usage.Options):
             worker=worker,
             release_buffers=bool(self["release-buffers"]),
             log_allowed=bool(self["log-allowed"]),
+            keep_open_on_deny=bool(self["keep-open-on-deny"]),
             buffer_size=buffer_size,
             log_level=log_level,
             tls_transport=self["tls-transport"],
@@ -791,6 +800,8 @@ def worker_arguments(settings: Settings, port: int, consul: str | None) -> list[
         arguments.append("--release-buffers")
     if not settings.log_allowed:
         arguments.append("--no-log-allowed")
+    if settings.keep_open_on_deny:
+        arguments.append("--keep-open-on-deny")
     arguments += ["--buffer-size", str(settings.buffer_size)]
     arguments += ["--log-level", settings.log_level]
     arguments += ["--tls-transport", settings.tls_transport]
@@ -1087,6 +1098,7 @@ class Terminator(Service):
             max_handshakes_per_address=settings.max_handshakes_per_address,
             release_buffers=settings.release_buffers,
             log_allowed=settings.log_allowed,
+            keep_open_on_deny=settings.keep_open_on_deny,
             # The forwarder writes each read whole: nothing to aggregate.
             buffer_small_writes=False,
             tls_transport=settings.tls_transport,

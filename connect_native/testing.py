@@ -813,7 +813,24 @@ class FakeBundleSource:
     def __init__(self, bundle: Bundle | None = None) -> None:
         self._bundle = bundle
         self._waiters: list[Deferred[Bundle]] = []
+        self._subscribers: list[Callable[[Bundle], object]] = []
         self.current_calls = 0
+
+    def subscribe_bundles(
+        self, callback: Callable[[Bundle], object]
+    ) -> Callable[[], None]:
+        """
+        Call ``callback`` with each Bundle :meth:`set` (as
+        :meth:`connect_native.certs.CertManager.subscribe_bundles` does);
+        returns the function that unsubscribes it.
+        """
+        self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            if callback in self._subscribers:
+                self._subscribers.remove(callback)
+
+        return unsubscribe
 
     def current(self) -> Bundle | None:
         self.current_calls += 1
@@ -832,12 +849,17 @@ class FakeBundleSource:
         return waiter
 
     def set(self, bundle: Bundle | None) -> None:
-        """Make ``bundle`` current; a Bundle also fires pending waiters."""
+        """
+        Make ``bundle`` current; a Bundle also fires pending waiters, then
+        tells the subscribers.
+        """
         self._bundle = bundle
         if bundle is not None:
             waiters, self._waiters = self._waiters, []
             for waiter in waiters:
                 waiter.callback(bundle)
+            for callback in list(self._subscribers):
+                callback(bundle)
 
     def fail(self, error: Exception) -> None:
         """Fail pending waiters with ``error`` (e.g. ``LeafPermissionDenied``)."""

@@ -224,6 +224,49 @@ def test_no_spin_when_index_changes_on_every_answer() -> None:
     watch.stop()
 
 
+def test_wake_on_change_asks_again_at_once_after_a_new_index() -> None:
+    """
+    Intentions: a write wakes the blocking read, and the next one must go
+    out at once, or a deny written within min_interval of the last change
+    waits for it (issue 15, item 5).
+    """
+    h = make(min_interval=1.0, wake_on_change=True)
+    h.watch.start()
+    h.fetch.last.answer("a", 5)
+    h.clock.advance(0)
+    assert [(r.index, r.at) for r in h.fetch.requests] == [(0, 0.0), (5, 0.0)]
+    h.clock.advance(0.1)
+    h.fetch.last.answer("b", 6)
+    h.clock.advance(0)
+    assert [(r.index, r.at) for r in h.fetch.requests][2:] == [(6, 0.1)]
+    assert h.changes == ["a", "b"]
+
+
+def test_wake_on_change_keeps_the_spin_guard_on_the_same_index() -> None:
+    h = make(min_interval=1.0, wake_on_change=True)
+    h.watch.start()
+    h.fetch.last.answer("a", 5)
+    h.clock.advance(0)
+    h.clock.advance(0.25)
+    h.fetch.last.answer("a", 5)  # back at once, nothing new: no spin
+    h.clock.advance(0.5)
+    assert len(h.fetch.requests) == 2
+    h.clock.advance(0.25)
+    assert [(r.index, r.at) for r in h.fetch.requests][2:] == [(5, 1.0)]
+
+
+def test_wake_on_change_keeps_the_spin_guard_after_errors() -> None:
+    h = make(min_interval=1.0, backoff_initial=0.1, wake_on_change=True)
+    h.watch.start()
+    h.fetch.last.answer("a", 5)
+    h.clock.advance(0)
+    h.fetch.last.error()
+    h.clock.advance(0.5)
+    assert len(h.fetch.requests) == 2
+    h.clock.advance(0.5)
+    assert [(r.index, r.at) for r in h.fetch.requests][2:] == [(0, 1.0)]
+
+
 def test_endpoint_without_index_is_polled() -> None:
     """``/v1/connect/intentions/match`` never sends X-Consul-Index."""
     h = make(poll_interval=10.0, min_interval=1.0)

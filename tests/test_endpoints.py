@@ -300,6 +300,19 @@ def test_register_is_a_boolean(reactor: Reactor, text: str, value: bool) -> None
     )
 
 
+def test_keep_open_on_deny_reaches_the_endpoint(reactor: Reactor) -> None:
+    """Open connections are decided again on a change unless told not to."""
+    default = server(reactor, "connect:web:port=1")
+    assert default.description.keep_open_on_deny is False
+    assert default.connect._keep_open_on_deny is False
+    kept = server(reactor, "connect:web:port=1:keepOpenOnDeny=yes")
+    assert kept.description.keep_open_on_deny is True
+    assert kept.connect._keep_open_on_deny is True
+    assert "keepOpenOnDeny= must be yes or no" in refused(
+        reactor, "connect:web:port=1:keepOpenOnDeny=maybe"
+    )
+
+
 def test_timeouts(reactor: Reactor) -> None:
     description = server(
         reactor,

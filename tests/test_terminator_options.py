@@ -119,6 +119,11 @@ def test_the_log_level_is_info_unless_given() -> None:
     assert parse(*BASE, "--log-level", "debug").log_level == "debug"
 
 
+def test_keep_open_on_deny_is_off_unless_asked_for() -> None:
+    assert parse(*BASE).keep_open_on_deny is False
+    assert parse(*BASE, "--keep-open-on-deny").keep_open_on_deny is True
+
+
 def test_allowed_connections_are_logged_unless_no_log_allowed() -> None:
     assert parse(*BASE).log_allowed is True
     assert parse(*BASE, "--no-log-allowed").log_allowed is False

@@ -107,6 +107,7 @@ def test_a_worker_gets_the_bound_port_and_no_registration_or_token() -> None:
         max_handshakes=9,
         max_handshakes_per_address=3,
         log_allowed=False,
+        keep_open_on_deny=True,
         buffer_size=1 << 20,
         log_level="warn",
         tls_transport="twisted",
@@ -128,6 +129,7 @@ def test_a_worker_gets_the_bound_port_and_no_registration_or_token() -> None:
     assert worker.max_connections == 12
     assert (worker.max_handshakes, worker.max_handshakes_per_address) == (9, 3)
     assert worker.log_allowed is False
+    assert worker.keep_open_on_deny is True
     assert worker.buffer_size == 1 << 20
     assert worker.log_level == "warn"
     assert worker.tls_transport == "twisted"

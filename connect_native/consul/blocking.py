@@ -13,7 +13,10 @@ The rules follow what the real agent does (Consul 1.8.7, measured):
   that was higher than the agent's) resets the loop to 0.
 * Requests start at least ``min_interval`` apart, whatever the agent answers:
   an ACL-filtered health read answers ``index=1`` at once forever, and a leaf
-  with a lifetime under ten minutes is re-signed on every call.
+  with a lifetime under ten minutes is re-signed on every call.  A watch
+  made with ``wake_on_change`` (intentions: a deny must reach the next
+  connection at once) asks again at once after an answer whose index moved
+  on, and keeps the guard for an answer with the same index.
 * An answer without an index (``/v1/connect/intentions/match``) cannot be
   blocked on; such endpoints are polled every ``poll_interval``.
 * Errors are retried after an exponential backoff with jitter, capped, reset
@@ -127,6 +130,13 @@ class Watch(Generic[T]):
     :param jitter: source of randomness for the backoff: a
         :class:`random.Random` or a callable returning floats in ``[0, 1)``.
     :param equal: decides whether a new value is the same as the last one.
+    :param wake_on_change: after an answer whose index is higher than the one
+        sent, send the next request at once rather than ``min_interval``
+        after the last one started.  The guard still spaces requests after
+        an answer with the same index (an agent answering at once without
+        change), after errors, and for polls.  Only for an endpoint whose
+        index moves with real writes: a leaf shorter-lived than ten minutes
+        gets a new index on every call.
     """
 
     _log = Logger(observer=_logging.observer)
@@ -147,6 +157,7 @@ class Watch(Generic[T]):
         on_error: Callable[[Failure], object] | None = None,
         jitter: random.Random | Callable[[], float] | None = None,
         equal: Callable[[T, T], bool] = operator.eq,
+        wake_on_change: bool = False,
     ) -> None:
         self._clock = clock
         self._fetch = fetch
@@ -170,6 +181,9 @@ class Watch(Generic[T]):
             jitter.random if isinstance(jitter, random.Random) else jitter
         )
         self._equal = equal
+        self.wake_on_change = bool(wake_on_change)
+        # The last answer's index moved on: the next request may go at once.
+        self._moved = False
 
         self._running = False
         self._has_value = False
@@ -234,6 +248,7 @@ class Watch(Generic[T]):
         self._running = True
         self._index = 0
         self._failures = 0
+        self._moved = False
         self._log.debug("watch {watch} starting", watch=self.name)
         if (
             self._last_start is None
@@ -295,7 +310,8 @@ class Watch(Generic[T]):
     def _schedule(self, delay: float) -> None:
         now = self._clock.seconds()
         at = now + delay
-        if self._last_start is not None:
+        moved, self._moved = self._moved, False
+        if self._last_start is not None and not (moved and self.wake_on_change):
             at = max(at, self._last_start + self.min_interval)
         self._scheduled = self._clock.callLater(max(0.0, at - now), self._request)
 
@@ -388,6 +404,7 @@ class Watch(Generic[T]):
                 )
                 self._index = 0
             else:
+                self._moved = received > sent
                 self._index = received
         self._deliver(answer.value, received)
         self._continue(delay)
