@@ -78,6 +78,8 @@ SERVER_OPTIONS = (
     "handshakeTimeout",
     "authorizeTimeout",
     "keepOpenOnDeny",
+    "maxHandshakes",
+    "maxHandshakesPerAddress",
 )
 
 #: The options of a client description.
@@ -216,7 +218,7 @@ class ServerDescription:
     service: str
     port: int | None = None
     interface: str = ""
-    backlog: int = 50
+    backlog: int = 1024
     endpoint: str | None = None
     consul: str | None = None
     token_file: str | None = None
@@ -226,6 +228,9 @@ class ServerDescription:
     handshake_timeout: float = 10.0
     authorize_timeout: float = 10.0
     keep_open_on_deny: bool = False
+    #: ``None``: ConnectServerEndpoint's defaults (256 and 64).
+    max_handshakes: int | None = None
+    max_handshakes_per_address: int | None = None
 
 
 @frozen
@@ -294,7 +299,11 @@ def parse_server_description(
         where = {
             "port": _integer(kind, "port", kwargs["port"], 0, 65535),
             "interface": _interface(kind, kwargs.get("interface", "")),
-            "backlog": _integer(kind, "backlog", kwargs.get("backlog", "50"), 1, 65535),
+            # A real server's queue, not Twisted's 50 (a burst of 51 connects
+            # stalled clients for a second).
+            "backlog": _integer(
+                kind, "backlog", kwargs.get("backlog", "1024"), 1, 65535
+            ),
         }
     authorize = kwargs.get("authorize", "agent")
     if authorize not in ("agent", "intentions"):
@@ -319,8 +328,17 @@ def parse_server_description(
         ready_timeout=timeouts["readyTimeout"],
         handshake_timeout=timeouts["handshakeTimeout"],
         authorize_timeout=timeouts["authorizeTimeout"],
+        max_handshakes=_optional_count(kind, "maxHandshakes", kwargs),
+        max_handshakes_per_address=_optional_count(
+            kind, "maxHandshakesPerAddress", kwargs
+        ),
         **where,
     )
+
+
+def _optional_count(kind: str, name: str, kwargs: Mapping[str, str]) -> int | None:
+    value = kwargs.get(name)
+    return None if value is None else _integer(kind, name, value, 1, 1_000_000)
 
 
 def _optional_text(kind: str, name: str, kwargs: Mapping[str, str]) -> str | None:
@@ -580,6 +598,15 @@ class ConnectStringServerEndpoint:
             self.authorizer = IntentionAuthorizer(
                 consul, reactor, description.service, default="agent"
             )
+        # Only what the description names: the endpoint has the defaults.
+        budget: dict[str, Any] = {
+            name: count
+            for name, count in (
+                ("max_handshakes", description.max_handshakes),
+                ("max_handshakes_per_address", description.max_handshakes_per_address),
+            )
+            if count is not None
+        }
         self.connect: ConnectServerEndpoint = ConnectServerEndpoint.for_service(
             reactor,
             wrapped,
@@ -590,6 +617,7 @@ class ConnectStringServerEndpoint:
             handshake_timeout=description.handshake_timeout,
             authorize_timeout=description.authorize_timeout,
             keep_open_on_deny=description.keep_open_on_deny,
+            **budget,
         )
 
     def __repr__(self) -> str:

@@ -149,7 +149,8 @@ def test_defaults(reactor: Reactor) -> None:
     endpoint = server(reactor, "connect:web:port=8443")
     assert endpoint.description == ServerDescription(service="web", port=8443)
     assert endpoint.description.interface == ""
-    assert endpoint.description.backlog == 50
+    # A real server's listen queue, not Twisted's 50.
+    assert endpoint.description.backlog == 1024
     assert endpoint.description.authorize == "agent"
     assert endpoint.description.register is False
     assert (
@@ -372,6 +373,22 @@ def test_a_bad_port(reactor: Reactor, port: str) -> None:
     assert repr(port) in message
 
 
+def test_the_handshake_budget_reaches_the_server_endpoint(reactor: Reactor) -> None:
+    endpoint = server(
+        reactor, "connect:web:port=8443:maxHandshakes=9:maxHandshakesPerAddress=3"
+    )
+    assert endpoint.connect._max_handshakes == 9
+    assert endpoint.connect._max_handshakes_per_address == 3
+    defaults = server(reactor, "connect:web:port=8443").connect
+    assert (defaults._max_handshakes, defaults._max_handshakes_per_address) == (
+        256,
+        64,
+    )
+    assert "maxHandshakes= must be a whole number from 1" in refused(
+        reactor, "connect:web:port=1:maxHandshakes=0"
+    )
+
+
 def test_a_bad_backlog(reactor: Reactor) -> None:
     assert "backlog= must be a whole number from 1" in refused(
         reactor, "connect:web:port=1:backlog=0"
@@ -566,7 +583,7 @@ def test_listens_once_the_certificate_is_ready(reactor: Reactor) -> None:
     world.settle()
     assert listening.called
     port = listening.result
-    assert [(p, b, i) for p, _, b, i in reactor.tcpServers] == [(8443, 50, "127.0.0.1")]
+    assert [(p, b, i) for p, _, b, i in reactor.tcpServers] == [(8443, 1024, "127.0.0.1")]
     assert port.getHost().port == 8443
     # Nothing registered unless asked.
     assert world.instances() == []
