@@ -583,7 +583,9 @@ def test_listens_once_the_certificate_is_ready(reactor: Reactor) -> None:
     world.settle()
     assert listening.called
     port = listening.result
-    assert [(p, b, i) for p, _, b, i in reactor.tcpServers] == [(8443, 1024, "127.0.0.1")]
+    assert [(p, b, i) for p, _, b, i in reactor.tcpServers] == [
+        (8443, 1024, "127.0.0.1")
+    ]
     assert port.getHost().port == 8443
     # Nothing registered unless asked.
     assert world.instances() == []
