@@ -897,9 +897,11 @@ class ConnectClientEndpoint:
         """
         ours = our_service_name(our_service)
         if consul is None:
-            from connect_native.consul.client import ConsulClient
+            from connect_native.consul.client import shared_client
 
-            consul = ConsulClient.from_environment(reactor)
+            # The process's client for the agent: what is shared per client (the
+            # certificate manager and its watches) is shared with the endpoints.
+            consul = shared_client(reactor)
         resolver = ConsulResolver(
             consul,
             service,

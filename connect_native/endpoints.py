@@ -22,7 +22,6 @@ from __future__ import annotations
 import difflib
 import math
 import os
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -418,13 +417,6 @@ def parse_client_description(
 
 # --- the Consul agent's client -------------------------------------------------------
 
-#: One client per reactor and agent settings, so that every endpoint of the
-#: process shares certificate managers (which are kept per client object).
-_clients: weakref.WeakValueDictionary[tuple[object, ...], ConsulClient] = (
-    weakref.WeakValueDictionary()
-)
-
-
 def _read_token(kind: str, path: str) -> str:
     try:
         token = Path(path).read_text(encoding="utf-8").strip()
@@ -448,29 +440,14 @@ def consul_client(
     over the ``CONSUL_*`` environment variables; shared by every description
     with the same settings on the same reactor.
     """
-    from connect_native.consul.client import ConsulClient, ConsulConfigurationError
+    from connect_native.consul.client import ConsulConfigurationError, shared_client
 
-    env = os.environ if environ is None else environ
     token = None if token_file is None else _read_token(kind, token_file)
-    key = (
-        id(reactor),
-        consul,
-        token,
-        tuple(sorted((k, v) for k, v in env.items() if k.startswith("CONSUL_"))),
-    )
-    client = _clients.get(key)
-    if client is None:
-        try:
-            client = ConsulClient.from_environment(
-                reactor, env, address=consul, token=token
-            )
-        except ConsulConfigurationError as e:
-            what = (
-                f"consul={consul!r}" if consul is not None else "the CONSUL_* variables"
-            )
-            raise _fail(kind, f"{what}: {e}") from None
-        _clients[key] = client
-    return client
+    try:
+        return shared_client(reactor, environ, address=consul, token=token)
+    except ConsulConfigurationError as e:
+        what = f"consul={consul!r}" if consul is not None else "the CONSUL_* variables"
+        raise _fail(kind, f"{what}: {e}") from None
 
 
 # --- the server ---------------------------------------------------------------

@@ -729,9 +729,11 @@ def client(
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         raise ValueError(f"retries must be an integer >= 0, not {retries!r}")
     if consul is None:
-        from connect_native.consul.client import ConsulClient
+        from connect_native.consul.client import shared_client
 
-        consul = ConsulClient.from_environment(reactor)
+        # The process's client for the agent: what is shared per client (the
+        # certificate manager and its watches) is shared with the endpoints.
+        consul = shared_client(reactor)
     if bundle_source is None:
         assert ours is not None
         bundle_source = _LeasedBundleSource(reactor, consul, ours, registry)

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
@@ -111,6 +112,7 @@ __all__ = [
     "ConsulTimeout",
     "ConsulUnavailable",
     "TLSConfig",
+    "shared_client",
 ]
 
 T = TypeVar("T")
@@ -1333,3 +1335,51 @@ class ConsulClient:
             self._scope(),
             body={"Status": status, "Output": output},
         )
+
+
+# One default client per (reactor, address, token, CONSUL_* environment):
+# everything in a process that asks for "the agent" shares one, so that what
+# is keyed by the client (the certificate manager of a service, its watches)
+# is shared too.  Held weakly: a client nothing uses goes, with its pool.
+_shared: weakref.WeakValueDictionary[tuple[object, ...], ConsulClient] = (
+    weakref.WeakValueDictionary()
+)
+
+
+def shared_client(
+    reactor: IReactorTime,
+    environ: Mapping[str, str] | None = None,
+    *,
+    address: str | None = None,
+    token: str | None = None,
+) -> ConsulClient:
+    """
+    The process's client for the agent that ``address`` and ``token`` (over
+    the ``CONSUL_*`` variables of ``environ``, ``os.environ`` by default)
+    name, as :meth:`ConsulClient.from_environment` configures it: made the
+    first time, the same object afterwards.
+
+    :raises ConsulConfigurationError: when the settings are not usable.
+    """
+    env = os.environ if environ is None else environ
+    client = ConsulClient.from_environment(reactor, env, address=address, token=token)
+    # Keyed by what the client ended up with: "consul=127.0.0.1:8500" and
+    # CONSUL_HTTP_ADDR=127.0.0.1:8500 are one agent, one client.
+    named = {"CONSUL_HTTP_ADDR", "CONSUL_HTTP_TOKEN", "CONSUL_HTTP_TOKEN_FILE"}
+    key = (
+        id(reactor),
+        client._address,
+        client._token,
+        tuple(
+            sorted(
+                (k, v)
+                for k, v in env.items()
+                if k.startswith("CONSUL_") and k not in named
+            )
+        ),
+    )
+    shared = _shared.get(key)
+    if shared is not None:
+        return shared
+    _shared[key] = client
+    return client
