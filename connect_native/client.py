@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -61,7 +60,6 @@ from connect_native import _logging
 from connect_native.certs import Bundle, IBundleSource
 from connect_native.consul.records import positive_seconds
 from connect_native.resolve import (
-    ConsulResolver,
     ExpectedIdentity,
     Instance,
     IResolver,
@@ -75,7 +73,7 @@ from connect_native.tls import (
 
 if TYPE_CHECKING:
     from connect_native.consul.client import ConsulClient
-    from connect_native.service import CertManagerLease, CertManagerRegistry
+    from connect_native.service import CertManagerRegistry
 
 __all__ = [
     "SERVICE_VARIABLE",
@@ -744,55 +742,6 @@ def our_service_name(
     )
 
 
-def _release(lease: CertManagerLease) -> None:
-    lease.release()
-
-
-@implementer(IBundleSource)
-class _LeasedBundleSource:
-    """
-    Our service's shared certificate manager as an ``IBundleSource``: the
-    lease is taken at the first use and given back by :meth:`close` (or
-    when this source is garbage collected).
-    """
-
-    def __init__(
-        self,
-        clock: IReactorTime,
-        client: ConsulClient,
-        service: str,
-        registry: CertManagerRegistry | None,
-    ) -> None:
-        self._clock = clock
-        self._client = client
-        self.service = service
-        self._registry = registry
-        self._lease: CertManagerLease | None = None
-        self._finalizer: weakref.finalize[Any, Any] | None = None
-
-    def _manager(self) -> IBundleSource:
-        if self._lease is None:
-            from connect_native.service import cert_managers
-
-            registry = self._registry if self._registry is not None else cert_managers
-            lease = registry.acquire(self._clock, self._client, self.service)
-            self._lease = lease
-            self._finalizer = weakref.finalize(self, _release, lease)
-        return self._lease.manager
-
-    def current(self) -> Bundle | None:
-        return self._manager().current()
-
-    def when_ready(self) -> Deferred[Bundle]:
-        return self._manager().when_ready()
-
-    def close(self) -> None:
-        finalizer, self._finalizer = self._finalizer, None
-        self._lease = None
-        if finalizer is not None:
-            finalizer()
-
-
 # --- the endpoint -------------------------------------------------------------------
 
 
@@ -857,7 +806,8 @@ class ConnectClientEndpoint:
         self._rng = rng if rng is not None else random.SystemRandom()
         self._creators: dict[ExpectedIdentity, ClientConnectionCreator] = {}
         self._creators_bundle: Bundle | None = None
-        self._owned: list[ConsulResolver | _LeasedBundleSource] = []
+        # What close() lets go of: the resolver and certificates it took.
+        self._owned: list[Any] = []
         self.failure_memory = positive_seconds("failure_memory", failure_memory)
         self._failures: dict[Instance, float] = {}
 
@@ -895,25 +845,19 @@ class ConnectClientEndpoint:
         :param options: the constructor's keyword arguments.
         :raises ValueError: when our own service is not named.
         """
-        ours = our_service_name(our_service)
-        if consul is None:
-            from connect_native.consul.client import shared_client
+        from connect_native.service import connect_services
 
-            # The process's client for the agent: what is shared per client (the
-            # certificate manager and its watches) is shared with the endpoints.
-            consul = shared_client(reactor)
-        resolver = ConsulResolver(
-            consul,
+        ours = our_service_name(our_service)
+        connect_service = connect_services.get(
+            reactor, ours, consul=consul, cert_managers=registry
+        )
+        return connect_service.client_endpoint(
             service,
             datacenter=datacenter,
             namespace=namespace,
             partition=partition,
-            reactor=reactor,
+            **options,
         )
-        source = _LeasedBundleSource(reactor, consul, ours, registry)
-        endpoint = cls(reactor, resolver, source, **options)
-        endpoint._owned = [resolver, source]
-        return endpoint
 
     def close(self) -> None:
         """

@@ -417,6 +417,7 @@ def parse_client_description(
 
 # --- the Consul agent's client -------------------------------------------------------
 
+
 def _read_token(kind: str, path: str) -> str:
     try:
         token = Path(path).read_text(encoding="utf-8").strip()
@@ -711,8 +712,9 @@ def build_client(
     environ: Mapping[str, str] | None = None,
 ) -> ConnectClientEndpoint:
     """The endpoint a :class:`ClientDescription` describes."""
-    from connect_native.client import ConnectClientEndpoint, _LeasedBundleSource
+    from connect_native.client import ConnectClientEndpoint
     from connect_native.resolve import PreparedQueryResolver
+    from connect_native.service import connect_services
 
     consul = consul_client(
         reactor, "client", description.consul, description.token_file, environ
@@ -724,7 +726,9 @@ def build_client(
         resolver = PreparedQueryResolver(
             consul, description.query, description.datacenter, reactor=reactor
         )
-        source = _LeasedBundleSource(reactor, consul, description.source, None)
+        source = connect_services.get(
+            reactor, description.source, consul=consul
+        ).held_identity()
         endpoint = ConnectClientEndpoint(reactor, resolver, source, **options)
         endpoint._owned = [source]
         return endpoint

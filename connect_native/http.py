@@ -56,7 +56,6 @@ from connect_native import _logging
 from connect_native.certs import IBundleSource
 from connect_native.client import (
     ConnectClientEndpoint,
-    _LeasedBundleSource,
     our_service_name,
 )
 from connect_native.consul.records import positive_seconds, whole_number
@@ -734,9 +733,14 @@ def client(
         # The process's client for the agent: what is shared per client (the
         # certificate manager and its watches) is shared with the endpoints.
         consul = shared_client(reactor)
+    held: Any = None
     if bundle_source is None:
+        from connect_native.service import connect_services
+
         assert ours is not None
-        bundle_source = _LeasedBundleSource(reactor, consul, ours, registry)
+        held = bundle_source = connect_services.get(
+            reactor, ours, consul=consul, cert_managers=registry
+        ).held_identity()
     endpoints = ConnectEndpointFactory(
         reactor,
         consul,
@@ -753,6 +757,6 @@ def client(
     http = ConnectHTTPClient(_RetryingAgent(agent, retries), reactor, request_timeout)
     http._pool = pool
     http._closing = [endpoints]
-    if isinstance(bundle_source, _LeasedBundleSource):
-        http._closing.append(bundle_source)
+    if held is not None:
+        http._closing.append(held)
     return http

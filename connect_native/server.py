@@ -59,7 +59,6 @@ from connect_native import _logging
 from connect_native._refusals import RefusalLog, address_text, host_of
 from connect_native.authorize import (
     L7_AT_L4,
-    AgentAuthorizer,
     Decision,
     IAuthorizer,
     Peer,
@@ -67,16 +66,12 @@ from connect_native.authorize import (
 )
 from connect_native.certs import (
     Bundle,
-    CertificateAuthorityClient,
-    CertManager,
     IBundleSource,
 )
 from connect_native.identity import ServiceIdentity
 from connect_native.recheck import OpenConnections
 from connect_native.service import (
-    CertManagerLease,
     CertManagerRegistry,
-    cert_managers,
 )
 from connect_native.tls import (
     PeerRefused,
@@ -1047,70 +1042,6 @@ class _ConnectPort:
         return self.port.getHost()
 
 
-@implementer(IBundleSource)
-class _LeasedSource:
-    """
-    The shared certificate manager of one service, as an ``IBundleSource``
-    for an endpoint: ``acquire`` (each ``listen()``) takes a lease on it,
-    ``release`` (each port stopping) gives one back.
-    """
-
-    def __init__(
-        self,
-        clock: IReactorTime,
-        client: CertificateAuthorityClient,
-        service: str,
-        registry: CertManagerRegistry,
-    ) -> None:
-        self._clock = clock
-        self._client = client
-        self._service = service
-        self._registry = registry
-        self._leases: list[CertManagerLease] = []
-
-    def _manager(self) -> CertManager | None:
-        return self._leases[-1].manager if self._leases else None
-
-    def acquire(self) -> None:
-        self._leases.append(
-            self._registry.acquire(self._clock, self._client, self._service)
-        )
-
-    def release(self) -> None:
-        if self._leases:
-            self._leases.pop().release()
-
-    @property
-    def reason(self) -> str | None:
-        manager = self._manager()
-        return None if manager is None else manager.reason
-
-    def current(self) -> Bundle | None:
-        manager = self._manager()
-        return None if manager is None else manager.current()
-
-    def subscribe_bundles(
-        self, callback: Callable[[Bundle], object]
-    ) -> Callable[[], None]:
-        """The current manager's ``subscribe_bundles``."""
-        subscribe = getattr(self._manager(), "subscribe_bundles", None)
-        if subscribe is None:
-            return lambda: None
-        unsubscribe: Callable[[], None] = subscribe(callback)
-        return unsubscribe
-
-    def when_ready(self) -> Deferred[Bundle]:
-        manager = self._manager()
-        if manager is None:
-            return fail(
-                RuntimeError(
-                    f"no certificate manager for service {self._service!r}: "
-                    "nothing holds a lease on it"
-                )
-            )
-        return manager.when_ready()
-
-
 @implementer(IStreamServerEndpoint)
 class ConnectServerEndpoint:
     """
@@ -1263,34 +1194,28 @@ class ConnectServerEndpoint:
         **options: Any,
     ) -> ConnectServerEndpoint:
         """
-        An endpoint for ``service`` whose certificates come from the
-        process's shared :class:`~connect_native.certs.CertManager` for
-        (``client``, ``service``): each ``listen()`` takes a lease on it
-        (starting it if it is the first), each port stopping gives its lease
-        back (the last one stops it).
+        An endpoint for ``service`` made by the process's shared
+        :class:`~connect_native.service.ConnectService` for (``client``,
+        ``service``): its certificates come from the service's shared
+        :class:`~connect_native.certs.CertManager`, and each ``listen()``
+        holds the service (starting it if it is the first) until its port
+        stops (the last one stops it).
 
         :param client: the Consul agent's client
             (:class:`~connect_native.consul.client.ConsulClient`).
-        :param authorizer: by default an
-            :class:`~connect_native.authorize.AgentAuthorizer` on ``client``.
+        :param authorizer: by default the service's own (an
+            :class:`~connect_native.authorize.AgentAuthorizer` on ``client``).
         :param registry: where managers are shared; the process's
             :data:`connect_native.service.cert_managers` by default.
         :param options: the constructor's keyword arguments.
         """
-        source = _LeasedSource(
-            reactor, client, service, cert_managers if registry is None else registry
+        from connect_native.service import connect_services
+
+        connect_service = connect_services.get(
+            reactor, service, consul=client, cert_managers=registry
         )
-        if authorizer is None:
-            authorizer = AgentAuthorizer(client, reactor)
-        return cls(
-            reactor,
-            wrapped_endpoint,
-            source,
-            authorizer,
-            service,
-            start_hook=source.acquire,
-            stop_hook=source.release,
-            **options,
+        return connect_service.server_endpoint(
+            wrapped_endpoint, authorizer=authorizer, **options
         )
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:

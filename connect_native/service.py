@@ -1,6 +1,12 @@
 """
-One :class:`~connect_native.certs.CertManager` per (agent, service) per
-process, shared by every endpoint of that service and reference-counted.
+One Connect service in this process: :class:`ConnectService`, the owner of
+its certificates, its authorizer and the endpoints and HTTP client made
+through it; and :data:`connect_services`, which shares one per (agent,
+service) in a process.
+
+Below it, one :class:`~connect_native.certs.CertManager` per (agent,
+service) per process, shared by every user of that service and
+reference-counted.
 
 An endpoint acquires a lease when it starts listening (or connecting) and
 releases it when it stops::
@@ -24,19 +30,40 @@ different tokens) but wasteful: share one client per process.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from connect_native import _logging
-from connect_native.certs import CertificateAuthorityClient, CertManager
+from connect_native.certs import (
+    Bundle,
+    CertificateAuthorityClient,
+    CertManager,
+    IBundleSource,
+    ManagerState,
+)
+
+if TYPE_CHECKING:
+    from connect_native.authorize import IAuthorizer
+    from connect_native.client import ConnectClientEndpoint
+    from connect_native.consul.client import ConsulClient
+    from connect_native.http import ConnectHTTPClient
+    from connect_native.server import ConnectServerEndpoint
 
 __all__ = [
     "CertManagerLease",
     "CertManagerRegistry",
+    "ConnectService",
+    "ConnectServiceRegistry",
     "acquire_cert_manager",
     "cert_managers",
+    "connect_services",
 ]
 
 #: Makes a manager: ``factory(clock, client, service)``.
@@ -177,3 +204,393 @@ def acquire_cert_manager(
     ``lease.release()`` when done.
     """
     return cert_managers.acquire(clock, client, service)
+
+
+# --- ConnectService ------------------------------------------------------------
+
+
+class ServiceNotStarted(RuntimeError):  # noqa: N818 (a state, like CertificateNotReady)
+    """A :class:`ConnectService` was asked for certificates before it started."""
+
+
+@implementer(IBundleSource)
+class _Certificates:
+    """
+    A :class:`ConnectService`'s certificates as an ``IBundleSource``: the
+    identity source it was given, or the shared certificate manager it
+    leases while it runs.
+    """
+
+    def __init__(self, service: ConnectService) -> None:
+        self._service = service
+
+    def _source(self) -> Any:
+        return self._service._source_now()
+
+    def current(self) -> Bundle | None:
+        source = self._source()
+        return None if source is None else source.current()
+
+    def when_ready(self) -> Deferred[Bundle]:
+        source = self._source()
+        if source is None:
+            return fail(
+                ServiceNotStarted(
+                    f"ConnectService {self._service.name!r} is not started: start "
+                    "it (startService(), or a parent service) or listen/connect "
+                    "through its endpoints, which start it"
+                )
+            )
+        ready: Deferred[Bundle] = source.when_ready()
+        return ready
+
+    @property
+    def reason(self) -> str | None:
+        reason = getattr(self._source(), "reason", None)
+        return reason if isinstance(reason, str) else None
+
+    def subscribe_bundles(
+        self, callback: Callable[[Bundle], object]
+    ) -> Callable[[], None]:
+        subscribe = getattr(self._source(), "subscribe_bundles", None)
+        if not callable(subscribe):
+            return lambda: None
+        unsubscribe: Callable[[], None] = subscribe(callback)
+        return unsubscribe
+
+
+class _Hold:
+    """
+    One user's hold on a :class:`ConnectService` (an endpoint, an HTTP
+    client): the service runs while any hold is open.  Taken at the first
+    use, let go by :meth:`close` (or when the holder is collected).
+    """
+
+    def __init__(self, service: ConnectService) -> None:
+        self._service = service
+        self._finalizer: weakref.finalize[Any, Any] | None = None
+
+    def take(self) -> None:
+        if self._finalizer is None:
+            self._service._hold()
+            self._finalizer = weakref.finalize(self, self._service._let_go)
+
+    def close(self) -> None:
+        finalizer, self._finalizer = self._finalizer, None
+        if finalizer is not None:
+            finalizer()
+
+
+@implementer(IBundleSource)
+class _HeldCertificates(_Hold):
+    """The service's certificates, holding the service from the first use."""
+
+    @property
+    def service(self) -> str:
+        """The name of the service whose certificates these are."""
+        return self._service.service
+
+    def current(self) -> Bundle | None:
+        self.take()
+        return self._service.identity.current()
+
+    def when_ready(self) -> Deferred[Bundle]:
+        self.take()
+        return self._service.identity.when_ready()
+
+    def subscribe_bundles(
+        self, callback: Callable[[Bundle], object]
+    ) -> Callable[[], None]:
+        self.take()
+        return self._service.identity.subscribe_bundles(callback)  # type: ignore[attr-defined,no-any-return]
+
+
+class ConnectService(Service):
+    """
+    One Connect service in this process, as Consul's Go ``connect.Service``
+    is: it owns the service's identity (its certificates and the roots it
+    trusts), the authorizer that decides who may call it, and what it dials
+    through; the endpoints and the HTTP client made from it share them::
+
+        web = ConnectService(reactor, "web")
+        web.setServiceParent(application)      # or web.startService()
+        port = await web.server_endpoint(TCP4ServerEndpoint(reactor, 8443)).listen(site)
+        http = web.http_client()
+        response = await http.get("https://db.service.consul/users")
+
+    Its endpoints start it when they listen or connect, and a service that
+    only they started stops when the last of them lets go;
+    :meth:`stopService` stops what it started and fails its waiters.
+    :data:`connect_services` hands out one per (agent, service) in a
+    process: the ``connect:`` endpoint strings, ``http.client()`` and the
+    endpoints' ``for_service`` conveniences all get theirs there.
+
+    :param reactor: the reactor (connects, listens, keeps time).
+    :param name: the service's name: its certificate's, and the
+        authorization target of its server endpoints.
+    :param consul: the agent's client; by default the process's shared one
+        for the ``CONSUL_*`` environment
+        (:func:`~connect_native.consul.client.shared_client`).
+    :param identity: where the certificates come from (an
+        ``IBundleSource``); by default the agent, through the process's
+        shared :class:`~connect_native.certs.CertManager` for (agent,
+        service), leased while this service runs.
+    :param authorizer: decides who may call the service; by default an
+        :class:`~connect_native.authorize.AgentAuthorizer` on ``consul``.
+    :param cert_managers: where the certificate managers are shared (the
+        process's :data:`cert_managers` by default).
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        name: str,
+        *,
+        consul: ConsulClient | None = None,
+        identity: IBundleSource | None = None,
+        authorizer: IAuthorizer | None = None,
+        cert_managers: CertManagerRegistry | None = None,
+    ) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be the service's name, not {name!r}")
+        if identity is not None and not IBundleSource.providedBy(identity):
+            raise TypeError(
+                f"identity must provide IBundleSource, not {type(identity).__name__}"
+            )
+        self.reactor = reactor
+        self.name = name
+        #: The service's name (``name`` is IService's, typed optional).
+        self.service: str = name
+        self._consul = consul
+        self._given_identity = identity
+        self._authorizer = authorizer
+        self._registry = cert_managers
+        self._lease: CertManagerLease | None = None
+        self._holds = 0
+        self._started_by_holds = False
+        self.identity: IBundleSource = _Certificates(self)
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<ConnectService {self.name!r} {state}>"
+
+    # -- what it owns ---------------------------------------------------------
+
+    @property
+    def consul(self) -> ConsulClient:
+        """The agent's client (the process's shared one unless given)."""
+        if self._consul is None:
+            from connect_native.consul.client import shared_client
+
+            self._consul = shared_client(self.reactor)
+        return self._consul
+
+    @property
+    def authorizer(self) -> IAuthorizer:
+        """Who decides whether a caller may reach this service."""
+        if self._authorizer is None:
+            from connect_native.authorize import AgentAuthorizer
+
+            self._authorizer = AgentAuthorizer(self.consul, self.reactor)
+        return self._authorizer
+
+    @property
+    def cert_manager(self) -> CertManager | None:
+        """The shared certificate manager it leases, while it runs."""
+        return None if self._lease is None else self._lease.manager
+
+    def _source_now(self) -> IBundleSource | None:
+        if self._given_identity is not None:
+            return self._given_identity
+        return self.cert_manager
+
+    @property
+    def state(self) -> ManagerState:
+        """
+        Where its certificates stand: ``STOPPED`` unless it runs, else its
+        certificate manager's state (an identity source without one is
+        ``READY`` with a certificate and ``STARTING`` without).
+        """
+        if not self.running:
+            return ManagerState.STOPPED
+        manager = self.cert_manager
+        if manager is not None:
+            return manager.state
+        source = self._given_identity
+        state = getattr(source, "state", None)
+        if isinstance(state, ManagerState):
+            return state
+        return ManagerState.READY if self.identity.current() else ManagerState.STARTING
+
+    def when_ready(self) -> Deferred[Bundle]:
+        """
+        Fires with the first usable certificate (starting the service if
+        nothing did); cancellable.  Bound it with a timeout.
+        """
+        if not self.running:
+            self.startService()
+        return self.identity.when_ready()
+
+    # -- IService ---------------------------------------------------------------
+
+    def startService(self) -> None:
+        if self.running:
+            return
+        super().startService()  # type: ignore[no-untyped-call]
+        if self._given_identity is None:
+            registry = cert_managers if self._registry is None else self._registry
+            self._lease = registry.acquire(self.reactor, self.consul, self.service)
+        else:
+            start = getattr(self._given_identity, "startService", None)
+            if callable(start) and not getattr(self._given_identity, "running", True):
+                start()
+
+    def stopService(self) -> Deferred[None] | None:
+        if not self.running:
+            return None
+        super().stopService()  # type: ignore[no-untyped-call]
+        self._started_by_holds = False
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            # The last lease stops the manager, failing its waiters.
+            lease.release()
+        return None
+
+    def _hold(self) -> None:
+        self._holds += 1
+        if not self.running:
+            self._started_by_holds = True
+            self.startService()
+
+    def _let_go(self) -> None:
+        self._holds = max(0, self._holds - 1)
+        if self._holds == 0 and self._started_by_holds:
+            self.stopService()
+
+    # -- what it makes ----------------------------------------------------------
+
+    def server_endpoint(
+        self, wrapped: IStreamServerEndpoint, **options: Any
+    ) -> ConnectServerEndpoint:
+        """
+        A :class:`~connect_native.server.ConnectServerEndpoint` for this
+        service over ``wrapped``: its certificates, its authorizer (unless
+        ``authorizer=`` says otherwise); each ``listen()`` holds the service
+        until its port stops.
+
+        :param options: the endpoint's keyword arguments.
+        """
+        from connect_native.server import ConnectServerEndpoint
+
+        authorizer = options.pop("authorizer", None)
+        return ConnectServerEndpoint(
+            self.reactor,
+            wrapped,
+            self.identity,
+            self.authorizer if authorizer is None else authorizer,
+            self.service,
+            start_hook=self._hold,
+            stop_hook=self._let_go,
+            **options,
+        )
+
+    def client_endpoint(
+        self,
+        target: str,
+        *,
+        datacenter: str | None = None,
+        namespace: str | None = None,
+        partition: str | None = None,
+        **options: Any,
+    ) -> ConnectClientEndpoint:
+        """
+        A :class:`~connect_native.client.ConnectClientEndpoint` to
+        ``target``'s healthy instances, presenting this service's
+        certificate; it holds the service from its first ``connect()`` until
+        its ``close()``.
+
+        :param options: the endpoint's keyword arguments.
+        """
+        from connect_native.client import ConnectClientEndpoint
+        from connect_native.resolve import ConsulResolver
+
+        resolver = ConsulResolver(
+            self.consul,
+            target,
+            datacenter=datacenter,
+            namespace=namespace,
+            partition=partition,
+            reactor=self.reactor,
+        )
+        source = self.held_identity()
+        endpoint = ConnectClientEndpoint(self.reactor, resolver, source, **options)
+        endpoint._owned = [resolver, source]
+        return endpoint
+
+    def http_client(self, **options: Any) -> ConnectHTTPClient:
+        """
+        A treq client (:func:`connect_native.http.client`) presenting this
+        service's certificate; it holds the service from its first request
+        until its ``close()``.
+        """
+        from connect_native.http import client
+
+        return client(
+            reactor=self.reactor,
+            consul=self.consul,
+            bundle_source=self.held_identity(),
+            **options,
+        )
+
+    def held_identity(self) -> _HeldCertificates:
+        """
+        The service's certificates as an ``IBundleSource`` that holds the
+        service from its first use until its ``close()``.
+        """
+        return _HeldCertificates(self)
+
+
+class ConnectServiceRegistry:
+    """
+    The :class:`ConnectService` of each (agent, service) in a process: asked
+    twice for the same pair, it gives the same object, for as long as
+    something holds it.
+    """
+
+    def __init__(self) -> None:
+        self._services: weakref.WeakValueDictionary[
+            tuple[object, ...], ConnectService
+        ] = weakref.WeakValueDictionary()
+
+    def get(
+        self,
+        reactor: Any,
+        name: str,
+        *,
+        consul: ConsulClient | None = None,
+        cert_managers: CertManagerRegistry | None = None,
+    ) -> ConnectService:
+        """
+        The shared service ``name`` through ``consul`` (the process's shared
+        client for the ``CONSUL_*`` environment by default).
+        """
+        if consul is None:
+            from connect_native.consul.client import shared_client
+
+            consul = shared_client(reactor)
+        key = (id(reactor), id(consul), name, id(cert_managers))
+        service = self._services.get(key)
+        if service is None or service.consul is not consul:
+            service = ConnectService(
+                reactor, name, consul=consul, cert_managers=cert_managers
+            )
+            self._services[key] = service
+        return service
+
+    def services(self) -> Sequence[ConnectService]:
+        """The services alive now."""
+        return list(self._services.values())
+
+
+#: The process's services, shared by the endpoints and HTTP clients.
+connect_services = ConnectServiceRegistry()

@@ -1,12 +1,19 @@
 """
 Tests for ``connect_native.service``: one CertManager per (client, service)
-per process, started on the first lease and stopped by the last release.
+per process, started on the first lease and stopped by the last release; and
+ConnectService, the owner of one Connect service in the process.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
+from twisted.application.service import IService
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactor
 
 from connect_native.certs import (
     CertificateAuthorityClient,
@@ -16,9 +23,13 @@ from connect_native.certs import (
 from connect_native.devagent.ca import DevCA
 from connect_native.service import (
     CertManagerRegistry,
+    ConnectService,
+    ConnectServiceRegistry,
+    ServiceNotStarted,
     acquire_cert_manager,
     cert_managers,
 )
+from connect_native.testing import FakeAuthorizer, FakeBundleSource
 from tests.test_certmanager import ScriptedAgent, wall_clock
 
 
@@ -133,3 +144,140 @@ def test_the_process_registry_is_shared_by_acquire_cert_manager() -> None:
         second.release()
     assert first.manager not in cert_managers.managers()
     assert not first.manager.running
+
+
+# --- ConnectService -------------------------------------------------------------
+
+
+def make_service(
+    name: str = "web",
+) -> tuple[Clock, ScriptedAgent, ConnectService, list[CertManager]]:
+    clock, agent, registry, made = make_registry()
+    service = ConnectService(
+        clock,
+        name,
+        consul=agent,
+        cert_managers=registry,  # type: ignore[arg-type]
+    )
+    return clock, agent, service, made
+
+
+def test_a_connect_service_is_an_iservice_exported_from_the_package() -> None:
+    import connect_native
+
+    assert connect_native.ConnectService is ConnectService
+    assert IService.implementedBy(ConnectService)
+    _, _, service, _ = make_service()
+    assert IService.providedBy(service)
+    assert service.name == "web"
+
+
+def test_starting_leases_the_shared_manager_and_stopping_releases_it() -> None:
+    _, _, service, made = make_service()
+    assert service.state is ManagerState.STOPPED
+    assert service.identity.current() is None
+    service.startService()
+    [manager] = made
+    assert service.cert_manager is manager
+    assert manager.running
+    assert service.state is ManagerState.READY
+    bundle = service.identity.current()
+    assert bundle is not None
+    assert bundle.identity.service == "web"
+    assert service.when_ready().result is bundle
+
+    service.stopService()
+    assert not manager.running
+    assert service.cert_manager is None
+    assert service.state is ManagerState.STOPPED
+    assert service.identity.current() is None
+
+
+def test_certificates_asked_before_the_start_fail_with_a_reason() -> None:
+    _, _, service, made = make_service()
+    failure = service.identity.when_ready()
+    with pytest.raises(ServiceNotStarted, match="not started"):
+        failure.result.raiseException()
+    failure.addErrback(lambda _: None)
+    assert made == []
+
+
+def test_stopping_fails_the_waiters_of_a_manager_without_a_certificate() -> None:
+    clock, agent, registry, _ = make_registry()
+    agent.hold = True  # the agent never answers
+    silent = ConnectService(
+        clock,
+        "web",
+        consul=agent,  # type: ignore[arg-type]
+        cert_managers=registry,
+    )
+    waiting = silent.when_ready()
+    assert not waiting.called
+    silent.stopService()
+    failures: list[Any] = []
+    waiting.addErrback(failures.append)
+    assert len(failures) == 1
+
+
+def test_endpoints_hold_a_service_they_started_until_the_last_lets_go() -> None:
+    _, _, service, made = make_service()
+    one, two = service.held_identity(), service.held_identity()
+    assert one.current() is not None  # the first use starts it
+    assert service.running
+    two.when_ready()
+    one.close()
+    assert service.running
+    two.close()
+    assert not service.running
+    assert not made[0].running
+    two.close()  # a second close counts nothing
+
+
+def test_a_service_started_by_its_owner_outlives_its_endpoints() -> None:
+    _, _, service, _ = make_service()
+    service.startService()
+    held = service.held_identity()
+    held.current()
+    held.close()
+    assert service.running
+
+
+def test_its_endpoints_use_its_certificates_and_its_authorizer() -> None:
+    clock, _, service, _ = make_service()
+    # By default: one AgentAuthorizer for every endpoint of the service.
+    first = service.server_endpoint(TCP4ServerEndpoint(MemoryReactor(), 1))
+    second = service.server_endpoint(TCP4ServerEndpoint(MemoryReactor(), 2))
+    assert first._authorizer is second._authorizer is service.authorizer
+    assert first._source is service.identity
+    authorizer = FakeAuthorizer({"api"})
+    with_own = ConnectService(
+        clock,
+        "web",
+        identity=FakeBundleSource(),
+        authorizer=authorizer,
+    )
+    endpoint = with_own.server_endpoint(TCP4ServerEndpoint(MemoryReactor(), 8443))
+    assert endpoint.service == "web"
+    assert endpoint._authorizer is authorizer
+    assert endpoint._source is with_own.identity
+    other = FakeAuthorizer(set())
+    assert (
+        with_own.server_endpoint(
+            TCP4ServerEndpoint(MemoryReactor(), 8443), authorizer=other
+        )._authorizer
+        is other
+    )
+
+
+def test_the_registry_shares_one_service_per_agent_and_name() -> None:
+    registry = ConnectServiceRegistry()
+    clock = Clock()
+    agent, other = (
+        ScriptedAgent(clock, DevCA(clock)),
+        ScriptedAgent(clock, DevCA(clock)),
+    )
+    web = registry.get(clock, "web", consul=agent)  # type: ignore[arg-type]
+    assert registry.get(clock, "web", consul=agent) is web  # type: ignore[arg-type]
+    assert registry.get(clock, "api", consul=agent) is not web  # type: ignore[arg-type]
+    assert registry.get(clock, "web", consul=other) is not web  # type: ignore[arg-type]
+    assert web in registry.services()
