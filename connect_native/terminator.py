@@ -960,7 +960,8 @@ class Terminator(Service):
         self._dev_port: IListeningPort | None = None
         self._demo_backend: IListeningPort | None = None
         self._authorizer_service: Any = None
-        self._lease: Any = None
+        #: The service's owner (ConnectService), once starting.
+        self.connect_service: Any = None
         self._closables: list[Any] = []
         self._starting: Deferred[None] | None = None
         self._log_level_before: LogLevel | None = None
@@ -1005,10 +1006,15 @@ class Terminator(Service):
                 self.client = self._start_dev_agent()
             else:
                 self.client = _consul_client(reactor, settings.consul, settings.token)
-        from connect_native.service import cert_managers
+        from connect_native.service import ConnectService
 
-        self._lease = cert_managers.acquire(reactor, self.client, settings.service)
         authorizer = self._authorizer()
+        # The one owner of the service in this process: its certificates and
+        # authorizer, for the public listener and every upstream.
+        self.connect_service = ConnectService(
+            reactor, settings.service, consul=self.client, authorizer=authorizer
+        )
+        self.connect_service.startService()
 
         listening: list[Deferred[Any]] = []
         to = settings.to
@@ -1031,7 +1037,11 @@ class Terminator(Service):
             from connect_native.registration import Registration
 
             self.registration = Registration(
-                reactor, self.client, self._lease.manager, settings.service, public
+                reactor,
+                self.client,
+                self.connect_service.cert_manager,
+                settings.service,
+                public,
             )
             self.registration.startService()
         if settings.demo:
@@ -1076,7 +1086,6 @@ class Terminator(Service):
         )
 
     def _listen_public(self, to: str, authorizer: Any) -> Deferred[Any]:
-        from connect_native.server import ConnectServerEndpoint
 
         settings, reactor = self.settings, self.reactor
         label = f"connect-native {settings.service}"
@@ -1087,11 +1096,8 @@ class Terminator(Service):
             )
         else:
             listener = serverFromString(reactor, with_default_backlog(settings.listen))
-        endpoint = ConnectServerEndpoint.for_service(
-            reactor,
+        endpoint = self.connect_service.server_endpoint(
             TrackedEndpoint(listener, self.tracker, label),
-            self.client,
-            settings.service,
             authorizer=authorizer,
             handshake_timeout=settings.handshake_timeout,
             max_handshakes=settings.max_handshakes,
@@ -1124,7 +1130,8 @@ class Terminator(Service):
                 to=to,
             )
 
-        return endpoint.listen(factory).addCallback(listening)
+        listened: Deferred[Any] = endpoint.listen(factory)
+        return listened.addCallback(listening)
 
     def _listen_upstream(self, upstream: Upstream) -> Deferred[Any]:
         from connect_native.client import ConnectClientEndpoint
@@ -1145,7 +1152,10 @@ class Terminator(Service):
             )
             self._closables.append(resolver)
         dialer = ConnectClientEndpoint(
-            reactor, resolver, self._lease.manager, timeout=settings.connect_timeout
+            reactor,
+            resolver,
+            self.connect_service.identity,
+            timeout=settings.connect_timeout,
         )
         label = f"connect-native upstream {upstream.name}"
         factory = ForwardingFactory(
@@ -1356,8 +1366,8 @@ class Terminator(Service):
             closable.close()
         if self._authorizer_service is not None:
             self._authorizer_service.stopService()
-        if self._lease is not None:
-            self._lease.release()
+        if self.connect_service is not None:
+            self.connect_service.stopService()
         if self.client is not None and self._own_client:
             await self.client.close()
         await stopping_workers

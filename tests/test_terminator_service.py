@@ -57,9 +57,11 @@ def test_an_upstream_on_a_non_loopback_interface_is_logged_as_a_warning() -> Non
         (9192, "127.0.0.1"),
     ]
     assert finished == []
+    manager = service.connect_service.cert_manager
+    assert cert_managers.leases(manager) == 1
     with capturedLogs():
         service.stopService()
-    assert cert_managers.leases(service._lease.manager) == 0
+    assert cert_managers.leases(manager) == 0
 
 
 def test_a_listener_that_cannot_start_ends_the_process_with_1() -> None:

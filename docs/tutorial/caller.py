@@ -10,11 +10,12 @@ import sys
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import react
 
-import connect_native.http
+from connect_native import ConnectService
 
 
 async def main(reactor, url):
-    http = connect_native.http.client("caller")  # we are "caller"
+    caller = ConnectService(reactor, "caller")  # we are "caller"
+    http = caller.http_client()
     try:
         response = await http.get(url)
         print(response.code, await response.text(), end="")
