@@ -1006,13 +1006,13 @@ class Terminator(Service):
                 self.client = self._start_dev_agent()
             else:
                 self.client = _consul_client(reactor, settings.consul, settings.token)
-        from connect_native.service import ConnectService
+        from connect_native.service import connect_services
 
         authorizer = self._authorizer()
-        # The one owner of the service in this process: its certificates and
-        # authorizer, for the public listener and every upstream.
-        self.connect_service = ConnectService(
-            reactor, settings.service, consul=self.client, authorizer=authorizer
+        # The one owner of the service in this process (the process's shared
+        # one): its certificates for the public listener and every upstream.
+        self.connect_service = connect_services.get(
+            reactor, settings.service, consul=self.client
         )
         self.connect_service.startService()
 
