@@ -333,11 +333,11 @@ class ConnectEndpointFactory:
 def _request_not_sent() -> tuple[type[BaseException], ...]:
     """
     twisted.web's RequestNotSent (a pooled connection closed before the
-    request went out), which it exports under no public name; if a Twisted
+    request went out), as ``twisted.web.client`` names it; if a Twisted
     release drops it, such a failure is simply not retried.
     """
     try:
-        from twisted.web._newclient import RequestNotSent
+        from twisted.web.client import RequestNotSent  # type: ignore[attr-defined]
     except ImportError:  # pragma: no cover (present in every Twisted we support)
         return ()
     return (RequestNotSent,)

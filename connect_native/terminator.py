@@ -713,20 +713,39 @@ class ReusePortEndpoint:
 
     @classmethod
     def from_description(cls, reactor: Any, description: str) -> ReusePortEndpoint:
-        """The same port, interface and backlog as a tcp/tcp6 description."""
-        parsed = serverFromString(reactor, description)
-        family = (
-            socket.AF_INET6
-            if isinstance(parsed, endpoints.TCP6ServerEndpoint)
-            else socket.AF_INET
-        )
+        """
+        The same port, interface and backlog as a tcp/tcp6 description (or a
+        bare port), read from the description itself: Twisted's parsed
+        endpoint keeps them only in private attributes.
+        """
+        parts = _split_description(description)
+        if len(parts) == 1 and parts[0].isdigit():
+            parts = ["tcp", parts[0]]
+        kind = parts[0].strip().lower()
+        if kind not in ("tcp", "tcp6") or len(parts) < 2:
+            raise ValueError(
+                f"--workers needs a tcp: or tcp6: --listen, not {description!r}"
+            )
+        options: dict[str, str] = {}
+        positional: list[str] = []
+        for part in parts[1:]:
+            name, equals, value = part.partition("=")
+            if equals:
+                options[name.strip()] = value.replace("\\:", ":")
+            else:
+                positional.append(part)
+        port_text = options.get("port", positional[0] if positional else "")
+        if not port_text.isdigit():
+            raise ValueError(f"no port in --listen {description!r}")
+        family = socket.AF_INET6 if kind == "tcp6" else socket.AF_INET
         return cls(
             reactor,
             family,
-            parsed._port,
+            int(port_text),
             # No interface= means all of them, as for twistd's own tcp:PORT.
-            parsed._interface or ("::" if family == socket.AF_INET6 else "0.0.0.0"),  # noqa: S104
-            parsed._backlog,
+            options.get("interface")
+            or ("::" if family == socket.AF_INET6 else "0.0.0.0"),  # noqa: S104
+            int(options.get("backlog", "50")),
         )
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:

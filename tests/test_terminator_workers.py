@@ -36,6 +36,7 @@ from connect_native.consul.records import AuthorizeResult
 from connect_native.identity import ServiceIdentity
 from connect_native.terminator import (
     Options,
+    ReusePortEndpoint,
     Settings,
     Terminator,
     worker_arguments,
@@ -92,6 +93,30 @@ def test_workers_cannot_be_used_with_the_demo() -> None:
 def test_workers_need_a_backend() -> None:
     with pytest.raises(usage.UsageError, match="--workers needs --to"):
         parse("--dev", "--service", "web", "--upstream", "db=tcp:9191", "--workers=2")
+
+
+@pytest.mark.parametrize(
+    ("description", "expected"),
+    [
+        ("tcp:0:interface=127.0.0.1:backlog=77", (socket.AF_INET, 0, "127.0.0.1", 77)),
+        ("tcp6:8443:interface=\\:\\:1", (socket.AF_INET6, 8443, "::1", 50)),
+        ("8443", (socket.AF_INET, 8443, "0.0.0.0", 50)),
+        ("tcp:port=9:backlog=3", (socket.AF_INET, 9, "0.0.0.0", 3)),
+        ("tcp6:9", (socket.AF_INET6, 9, "::", 50)),
+    ],
+)
+def test_the_shared_port_is_read_from_the_description(
+    description: str, expected: tuple[int, int, str, int]
+) -> None:
+    endpoint = ReusePortEndpoint.from_description(None, description)
+    got = (endpoint.family, endpoint.port, endpoint.interface, endpoint.backlog)
+    assert got == expected
+
+
+@pytest.mark.parametrize("description", ["unix:/run/web.sock", "tcp:interface=::1"])
+def test_a_description_without_a_tcp_port_is_refused(description: str) -> None:
+    with pytest.raises(ValueError, match="--listen"):
+        ReusePortEndpoint.from_description(None, description)
 
 
 def test_a_worker_gets_the_bound_port_and_no_registration_or_token() -> None:
