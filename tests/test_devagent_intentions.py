@@ -158,6 +158,52 @@ def test_update_into_a_duplicate_is_refused() -> None:
 
 
 @pytest.mark.parametrize(
+    ("source", "destination"), [("api", "Web"), ("API", "web"), ("Api", "WEB")]
+)
+def test_a_duplicate_is_found_whatever_the_case(source: str, destination: str) -> None:
+    # Measured on 1.8.7: its intentions table indexes both sides lowercased.
+    h = Harness()
+    first = create(h)
+    answer = h.post(
+        INTENTIONS,
+        {"SourceName": source, "DestinationName": destination, "Action": "deny"},
+    )
+    assert (answer.status, answer.text) == (
+        500,
+        "duplicate intention found: ALLOW default/api => default/web "
+        f"(ID: {first}, Precedence: 9)",
+    )
+    second = create(h, SourceName="db")
+    moved = h.put(
+        f"{INTENTIONS}/{second}",
+        {"SourceName": source, "DestinationName": destination, "Action": "deny"},
+    )
+    assert moved.status == 500
+    assert moved.text.startswith("duplicate intention found: ")
+
+
+def test_match_folds_the_case_and_check_compares_the_source_exactly() -> None:
+    # Measured on 1.8.7 with "* => web allow" and "evil => Web deny": match
+    # finds both for web, WEB or Web (and by source for EVIL); the agent's
+    # answers compare the caller with the source exactly.
+    h = Harness()
+    create(h, SourceName="*", DestinationName="web", Action="allow")
+    create(h, SourceName="evil", DestinationName="Web", Action="deny")
+    for name in ("web", "WEB"):
+        found = h.get(f"{INTENTIONS}/match?by=destination&name={name}").json()[name]
+        assert [(i["SourceName"], i["DestinationName"]) for i in found] == [
+            ("evil", "Web"),
+            ("*", "web"),
+        ]
+    by_source = h.get(f"{INTENTIONS}/match?by=source&name=EVIL").json()["EVIL"]
+    assert [i["DestinationName"] for i in by_source] == ["Web", "web"]
+    check = f"{INTENTIONS}/check"
+    assert h.get(f"{check}?source=evil&destination=web").json() == {"Allowed": False}
+    assert h.get(f"{check}?source=evil&destination=WEB").json() == {"Allowed": False}
+    assert h.get(f"{check}?source=Evil&destination=web").json() == {"Allowed": True}
+
+
+@pytest.mark.parametrize(
     ("raw_id", "problem"),
     [
         ("short", "UUID must be 36 characters"),

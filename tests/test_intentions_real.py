@@ -5,15 +5,19 @@ equals the agent's ``/v1/agent/connect/authorize`` answer, and a new
 intention takes effect without a restart.
 
 A fresh agent per test: a ``* -> *`` intention would reach every other
-test's services on the shared one.
+test's services on the shared one.  The property over random tables shares
+its agent among its examples, each deleting what it created.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest_twisted
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
@@ -21,10 +25,19 @@ from twisted.internet.task import deferLater
 from connect_native.authorize import Peer
 from connect_native.authorize_intentions import IntentionAuthorizer
 from connect_native.consul.client import ConsulClient
+from connect_native.consul.records import (
+    Intention,
+    decode_intentions,
+    decode_intentions_match,
+)
 from connect_native.identity import ServiceIdentity
+from connect_native.intentions import compile_intentions, decide_connection
 from tests.consul_agent import RealConsulAgent
+from tests.test_devagent_support import Harness
 
 T = TypeVar("T")
+
+INTENTIONS = "/v1/connect/intentions"
 
 TD = "11111111-2222-3333-4444-555555555555.consul"
 
@@ -45,12 +58,14 @@ def peer(service: str) -> Peer:
 def create(agent: RealConsulAgent, source: str, destination: str, action: str) -> str:
     """Set-up only (synchronous): before the test's first wait."""
     status, body = agent.request(
-        "POST",
-        "/v1/connect/intentions",
-        {"SourceName": source, "DestinationName": destination, "Action": action},
+        "POST", INTENTIONS, _intention(source, destination, action)
     )
     assert status == 200, body
     return str(json.loads(body)["ID"])
+
+
+def _intention(source: str, destination: str, action: str) -> dict[str, str]:
+    return {"SourceName": source, "DestinationName": destination, "Action": action}
 
 
 # destination -> [(source, expected by the agent)]; set up below.
@@ -163,3 +178,103 @@ async def test_names_compare_as_the_agent_compares_them(
         assert dict((s, a) for s, _, a in rows)["evil"] is False
     finally:
         await client.close()
+
+
+# -- random tables against the agent ------------------------------------------------
+
+AUTHORIZE = "/v1/agent/connect/authorize"
+
+# Case variants on both sides: the agent folds a destination's case (and
+# refuses a second intention for the folded source and destination) but
+# compares the caller's name with the source exactly.
+SOURCES = ("api", "Api", "evil", "EVIL", "*")
+DESTINATIONS = ("web", "Web", "WEB", "db", "*")
+CALLERS = ("api", "Api", "API", "evil", "Evil", "EVIL", "other")
+TARGETS = ("web", "Web", "WEB", "db")
+
+tables = st.lists(
+    st.tuples(
+        st.sampled_from(SOURCES),
+        st.sampled_from(DESTINATIONS),
+        st.sampled_from(("allow", "deny")),
+    ),
+    max_size=5,
+    unique_by=lambda row: (row[0], row[1]),
+)
+
+# Each example names its destinations afresh: the agent's authorize cache
+# (refreshed in the background) has never seen them, so its first answer
+# reads the intentions just written.
+_examples = itertools.count()
+
+
+def _ask_both(
+    agent: RealConsulAgent, dev: Harness, method: str, path: str, body: object
+) -> tuple[int, Any, Any]:
+    """The same request to the real and the development agent."""
+    status, raw = agent.request(method, path, body)
+    answer = dev.call(method, path, None if body is None else json.dumps(body))
+    assert answer.status == status, (method, path, body, raw, answer.text)
+    if status != 200:
+        return status, raw.decode(), answer.text
+    return status, json.loads(raw), answer.json()
+
+
+def _local(intentions: tuple[Intention, ...], target: str, caller: str) -> bool:
+    table = compile_intentions(intentions, target)
+    decision = decide_connection(table, peer(caller).identity, default_allows=True)
+    assert decision is not None
+    return decision.allowed
+
+
+@settings(
+    max_examples=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(table=tables)
+def test_random_tables_decide_as_the_agent_decides(
+    fresh_real_consul: RealConsulAgent, table: list[tuple[str, str, str]]
+) -> None:
+    # One agent for every example; each deletes what it created.
+    agent = fresh_real_consul
+    prefix = f"t{next(_examples)}-"
+
+    def named(destination: str) -> str:
+        return destination if destination == "*" else prefix + destination
+
+    dev = Harness()
+    created: list[str] = []
+    try:
+        for source, destination, action in table:
+            body = _intention(source, named(destination), action)
+            status, real, _ = _ask_both(agent, dev, "POST", INTENTIONS, body)
+            if status == 200:
+                created.append(real["ID"])
+            else:
+                assert real.startswith("duplicate intention found"), real
+        _, listed, _ = _ask_both(agent, dev, "GET", INTENTIONS, None)
+        everything = decode_intentions(listed)
+        for target in TARGETS:
+            name = named(target)
+            match = f"{INTENTIONS}/match?by=destination&name={name}"
+            _, matched, _ = _ask_both(agent, dev, "GET", match, None)
+            theirs = decode_intentions_match(matched)[name]
+            for caller in CALLERS:
+                body = {
+                    "Target": name,
+                    "ClientCertURI": peer(caller).uri,
+                    "ClientCertSerial": "0a:01",
+                }
+                _, real, by_dev = _ask_both(agent, dev, "POST", AUTHORIZE, body)
+                wanted = real["Authorized"]
+                got = {
+                    "devagent": by_dev["Authorized"],
+                    "local, from the match": _local(theirs, name, caller),
+                    "local, from the list": _local(everything, name, caller),
+                }
+                assert got == dict.fromkeys(got, wanted), (target, caller, real)
+    finally:
+        for intention_id in created:
+            status, raw = agent.request("DELETE", f"{INTENTIONS}/{intention_id}")
+            assert status == 200, raw

@@ -812,6 +812,19 @@ class Intention:
             f"(ID: {self.id}, Precedence: {self.precedence})"
         )
 
+    def folded(self) -> tuple[str, str, str, str]:
+        """
+        Source and destination as Consul's intentions table indexes them,
+        lowercased (memdb ``Lowercase: true``): what ``match`` finds and
+        what a duplicate is (``evil => Web`` after ``Evil => web``).
+        """
+        return (
+            self.source_ns.lower(),
+            self.source_name.lower(),
+            self.destination_ns.lower(),
+            self.destination_name.lower(),
+        )
+
     def sort_key(self) -> tuple[int, str, str, str, str]:
         # IntentionPrecedenceSorter: precedence descending, then the names.
         return (
@@ -1860,17 +1873,16 @@ class DevAgent:
         return out
 
     def _match(self, by: str, namespace: str, name: str) -> list[Intention]:
-        # state.IntentionMatch: (ns, name), (ns, *) and (*, *).
+        # state.IntentionMatch: (ns, name), (ns, *) and (*, *), looked up in
+        # a lowercased index, so "Web" finds "evil => web" and "WEB".
+        namespace, name = namespace.lower(), name.lower()
         wanted = {(namespace, name), (namespace, WILDCARD)}
         if namespace != WILDCARD:
             wanted.add((WILDCARD, WILDCARD))
         found = []
         for ixn in self._all_intentions():
-            pair = (
-                (ixn.destination_ns, ixn.destination_name)
-                if by == "destination"
-                else (ixn.source_ns, ixn.source_name)
-            )
+            folded = ixn.folded()
+            pair = folded[2:] if by == "destination" else folded[:2]
             if pair in wanted:
                 found.append(ixn)
         return sorted(found, key=Intention.sort_key)
@@ -1963,17 +1975,7 @@ class DevAgent:
             given, intention_id=random_uuid(self.rng), created_at=now, create_index=0
         )
         for other in self._all_intentions():
-            if (
-                other.source_ns,
-                other.source_name,
-                other.destination_ns,
-                other.destination_name,
-            ) == (
-                ixn.source_ns,
-                ixn.source_name,
-                ixn.destination_ns,
-                ixn.destination_name,
-            ):
+            if other.folded() == ixn.folded():
                 raise ConsulError(
                     500,
                     "duplicate intention found: "
@@ -2006,17 +2008,7 @@ class DevAgent:
             create_index=existing.create_index,
         )
         for other in self._intentions.values():
-            if other.id != existing.id and (
-                other.source_ns,
-                other.source_name,
-                other.destination_ns,
-                other.destination_name,
-            ) == (
-                ixn.source_ns,
-                ixn.source_name,
-                ixn.destination_ns,
-                ixn.destination_name,
-            ):
+            if other.id != existing.id and other.folded() == ixn.folded():
                 raise ConsulError(500, f"duplicate intention found: {other}")
         index = self._bump()
         ixn = evolve(ixn, modify_index=index)
