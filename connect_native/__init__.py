@@ -32,7 +32,7 @@ if TYPE_CHECKING:
         ResolutionFailed,
     )
     from connect_native.consul.client import ConsulClient
-    from connect_native.consul.records import ConsulError
+    from connect_native.consul.errors import ConsulError
     from connect_native.endpoints import EndpointStringError
     from connect_native.identity import InvalidIdentity, ServiceIdentity
     from connect_native.server import (
@@ -65,7 +65,7 @@ _LAZY = {
     "ServiceIdentity": "connect_native.identity",
     "InvalidIdentity": "connect_native.identity",
     "ConsulClient": "connect_native.consul.client",
-    "ConsulError": "connect_native.consul.records",
+    "ConsulError": "connect_native.consul.errors",
     "IAuthorizer": "connect_native.authorize",
     "AgentAuthorizer": "connect_native.authorize",
     "IntentionAuthorizer": "connect_native.authorize_intentions",

@@ -24,6 +24,8 @@ from typing import Generic, TypeVar
 
 from attrs import field, frozen
 
+from connect_native.consul.errors import ConsulError, ConsulResponseError
+
 __all__ = [
     "AgentSelf",
     "AuthorizeResult",
@@ -74,20 +76,6 @@ V = TypeVar("V")
 # The root of the error family and the shape error live here because the
 # decoders raise them; connect_native.consul.client defines the rest of the
 # family and re-exports these two.
-
-
-class ConsulError(Exception):
-    """
-    Something went wrong talking to the Consul agent.  Every error the client
-    raises is one of these.
-    """
-
-
-class ConsulResponseError(ConsulError):
-    """
-    The agent answered with something of the wrong shape: not JSON, a missing
-    field, or a field of the wrong type.  The message names the field.
-    """
 
 
 # -- the answer of a read ---------------------------------------------------
