@@ -35,6 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from connect_native import _logging
+from connect_native._backoff import backoff_delay
 from connect_native.certs import ManagerState, StateChange
 from connect_native.consul.records import (
     ServiceRegistration,
@@ -558,10 +559,11 @@ class Registration(Service):
 
     def _back_off(self) -> None:
         self._failures += 1
-        delay = min(
-            self.backoff_max, self.backoff_initial * 2 ** min(self._failures - 1, 32)
+        self._schedule(
+            backoff_delay(
+                self._failures, self.backoff_initial, self.backoff_max, self._rng.random
+            )
         )
-        self._schedule(delay * (0.5 + 0.5 * self._rng.random()))
 
     def _schedule(self, delay: float) -> None:
         self._cancel_timer()

@@ -42,6 +42,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from connect_native import _logging
+from connect_native._backoff import backoff_delay
 from connect_native.consul.records import ConsulError, Indexed
 
 __all__ = [
@@ -66,8 +67,6 @@ _failure: Callable[[BaseException], Failure] = Failure
 
 # The agent's RPC endpoints add up to wait/16 of jitter to the wait.
 _JITTER_FRACTION = 16
-# 2.0 ** 1024 overflows a float; the cap is reached long before this anyway.
-_MAX_BACKOFF_EXPONENT = 60
 
 
 class WatchTimeoutError(Exception):
@@ -461,9 +460,9 @@ class Watch(Generic[T]):
         self._continue(delay)
 
     def _backoff(self) -> float:
-        exponent = min(self._failures - 1, _MAX_BACKOFF_EXPONENT)
-        base = min(self.backoff_max, self.backoff_initial * 2.0**exponent)
-        return base * (0.5 + 0.5 * self._random())
+        return backoff_delay(
+            self._failures, self.backoff_initial, self.backoff_max, self._random
+        )
 
     def _deliver(self, value: T, index: int | None) -> None:
         if self._has_value and self._equal(cast(T, self._value), value):
