@@ -80,7 +80,7 @@ from connect_native.tls import (
     verified_peer,
 )
 from connect_native.tls import peer_identity as _peer_identity_or_none
-from connect_native.tls_transport import TLS_TRANSPORTS, TLSServerProtocol
+from connect_native.tls_transport import TLS_TRANSPORTS
 
 if TYPE_CHECKING:
     from connect_native.consul.client import ConsulClient
@@ -109,6 +109,15 @@ MAX_HANDSHAKES = 256
 MAX_HANDSHAKES_PER_ADDRESS = 64
 
 StopHook = Callable[[], "Deferred[Any] | None"]
+
+#: Builds the TLS transport of one accepted connection:
+#: ``make(connection_for, gate)``, where ``connection_for(protocol)`` gives the
+#: connection's ``OpenSSL.SSL.Connection`` (the creator's
+#: ``serverConnectionForTLS``) and ``gate`` is the protocol the transport
+#: carries until the peer is authorized (it may replace it by assigning
+#: ``wrappedProtocol``).  The terminator's
+#: :class:`~connect_native.tls_transport.TLSServerProtocol` is one.
+TLSProtocolFactory = Callable[[Callable[[Any], SSL.Connection], IProtocol], IProtocol]
 
 
 class CertificateNotReady(TimeoutError):  # noqa: N818 (a state, like TimeoutError)
@@ -433,15 +442,16 @@ def _note_first_bytes(tls: Any) -> None:
 
 class _OwnTLSFactory(Factory):
     """
-    Builds :class:`~connect_native.tls_transport.TLSServerProtocol` over each
-    accepted connection, with its gate inside; refuses (closes the socket)
-    when the gate cannot be built.
+    Builds an injected TLS transport (a :data:`TLSProtocolFactory`) over
+    each accepted connection, with its gate inside; refuses (closes the
+    socket) when the gate cannot be built.
     """
 
     noisy = False
 
-    def __init__(self, gates: _GateFactory) -> None:
+    def __init__(self, gates: _GateFactory, make: TLSProtocolFactory) -> None:
         self.wrappedFactory = gates
+        self._make = make
 
     def doStart(self) -> None:
         self.wrappedFactory.doStart()
@@ -449,11 +459,11 @@ class _OwnTLSFactory(Factory):
     def doStop(self) -> None:
         self.wrappedFactory.doStop()
 
-    def buildProtocol(self, addr: IAddress | None) -> TLSServerProtocol | None:
+    def buildProtocol(self, addr: IAddress | None) -> IProtocol | None:  # type: ignore[override]
         gate = self.wrappedFactory.buildProtocol(addr)
         if gate is None:
             return None
-        return TLSServerProtocol(gate.creator.serverConnectionForTLS, gate)
+        return self._make(gate.creator.serverConnectionForTLS, gate)
 
 
 class _HandshakeBudget:
@@ -1087,6 +1097,12 @@ class ConnectServerEndpoint:
         ``docs/performance.rst``).
         With ``"connect_native"``, ``buffer_small_writes`` does not apply:
         every write is encrypted and handed over at once.
+        ``tls_transport="connect_native"`` is the same as
+        ``tls_protocol=TLSServerProtocol``.
+    :param tls_protocol: the TLS transport to carry each connection, as a
+        :data:`TLSProtocolFactory` (the terminator injects its own,
+        :class:`~connect_native.tls_transport.TLSServerProtocol`); by default
+        Twisted's.
     :param log_allowed: log each allowed connection (info: peer, address,
         reason, who decided, how long it took).  Refusals are always logged
         (warn).  ``False`` for a busy service whose access log is kept
@@ -1130,6 +1146,7 @@ class ConnectServerEndpoint:
         buffer_small_writes: bool = True,
         log_allowed: bool = True,
         tls_transport: str = "twisted",
+        tls_protocol: TLSProtocolFactory | None = None,
         max_handshakes: int = MAX_HANDSHAKES,
         max_handshakes_per_address: int = MAX_HANDSHAKES_PER_ADDRESS,
         keep_open_on_deny: bool = False,
@@ -1169,7 +1186,16 @@ class ConnectServerEndpoint:
                 "tls_transport must be one of "
                 f"{', '.join(map(repr, TLS_TRANSPORTS))}, not {tls_transport!r}"
             )
-        self._own_tls = tls_transport == "connect_native"
+        if tls_transport == "connect_native":
+            if tls_protocol is not None:
+                raise ValueError(
+                    "give tls_protocol= or tls_transport='connect_native', not both"
+                )
+            from connect_native.tls_transport import TLSServerProtocol
+
+            tls_protocol = TLSServerProtocol
+        self._tls_protocol = tls_protocol
+        self._own_tls = tls_protocol is not None
         for name, count in (
             ("max_handshakes", max_handshakes),
             ("max_handshakes_per_address", max_handshakes_per_address),
@@ -1323,8 +1349,8 @@ class ConnectServerEndpoint:
         if not self._keep_open_on_deny:
             gates.open_connections = opened
         tls_factory: Any
-        if self._own_tls:
-            tls_factory = _OwnTLSFactory(gates)
+        if self._tls_protocol is not None:
+            tls_factory = _OwnTLSFactory(gates, self._tls_protocol)
         else:
             tls_factory = _ConnectTLSFactory(
                 _GateCreator(),

@@ -61,7 +61,7 @@ from connect_native.forward import (
     ForwardingFactory,
     TrackedEndpoint,
 )
-from connect_native.tls_transport import TLS_TRANSPORTS
+from connect_native.tls_transport import TLS_TRANSPORTS, TLSServerProtocol
 
 __all__ = [
     "DEMO_CLIENT_SERVICE",
@@ -1126,7 +1126,13 @@ class Terminator(Service):
             keep_open_on_deny=settings.keep_open_on_deny,
             # The forwarder writes each read whole: nothing to aggregate.
             buffer_small_writes=False,
-            tls_transport=settings.tls_transport,
+            # Its own TLS transport, injected: the public endpoint knows only
+            # the protocol factory it is given.
+            tls_protocol=(
+                TLSServerProtocol
+                if settings.tls_transport == "connect_native"
+                else None
+            ),
         )
         backend = clientFromString(reactor, to)
         factory = ForwardingFactory(

@@ -1425,3 +1425,37 @@ def test_a_flood_of_refusals_is_summed_up_not_logged_one_by_one(
     h.silent(source(1))
     h.reactor.advance(10)
     assert len([e for e in logged if e.get("reason") == "handshake timeout"]) == 21
+
+
+# --- the TLS transport, injected ---------------------------------------------
+
+
+def test_an_injected_tls_protocol_carries_each_connection(
+    ca: CertificateFactory,
+) -> None:
+    made: list[TLSServerProtocol] = []
+
+    def make(connection_for: Any, gate: Any) -> TLSServerProtocol:
+        protocol = TLSServerProtocol(connection_for, gate)
+        made.append(protocol)
+        return protocol
+
+    h = harness(ca, FakeAuthorizer({"api"}), tls_transport="twisted", tls_protocol=make)
+    conn = h.connect([b"through"])
+    assert made == [conn.server]
+    assert h.apps.built[0].received == b"through"
+
+
+def test_a_tls_protocol_and_the_connect_native_transport_are_one_choice(
+    ca: CertificateFactory,
+) -> None:
+    with pytest.raises(ValueError, match="not both"):
+        ConnectServerEndpoint(
+            MemoryReactorClock(),
+            TCP4ServerEndpoint(MemoryReactorClock(), 1),
+            StaticSource(),
+            FakeAuthorizer(set()),
+            "web",
+            tls_transport="connect_native",
+            tls_protocol=TLSServerProtocol,
+        )
