@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol, TypeVar
 
 from attrs import frozen
@@ -458,3 +458,116 @@ class AgentAuthorizer:
         decision.addCallback(finish).addErrback(
             lambda f: log.failure("authorize bookkeeping failed", f)  # never raised
         )
+
+
+# --- AllowIdsAuthorizer ----------------------------------------------------------
+
+
+class InvalidAllowedId(ValueError):  # noqa: N818 (a refusal of input)
+    """An ``--allow-id`` pattern that cannot be used; the message says why."""
+
+
+@frozen
+class AllowedId:
+    """
+    One allowed SPIFFE ID, as ghostunnel's ``--allow-uri`` takes it:
+    ``spiffe://<trust domain>/<path>``, where a path segment may be ``*``
+    (any one segment, never part of one and never several).  The trust
+    domain compares case-insensitively, the path exactly.
+    """
+
+    trust_domain: str
+    segments: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> AllowedId:
+        """:raises InvalidAllowedId: with a one-line reason."""
+        from connect_native.identity import InvalidIdentity, normalize_trust_domain
+
+        if not isinstance(text, str) or not text.startswith("spiffe://"):
+            raise InvalidAllowedId(
+                f"allowed ID {text!r} must be a SPIFFE ID: "
+                "spiffe://<trust domain>/<path>"
+            )
+        if any(c in text for c in "?#") or any(c.isspace() for c in text):
+            raise InvalidAllowedId(
+                f"allowed ID {text!r} has a query, fragment or space; "
+                "a SPIFFE ID has none"
+            )
+        authority, _, path = text[len("spiffe://") :].partition("/")
+        try:
+            trust_domain = normalize_trust_domain(authority)
+        except InvalidIdentity as e:
+            raise InvalidAllowedId(f"allowed ID {text!r}: {e}") from None
+        segments = tuple(path.split("/"))
+        if not path or any(not s for s in segments):
+            raise InvalidAllowedId(
+                f"allowed ID {text!r} needs a path without empty segments "
+                "(spiffe://<trust domain>/ns/<ns>/dc/<dc>/svc/<service>)"
+            )
+        for segment in segments:
+            if "*" in segment and segment != "*":
+                raise InvalidAllowedId(
+                    f"allowed ID {text!r}: '*' stands for one whole path "
+                    f"segment, not part of one ({segment!r})"
+                )
+        return cls(trust_domain, segments)
+
+    def matches(self, uri: str) -> bool:
+        """Whether the peer's SPIFFE ID ``uri`` is allowed by this one."""
+        if not uri.startswith("spiffe://"):
+            return False
+        authority, _, path = uri[len("spiffe://") :].partition("/")
+        if authority.lower() != self.trust_domain:
+            return False
+        segments = path.split("/")
+        if len(segments) != len(self.segments):
+            return False
+        return all(
+            (want == "*" and got != "") or want == got
+            for want, got in zip(self.segments, segments, strict=True)
+        )
+
+    def __str__(self) -> str:
+        return f"spiffe://{self.trust_domain}/{'/'.join(self.segments)}"
+
+
+@implementer(IAuthorizer)
+class AllowIdsAuthorizer:
+    """
+    Allows the peers whose SPIFFE ID matches one of a list, and no other:
+    authorization without an agent (no intentions), as ghostunnel's
+    ``--allow-uri``.  Decided at once, in the handshake.
+
+    :param allowed: SPIFFE IDs (``*`` for a whole path segment), as strings
+        or :class:`AllowedId`.
+
+    :raises InvalidAllowedId: for a pattern that cannot be used, or none.
+    """
+
+    def __init__(self, allowed: Sequence[str | AllowedId]) -> None:
+        if isinstance(allowed, str):
+            raise InvalidAllowedId(
+                "allowed must be a list of SPIFFE IDs, not one string"
+            )
+        patterns = tuple(
+            a if isinstance(a, AllowedId) else AllowedId.parse(a) for a in allowed
+        )
+        if not patterns:
+            raise InvalidAllowedId(
+                "no allowed ID: give at least one SPIFFE ID (--allow-id URI)"
+            )
+        self.allowed = patterns
+
+    def __repr__(self) -> str:
+        return f"<AllowIdsAuthorizer {', '.join(map(str, self.allowed))}>"
+
+    def decide_now(self, peer: Peer, target: str) -> Decision:
+        uri = peer.uri
+        for pattern in self.allowed:
+            if pattern.matches(uri):
+                return Decision(True, f"allowed by --allow-id {pattern}", "allow-ids")
+        return Decision(False, f"{uri} matches no allowed ID", "allow-ids")
+
+    def authorize(self, peer: Peer, target: str) -> Deferred[Decision]:
+        return succeed(self.decide_now(peer, target))

@@ -56,6 +56,7 @@ __all__ = [
     "CertManagerStopped",
     "CertificateAuthorityClient",
     "IBundleSource",
+    "IIdentitySource",
     "InvalidBundle",
     "LeafPermissionDenied",
     "ManagerState",
@@ -436,6 +437,29 @@ class IBundleSource(Interface):
         """
 
 
+class IIdentitySource(IBundleSource):
+    """
+    Where a service's identity comes from: its leaf certificate and key, and
+    the roots it trusts, delivered as :class:`Bundle` s.
+
+    Two are built in: the agent (:class:`CertManager`, by blocking queries
+    on the agent's leaf and roots) and files
+    (:class:`connect_native.sources.files.FileIdentitySource`, watched
+    certificate, key and CA bundle paths).  A source that is a Twisted
+    service is started and stopped by the
+    :class:`~connect_native.service.ConnectService` that holds it.
+    """
+
+    def subscribe_bundles(callback: Callable[[Bundle], object]) -> Callable[[], None]:
+        """
+        Call ``callback`` with each new Bundle once it is current (a new
+        leaf, or new roots with the same leaf), so that open connections can
+        be decided again against the new roots.
+
+        :returns: a function that unsubscribes ``callback``.
+        """
+
+
 # --- CertManager ---
 #
 # Keeps one service's Bundle fresh from the local agent: two blocking
@@ -538,7 +562,7 @@ def _root_pems(roots: CARoots) -> list[RootPEMs]:
     return [RootPEMs(r.root_cert_pem, r.intermediate_certs_pem) for r in roots.roots]
 
 
-@implementer(IBundleSource)
+@implementer(IIdentitySource)
 class CertManager(Service):
     """
     Keep the Bundle of one service fresh, from the local Consul agent.
