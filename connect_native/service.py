@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from connect_native.consul.client import ConsulClient
     from connect_native.http import ConnectHTTPClient
     from connect_native.server import ConnectServerEndpoint
+    from connect_native.sources import FilesIdentity
 
 __all__ = [
     "CertManagerLease",
@@ -331,10 +332,14 @@ class ConnectService(Service):
     :param consul: the agent's client; by default the process's shared one
         for the ``CONSUL_*`` environment
         (:func:`~connect_native.consul.client.shared_client`).
-    :param identity: where the certificates come from (an
-        ``IBundleSource``); by default the agent, through the process's
-        shared :class:`~connect_native.certs.CertManager` for (agent,
-        service), leased while this service runs.
+    :param identity: where the certificates come from: an
+        :class:`~connect_native.sources.IIdentitySource` (such as a
+        :class:`~connect_native.sources.files.FileIdentitySource`), or its
+        text form (``"files:cert=PATH,key=PATH,roots=PATH"``, see
+        :func:`~connect_native.sources.parse_identity`); by default (or
+        ``"agent"``) the agent, through the process's shared
+        :class:`~connect_native.certs.CertManager` for (agent, service),
+        leased while this service runs.
     :param authorizer: decides who may call the service; by default an
         :class:`~connect_native.authorize.AgentAuthorizer` on ``consul``.
     :param cert_managers: where the certificate managers are shared (the
@@ -347,15 +352,23 @@ class ConnectService(Service):
         name: str,
         *,
         consul: ConsulClient | None = None,
-        identity: IBundleSource | None = None,
+        identity: IBundleSource | FilesIdentity | str | None = None,
         authorizer: IAuthorizer | None = None,
         cert_managers: CertManagerRegistry | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be the service's name, not {name!r}")
+        from connect_native.sources import FilesIdentity, parse_identity
+
+        if isinstance(identity, str):
+            identity = parse_identity(identity)
+        if isinstance(identity, FilesIdentity):
+            # A description: this service's own source of those files.
+            identity = identity.source(reactor)
         if identity is not None and not IBundleSource.providedBy(identity):
             raise TypeError(
-                f"identity must provide IBundleSource, not {type(identity).__name__}"
+                "identity must provide IIdentitySource (or be 'agent' or "
+                f"'files:cert=...,key=...,roots=...'), not {type(identity).__name__}"
             )
         self.reactor = reactor
         self.name = name
@@ -368,6 +381,7 @@ class ConnectService(Service):
         self._lease: CertManagerLease | None = None
         self._holds = 0
         self._started_by_holds = False
+        self._started_identity = False
         self.identity: IBundleSource = _Certificates(self)
 
     def __repr__(self) -> str:
@@ -444,6 +458,8 @@ class ConnectService(Service):
             start = getattr(self._given_identity, "startService", None)
             if callable(start) and not getattr(self._given_identity, "running", True):
                 start()
+                # Started here, so stopped here too.
+                self._started_identity = True
 
     def stopService(self) -> Deferred[None] | None:
         if not self.running:
@@ -454,6 +470,11 @@ class ConnectService(Service):
         if lease is not None:
             # The last lease stops the manager, failing its waiters.
             lease.release()
+        if self._started_identity:
+            self._started_identity = False
+            stop = getattr(self._given_identity, "stopService", None)
+            if callable(stop):
+                stop()
         return None
 
     def _hold(self) -> None:

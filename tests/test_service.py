@@ -6,6 +6,8 @@ ConnectService, the owner of one Connect service in the process.
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +17,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
 
+from connect_native.authorize import AllowIdsAuthorizer
 from connect_native.certs import (
     CertificateAuthorityClient,
     CertManager,
@@ -29,7 +32,8 @@ from connect_native.service import (
     acquire_cert_manager,
     cert_managers,
 )
-from connect_native.testing import FakeAuthorizer, FakeBundleSource
+from connect_native.sources import InvalidIdentityDescription
+from connect_native.testing import CertificateFactory, FakeAuthorizer, FakeBundleSource
 from tests.test_certmanager import ScriptedAgent, wall_clock
 
 
@@ -281,3 +285,36 @@ def test_the_registry_shares_one_service_per_agent_and_name() -> None:
     assert registry.get(clock, "api", consul=agent) is not web  # type: ignore[arg-type]
     assert registry.get(clock, "web", consul=other) is not web  # type: ignore[arg-type]
     assert web in registry.services()
+
+
+def test_identity_may_be_given_as_files(tmp_path: Path) -> None:
+    from connect_native.sources.files import FileIdentitySource
+
+    ca = CertificateFactory()
+    leaf = ca.leaf("web")
+    (tmp_path / "cert.pem").write_text(leaf.chain_pem)
+    (tmp_path / "key.pem").write_text(leaf.key_pem)
+    (tmp_path / "ca.pem").write_text(ca.root_pem)
+    clock = Clock()
+    clock.advance(time.time())
+    service = ConnectService(
+        clock,
+        "web",
+        identity=f"files:cert={tmp_path / 'cert.pem'},key={tmp_path / 'key.pem'},"
+        f"roots={tmp_path / 'ca.pem'}",
+        authorizer=AllowIdsAuthorizer([ca.service_uri("api")]),
+    )
+    assert isinstance(service._given_identity, FileIdentitySource)
+    ready = service.when_ready()
+    bundle = service.identity.current()
+    assert bundle is not None
+    assert ready.result is bundle  # type: ignore[attr-defined]
+    assert bundle.identity.service == "web"
+    assert service.state is ManagerState.READY
+    service.stopService()
+    assert service.identity.current() is None
+
+
+def test_a_bad_identity_description_is_refused() -> None:
+    with pytest.raises(InvalidIdentityDescription, match="roots=PATH missing"):
+        ConnectService(Clock(), "web", identity="files:cert=/c,key=/k")
