@@ -24,7 +24,7 @@ import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from attrs import frozen
 from twisted.internet.interfaces import (
@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from connect_native.registration import Registration
     from connect_native.server import ConnectServerEndpoint
     from connect_native.service import CertManagerLease
+    from connect_native.sources import FilesIdentity
 
 __all__ = [
     "CLIENT_OPTIONS",
@@ -79,6 +80,12 @@ SERVER_OPTIONS = (
     "keepOpenOnDeny",
     "maxHandshakes",
     "maxHandshakesPerAddress",
+    "identity",
+    "cert",
+    "key",
+    "roots",
+    "trustDomain",
+    "allowIds",
 )
 
 #: The options of a client description.
@@ -93,7 +100,7 @@ CLIENT_OPTIONS = (
     "tokenFile",
 )
 
-Authorize = Literal["agent", "intentions"]
+Authorize = Literal["agent", "intentions", "allow-ids"]
 
 _TRUE = frozenset({"yes", "true", "on", "1"})
 _FALSE = frozenset({"no", "false", "off", "0"})
@@ -230,6 +237,12 @@ class ServerDescription:
     #: ``None``: ConnectServerEndpoint's defaults (256 and 64).
     max_handshakes: int | None = None
     max_handshakes_per_address: int | None = None
+    #: Where the certificate comes from: ``None`` for the agent, else the
+    #: files (``identity=files:...``, or ``identity=files`` with ``cert=``,
+    #: ``key=`` and ``roots=``).
+    identity: FilesIdentity | None = None
+    #: The SPIFFE IDs ``authorize=allow-ids`` allows.
+    allow_ids: tuple[str, ...] = ()
 
 
 @frozen
@@ -305,8 +318,13 @@ def parse_server_description(
             ),
         }
     authorize = kwargs.get("authorize", "agent")
-    if authorize not in ("agent", "intentions"):
-        raise _fail(kind, f"authorize= must be agent or intentions, not {authorize!r}")
+    if authorize not in ("agent", "intentions", "allow-ids"):
+        raise _fail(
+            kind,
+            f"authorize= must be agent, intentions or allow-ids, not {authorize!r}",
+        )
+    identity = _identity(kind, kwargs)
+    allow_ids = _allow_ids(kind, authorize, kwargs)
     timeouts = {
         name: _seconds(kind, name, kwargs[name]) if name in kwargs else default
         for name, default in (
@@ -319,7 +337,9 @@ def parse_server_description(
         service=service,
         consul=_optional_text(kind, "consul", kwargs),
         token_file=_optional_text(kind, "tokenFile", kwargs),
-        authorize="intentions" if authorize == "intentions" else "agent",
+        authorize=cast(Authorize, authorize),
+        identity=identity,
+        allow_ids=allow_ids,
         register=_boolean(kind, "register", kwargs.get("register", "no")),
         keep_open_on_deny=_boolean(
             kind, "keepOpenOnDeny", kwargs.get("keepOpenOnDeny", "no")
@@ -333,6 +353,62 @@ def parse_server_description(
         ),
         **where,
     )
+
+
+def _identity(kind: str, kwargs: Mapping[str, str]) -> FilesIdentity | None:
+    from connect_native.sources import (
+        InvalidIdentityDescription,
+        files_identity,
+        parse_identity,
+    )
+
+    text = kwargs.get("identity", "agent")
+    parts = {
+        name: kwargs[option]
+        for option, name in (
+            ("cert", "cert"),
+            ("key", "key"),
+            ("roots", "roots"),
+            ("trustDomain", "trust_domain"),
+        )
+        if option in kwargs
+    }
+    try:
+        if text.strip() == "files":
+            return files_identity(**parts)
+        if parts:
+            raise _fail(
+                kind,
+                f"{', '.join(f'{p}=' for p in parts)} go with identity=files "
+                "(connect:web:port=8443:identity=files:cert=PATH:key=PATH:roots=PATH)",
+            )
+        return parse_identity(text)
+    except InvalidIdentityDescription as e:
+        raise _fail(kind, f"identity=: {e}") from None
+
+
+def _allow_ids(kind: str, authorize: str, kwargs: Mapping[str, str]) -> tuple[str, ...]:
+    from connect_native.authorize import AllowedId, InvalidAllowedId
+
+    text = kwargs.get("allowIds")
+    if authorize != "allow-ids":
+        if text is not None:
+            raise _fail(kind, "allowIds= goes with authorize=allow-ids")
+        return ()
+    if text is None or not text.strip():
+        raise _fail(
+            kind,
+            "authorize=allow-ids needs allowIds=: the SPIFFE IDs allowed, separated "
+            "by commas, each colon escaped (allowIds=spiffe\\://td/ns/default/dc/"
+            "dc1/svc/api)",
+        )
+    allowed = tuple(part.strip() for part in text.split(",") if part.strip())
+    for one in allowed:
+        try:
+            AllowedId.parse(one)
+        except InvalidAllowedId as e:
+            raise _fail(kind, f"allowIds=: {e}") from None
+    return allowed
 
 
 def _optional_count(kind: str, name: str, kwargs: Mapping[str, str]) -> int | None:
@@ -560,15 +636,17 @@ class ConnectStringServerEndpoint:
         wrapped: IStreamServerEndpoint,
         consul: ConsulClient,
     ) -> None:
-        from connect_native.server import ConnectServerEndpoint
-
         self.description = description
         self.wrapped = wrapped
         self.consul = consul
         self._reactor = reactor
         self._listening = 0
         self.authorizer: Any = None
-        if description.authorize == "intentions":
+        if description.authorize == "allow-ids":
+            from connect_native.authorize import AllowIdsAuthorizer
+
+            self.authorizer = AllowIdsAuthorizer(description.allow_ids)
+        elif description.authorize == "intentions":
             from connect_native.authorize_intentions import IntentionAuthorizer
 
             # No matching intention: ask the agent, which applies the ACL
@@ -585,11 +663,14 @@ class ConnectStringServerEndpoint:
             )
             if count is not None
         }
-        self.connect: ConnectServerEndpoint = ConnectServerEndpoint.for_service(
-            reactor,
+        from connect_native.service import connect_services
+
+        connect_service = connect_services.get(
+            reactor, description.service, consul=consul, identity=description.identity
+        )
+        self.connect_service = connect_service
+        self.connect: ConnectServerEndpoint = connect_service.server_endpoint(
             wrapped,
-            consul,
-            description.service,
             authorizer=self.authorizer,
             ready_timeout=description.ready_timeout,
             handshake_timeout=description.handshake_timeout,
@@ -603,13 +684,15 @@ class ConnectStringServerEndpoint:
 
     def _start(self) -> None:
         self._listening += 1
-        if self.authorizer is not None and self._listening == 1:
-            self.authorizer.startService()
+        start = getattr(self.authorizer, "startService", None)
+        if callable(start) and self._listening == 1:
+            start()
 
     def _stop(self) -> None:
         self._listening -= 1
-        if self.authorizer is not None and self._listening == 0:
-            self.authorizer.stopService()
+        stop = getattr(self.authorizer, "stopService", None)
+        if callable(stop) and self._listening == 0:
+            stop()
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
         """
@@ -641,16 +724,22 @@ class ConnectStringServerEndpoint:
             from connect_native.registration import Registration
             from connect_native.service import cert_managers
 
-            # The same shared manager the endpoint leases: its readiness is
-            # what the check reports.
-            lease = cert_managers.acquire(
-                self._reactor, self.consul, self.description.service
-            )
+            readiness: Any
+            if self.description.identity is not None:
+                # The files: their state is what the check reports.
+                readiness = self.connect_service._source_now()
+            else:
+                # The same shared manager the endpoint leases: its readiness
+                # is what the check reports.
+                lease = cert_managers.acquire(
+                    self._reactor, self.consul, self.description.service
+                )
+                readiness = lease.manager
             try:
                 registration = Registration(
                     self._reactor,
                     self.consul,
-                    lease.manager,
+                    readiness,
                     self.description.service,
                     port,
                 )
@@ -658,7 +747,8 @@ class ConnectStringServerEndpoint:
             except BaseException:
                 # listened() stops the port and our own lease; this one is
                 # only known here, and would keep the manager's watches on.
-                lease.release()
+                if lease is not None:
+                    lease.release()
                 raise
 
         def release() -> None:

@@ -590,20 +590,27 @@ class ConnectServiceRegistry:
         *,
         consul: ConsulClient | None = None,
         cert_managers: CertManagerRegistry | None = None,
+        identity: FilesIdentity | None = None,
     ) -> ConnectService:
         """
         The shared service ``name`` through ``consul`` (the process's shared
-        client for the ``CONSUL_*`` environment by default).
+        client for the ``CONSUL_*`` environment by default), with its
+        certificates from the agent, or from the files ``identity``
+        describes (one source per description).
         """
         if consul is None:
             from connect_native.consul.client import shared_client
 
             consul = shared_client(reactor)
-        key = (id(reactor), id(consul), name, id(cert_managers))
+        key = (id(reactor), id(consul), name, id(cert_managers), identity)
         service = self._services.get(key)
         if service is None or service.consul is not consul:
             service = ConnectService(
-                reactor, name, consul=consul, cert_managers=cert_managers
+                reactor,
+                name,
+                consul=consul,
+                cert_managers=cert_managers,
+                identity=identity,
             )
             self._services[key] = service
         return service

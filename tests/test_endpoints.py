@@ -425,7 +425,7 @@ def test_connect_over_connect_is_refused(reactor: Reactor) -> None:
 
 
 def test_a_bad_authorizer(reactor: Reactor) -> None:
-    assert "authorize= must be agent or intentions, not 'acl'" in refused(
+    assert "authorize= must be agent, intentions or allow-ids, not 'acl'" in refused(
         reactor, "connect:web:port=1:authorize=acl"
     )
 
@@ -696,3 +696,69 @@ def test_a_registration_that_cannot_start_lets_go_of_everything(
     # Neither the endpoint's lease nor the registration's keeps a manager.
     assert [m for m in cert_managers.managers() if m not in before] == []
     assert reactor.shutdown_triggers == {}
+
+
+# --- identity= and authorize=allow-ids ---------------------------------------------
+
+
+def _identity_files(tmp_path: Path) -> tuple[Any, str]:
+    from connect_native.testing import CertificateFactory
+
+    ca = CertificateFactory()
+    leaf = ca.leaf("web")
+    (tmp_path / "cert.pem").write_text(leaf.chain_pem)
+    (tmp_path / "key.pem").write_text(leaf.key_pem)
+    (tmp_path / "ca.pem").write_text(ca.root_pem)
+    return ca, str(tmp_path).replace(":", "\\:")
+
+
+@pytest.mark.parametrize("form", ["escaped", "options"])
+def test_identity_files_and_allow_ids(
+    reactor: Reactor, tmp_path: Path, form: str
+) -> None:
+    from connect_native.authorize import AllowIdsAuthorizer, Peer
+    from connect_native.identity import ServiceIdentity
+    from connect_native.sources.files import FileIdentitySource
+
+    ca, d = _identity_files(tmp_path)
+    if form == "escaped":
+        identity = (
+            f"identity=files\\:cert={d}/cert.pem,key={d}/key.pem,roots={d}/ca.pem"
+        )
+    else:
+        identity = f"identity=files:cert={d}/cert.pem:key={d}/key.pem:roots={d}/ca.pem"
+    api = ca.service_uri("api").replace(":", "\\:")
+    endpoint = server(
+        reactor, f"connect:web:port=1:{identity}:authorize=allow-ids:allowIds={api}"
+    )
+    source = endpoint.connect_service._given_identity
+    assert isinstance(source, FileIdentitySource)
+    assert source.cert == tmp_path / "cert.pem"
+    assert isinstance(endpoint.authorizer, AllowIdsAuthorizer)
+    td = ca.trust_domain
+    allowed = Peer(ServiceIdentity(td, "default", "dc1", "api"), "01")
+    other = Peer(ServiceIdentity(td, "default", "dc1", "evil"), "01")
+    assert endpoint.authorizer.decide_now(allowed, "web").allowed
+    assert not endpoint.authorizer.decide_now(other, "web").allowed
+    # The certificates the endpoint serves are the files'.
+    assert endpoint.connect._source is endpoint.connect_service.identity
+
+
+@pytest.mark.parametrize(
+    ("description", "says"),
+    [
+        ("connect:web:port=1:identity=vault", "identity=: identity must be 'agent'"),
+        ("connect:web:port=1:identity=files:cert=/c", "key=PATH, roots=PATH missing"),
+        ("connect:web:port=1:cert=/c", "cert= go with identity=files"),
+        ("connect:web:port=1:authorize=allow-ids", "needs allowIds="),
+        ("connect:web:port=1:allowIds=spiffe\\://x/y", "goes with authorize=allow-ids"),
+        (
+            "connect:web:port=1:authorize=allow-ids:allowIds=https\\://x/y",
+            "allowIds=: allowed ID 'https://x/y' must be a SPIFFE ID",
+        ),
+    ],
+)
+def test_bad_identity_and_allow_ids(
+    reactor: Reactor, description: str, says: str
+) -> None:
+    assert says in refused(reactor, description)

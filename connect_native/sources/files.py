@@ -35,6 +35,7 @@ from connect_native.certs import (
     InvalidBundle,
     ManagerState,
     RootPEMs,
+    StateChange,
 )
 from connect_native.identity import InvalidIdentity, identity_of_certificate
 
@@ -152,6 +153,8 @@ class FileIdentitySource(Service):
         self._bundle: Bundle | None = None
         self._waiters: list[Deferred[Bundle]] = []
         self._subscribers: list[Callable[[Bundle], object]] = []
+        self._state_subscribers: list[Callable[[StateChange], object]] = []
+        self._told: tuple[ManagerState, str] = (ManagerState.STOPPED, "")
         self._seen: tuple[_Stat, ...] | None = None
         self._tried: tuple[_Stat, ...] | None = None
         self._problem: str | None = None
@@ -213,6 +216,37 @@ class FileIdentitySource(Service):
 
         return unsubscribe
 
+    def subscribe(
+        self, callback: Callable[[StateChange], object]
+    ) -> Callable[[], None]:
+        """
+        Call ``callback`` with a :class:`~connect_native.certs.StateChange`
+        whenever the state or its reason changes (as
+        :meth:`CertManager.subscribe <connect_native.certs.CertManager.subscribe>`
+        does, so a registration's check can follow the files).
+
+        :returns: a function that unsubscribes ``callback``.
+        """
+        self._state_subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            if callback in self._state_subscribers:
+                self._state_subscribers.remove(callback)
+
+        return unsubscribe
+
+    def _tell(self) -> None:
+        now = (self.state, self.reason)
+        if now == self._told:
+            return
+        previous, self._told = self._told[0], now
+        change = StateChange(state=now[0], reason=now[1], previous=previous)
+        for callback in list(self._state_subscribers):
+            try:
+                callback(change)
+            except Exception:
+                self._log.failure("identity files: a state subscriber raised")
+
     @property
     def state(self) -> ManagerState:
         """``STARTING`` until the files hold a certificate, then ``READY``
@@ -262,6 +296,7 @@ class FileIdentitySource(Service):
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.errback(IdentityFilesStopped(str(self.cert)))
+        self._tell()
 
     # -- watching -------------------------------------------------------------------
 
@@ -272,6 +307,7 @@ class FileIdentitySource(Service):
         stats = self._stats()
         if not first:
             self._note_expiry()
+            self._tell()
             if stats != self._seen:
                 # Changed since the last look: wait until it holds still.
                 self._seen = stats
@@ -284,8 +320,9 @@ class FileIdentitySource(Service):
             bundle = self._load()
         except InvalidBundle as e:
             self._refuse(str(e))
-            return
-        self._install(bundle)
+        else:
+            self._install(bundle)
+        self._tell()
 
     def _retry_due(self) -> bool:
         # Files that could not be used are tried again now and then even
