@@ -61,11 +61,12 @@ from connect_native.forward import (
     ForwardingFactory,
     TrackedEndpoint,
 )
-from connect_native.tls_transport import TLS_TRANSPORTS, TLSServerProtocol
+from connect_native.tls_transport import TLSServerProtocol
 
 __all__ = [
     "DEMO_CLIENT_SERVICE",
     "DEMO_SERVICE",
+    "TLS_TRANSPORTS",
     "Options",
     "Settings",
     "Terminator",
@@ -86,6 +87,11 @@ DEMO_CLIENT_SERVICE = "demo-client"
 DEMO_MESSAGE = b"hello through Connect\n"
 
 MAX_WORKERS = 64
+
+#: The values of ``--tls-transport``: Twisted's ``TLSMemoryBIOProtocol``, or
+#: the terminator's own :class:`~connect_native.tls_transport.TLSServerProtocol`
+#: (injected into the public endpoint as its ``tls_protocol=``).
+TLS_TRANSPORTS = ("twisted", "connect_native")
 
 _NAME = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
 _UNESCAPED_COLON = re.compile(r"(?<!\\):")

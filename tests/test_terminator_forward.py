@@ -35,9 +35,10 @@ from connect_native.forward import (
     TrackedEndpoint,
 )
 from connect_native.identity import ServiceIdentity
+from connect_native.terminator import TLS_TRANSPORTS
 from connect_native.testing import CertificateFactory, make_bundle
 from connect_native.tls import ClientConnectionCreator, ServerConnectionCreator
-from connect_native.tls_transport import TLS_TRANSPORTS, TLSServerProtocol
+from connect_native.tls_transport import TLSServerProtocol
 
 FRONT = IPv4Address("TCP", "127.0.0.1", 40000)
 BACK = IPv4Address("TCP", "127.0.0.1", 8080)
