@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from connect_native.server import TLSProtocolFactory
-from connect_native.tls_transport import TLSServerProtocol
+from connect_native.terminator._tls import TLSServerProtocol
 
 _current: list[TLSProtocolFactory | None] = [None]
 
