@@ -80,7 +80,6 @@ from connect_native.tls import (
     verified_peer,
 )
 from connect_native.tls import peer_identity as _peer_identity_or_none
-from connect_native.tls_transport import TLS_TRANSPORTS
 
 if TYPE_CHECKING:
     from connect_native.consul.client import ConsulClient
@@ -115,8 +114,8 @@ StopHook = Callable[[], "Deferred[Any] | None"]
 #: connection's ``OpenSSL.SSL.Connection`` (the creator's
 #: ``serverConnectionForTLS``) and ``gate`` is the protocol the transport
 #: carries until the peer is authorized (it may replace it by assigning
-#: ``wrappedProtocol``).  The terminator's
-#: :class:`~connect_native.tls_transport.TLSServerProtocol` is one.
+#: ``wrappedProtocol``).  The terminator injects its own (a smaller
+#: transport for a byte stream); this module knows only this signature.
 TLSProtocolFactory = Callable[[Callable[[Any], SSL.Connection], IProtocol], IProtocol]
 
 
@@ -1086,23 +1085,13 @@ class ConnectServerEndpoint:
         the connection at once: for a protocol that writes whole reads, such
         as the terminator's forwarder, that saves a delayed call and a copy
         per write (see ``docs/performance.rst``).
-    :param tls_transport: whose TLS transport carries each connection:
-        ``"twisted"`` (Twisted's ``TLSMemoryBIOProtocol``, the default: what
-        twisted.web, HTTP/2 and any application expect), or
-        ``"connect_native"``
-        (:class:`~connect_native.tls_transport.TLSServerProtocol`, a smaller
-        transport for an application that only needs a byte stream, such
-        as a forwarder: 11-16 % less CPU per new connection and 12-39 %
-        more throughput over 8 connections in the benchmarks, see
-        ``docs/performance.rst``).
-        With ``"connect_native"``, ``buffer_small_writes`` does not apply:
-        every write is encrypted and handed over at once.
-        ``tls_transport="connect_native"`` is the same as
-        ``tls_protocol=TLSServerProtocol``.
     :param tls_protocol: the TLS transport to carry each connection, as a
-        :data:`TLSProtocolFactory` (the terminator injects its own,
-        :class:`~connect_native.tls_transport.TLSServerProtocol`); by default
-        Twisted's.
+        :data:`TLSProtocolFactory`; by default Twisted's
+        ``TLSMemoryBIOProtocol``, which is what twisted.web, HTTP/2 and any
+        application expect.  ``twistd connect-native`` injects its own, a
+        smaller transport for a byte stream (see ``docs/server.rst``).  With
+        an injected transport, ``buffer_small_writes`` does not apply: that
+        transport decides when its writes go out.
     :param log_allowed: log each allowed connection (info: peer, address,
         reason, who decided, how long it took).  Refusals are always logged
         (warn).  ``False`` for a busy service whose access log is kept
@@ -1145,7 +1134,6 @@ class ConnectServerEndpoint:
         release_buffers: bool = False,
         buffer_small_writes: bool = True,
         log_allowed: bool = True,
-        tls_transport: str = "twisted",
         tls_protocol: TLSProtocolFactory | None = None,
         max_handshakes: int = MAX_HANDSHAKES,
         max_handshakes_per_address: int = MAX_HANDSHAKES_PER_ADDRESS,
@@ -1181,19 +1169,6 @@ class ConnectServerEndpoint:
         self._buffer_small_writes = bool(buffer_small_writes)
         self._log_allowed = bool(log_allowed)
         self._keep_open_on_deny = bool(keep_open_on_deny)
-        if tls_transport not in TLS_TRANSPORTS:
-            raise ValueError(
-                "tls_transport must be one of "
-                f"{', '.join(map(repr, TLS_TRANSPORTS))}, not {tls_transport!r}"
-            )
-        if tls_transport == "connect_native":
-            if tls_protocol is not None:
-                raise ValueError(
-                    "give tls_protocol= or tls_transport='connect_native', not both"
-                )
-            from connect_native.tls_transport import TLSServerProtocol
-
-            tls_protocol = TLSServerProtocol
         self._tls_protocol = tls_protocol
         self._own_tls = tls_protocol is not None
         for name, count in (

@@ -573,8 +573,8 @@ class ServerConnectionCreator(_ConnectionCreator):
     def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
         """
         A connection for one accepted client, sharing this creator's context
-        (for Twisted's ``TLSMemoryBIOProtocol`` or our
-        :class:`~connect_native.tls_transport.TLSServerProtocol`).
+        (for Twisted's ``TLSMemoryBIOProtocol`` or an injected transport such
+        as the terminator's own).
         """
         return self._connection()
 

@@ -44,8 +44,8 @@ from twisted.internet import reactor
 from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThread
 
+from connect_native.terminator import TLS_TRANSPORTS
 from connect_native.testing import CertificateFactory, TestLeaf
-from connect_native.tls_transport import TLS_TRANSPORTS
 from tests.consul_agent import RealConsulAgent, free_ports
 from tests.test_terminator_real import Backend, Process, log_line
 

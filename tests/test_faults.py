@@ -69,7 +69,7 @@ class Service:
             FakeAuthorizer(["api"]) if authorizer is None else authorizer,
             "web",
             ready_timeout=30,
-            tls_transport=transports.current(),
+            tls_protocol=transports.current(),
         )
 
     def start(self) -> Any:

@@ -144,7 +144,7 @@ class Web:
             self.name,
             ready_timeout=30,
             handshake_timeout=10,
-            tls_transport=transports.current(),
+            tls_protocol=transports.current(),
         )
         self.port: Any = None
         self.registration: Registration | None = None

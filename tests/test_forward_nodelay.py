@@ -28,7 +28,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
-from connect_native.forward import (
+from connect_native.terminator.forward import (
     BUFFER_SIZE,
     ConnectionTracker,
     ForwardingFactory,

@@ -46,13 +46,13 @@ def test_every_module_logs_through_the_filter() -> None:
     import connect_native.authorize
     import connect_native.certs
     import connect_native.consul.blocking
-    import connect_native.forward
     import connect_native.server
+    import connect_native.terminator.forward
     import connect_native.tls
 
     for logger in (
         connect_native.authorize.log,
-        connect_native.forward.log,
+        connect_native.terminator.forward.log,
         connect_native.server.log,
         connect_native.tls._log,
         connect_native.certs.CertManager._log,

@@ -10,8 +10,11 @@ so they are made around ``time.time()`` and the clock starts there.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -40,7 +43,6 @@ from connect_native import server as server_module
 from connect_native._refusals import BURST
 from connect_native.authorize import Decision, IAuthorizer, Peer, colon_hex_serial
 from connect_native.certs import Bundle, IBundleSource, RootPEMs
-from connect_native.forward import ConnectionTracker, TrackedEndpoint
 from connect_native.identity import ServiceIdentity
 from connect_native.server import (
     CertificateNotReady,
@@ -49,9 +51,10 @@ from connect_native.server import (
     alpn_protocols_for,
     peer_identity,
 )
+from connect_native.terminator._tls import TLSServerProtocol
+from connect_native.terminator.forward import ConnectionTracker, TrackedEndpoint
 from connect_native.testing import CertificateFactory, FakeAuthorizer, TestLeaf
 from connect_native.tls import ClientConnectionCreator, verified_peer
-from connect_native.tls_transport import TLSServerProtocol
 from tests import transports
 
 # A fixture: every test of this module runs over both TLS transports.
@@ -241,7 +244,7 @@ class Harness:
     tracker: ConnectionTracker | None = None
 
     def listen(self, factory: Any = None, **options: Any) -> Deferred[IListeningPort]:
-        options.setdefault("tls_transport", transports.current())
+        options.setdefault("tls_protocol", transports.current())
         if self.reactor.seconds() == 0:
             self.reactor.advance(time.time())
         listener: Any = TCP4ServerEndpoint(self.reactor, 8443)
@@ -1440,22 +1443,44 @@ def test_an_injected_tls_protocol_carries_each_connection(
         made.append(protocol)
         return protocol
 
-    h = harness(ca, FakeAuthorizer({"api"}), tls_transport="twisted", tls_protocol=make)
+    h = harness(ca, FakeAuthorizer({"api"}), tls_protocol=make)
     conn = h.connect([b"through"])
     assert made == [conn.server]
     assert h.apps.built[0].received == b"through"
 
 
-def test_a_tls_protocol_and_the_connect_native_transport_are_one_choice(
-    ca: CertificateFactory,
-) -> None:
-    with pytest.raises(ValueError, match="not both"):
-        ConnectServerEndpoint(
+def test_the_transport_is_no_longer_named_by_a_string() -> None:
+    """
+    ``tls_transport=`` is gone: the transport is an injected factory only.
+    """
+    with pytest.raises(TypeError, match="tls_transport"):
+        ConnectServerEndpoint(  # type: ignore[call-arg]
             MemoryReactorClock(),
             TCP4ServerEndpoint(MemoryReactorClock(), 1),
             StaticSource(),
             FakeAuthorizer(set()),
             "web",
             tls_transport="connect_native",
-            tls_protocol=TLSServerProtocol,
         )
+
+
+def test_the_server_does_not_import_the_terminator() -> None:
+    """
+    Imports run one way, terminator -> server: the public endpoint knows
+    nothing of the terminator's own transport.
+    """
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, connect_native.server; "
+            "print(sorted(m for m in sys.modules "
+            "if m.startswith('connect_native.terminator')))",
+        ],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert result.stdout.strip() == "[]", result.stderr

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
 
+from connect_native.terminator._tls import TLSServerProtocol
 from connect_native.testing import CertificateFactory, FakeAuthorizer
-from connect_native.tls_transport import TLSServerProtocol
 from tests.test_release_buffers import ADDRESS, public_listener
 from tests.test_server import harness
 

@@ -1,5 +1,5 @@
 """
-Tests for connect_native.forward in memory: the forwarder between two
+Tests for connect_native.terminator.forward in memory: the forwarder between two
 ``StringTransport``s (and, for the TLS side, a real TLS connection over
 iosim), on a ``Clock``; the connection tracker through a ``MemoryReactor``.
 """
@@ -28,16 +28,17 @@ from twisted.python.failure import Failure
 from twisted.test.iosim import FakeTransport, connect
 
 from connect_native._refusals import BURST
-from connect_native.forward import (
+from connect_native.identity import ServiceIdentity
+from connect_native.terminator import TLS_TRANSPORTS
+from connect_native.terminator._tls import TLSServerProtocol
+from connect_native.terminator.forward import (
     MAX_PENDING_BYTES,
     ConnectionTracker,
     ForwardingFactory,
     TrackedEndpoint,
 )
-from connect_native.identity import ServiceIdentity
 from connect_native.testing import CertificateFactory, make_bundle
 from connect_native.tls import ClientConnectionCreator, ServerConnectionCreator
-from connect_native.tls_transport import TLS_TRANSPORTS, TLSServerProtocol
 
 FRONT = IPv4Address("TCP", "127.0.0.1", 40000)
 BACK = IPv4Address("TCP", "127.0.0.1", 8080)

@@ -27,7 +27,8 @@ from twisted.python.failure import Failure
 from twisted.test.iosim import FakeTransport, IOPump, connect
 from zope.interface import implementer
 
-from connect_native.forward import (
+from connect_native.terminator._tls import WRITE_NOW_MAX, TLSServerProtocol, write_now
+from connect_native.terminator.forward import (
     ConnectionTracker,
     ForwardingFactory,
     _TrackingFactory,
@@ -35,7 +36,6 @@ from connect_native.forward import (
 from connect_native.testing import CertificateFactory
 from connect_native.tls import ClientConnectionCreator, ServerConnectionCreator
 from connect_native.tls import peer_identity as peer_identity_or_none
-from connect_native.tls_transport import WRITE_NOW_MAX, TLSServerProtocol, write_now
 from tests.test_server import ADDRESS, Client, ClientFactory, bundle, identity
 
 

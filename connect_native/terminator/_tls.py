@@ -57,11 +57,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-__all__ = ["TLS_TRANSPORTS", "WRITE_NOW_MAX", "TLSServerProtocol", "write_now"]
-
-#: The values of ``ConnectServerEndpoint(tls_transport=...)`` and of
-#: ``twistd connect-native --tls-transport``.
-TLS_TRANSPORTS = ("twisted", "connect_native")
+__all__ = ["WRITE_NOW_MAX", "TLSServerProtocol", "write_now"]
 
 # What one SSL_read may return is one record: at most 16 KiB of plaintext.
 # pyOpenSSL allocates the size asked for on every call, so ask for no more.

@@ -57,7 +57,7 @@ from zope.interface import implementer
 from connect_native import _logging
 from connect_native._refusals import RefusalLog
 from connect_native.consul.records import positive_seconds, whole_number
-from connect_native.tls_transport import TLSServerProtocol, write_now
+from connect_native.terminator._tls import TLSServerProtocol, write_now
 
 __all__ = [
     "BUFFER_SIZE",

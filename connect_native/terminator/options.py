@@ -1,0 +1,648 @@
+"""
+The options of ``twistd connect-native`` and their checks: :class:`Options`
+(what twistd parses) leaves a :class:`Settings` (what the service runs), and
+every bad input is refused here with a one-line ``UsageError`` naming the
+option, before anything listens.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+import socket
+from typing import Any
+
+from attrs import field, frozen
+from twisted.internet import endpoints
+from twisted.logger import InvalidLogLevelError, LogLevel
+from twisted.python import usage
+
+from connect_native.terminator.demo import DEMO_SERVICE
+from connect_native.terminator.forward import BUFFER_SIZE
+
+__all__ = [
+    "DEFAULT_BACKLOG",
+    "MAX_WORKERS",
+    "TLS_TRANSPORTS",
+    "Options",
+    "Settings",
+    "Upstream",
+    "consul_client",
+    "parse_upstream",
+    "split_description",
+    "with_default_backlog",
+]
+
+# Twisted's endpoint helpers are untyped.
+serverFromString: Any = endpoints.serverFromString  # noqa: N816
+clientFromString: Any = endpoints.clientFromString  # noqa: N816
+
+MAX_WORKERS = 64
+
+#: The values of ``--tls-transport``: Twisted's ``TLSMemoryBIOProtocol``, or
+#: the terminator's own ``TLSServerProtocol`` (injected into the public
+#: endpoint as its ``tls_protocol=``).
+TLS_TRANSPORTS = ("twisted", "connect_native")
+
+_NAME = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
+_UNESCAPED_COLON = re.compile(r"(?<!\\):")
+
+
+@frozen
+class Upstream:
+    """
+    One ``--upstream``: a plaintext listener (``listen``, a server endpoint
+    description) whose connections go to Connect service ``name`` (or
+    prepared query ``name`` when ``query``), in ``datacenter`` if given.
+    ``interface`` is the address it binds, when the description has one.
+    """
+
+    name: str
+    listen: str
+    query: bool = False
+    datacenter: str | None = None
+    interface: str | None = None
+
+    @property
+    def target(self) -> str:
+        kind = "prepared query" if self.query else "Connect service"
+        where = f" in datacenter {self.datacenter!r}" if self.datacenter else ""
+        return f"{kind} {self.name!r}{where}"
+
+    @property
+    def loopback_only(self) -> bool:
+        if self.interface is None:
+            return True  # a UNIX socket or similar: not reachable from afar
+        try:
+            return ipaddress.ip_address(self.interface.split("%")[0]).is_loopback
+        except ValueError:
+            return False
+
+
+@frozen
+class Settings:
+    """What ``twistd connect-native``'s options say, checked."""
+
+    service: str
+    listen: str = "tcp:8443"
+    to: str | None = None
+    upstreams: tuple[Upstream, ...] = ()
+    consul: str | None = None
+    token: str | None = field(default=None, repr=False)
+    authorize: str = "agent"
+    register: bool = True
+    dev: bool = False
+    demo: bool = False
+    max_connections: int = 1000
+    max_handshakes: int = 256
+    max_handshakes_per_address: int = 64
+    handshake_timeout: float = 10.0
+    connect_timeout: float = 10.0
+    idle_timeout: float = 3600.0
+    shutdown_timeout: float = 10.0
+    authorize_cache: float = 1.0
+    workers: int = 1
+    worker: bool = False
+    release_buffers: bool = False
+    log_allowed: bool = True
+    keep_open_on_deny: bool = False
+    buffer_size: int = BUFFER_SIZE
+    log_level: str = "info"
+    tls_transport: str = "connect_native"
+
+
+def split_description(description: str) -> list[str]:
+    """An endpoint description's parts, split at its unescaped colons."""
+    return _UNESCAPED_COLON.split(description)
+
+
+#: The listen backlog of the public listener when its description names
+#: none: Twisted's default of 50 overflowed at a burst of 51 connects
+#: (clients stalled a second for the SYN retry).  nginx and haproxy use 511+.
+DEFAULT_BACKLOG = 1024
+
+
+def with_default_backlog(description: str, backlog: int = DEFAULT_BACKLOG) -> str:
+    """
+    A ``tcp``/``tcp6`` server description (or a bare port) with
+    ``backlog=`` added when it names none; any other description unchanged.
+    """
+    parts = split_description(description)
+    if len(parts) == 1 and parts[0].isdigit():
+        parts = ["tcp", parts[0]]
+    if parts[0].lower() not in ("tcp", "tcp6"):
+        return description
+    if any(part.split("=", 1)[0].strip() == "backlog" for part in parts[1:]):
+        return description
+    return ":".join([*parts, f"backlog={backlog}"])
+
+
+def _unescape(text: str) -> str:
+    return re.sub(r"\\(.)", r"\1", text)
+
+
+def _description_interface(description: str) -> tuple[str, str | None]:
+    """
+    A TCP server endpoint description with an explicit interface (127.0.0.1,
+    or ::1 for ``tcp6``, when it has none), and that interface.  Other
+    endpoint types are returned as they are, with no interface.
+    """
+    parts = split_description(description)
+    if len(parts) == 1 and parts[0].isdigit():
+        parts = ["tcp", parts[0]]
+    kind = parts[0].lower()
+    if kind not in ("tcp", "tcp6"):
+        return description, None
+    for part in parts[1:]:
+        if part.startswith("interface="):
+            return ":".join(parts), _unescape(part[len("interface=") :])
+    loopback = "127.0.0.1" if kind == "tcp" else "::1"
+    escaped = loopback.replace(":", "\\:")
+    return ":".join([*parts, f"interface={escaped}"]), loopback
+
+
+def _check_server_description(option: str, description: str) -> None:
+    from twisted.internet import reactor
+
+    try:
+        serverFromString(reactor, description)
+    except Exception as e:
+        raise usage.UsageError(
+            f"{option}: {description!r} is not a server endpoint description "
+            f"({e}); e.g. tcp:8443 or tcp:8443:interface=127.0.0.1"
+        ) from None
+
+
+def _check_client_description(option: str, description: str) -> None:
+    from twisted.internet import reactor
+
+    try:
+        clientFromString(reactor, description)
+    except Exception as e:
+        raise usage.UsageError(
+            f"{option}: {description!r} is not a client endpoint description "
+            f"({e}); e.g. tcp:127.0.0.1:8080"
+        ) from None
+
+
+def parse_upstream(value: str) -> Upstream:
+    """
+    ``NAME=ENDPOINT``, ``NAME.query=ENDPOINT`` or ``NAME@DC=ENDPOINT`` (or
+    ``NAME.query@DC=...``) as an :class:`Upstream`.
+
+    :raises usage.UsageError: naming ``--upstream`` and what is wrong.
+    """
+    example = "e.g. --upstream db=tcp:9191"
+    name, sep, description = value.partition("=")
+    if not sep or not name or not description:
+        raise usage.UsageError(
+            f"--upstream: {value!r} is not NAME=ENDPOINT ({example}, "
+            "db.query=tcp:9192 for a prepared query, db@dc2=tcp:9193 for "
+            "another datacenter)"
+        )
+    datacenter: str | None = None
+    if "@" in name:
+        name, _, datacenter = name.rpartition("@")
+        if not _NAME.match(datacenter):
+            raise usage.UsageError(
+                f"--upstream: {datacenter!r} in {value!r} is not a datacenter name"
+            )
+    query = name.endswith(".query")
+    if query:
+        name = name[: -len(".query")]
+    if not _NAME.match(name):
+        raise usage.UsageError(
+            f"--upstream: {name!r} in {value!r} is not a service or prepared "
+            f"query name ({example})"
+        )
+    listen, interface = _description_interface(description)
+    _check_server_description("--upstream", listen)
+    return Upstream(
+        name=name,
+        listen=listen,
+        query=query,
+        datacenter=datacenter,
+        interface=interface,
+    )
+
+
+def _seconds(option: str, value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise usage.UsageError(
+            f"--{option} must be a number of seconds > 0, not {value!r}"
+        )
+    return seconds
+
+
+class Options(usage.Options):
+    """
+    The options of ``twistd connect-native``; ``postOptions`` checks them
+    and leaves a :class:`Settings` in ``self.settings``.
+    """
+
+    synopsis = (
+        "--service NAME --to ENDPOINT [--listen ENDPOINT] "
+        "[--upstream NAME=ENDPOINT ...] [options]   |   --demo"
+    )
+    longdesc = (
+        "A Consul Connect TLS terminator: accepts mutual-TLS connections for "
+        "--service on --listen, authorizes each peer by Consul intentions, "
+        "and forwards the bytes to the plaintext application at --to; each "
+        "--upstream is a local plaintext listener whose connections are "
+        "dialled to a Connect service as --service. Quick start: "
+        "twistd -n connect-native --demo"
+    )
+    optParameters: list[list[Any]] = [
+        ["service", None, None, "the Connect service this process is (required)"],
+        [
+            "listen",
+            None,
+            "tcp:8443",
+            "the public mutual-TLS listener, a server endpoint description",
+        ],
+        [
+            "to",
+            None,
+            None,
+            "the local plaintext application, a client endpoint description, "
+            "e.g. tcp:127.0.0.1:8080",
+        ],
+        [
+            "consul",
+            None,
+            None,
+            "the Consul agent's HTTP API, e.g. http://127.0.0.1:8500 (default: "
+            "CONSUL_HTTP_ADDR, else 127.0.0.1:8500)",
+        ],
+        [
+            "token-file",
+            None,
+            None,
+            "a file holding the Consul ACL token (default: CONSUL_HTTP_TOKEN_FILE "
+            "or CONSUL_HTTP_TOKEN)",
+        ],
+        [
+            "authorize",
+            None,
+            "agent",
+            "who decides each connection: agent (ask the agent per connection) "
+            "or intentions (cached intentions, decided here)",
+        ],
+        [
+            "authorize-cache",
+            None,
+            "1",
+            "with --authorize agent, seconds a decision is remembered per "
+            "client certificate (0: ask the agent for every connection)",
+        ],
+        [
+            "max-connections",
+            None,
+            "1000",
+            "accepted connections open at once, over all listeners (per worker); "
+            "a Connect connection counts once it is authorized",
+        ],
+        [
+            "max-handshakes",
+            None,
+            "256",
+            "connections in their TLS handshake at once (per worker); past it "
+            "the oldest that sent nothing (else the oldest) is dropped for the "
+            "new one, and past half of it the handshake timeout shortens",
+        ],
+        [
+            "max-handshakes-per-address",
+            None,
+            "64",
+            "the same, from one source address",
+        ],
+        [
+            "buffer-size",
+            None,
+            str(BUFFER_SIZE),
+            "bytes read at once from each connection, and queued for a slow "
+            "reader before the other side is paused (per connection and "
+            "direction; Twisted's default is 65536)",
+        ],
+        [
+            "tls-transport",
+            None,
+            "connect_native",
+            "the TLS transport of accepted Connect connections: connect_native "
+            "(its own, for a byte stream: less CPU per connection, more "
+            "throughput) or twisted (Twisted's TLSMemoryBIOProtocol)",
+        ],
+        [
+            "workers",
+            None,
+            "1",
+            "processes accepting on --listen (a tcp or tcp6 endpoint), sharing "
+            "its port with SO_REUSEPORT",
+        ],
+        [
+            "log-level",
+            None,
+            "info",
+            "connect_native's events below this level are not logged: debug, "
+            "info, warn, error or critical (twistd itself shows every level)",
+        ],
+        ["handshake-timeout", None, "10", "seconds a client has for the TLS handshake"],
+        [
+            "connect-timeout",
+            None,
+            "10",
+            "seconds to reach --to or an upstream service",
+        ],
+        [
+            "idle-timeout",
+            None,
+            "3600",
+            "seconds without a byte either way before a connection is closed",
+        ],
+        [
+            "shutdown-timeout",
+            None,
+            "10",
+            "on stop, seconds open connections may take to finish before "
+            "they are aborted",
+        ],
+    ]
+    optFlags: list[list[Any]] = [
+        ["dev", None, "run the development agent in this process instead of --consul"],
+        [
+            "demo",
+            None,
+            "run the development agent, a demo backend and a Connect client "
+            "that makes one round trip through the terminator, then exit",
+        ],
+        [
+            "release-buffers",
+            None,
+            "have OpenSSL free the buffers of idle TLS connections: about a "
+            "third less memory per idle connection (docs/performance.rst)",
+        ],
+        [
+            "keep-open-on-deny",
+            None,
+            "keep open connections open when the intentions or the trusted "
+            "roots change (by default each is decided again and closed if "
+            "now refused)",
+        ],
+        [
+            "worker",
+            None,
+            "internal: this process is a worker started by --workers (listens "
+            "with SO_REUSEPORT, does not register, serves no upstream)",
+        ],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self["upstream"] = []
+        self["register"] = True
+        self["log-allowed"] = True
+        self.settings: Settings | None = None
+
+    def opt_upstream(self, value: str) -> None:
+        self["upstream"].append(parse_upstream(value))
+
+    # usage.Options shows the docstring as it is: keep it on one line.
+    opt_upstream.__doc__ = (
+        "NAME=ENDPOINT: a local plaintext listener whose connections go to "
+        "Connect service NAME (NAME.query= a prepared query, NAME@DC= another "
+        "datacenter); binds 127.0.0.1 unless the endpoint names an interface "
+        "(repeatable)"
+    )
+
+    def opt_log_allowed(self) -> None:
+        """log each allowed connection (the default; refusals are always logged)"""
+        self["log-allowed"] = True
+
+    def opt_no_log_allowed(self) -> None:
+        """log refusals only, not each allowed connection"""
+        self["log-allowed"] = False
+
+    def opt_register(self) -> None:
+        """register this instance with the agent (the default)"""
+        self["register"] = True
+
+    def opt_no_register(self) -> None:
+        """do not register this instance with the agent"""
+        self["register"] = False
+
+    def postOptions(self) -> None:
+        demo = bool(self["demo"])
+        dev = bool(self["dev"]) or demo
+        service = self["service"]
+        if service is None and demo:
+            service = DEMO_SERVICE
+        if service is None:
+            raise usage.UsageError(
+                "--service is required: the Connect service this process is "
+                "(e.g. --service web); or try --demo"
+            )
+        if not _NAME.match(service):
+            raise usage.UsageError(f"--service: {service!r} is not a service name")
+        if dev and self["consul"] is not None:
+            raise usage.UsageError(
+                "--consul cannot be used with --dev or --demo, which run their "
+                "own development agent"
+            )
+        if demo and not self["register"]:
+            raise usage.UsageError(
+                "--no-register cannot be used with --demo: the demo client "
+                "finds the terminator through its registration"
+            )
+        if demo and self["to"] is not None:
+            raise usage.UsageError(
+                "--to cannot be used with --demo, which runs its own backend"
+            )
+        listen = self["listen"]
+        if demo and listen == "tcp:8443":
+            listen = "tcp:0:interface=127.0.0.1"
+        if self["to"] is None and not demo and not self["upstream"]:
+            raise usage.UsageError(
+                "--to is required (the local application, e.g. "
+                "--to tcp:127.0.0.1:8080), unless --upstream listeners are all "
+                "this process serves"
+            )
+        if self["to"] is not None:
+            _check_client_description("--to", self["to"])
+        _check_server_description("--listen", listen)
+        if self["authorize"] not in ("agent", "intentions"):
+            raise usage.UsageError(
+                f"--authorize must be agent or intentions, not {self['authorize']!r}"
+            )
+        if self["authorize"] == "intentions":
+            try:
+                import connect_native.authorize_intentions  # noqa: F401
+            except ImportError:  # pragma: no cover (it ships with the package)
+                raise usage.UsageError(
+                    "--authorize intentions is not available yet in this "
+                    "version; use --authorize agent"
+                ) from None
+        max_connections = _whole_option("--max-connections", self["max-connections"], 1)
+        max_handshakes = _whole_option("--max-handshakes", self["max-handshakes"], 1)
+        per_address = _whole_option(
+            "--max-handshakes-per-address", self["max-handshakes-per-address"], 1
+        )
+        authorize_cache = _cache_seconds(self["authorize-cache"])
+        workers = _workers(self["workers"])
+        buffer_size = _whole_option("--buffer-size", self["buffer-size"], 4096, "bytes")
+        log_level = _log_level(self["log-level"])
+        if self["tls-transport"] not in TLS_TRANSPORTS:
+            raise usage.UsageError(
+                "--tls-transport must be connect_native or twisted, not "
+                f"{self['tls-transport']!r}"
+            )
+        worker = bool(self["worker"])
+        if workers > 1 or worker:
+            _check_workers(listen, demo, self["to"], workers)
+        token = None
+        if self["token-file"] is not None:
+            if dev:
+                raise usage.UsageError(
+                    "--token-file cannot be used with --dev or --demo (the "
+                    "development agent has no ACLs)"
+                )
+            token = _read_token(self["token-file"])
+        if not dev:
+            _check_consul(self["consul"], token)
+        self.settings = Settings(
+            service=service,
+            listen=listen,
+            to=self["to"],
+            upstreams=tuple(self["upstream"]),
+            consul=self["consul"],
+            token=token,
+            authorize=self["authorize"],
+            register=bool(self["register"]),
+            dev=dev,
+            demo=demo,
+            max_connections=max_connections,
+            max_handshakes=max_handshakes,
+            max_handshakes_per_address=per_address,
+            handshake_timeout=_seconds("handshake-timeout", self["handshake-timeout"]),
+            connect_timeout=_seconds("connect-timeout", self["connect-timeout"]),
+            idle_timeout=_seconds("idle-timeout", self["idle-timeout"]),
+            shutdown_timeout=_seconds("shutdown-timeout", self["shutdown-timeout"]),
+            authorize_cache=authorize_cache,
+            workers=workers,
+            worker=worker,
+            release_buffers=bool(self["release-buffers"]),
+            log_allowed=bool(self["log-allowed"]),
+            keep_open_on_deny=bool(self["keep-open-on-deny"]),
+            buffer_size=buffer_size,
+            log_level=log_level,
+            tls_transport=self["tls-transport"],
+        )
+
+
+def _cache_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise usage.UsageError(
+            f"--authorize-cache must be a number of seconds >= 0 (0 turns the "
+            f"cache off), not {value!r}"
+        )
+    return seconds
+
+
+def _log_level(value: str) -> str:
+    try:
+        LogLevel.levelWithName(value)
+    except InvalidLogLevelError:
+        raise usage.UsageError(
+            "--log-level must be one of debug, info, warn, error or critical, "
+            f"not {value!r}"
+        ) from None
+    return value
+
+
+def _whole_option(option: str, value: str, minimum: int, unit: str = "") -> int:
+    """An option's whole number of at least ``minimum``, or a UsageError."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = minimum - 1
+    if number < minimum:
+        of = f" of {unit}" if unit else ""
+        raise usage.UsageError(
+            f"{option} must be a whole number{of} >= {minimum}, not {value!r}"
+        )
+    return number
+
+
+def _workers(value: str) -> int:
+    try:
+        workers = int(value)
+    except ValueError:
+        workers = 0
+    if not 1 <= workers <= MAX_WORKERS:
+        raise usage.UsageError(
+            f"--workers must be a whole number from 1 to {MAX_WORKERS}, not {value!r}"
+        )
+    return workers
+
+
+def _check_workers(listen: str, demo: bool, to: str | None, workers: int) -> None:
+    """Refuse what several processes cannot share."""
+    if demo:
+        raise usage.UsageError(
+            "--workers cannot be used with --demo, which is one round trip"
+        )
+    if to is None:
+        raise usage.UsageError(
+            "--workers needs --to: the workers share the public listener only"
+        )
+    parts = split_description(listen)
+    if len(parts) == 1 and parts[0].isdigit():
+        parts = ["tcp", parts[0]]
+    if parts[0].lower() not in ("tcp", "tcp6"):
+        raise usage.UsageError(
+            f"--workers needs a tcp or tcp6 --listen (they share its port with "
+            f"SO_REUSEPORT), not {listen!r}"
+        )
+    if not hasattr(socket, "SO_REUSEPORT"):  # pragma: no cover (not Linux/BSD)
+        raise usage.UsageError(
+            "--workers needs SO_REUSEPORT, which this system does not have"
+        )
+
+
+def _read_token(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        why = getattr(e, "strerror", None) or type(e).__name__
+        raise usage.UsageError(f"--token-file: cannot read {path!r}: {why}") from None
+    if not token:
+        raise usage.UsageError(f"--token-file: {path!r} is empty")
+    return token
+
+
+def consul_client(reactor: Any, address: str | None, token: str | None) -> Any:
+    """The agent's client from ``--consul``, the token and ``CONSUL_*``."""
+    from connect_native.consul.client import ConsulClient
+
+    return ConsulClient.from_environment(reactor, address=address, token=token)
+
+
+def _check_consul(address: str | None, token: str | None) -> None:
+    from twisted.internet import reactor
+
+    from connect_native.consul.client import ConsulConfigurationError
+
+    try:
+        consul_client(reactor, address, token)
+    except ConsulConfigurationError as e:
+        option = "--consul" if address is not None else "the CONSUL_* variables"
+        raise usage.UsageError(f"{option}: {e}") from None

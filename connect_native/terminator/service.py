@@ -1,0 +1,458 @@
+"""
+The terminator's service tree: :class:`Terminator`, the one Twisted service
+that ``twistd connect-native`` runs (:func:`makeService`).
+
+On start it gets the agent's client (or runs the development agent), the
+authorizer and the process's :class:`~connect_native.service.ConnectService`
+for ``--service``; listens on ``--listen`` with the public Connect endpoint
+(carried by the terminator's own TLS transport unless ``--tls-transport
+twisted``) and on each ``--upstream``; starts the ``--workers``; registers
+the instance; and, with ``--demo``, makes the demo's round trip.  On stop it
+undoes all of it in order, draining open connections for
+``--shutdown-timeout``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import endpoints
+from twisted.internet.defer import (
+    Deferred,
+    DeferredList,
+    ensureDeferred,
+    maybeDeferred,
+)
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
+
+from connect_native import _logging
+from connect_native.terminator import demo
+from connect_native.terminator._tls import TLSServerProtocol
+from connect_native.terminator.forward import (
+    ConnectionTracker,
+    ForwardingFactory,
+    TrackedEndpoint,
+)
+from connect_native.terminator.options import (
+    Options,
+    Settings,
+    Upstream,
+    consul_client,
+    with_default_backlog,
+)
+from connect_native.terminator.workers import (
+    ParentWatch,
+    ReusePortEndpoint,
+    WorkerProcess,
+    start_workers,
+    stop_workers,
+)
+
+__all__ = ["Terminator", "makeService"]
+
+log = Logger(observer=_logging.observer)
+
+# Twisted's endpoint helpers are untyped.
+serverFromString: Any = endpoints.serverFromString  # noqa: N816
+clientFromString: Any = endpoints.clientFromString  # noqa: N816
+
+
+def _exit_with(code: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _stop_process(reactor: Any, code: int) -> None:
+    """
+    Stop the reactor; after twistd has cleaned up, exit with ``code``
+    (twistd itself always exits 0 when its reactor stops).
+    """
+    if code:
+        atexit.register(_exit_with, code)
+    if reactor.running:
+        reactor.stop()
+
+
+class Terminator(Service):
+    """
+    The terminator as a Twisted service.
+
+    :param settings: what to run.
+    :param reactor: the reactor (TCP, time).
+    :param on_finished: called with an exit status when the process should
+        end: 1 when starting failed, 0 after ``--demo`` went through.  The
+        default stops the reactor and makes the process exit with it.
+    :param consul_client: the agent's client (default: made from the
+        settings, or the development agent's).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        reactor: Any,
+        *,
+        on_finished: Callable[[int], object] | None = None,
+        consul_client: Any = None,
+    ) -> None:
+        self.settings = settings
+        self.reactor = reactor
+        self.on_finished = (
+            on_finished
+            if on_finished is not None
+            else (lambda code: _stop_process(reactor, code))
+        )
+        # Connections still in their handshake are bounded by the endpoint's
+        # handshake budget; the tracker's bound on them is the hard one
+        # behind it (the handshakes, and those being authorized).
+        self.tracker = ConnectionTracker(
+            reactor,
+            settings.max_connections,
+            settings.max_handshakes + settings.max_connections,
+        )
+        self.client: Any = consul_client
+        self.dev_agent: Any = None
+        self.ports: dict[str, IListeningPort] = {}
+        self.registration: Any = None
+        self._own_client = consul_client is None
+        self._dev_port: IListeningPort | None = None
+        self._demo_backend: IListeningPort | None = None
+        self._authorizer_service: Any = None
+        #: The service's owner (ConnectService), once starting.
+        self.connect_service: Any = None
+        self._closables: list[Any] = []
+        self._starting: Deferred[None] | None = None
+        self._log_level_before: LogLevel | None = None
+        self.workers: list[WorkerProcess] = []
+        self.started: Deferred[None] = Deferred()
+
+    # -- starting -------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self._log_level_before = _logging.set_log_level(
+            LogLevel.levelWithName(self.settings.log_level)
+        )
+        self._starting = ensureDeferred(self._start())
+        self._starting.addCallbacks(self._start_done, self._start_failed)
+
+    def _start_done(self, _: object) -> None:
+        self._starting = None
+        if not self.started.called:
+            self.started.callback(None)
+
+    def _start_failed(self, failure: Failure) -> None:
+        self._starting = None
+        if not self.running:
+            return  # stopped while starting: nothing to report
+        log.critical(
+            "connect-native {service}: cannot start: {error}",
+            service=self.settings.service,
+            error=failure.getErrorMessage() or repr(failure.value),
+            log_failure=failure,
+        )
+        if not self.started.called:
+            self.started.errback(failure)
+            self.started.addErrback(lambda _: None)
+        self.on_finished(1)
+
+    async def _start(self) -> None:
+        settings = self.settings
+        reactor = self.reactor
+        if self.client is None:
+            if settings.dev:
+                self.client = self._start_dev_agent()
+            else:
+                self.client = consul_client(reactor, settings.consul, settings.token)
+        from connect_native.service import connect_services
+
+        authorizer = self._authorizer()
+        # The one owner of the service in this process (the process's shared
+        # one): its certificates for the public listener and every upstream.
+        self.connect_service = connect_services.get(
+            reactor, settings.service, consul=self.client
+        )
+        self.connect_service.startService()
+
+        listening: list[Deferred[Any]] = []
+        to = settings.to
+        if settings.demo:
+            to = self._start_demo_backend()
+        if to is not None:
+            listening.append(self._listen_public(to, authorizer))
+        for upstream in settings.upstreams:
+            listening.append(self._listen_upstream(upstream))
+        results = await DeferredList(listening, consumeErrors=True)
+        errors = [r for ok, r in results if not ok]
+        if errors:
+            errors[0].raiseException()
+        public = self.ports.get("public")
+        if settings.workers > 1 and public is not None:
+            self._start_workers(public)
+        if settings.worker:
+            self.reactor.addReader(ParentWatch(lambda: _stop_process(reactor, 0)))
+        if settings.register and not settings.worker and public is not None:
+            from connect_native.registration import Registration
+
+            self.registration = Registration(
+                reactor,
+                self.client,
+                self.connect_service.cert_manager,
+                settings.service,
+                public,
+            )
+            self.registration.startService()
+        if settings.demo:
+            await self._demo()
+
+    def _start_dev_agent(self) -> Any:
+        from twisted.web.server import Site
+
+        from connect_native.consul.client import ConsulClient
+        from connect_native.devagent import DevAgent
+
+        agent = DevAgent(self.reactor)
+        site = Site(agent.resource())  # type: ignore[no-untyped-call]
+        site.log = lambda request: None  # type: ignore[method-assign]
+        port: Any = self.reactor.listenTCP(0, site, interface="127.0.0.1")
+        self._dev_port = port
+        self.dev_agent = agent
+        number = port.getHost().port
+        agent.http_port = number
+        log.info(
+            "connect-native: development agent (Consul 1.8.7 API, no ACLs) "
+            "listening on http://127.0.0.1:{port}; for other programs: "
+            "export CONSUL_HTTP_ADDR=127.0.0.1:{port}",
+            port=number,
+        )
+        return ConsulClient(self.reactor, address=f"127.0.0.1:{number}")
+
+    def _authorizer(self) -> Any:
+        from connect_native.authorize import AgentAuthorizer
+
+        if self.settings.authorize == "intentions":
+            from connect_native.authorize_intentions import IntentionAuthorizer
+
+            authorizer = IntentionAuthorizer(
+                self.client, self.reactor, self.settings.service, default="agent"
+            )
+            authorizer.startService()
+            self._authorizer_service = authorizer
+            return authorizer
+        return AgentAuthorizer(
+            self.client, self.reactor, cache_ttl=self.settings.authorize_cache
+        )
+
+    def _listen_public(self, to: str, authorizer: Any) -> Deferred[Any]:
+
+        settings, reactor = self.settings, self.reactor
+        label = f"connect-native {settings.service}"
+        listener: Any
+        if settings.workers > 1 or settings.worker:
+            listener = ReusePortEndpoint.from_description(
+                reactor, with_default_backlog(settings.listen)
+            )
+        else:
+            listener = serverFromString(reactor, with_default_backlog(settings.listen))
+        endpoint = self.connect_service.server_endpoint(
+            TrackedEndpoint(listener, self.tracker, label),
+            authorizer=authorizer,
+            handshake_timeout=settings.handshake_timeout,
+            max_handshakes=settings.max_handshakes,
+            max_handshakes_per_address=settings.max_handshakes_per_address,
+            release_buffers=settings.release_buffers,
+            log_allowed=settings.log_allowed,
+            keep_open_on_deny=settings.keep_open_on_deny,
+            # The forwarder writes each read whole: nothing to aggregate.
+            buffer_small_writes=False,
+            # Its own TLS transport, injected: the public endpoint knows only
+            # the protocol factory it is given.
+            tls_protocol=(
+                TLSServerProtocol
+                if settings.tls_transport == "connect_native"
+                else None
+            ),
+        )
+        backend = clientFromString(reactor, to)
+        factory = ForwardingFactory(
+            reactor,
+            backend.connect,
+            to,
+            connect_timeout=settings.connect_timeout,
+            idle_timeout=settings.idle_timeout,
+            label=label,
+            buffer_size=settings.buffer_size,
+        )
+
+        def listening(port: IListeningPort) -> None:
+            self.ports["public"] = port
+            log.info(
+                "connect-native {service}: accepting Connect (mutual TLS) "
+                "connections on {address}, forwarding them to {to}",
+                service=settings.service,
+                address=str(port.getHost()),
+                to=to,
+            )
+
+        listened: Deferred[Any] = endpoint.listen(factory)
+        return listened.addCallback(listening)
+
+    def _listen_upstream(self, upstream: Upstream) -> Deferred[Any]:
+        from connect_native.client import ConnectClientEndpoint
+        from connect_native.resolve import ConsulResolver, PreparedQueryResolver
+
+        settings, reactor = self.settings, self.reactor
+        resolver: Any
+        if upstream.query:
+            resolver = PreparedQueryResolver(
+                self.client, upstream.name, upstream.datacenter, reactor=reactor
+            )
+        else:
+            resolver = ConsulResolver(
+                self.client,
+                upstream.name,
+                datacenter=upstream.datacenter,
+                reactor=reactor,
+            )
+            self._closables.append(resolver)
+        dialer = ConnectClientEndpoint(
+            reactor,
+            resolver,
+            self.connect_service.identity,
+            timeout=settings.connect_timeout,
+        )
+        label = f"connect-native upstream {upstream.name}"
+        factory = ForwardingFactory(
+            reactor,
+            dialer.connect,
+            upstream.target,
+            connect_timeout=settings.connect_timeout,
+            idle_timeout=settings.idle_timeout,
+            label=label,
+            buffer_size=settings.buffer_size,
+        )
+        endpoint = TrackedEndpoint(
+            serverFromString(reactor, upstream.listen), self.tracker, label
+        )
+
+        def listening(port: IListeningPort) -> None:
+            self.ports[f"upstream {upstream.name}"] = port
+            log.info(
+                "connect-native upstream {name}: plaintext listener on {address}, "
+                "connecting to {target} as {service}",
+                name=upstream.name,
+                address=str(port.getHost()),
+                target=upstream.target,
+                service=settings.service,
+            )
+            if not upstream.loopback_only:
+                log.warn(
+                    "connect-native upstream {name}: listening on {interface}, "
+                    "which is not a loopback address: anyone who reaches it "
+                    "speaks to {target} as {service}",
+                    name=upstream.name,
+                    interface=upstream.interface,
+                    target=upstream.target,
+                    service=settings.service,
+                )
+
+        return endpoint.listen(factory).addCallback(listening)
+
+    # -- workers and the demo -------------------------------------------------
+
+    def _start_workers(self, public: IListeningPort) -> None:
+        consul = self.settings.consul
+        if self.dev_agent is not None:
+            consul = f"http://127.0.0.1:{self.dev_agent.http_port}"
+        self.workers.extend(start_workers(self.reactor, self.settings, public, consul))
+
+    def _start_demo_backend(self) -> str:
+        port: Any = demo.listen_backend(self.reactor)
+        self._demo_backend = port
+        return f"tcp:127.0.0.1:{port.getHost().port}"
+
+    async def _demo(self) -> None:
+        settings = self.settings
+        await demo.registered(
+            self.reactor, self.registration, settings.service, deadline=10.0
+        )
+        await demo.round_trip(
+            self.reactor,
+            settings.service,
+            self.client,
+            settings.connect_timeout,
+            self._closables,
+        )
+        self.on_finished(0)
+
+    # -- stopping -------------------------------------------------------------
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()  # type: ignore[no-untyped-call]
+        stopping = ensureDeferred(self._stop())
+
+        def level_back(result: object) -> object:
+            if self._log_level_before is not None:
+                _logging.set_log_level(self._log_level_before)
+                self._log_level_before = None
+            return result
+
+        return stopping.addBoth(level_back)
+
+    async def _stop(self) -> None:
+        starting, self._starting = self._starting, None
+        if starting is not None:
+            starting.cancel()
+        settings = self.settings
+        stopping: list[Deferred[Any]] = []
+        if self.registration is not None:
+            stopping.append(maybeDeferred(self.registration.stopService))
+        for name, port in self.ports.items():
+            log.info("connect-native: stopped accepting on {name}", name=name)
+            stopping.append(maybeDeferred(port.stopListening))
+        if self._demo_backend is not None:
+            stopping.append(maybeDeferred(self._demo_backend.stopListening))
+        await DeferredList(stopping, consumeErrors=True)
+        stopping_workers = ensureDeferred(
+            stop_workers(self.reactor, self.workers, settings.shutdown_timeout)
+        )
+        aborted = await self.tracker.drain(settings.shutdown_timeout)
+        if aborted:
+            log.warn(
+                "connect-native {service}: aborted {count} connections still "
+                "open after --shutdown-timeout {timeout:g}s",
+                service=settings.service,
+                count=aborted,
+                timeout=settings.shutdown_timeout,
+            )
+        for closable in self._closables:
+            closable.close()
+        if self._authorizer_service is not None:
+            self._authorizer_service.stopService()
+        if self.connect_service is not None:
+            self.connect_service.stopService()
+        if self.client is not None and self._own_client:
+            await self.client.close()
+        await stopping_workers
+        if self._dev_port is not None:
+            await maybeDeferred(self._dev_port.stopListening)
+        log.info("connect-native {service}: stopped", service=settings.service)
+
+
+def makeService(config: Options) -> Terminator:
+    """The ``connect-native`` service for twistd."""
+    from twisted.internet import reactor
+
+    settings = config.settings
+    if settings is None:  # pragma: no cover (twistd runs postOptions first)
+        config.postOptions()
+        settings = config.settings
+    assert settings is not None
+    return Terminator(settings, reactor)
