@@ -288,3 +288,55 @@ def test_the_public_listener_backlog_is_a_servers_not_twisteds_50() -> None:
 
 def test_a_backlog_the_listen_description_names_is_kept() -> None:
     assert listen_of("--listen", "tcp:8443:backlog=64").endswith(":backlog=64")
+
+
+def test_identity_files_and_allow_ids() -> None:
+    settings = parse(
+        "--service",
+        "web",
+        "--to",
+        "tcp:127.0.0.1:8080",
+        "--identity",
+        "files:cert=/c.pem,key=/k.pem,roots=/r.pem",
+        "--authorize",
+        "allow-ids",
+        "--allow-id",
+        "spiffe://example.consul/ns/default/dc/dc1/svc/api",
+        "--allow-id",
+        "spiffe://example.consul/ns/default/dc/*/svc/billing",
+    )
+    assert settings.identity is not None
+    assert settings.identity.cert == Path("/c.pem")
+    assert settings.authorize == "allow-ids"
+    assert settings.allow_ids == (
+        "spiffe://example.consul/ns/default/dc/dc1/svc/api",
+        "spiffe://example.consul/ns/default/dc/*/svc/billing",
+    )
+
+
+def test_the_identity_is_the_agent_unless_given() -> None:
+    assert parse("--service", "web", "--to", "tcp:127.0.0.1:1").identity is None
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("--identity", "vault"), "--identity: identity must be 'agent' or 'files:"),
+        (("--identity", "files:cert=/c"), "--identity: identity files: key=PATH"),
+        (("--authorize", "allow-ids"), "needs at least one --allow-id"),
+        (
+            ("--allow-id", "spiffe://td/ns/x"),
+            "--allow-id goes with --authorize allow-ids",
+        ),
+        (("--allow-id", "https://x/y"), "--allow-id: allowed ID 'https://x/y' must be"),
+        (("--allow-id", "spiffe://td/svc/a*"), "one whole path segment"),
+    ],
+)
+def test_bad_identity_and_allow_ids(args: tuple[str, ...], says: str) -> None:
+    assert says in refused("--service", "web", "--to", "tcp:127.0.0.1:1", *args)
+
+
+def test_identity_files_cannot_go_with_demo() -> None:
+    assert "cannot be used with --demo" in refused(
+        "--demo", "--identity", "files:cert=/c,key=/k,roots=/r"
+    )

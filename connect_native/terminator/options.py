@@ -11,7 +11,7 @@ import ipaddress
 import math
 import re
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from attrs import field, frozen
 from twisted.internet import endpoints
@@ -20,6 +20,9 @@ from twisted.python import usage
 
 from connect_native.terminator.demo import DEMO_SERVICE
 from connect_native.terminator.forward import BUFFER_SIZE
+
+if TYPE_CHECKING:
+    from connect_native.sources import FilesIdentity
 
 __all__ = [
     "DEFAULT_BACKLOG",
@@ -110,6 +113,12 @@ class Settings:
     buffer_size: int = BUFFER_SIZE
     log_level: str = "info"
     tls_transport: str = "connect_native"
+    #: Where the certificate comes from: ``None`` for the agent, else files.
+    identity: FilesIdentity | None = None
+    #: The text of ``--identity``, passed on to workers.
+    identity_text: str = "agent"
+    #: With ``--authorize allow-ids``: the SPIFFE IDs allowed.
+    allow_ids: tuple[str, ...] = ()
 
 
 def split_description(description: str) -> list[str]:
@@ -290,8 +299,17 @@ class Options(usage.Options):
             "authorize",
             None,
             "agent",
-            "who decides each connection: agent (ask the agent per connection) "
-            "or intentions (cached intentions, decided here)",
+            "who decides each connection: agent (ask the agent per connection), "
+            "intentions (cached intentions, decided here) or allow-ids (the "
+            "--allow-id list, no agent asked)",
+        ],
+        [
+            "identity",
+            None,
+            "agent",
+            "where the certificate comes from: agent, or "
+            "files:cert=PATH,key=PATH,roots=PATH (watched; optional "
+            ",trustDomain=TD,interval=SECONDS)",
         ],
         [
             "authorize-cache",
@@ -404,12 +422,27 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self["upstream"] = []
+        self["allow-id"] = []
         self["register"] = True
         self["log-allowed"] = True
         self.settings: Settings | None = None
 
     def opt_upstream(self, value: str) -> None:
         self["upstream"].append(parse_upstream(value))
+
+    def opt_allow_id(self, value: str) -> None:
+        from connect_native.authorize import AllowedId, InvalidAllowedId
+
+        try:
+            AllowedId.parse(value)
+        except InvalidAllowedId as e:
+            raise usage.UsageError(f"--allow-id: {e}") from None
+        self["allow-id"].append(value)
+
+    opt_allow_id.__doc__ = (
+        "URI: with --authorize allow-ids, a SPIFFE ID allowed to connect; '*' "
+        "stands for one whole path segment (repeatable)"
+    )
 
     # usage.Options shows the docstring as it is: keep it on one line.
     opt_upstream.__doc__ = (
@@ -474,9 +507,23 @@ class Options(usage.Options):
         if self["to"] is not None:
             _check_client_description("--to", self["to"])
         _check_server_description("--listen", listen)
-        if self["authorize"] not in ("agent", "intentions"):
+        if self["authorize"] not in ("agent", "intentions", "allow-ids"):
             raise usage.UsageError(
-                f"--authorize must be agent or intentions, not {self['authorize']!r}"
+                "--authorize must be agent, intentions or allow-ids, not "
+                f"{self['authorize']!r}"
+            )
+        if self["authorize"] == "allow-ids" and not self["allow-id"]:
+            raise usage.UsageError(
+                "--authorize allow-ids needs at least one --allow-id URI (a "
+                "SPIFFE ID allowed to connect)"
+            )
+        if self["allow-id"] and self["authorize"] != "allow-ids":
+            raise usage.UsageError("--allow-id goes with --authorize allow-ids")
+        identity = _identity(self["identity"])
+        if identity is not None and demo:
+            raise usage.UsageError(
+                "--identity files cannot be used with --demo, which takes its "
+                "certificates from its own development agent"
             )
         if self["authorize"] == "intentions":
             try:
@@ -540,7 +587,19 @@ class Options(usage.Options):
             buffer_size=buffer_size,
             log_level=log_level,
             tls_transport=self["tls-transport"],
+            identity=identity,
+            identity_text=self["identity"],
+            allow_ids=tuple(self["allow-id"]),
         )
+
+
+def _identity(value: str) -> FilesIdentity | None:
+    from connect_native.sources import InvalidIdentityDescription, parse_identity
+
+    try:
+        return parse_identity(value)
+    except InvalidIdentityDescription as e:
+        raise usage.UsageError(f"--identity: {e}") from None
 
 
 def _cache_seconds(value: str) -> float:

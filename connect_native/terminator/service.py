@@ -177,7 +177,7 @@ class Terminator(Service):
         # The one owner of the service in this process (the process's shared
         # one): its certificates for the public listener and every upstream.
         self.connect_service = connect_services.get(
-            reactor, settings.service, consul=self.client
+            reactor, settings.service, consul=self.client, identity=settings.identity
         )
         self.connect_service.startService()
 
@@ -201,10 +201,15 @@ class Terminator(Service):
         if settings.register and not settings.worker and public is not None:
             from connect_native.registration import Registration
 
+            # Whose state the check follows: the certificate manager, or
+            # the files.
+            readiness: Any = self.connect_service.cert_manager
+            if readiness is None:
+                readiness = self.connect_service._source_now()
             self.registration = Registration(
                 reactor,
                 self.client,
-                self.connect_service.cert_manager,
+                readiness,
                 settings.service,
                 public,
             )
@@ -235,8 +240,10 @@ class Terminator(Service):
         return ConsulClient(self.reactor, address=f"127.0.0.1:{number}")
 
     def _authorizer(self) -> Any:
-        from connect_native.authorize import AgentAuthorizer
+        from connect_native.authorize import AgentAuthorizer, AllowIdsAuthorizer
 
+        if self.settings.authorize == "allow-ids":
+            return AllowIdsAuthorizer(self.settings.allow_ids)
         if self.settings.authorize == "intentions":
             from connect_native.authorize_intentions import IntentionAuthorizer
 

@@ -180,6 +180,9 @@ def worker_arguments(settings: Settings, port: int, consul: str | None) -> list[
     arguments += ["--buffer-size", str(settings.buffer_size)]
     arguments += ["--log-level", settings.log_level]
     arguments += ["--tls-transport", settings.tls_transport]
+    arguments += ["--identity", settings.identity_text]
+    for allowed in settings.allow_ids:
+        arguments += ["--allow-id", allowed]
     if consul is not None:
         arguments += ["--consul", consul]
     return arguments
