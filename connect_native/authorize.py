@@ -17,7 +17,6 @@ refused.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Protocol, TypeVar
@@ -30,13 +29,9 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from connect_native import _logging
+from connect_native._checks import positive_seconds, seconds_or_zero
 from connect_native.consul.blocking import Watch
-from connect_native.consul.records import (
-    AuthorizeResult,
-    Indexed,
-    Intention,
-    positive_seconds,
-)
+from connect_native.consul.records import AuthorizeResult, Indexed, Intention
 from connect_native.identity import ServiceIdentity
 
 log = Logger(observer=_logging.observer)
@@ -286,14 +281,7 @@ class AgentAuthorizer:
         # NaN or infinity would make a timer that never fires: an unbounded
         # wait, or a decision remembered forever.
         timeout = positive_seconds("timeout", timeout)
-        if (
-            isinstance(cache_ttl, bool)
-            or not isinstance(cache_ttl, int | float)
-            or not (math.isfinite(cache_ttl) and cache_ttl >= 0)
-        ):
-            raise ValueError(
-                f"cache_ttl must be a finite number of seconds >= 0, not {cache_ttl!r}"
-            )
+        seconds_or_zero("cache_ttl", cache_ttl)
         self._client = client
         self._clock = clock
         self._timeout = timeout

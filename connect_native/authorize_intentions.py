@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from connect_native import _logging
+from connect_native._checks import positive_seconds, seconds_or_zero
 from connect_native.authorize import (
     MAX_REMEMBERED,
     AgentAuthorizer,
@@ -39,13 +40,7 @@ from connect_native.authorize import (
     remember_bounded,
 )
 from connect_native.consul.blocking import Watch
-from connect_native.consul.records import (
-    AuthorizeResult,
-    Indexed,
-    Intention,
-    positive_seconds,
-    seconds_or_zero,
-)
+from connect_native.consul.records import AuthorizeResult, Indexed, Intention
 from connect_native.identity import ServiceIdentity
 from connect_native.intentions import (
     DEFAULT_SOURCE,

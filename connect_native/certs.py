@@ -37,6 +37,7 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from connect_native import _logging
+from connect_native._checks import service_name
 from connect_native.consul.blocking import Watch
 from connect_native.consul.client import ConsulPermissionDenied
 from connect_native.consul.records import CARoots, Indexed, LeafCert
@@ -611,10 +612,7 @@ class CertManager(Service):
         backoff_max: float = 60.0,
         jitter: random.Random | Callable[[], float] | None = None,
     ) -> None:
-        if not isinstance(service, str) or not service:
-            raise ValueError(
-                f"service must be a non-empty service name, not {service!r}"
-            )
+        service_name("service", service)
         if expiry_warning is not None and not (
             isinstance(expiry_warning, int | float)
             and math.isfinite(expiry_warning)

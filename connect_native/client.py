@@ -57,8 +57,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from connect_native import _logging
+from connect_native._checks import positive_seconds
 from connect_native.certs import Bundle, IBundleSource
-from connect_native.consul.records import positive_seconds
 from connect_native.resolve import (
     ExpectedIdentity,
     Instance,

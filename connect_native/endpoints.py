@@ -20,7 +20,6 @@ every plugin module while it looks for plugins.
 from __future__ import annotations
 
 import difflib
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -36,6 +35,8 @@ from twisted.internet.interfaces import (
 )
 from twisted.plugin import IPlugin
 from zope.interface import implementer
+
+from connect_native import _checks
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
@@ -161,28 +162,16 @@ def _text(kind: str, name: str, value: str) -> str:
 
 def _seconds(kind: str, name: str, value: str) -> float:
     try:
-        seconds = float(value)
-    except ValueError:
-        seconds = math.nan
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise _fail(
-            kind,
-            f"{name}= must be a number of seconds > 0 (e.g. 10 or 2.5), not {value!r}",
-        )
-    return seconds
+        return _checks.seconds_text(f"{name}=", value, " (e.g. 10 or 2.5)")
+    except ValueError as e:
+        raise _fail(kind, str(e)) from None
 
 
 def _integer(kind: str, name: str, value: str, lowest: int, highest: int) -> int:
     try:
-        number = int(value, 10)
-    except ValueError:
-        number = lowest - 1
-    if not lowest <= number <= highest:
-        raise _fail(
-            kind,
-            f"{name}= must be a whole number from {lowest} to {highest}, not {value!r}",
-        )
-    return number
+        return _checks.whole_text(f"{name}=", value, lowest, highest)
+    except ValueError as e:
+        raise _fail(kind, str(e)) from None
 
 
 def _boolean(kind: str, name: str, value: str) -> bool:
@@ -318,11 +307,10 @@ def parse_server_description(
             ),
         }
     authorize = kwargs.get("authorize", "agent")
-    if authorize not in ("agent", "intentions", "allow-ids"):
-        raise _fail(
-            kind,
-            f"authorize= must be agent, intentions or allow-ids, not {authorize!r}",
-        )
+    try:
+        _checks.one_of("authorize=", authorize, ("agent", "intentions", "allow-ids"))
+    except ValueError as e:
+        raise _fail(kind, str(e)) from None
     identity = _identity(kind, kwargs)
     allow_ids = _allow_ids(kind, authorize, kwargs)
     timeouts = {

@@ -53,12 +53,12 @@ from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResp
 from zope.interface import implementer
 
 from connect_native import _logging
+from connect_native._checks import positive_seconds, whole_number
 from connect_native.certs import IBundleSource
 from connect_native.client import (
     ConnectClientEndpoint,
     our_service_name,
 )
-from connect_native.consul.records import positive_seconds, whole_number
 from connect_native.resolve import ConsulResolver, IResolver, PreparedQueryResolver
 
 if TYPE_CHECKING:
@@ -725,8 +725,7 @@ def client(
     request_timeout = None if timeout is None else positive_seconds("timeout", timeout)
     positive_seconds("connect_timeout", connect_timeout)
     positive_seconds("attempt_timeout", attempt_timeout)
-    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-        raise ValueError(f"retries must be an integer >= 0, not {retries!r}")
+    whole_number("retries", retries, 0)
     if consul is None:
         from connect_native.consul.client import shared_client
 

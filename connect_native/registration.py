@@ -36,12 +36,9 @@ from twisted.python.failure import Failure
 
 from connect_native import _logging
 from connect_native._backoff import backoff_delay
+from connect_native._checks import port_number, positive_seconds, service_name
 from connect_native.certs import ManagerState, StateChange
-from connect_native.consul.records import (
-    ServiceRegistration,
-    TTLCheck,
-    positive_seconds,
-)
+from connect_native.consul.records import ServiceRegistration, TTLCheck
 
 __all__ = [
     "CheckStatus",
@@ -223,10 +220,7 @@ class Registration(Service):
         rng: random.Random | None = None,
         hostname: str | None = None,
     ) -> None:
-        if not isinstance(service, str) or not service:
-            raise ValueError(
-                f"service must be a non-empty service name, not {service!r}"
-            )
+        service_name("service", service)
         if isinstance(port, bool) or not (
             isinstance(port, int) or IListeningPort.providedBy(port)
         ):
@@ -234,8 +228,8 @@ class Registration(Service):
                 "port must be a port number or the IListeningPort the server "
                 f"endpoint's listen() gave, not {port!r}"
             )
-        if isinstance(port, int) and not 0 < port < 65536:
-            raise ValueError(f"port must be from 1 to 65535, not {port!r}")
+        if isinstance(port, int):
+            port_number("port", port)
         if service_id is not None and (
             not isinstance(service_id, str) or not service_id
         ):

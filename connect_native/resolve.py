@@ -39,14 +39,13 @@ from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 from connect_native import _logging
+from connect_native._checks import port_number, positive_seconds, seconds_or_zero
 from connect_native.consul.blocking import Watch
 from connect_native.consul.records import (
     AgentSelf,
     HealthEntry,
     Indexed,
     PreparedQueryResult,
-    positive_seconds,
-    seconds_or_zero,
 )
 from connect_native.identity import (
     InvalidIdentity,
@@ -203,8 +202,7 @@ def _check_address(instance: object, attribute: object, value: Any) -> None:
 
 
 def _check_port(instance: object, attribute: object, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
-        raise ValueError(f"Instance port must be an integer 1-65535, not {value!r}")
+    port_number("Instance port", value)
 
 
 @frozen

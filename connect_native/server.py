@@ -56,6 +56,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from connect_native import _logging
+from connect_native._checks import positive_seconds, whole_number
 from connect_native._refusals import RefusalLog, address_text, host_of
 from connect_native.authorize import (
     L7_AT_L4,
@@ -1145,15 +1146,9 @@ class ConnectServerEndpoint:
             raise ValueError(
                 f"service must be the name of the service being served, not {service!r}"
             )
-        for name, value in (
-            ("ready_timeout", ready_timeout),
-            ("handshake_timeout", handshake_timeout),
-            ("authorize_timeout", authorize_timeout),
-        ):
-            if not isinstance(value, int | float) or not value > 0:
-                raise ValueError(
-                    f"{name} must be a positive number of seconds, not {value!r}"
-                )
+        ready_timeout = positive_seconds("ready_timeout", ready_timeout)
+        handshake_timeout = positive_seconds("handshake_timeout", handshake_timeout)
+        authorize_timeout = positive_seconds("authorize_timeout", authorize_timeout)
         self._reactor = reactor
         self._wrapped = wrapped_endpoint
         self._source = bundle_source
@@ -1171,14 +1166,8 @@ class ConnectServerEndpoint:
         self._keep_open_on_deny = bool(keep_open_on_deny)
         self._tls_protocol = tls_protocol
         self._own_tls = tls_protocol is not None
-        for name, count in (
-            ("max_handshakes", max_handshakes),
-            ("max_handshakes_per_address", max_handshakes_per_address),
-        ):
-            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-                raise ValueError(
-                    f"{name} must be a whole number, 1 or more, not {count!r}"
-                )
+        whole_number("max_handshakes", max_handshakes, 1)
+        whole_number("max_handshakes_per_address", max_handshakes_per_address, 1)
         self._max_handshakes = max_handshakes
         self._max_handshakes_per_address = max_handshakes_per_address
 

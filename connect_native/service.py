@@ -41,6 +41,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from connect_native import _logging
+from connect_native._checks import service_name
 from connect_native.certs import (
     Bundle,
     CertificateAuthorityClient,
@@ -144,10 +145,7 @@ class CertManagerRegistry:
 
         :raises ValueError: if ``service`` is not a non-empty string.
         """
-        if not isinstance(service, str) or not service:
-            raise ValueError(
-                f"service must be a non-empty service name, not {service!r}"
-            )
+        service_name("service", service)
         key = (id(client), service)
         entry = self._entries.get(key)
         if entry is None:

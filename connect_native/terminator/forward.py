@@ -55,8 +55,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from connect_native import _logging
+from connect_native._checks import positive_seconds, whole_number
 from connect_native._refusals import RefusalLog
-from connect_native.consul.records import positive_seconds, whole_number
 from connect_native.terminator._tls import TLSServerProtocol, write_now
 
 __all__ = [

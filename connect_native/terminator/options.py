@@ -8,16 +8,17 @@ option, before anything listens.
 from __future__ import annotations
 
 import ipaddress
-import math
 import re
 import socket
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from attrs import field, frozen
 from twisted.internet import endpoints
-from twisted.logger import InvalidLogLevelError, LogLevel
+from twisted.logger import LogLevel
 from twisted.python import usage
 
+from connect_native import _checks
 from connect_native.terminator.demo import DEMO_SERVICE
 from connect_native.terminator.forward import BUFFER_SIZE
 
@@ -47,6 +48,14 @@ MAX_WORKERS = 64
 #: the terminator's own ``TLSServerProtocol`` (injected into the public
 #: endpoint as its ``tls_protocol=``).
 TLS_TRANSPORTS = ("twisted", "connect_native")
+
+#: The values of ``--authorize``.
+AUTHORIZERS = ("agent", "intentions", "allow-ids")
+
+#: The values of ``--log-level``: the names of Twisted's log levels.
+LOG_LEVELS = tuple(level.name for level in LogLevel.iterconstants())
+
+_T = TypeVar("_T")
 
 _NAME = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
 _UNESCAPED_COLON = re.compile(r"(?<!\\):")
@@ -236,16 +245,16 @@ def parse_upstream(value: str) -> Upstream:
     )
 
 
-def _seconds(option: str, value: str) -> float:
+def _option(check: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    """One of the shared checks (connect_native._checks), as a UsageError."""
     try:
-        seconds = float(value)
-    except ValueError:
-        seconds = math.nan
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise usage.UsageError(
-            f"--{option} must be a number of seconds > 0, not {value!r}"
-        )
-    return seconds
+        return check(*args, **kwargs)
+    except ValueError as e:
+        raise usage.UsageError(str(e)) from None
+
+
+def _seconds(option: str, value: str) -> float:
+    return _option(_checks.seconds_text, f"--{option}", value)
 
 
 class Options(usage.Options):
@@ -507,11 +516,7 @@ class Options(usage.Options):
         if self["to"] is not None:
             _check_client_description("--to", self["to"])
         _check_server_description("--listen", listen)
-        if self["authorize"] not in ("agent", "intentions", "allow-ids"):
-            raise usage.UsageError(
-                "--authorize must be agent, intentions or allow-ids, not "
-                f"{self['authorize']!r}"
-            )
+        _option(_checks.one_of, "--authorize", self["authorize"], AUTHORIZERS)
         if self["authorize"] == "allow-ids" and not self["allow-id"]:
             raise usage.UsageError(
                 "--authorize allow-ids needs at least one --allow-id URI (a "
@@ -542,11 +547,12 @@ class Options(usage.Options):
         workers = _workers(self["workers"])
         buffer_size = _whole_option("--buffer-size", self["buffer-size"], 4096, "bytes")
         log_level = _log_level(self["log-level"])
-        if self["tls-transport"] not in TLS_TRANSPORTS:
-            raise usage.UsageError(
-                "--tls-transport must be connect_native or twisted, not "
-                f"{self['tls-transport']!r}"
-            )
+        _option(
+            _checks.one_of,
+            "--tls-transport",
+            self["tls-transport"],
+            sorted(TLS_TRANSPORTS),
+        )
         worker = bool(self["worker"])
         if workers > 1 or worker:
             _check_workers(listen, demo, self["to"], workers)
@@ -603,53 +609,26 @@ def _identity(value: str) -> FilesIdentity | None:
 
 
 def _cache_seconds(value: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = math.nan
-    if not (math.isfinite(seconds) and seconds >= 0):
-        raise usage.UsageError(
-            f"--authorize-cache must be a number of seconds >= 0 (0 turns the "
-            f"cache off), not {value!r}"
-        )
-    return seconds
+    return _option(
+        _checks.seconds_text,
+        "--authorize-cache",
+        value,
+        " (0 turns the cache off)",
+        zero_ok=True,
+    )
 
 
 def _log_level(value: str) -> str:
-    try:
-        LogLevel.levelWithName(value)
-    except InvalidLogLevelError:
-        raise usage.UsageError(
-            "--log-level must be one of debug, info, warn, error or critical, "
-            f"not {value!r}"
-        ) from None
-    return value
+    return _option(_checks.one_of, "--log-level", value, LOG_LEVELS)
 
 
 def _whole_option(option: str, value: str, minimum: int, unit: str = "") -> int:
     """An option's whole number of at least ``minimum``, or a UsageError."""
-    try:
-        number = int(value)
-    except ValueError:
-        number = minimum - 1
-    if number < minimum:
-        of = f" of {unit}" if unit else ""
-        raise usage.UsageError(
-            f"{option} must be a whole number{of} >= {minimum}, not {value!r}"
-        )
-    return number
+    return _option(_checks.whole_text, option, value, minimum, unit=unit)
 
 
 def _workers(value: str) -> int:
-    try:
-        workers = int(value)
-    except ValueError:
-        workers = 0
-    if not 1 <= workers <= MAX_WORKERS:
-        raise usage.UsageError(
-            f"--workers must be a whole number from 1 to {MAX_WORKERS}, not {value!r}"
-        )
-    return workers
+    return _option(_checks.whole_text, "--workers", value, 1, MAX_WORKERS)
 
 
 def _check_workers(listen: str, demo: bool, to: str | None, workers: int) -> None:
