@@ -57,9 +57,11 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from connect_native import _logging
+from connect_native._shared import CertManagerRegistry, SharedService, shared_services
 from connect_native.certs import Bundle, IBundleSource
 from connect_native.consul.records import positive_seconds
 from connect_native.resolve import (
+    ConsulResolver,
     ExpectedIdentity,
     Instance,
     IResolver,
@@ -73,7 +75,6 @@ from connect_native.tls import (
 
 if TYPE_CHECKING:
     from connect_native.consul.client import ConsulClient
-    from connect_native.service import CertManagerRegistry
 
 __all__ = [
     "SERVICE_VARIABLE",
@@ -845,19 +846,44 @@ class ConnectClientEndpoint:
         :param options: the constructor's keyword arguments.
         :raises ValueError: when our own service is not named.
         """
-        from connect_native.service import connect_services
-
         ours = our_service_name(our_service)
-        connect_service = connect_services.get(
+        shared = shared_services.get(
             reactor, ours, consul=consul, cert_managers=registry
         )
-        return connect_service.client_endpoint(
+        return cls._of_shared(
+            shared,
             service,
             datacenter=datacenter,
             namespace=namespace,
             partition=partition,
             **options,
         )
+
+    @classmethod
+    def _of_shared(
+        cls,
+        shared: SharedService,
+        target: str,
+        *,
+        datacenter: str | None = None,
+        namespace: str | None = None,
+        partition: str | None = None,
+        **options: Any,
+    ) -> ConnectClientEndpoint:
+        # The one way an endpoint is made for a service's shared state: here
+        # for for_service, and for ConnectService.client_endpoint above.
+        resolver = ConsulResolver(
+            shared.consul,
+            target,
+            datacenter=datacenter,
+            namespace=namespace,
+            partition=partition,
+            reactor=shared.reactor,
+        )
+        source = shared.held_identity()
+        endpoint = cls(shared.reactor, resolver, source, **options)
+        endpoint._owned = [resolver, source]
+        return endpoint
 
     def close(self) -> None:
         """
