@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from attrs import frozen
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.interfaces import (
     IDelayedCall,
     IProtocol,
@@ -37,7 +36,6 @@ from twisted.web.client import (
     RequestTransmissionFailed,
     ResponseNeverReceived,
 )
-from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
@@ -46,6 +44,11 @@ from connect_native import _logging
 from connect_native.certs import IBundleSource
 from connect_native.client import ConnectClientEndpoint
 from connect_native.consul.records import positive_seconds, whole_number
+from connect_native.errors import (
+    NotAConnectHost,
+    RequestTimeout,
+    ResponseBodyTimeout,
+)
 from connect_native.resolve import ConsulResolver, IResolver, PreparedQueryResolver
 
 if TYPE_CHECKING:
@@ -80,29 +83,6 @@ _FORMS = (
     "<service>.service[.<namespace>.ns][.<partition>.ap][.<datacenter>].consul "
     "or <query>.query[.<datacenter>].consul"
 )
-
-
-class NotAConnectHost(SchemeNotSupported, ValueError):  # noqa: N818 (says what it is not)
-    """
-    The URL is not one a Connect client can reach: another scheme than
-    ``https``, or a host that is not a Consul service or prepared query
-    name.  Use a plain HTTP client for it.
-    """
-
-
-class RequestTimeout(DeferredTimeoutError):  # noqa: N818 (like ConnectTimeout)
-    """
-    A request did not complete within its timeout: the client's default, or
-    (for the body) the request's own ``timeout=``.
-    """
-
-
-class ResponseBodyTimeout(RequestTimeout):
-    """
-    The response's headers came in time, but its body did not complete
-    before the request's deadline (its timeout, counted from the start of
-    the request); the connection it was read from was closed.
-    """
 
 
 @frozen

@@ -58,6 +58,9 @@ from connect_native.certs import (
     IBundleSource,
     ManagerState,
 )
+from connect_native.errors import (
+    ServiceNotStarted,
+)
 
 if TYPE_CHECKING:
     from connect_native.authorize import IAuthorizer
@@ -212,13 +215,6 @@ def acquire_cert_manager(
     ``lease.release()`` when done.
     """
     return cert_managers.acquire(clock, client, service)
-
-
-class ServiceNotStarted(RuntimeError):  # noqa: N818 (a state, like CertificateNotReady)
-    """
-    A :class:`~connect_native.service.ConnectService` was asked for
-    certificates before it started.
-    """
 
 
 @implementer(IBundleSource)

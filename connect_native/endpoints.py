@@ -37,6 +37,10 @@ from twisted.internet.interfaces import (
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
+from connect_native.errors import (
+    EndpointStringError,
+)
+
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
@@ -97,13 +101,6 @@ Authorize = Literal["agent", "intentions"]
 
 _TRUE = frozenset({"yes", "true", "on", "1"})
 _FALSE = frozenset({"no", "false", "off", "0"})
-
-
-class EndpointStringError(ValueError):
-    """
-    A ``connect:`` description that cannot be used: the message names the
-    option (or the missing part) and what it accepts.
-    """
 
 
 def _fail(kind: str, problem: str) -> EndpointStringError:

@@ -33,7 +33,6 @@ from OpenSSL import SSL
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
-    TimeoutError,
     fail,
     maybeDeferred,
 )
@@ -68,6 +67,10 @@ from connect_native.authorize import (
 from connect_native.certs import (
     Bundle,
     IBundleSource,
+)
+from connect_native.errors import (
+    CertificateNotReady,
+    NotAConnectConnection,
 )
 from connect_native.identity import ServiceIdentity
 from connect_native.recheck import OpenConnections
@@ -116,21 +119,6 @@ StopHook = Callable[[], "Deferred[Any] | None"]
 #: ``wrappedProtocol``).  The terminator's
 #: :class:`~connect_native.tls_transport.TLSServerProtocol` is one.
 TLSProtocolFactory = Callable[[Callable[[Any], SSL.Connection], IProtocol], IProtocol]
-
-
-class CertificateNotReady(TimeoutError):  # noqa: N818 (a state, like TimeoutError)
-    """
-    ``listen()`` gave up: the service had no certificate within
-    ``ready_timeout``.  The message says what the certificate source was
-    waiting for and what to check.
-    """
-
-
-class NotAConnectConnection(ValueError):  # noqa: N818 (names what the input is not)
-    """
-    :func:`peer_identity` was given something that is not a connection whose
-    peer a Connect TLS handshake verified.
-    """
 
 
 def peer_identity(connection: object) -> ServiceIdentity:
@@ -1272,7 +1260,7 @@ class ConnectServerEndpoint:
         Fires with the port; stopping it runs the stop hook.  Fails with
         :class:`CertificateNotReady` saying what is missing if no certificate
         came in time, with the source's error if it gave up first (e.g.
-        :class:`~connect_native.certs.LeafPermissionDenied`), or with the
+        :class:`~connect_native.errors.LeafPermissionDenied`), or with the
         wrapped endpoint's error.
         """
         try:
