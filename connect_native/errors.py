@@ -5,8 +5,9 @@ They are defined here, at the bottom of the package, so that every layer
 can raise them without importing the layers above it; the modules that
 raise them export them too, where they were defined before (for example
 ``ConnectError`` is also ``connect_native.client.ConnectError``).
-The agent client's :class:`ConsulError` family is defined in
-:mod:`connect_native.consul.errors` and exported here as well.
+The agent client's :class:`ConsulError` family and the blocking watches'
+errors are defined in :mod:`connect_native.consul.errors` (so that the
+``consul`` package imports nothing above it) and exported here as well.
 
 Refusals of *peers* are log events, not exceptions in your code; the
 reference of what each error means and what to do about it is
@@ -32,6 +33,8 @@ from connect_native.consul.errors import (
     ConsulResponseError,
     ConsulTimeout,
     ConsulUnavailable,
+    WatchStoppedError,
+    WatchTimeoutError,
 )
 
 __all__ = [
@@ -86,37 +89,6 @@ class InvalidIdentity(ValueError):  # noqa: N818 (the public name is settled)
     def __init__(self, message: str, value: object = None) -> None:
         super().__init__(message)
         self.value = value
-
-
-# --- the agent's watches (its client's errors: the ConsulError family) ----------
-
-
-class WatchTimeoutError(Exception):
-    """
-    A fetch did not answer within its bound and was cancelled.
-    """
-
-    def __init__(self, name: str, index: int, bound: float) -> None:
-        super().__init__(
-            f"watch {name!r}: the request with index={index} did not answer "
-            f"within {bound:.1f}s (wait plus wait/16 plus grace) and was "
-            "cancelled; it will be retried. Check that the Consul agent is "
-            "reachable and responsive."
-        )
-        self.name = name
-        self.index = index
-        self.bound = bound
-
-
-class WatchStoppedError(CancelledError):
-    """
-    The watch was stopped before it had a value (fired into the Deferreds
-    returned by :meth:`~connect_native.consul.blocking.Watch.when_first`).
-    """
-
-    def __init__(self, name: str) -> None:
-        super().__init__(f"watch {name!r} was stopped before it had a value")
-        self.name = name
 
 
 # --- certificates and TLS ---------------------------------------------------

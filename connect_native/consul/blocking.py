@@ -43,11 +43,8 @@ from twisted.python.failure import Failure
 
 from connect_native import _logging
 from connect_native._backoff import backoff_delay
+from connect_native.consul.errors import WatchStoppedError, WatchTimeoutError
 from connect_native.consul.records import ConsulError, Indexed
-from connect_native.errors import (
-    WatchStoppedError,
-    WatchTimeoutError,
-)
 
 __all__ = [
     "Fetch",
