@@ -309,6 +309,9 @@ class ConnectServiceRegistry:
         shared = self._shared.get(
             reactor, name, consul=consul, cert_managers=cert_managers
         )
+        return self._face(shared)
+
+    def _face(self, shared: SharedService) -> ConnectService:
         # A face keeps its shared state alive, so the id is not reused while
         # the face is in the dictionary.
         service = self._services.get(id(shared))
@@ -318,8 +321,11 @@ class ConnectServiceRegistry:
         return service
 
     def services(self) -> Sequence[ConnectService]:
-        """The services alive now."""
-        return list(self._services.values())
+        """
+        The services alive now: held by their users, or by the endpoints and
+        HTTP clients made from them.
+        """
+        return [self._face(shared) for shared in self._shared.services()]
 
 
 #: The process's services, shared by the endpoints and HTTP clients.
