@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from OpenSSL import crypto
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
@@ -41,6 +41,11 @@ from connect_native._checks import service_name
 from connect_native.consul.blocking import Watch
 from connect_native.consul.client import ConsulPermissionDenied
 from connect_native.consul.records import CARoots, Indexed, LeafCert
+from connect_native.errors import (
+    CertManagerStopped,
+    InvalidBundle,
+    LeafPermissionDenied,
+)
 from connect_native.identity import (
     InvalidIdentity,
     ServiceIdentity,
@@ -69,14 +74,6 @@ __all__ = [
 #: The private key types a Connect leaf can have (Consul issues EC P-256;
 #: an external CA may issue RSA).
 LeafPrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
-
-
-class InvalidBundle(ValueError):  # noqa: N818 (a refusal, named for what it refuses)
-    """
-    The leaf certificate, key and roots do not make a usable Bundle.  The
-    message names the input at fault (``leaf_cert_pem``,
-    ``private_key_pem``, ``roots[i]``, ``trust_domain``) and what is wrong.
-    """
 
 
 def _tuple_of_str(values: Iterable[str]) -> tuple[str, ...]:
@@ -498,39 +495,6 @@ class StateChange:
     state: ManagerState
     reason: str
     previous: ManagerState
-
-
-class LeafPermissionDenied(Exception):  # noqa: N818 (a refusal, named for it)
-    """
-    The agent answered 403 to the leaf certificate request: the ACL token
-    lacks ``service:write`` on the service.
-    """
-
-    def __init__(self, service: str, agent_said: str) -> None:
-        self.service = service
-        super().__init__(
-            f"the Consul agent refused the leaf certificate for service "
-            f"{service!r} (403: {agent_said or 'Permission denied'}): the ACL "
-            f"token this process uses (token=, CONSUL_HTTP_TOKEN or "
-            f"CONSUL_HTTP_TOKEN_FILE) is missing, unknown, or lacks "
-            f'service:write on {service!r}. Give it a policy with service "'
-            f'{service}" {{ policy = "write" }}; the manager keeps retrying '
-            "with backoff and becomes ready once the token allows it"
-        )
-
-
-class CertManagerStopped(CancelledError):  # noqa: N818 (like WatchStoppedError)
-    """
-    The :class:`CertManager` was stopped before it had a certificate (fired
-    into pending :meth:`CertManager.when_ready` Deferreds).
-    """
-
-    def __init__(self, service: str) -> None:
-        super().__init__(
-            f"the certificate manager for service {service!r} was stopped "
-            "before it had a certificate"
-        )
-        self.service = service
 
 
 class CertificateAuthorityClient(Protocol):

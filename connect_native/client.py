@@ -58,8 +58,20 @@ from zope.interface import implementer
 
 from connect_native import _logging
 from connect_native._checks import positive_seconds
+from connect_native._shared import CertManagerRegistry, SharedService, shared_services
 from connect_native.certs import Bundle, IBundleSource
+from connect_native.errors import (
+    AllInstancesFailed,
+    ConnectError,
+    ConnectTimeout,
+    HandshakeTimeout,
+    IdentityMismatch,
+    NoCertificate,
+    NoHealthyInstances,
+    ResolutionFailed,
+)
 from connect_native.resolve import (
+    ConsulResolver,
     ExpectedIdentity,
     Instance,
     IResolver,
@@ -73,7 +85,6 @@ from connect_native.tls import (
 
 if TYPE_CHECKING:
     from connect_native.consul.client import ConsulClient
-    from connect_native.service import CertManagerRegistry
 
 __all__ = [
     "SERVICE_VARIABLE",
@@ -118,78 +129,6 @@ class Attempt:
 
 def _attempts_text(attempts: Sequence[Attempt]) -> str:
     return "; ".join(str(a) for a in attempts)
-
-
-class ConnectError(Exception):
-    """
-    A Connect client could not reach the service.
-
-    :ivar target: what was being dialed (the resolver's description).
-    :ivar attempts: what each instance tried did, in order.
-    """
-
-    def __init__(self, message: str, target: str, attempts: Sequence[Attempt] = ()):
-        super().__init__(message)
-        self.target = target
-        self.attempts = tuple(attempts)
-
-
-class NoCertificate(ConnectError):  # noqa: N818 (the kinds are named in the API)
-    """
-    We have no usable certificate of our own to present (not issued yet,
-    expired, or the agent refused it).
-    """
-
-
-class ResolutionFailed(ConnectError):  # noqa: N818 (the kinds are named in the API)
-    """
-    The resolver could not say where the service's instances are.
-    """
-
-
-class NoHealthyInstances(ConnectError):  # noqa: N818 (the kinds are named in the API)
-    """
-    The resolver found no healthy instance of the service.
-    """
-
-
-class IdentityMismatch(ConnectError):  # noqa: N818 (the kinds are named in the API)
-    """
-    The server presented a valid certificate of another service than the
-    one expected: every instance tried did (or the last one before the
-    deadline).  ``got`` and ``wanted`` are the SPIFFE IDs.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        target: str,
-        attempts: Sequence[Attempt],
-        got: str,
-        wanted: str,
-    ) -> None:
-        super().__init__(message, target, attempts)
-        self.got = got
-        self.wanted = wanted
-
-
-class ConnectTimeout(ConnectError):  # noqa: N818 (the kinds are named in the API)
-    """
-    The deadline passed before a verified connection was made.
-    """
-
-
-class HandshakeTimeout(ConnectTimeout):
-    """
-    A server accepted the TCP connection but did not complete the TLS
-    handshake in time.
-    """
-
-
-class AllInstancesFailed(ConnectError):  # noqa: N818 (the kinds are named in the API)
-    """
-    Every instance was tried, and each failed; :attr:`attempts` says how.
-    """
 
 
 def _abort(transport: Any) -> None:
@@ -845,19 +784,44 @@ class ConnectClientEndpoint:
         :param options: the constructor's keyword arguments.
         :raises ValueError: when our own service is not named.
         """
-        from connect_native.service import connect_services
-
         ours = our_service_name(our_service)
-        connect_service = connect_services.get(
+        shared = shared_services.get(
             reactor, ours, consul=consul, cert_managers=registry
         )
-        return connect_service.client_endpoint(
+        return cls._of_shared(
+            shared,
             service,
             datacenter=datacenter,
             namespace=namespace,
             partition=partition,
             **options,
         )
+
+    @classmethod
+    def _of_shared(
+        cls,
+        shared: SharedService,
+        target: str,
+        *,
+        datacenter: str | None = None,
+        namespace: str | None = None,
+        partition: str | None = None,
+        **options: Any,
+    ) -> ConnectClientEndpoint:
+        # The one way an endpoint is made for a service's shared state: here
+        # for for_service, and for ConnectService.client_endpoint above.
+        resolver = ConsulResolver(
+            shared.consul,
+            target,
+            datacenter=datacenter,
+            namespace=namespace,
+            partition=partition,
+            reactor=shared.reactor,
+        )
+        source = shared.held_identity()
+        endpoint = cls(shared.reactor, resolver, source, **options)
+        endpoint._owned = [resolver, source]
+        return endpoint
 
     def close(self) -> None:
         """

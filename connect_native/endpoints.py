@@ -37,6 +37,9 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from connect_native import _checks
+from connect_native.errors import (
+    EndpointStringError,
+)
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
@@ -105,13 +108,6 @@ Authorize = Literal["agent", "intentions", "allow-ids"]
 
 _TRUE = frozenset({"yes", "true", "on", "1"})
 _FALSE = frozenset({"no", "false", "off", "0"})
-
-
-class EndpointStringError(ValueError):
-    """
-    A ``connect:`` description that cannot be used: the message names the
-    option (or the missing part) and what it accepts.
-    """
 
 
 def _fail(kind: str, problem: str) -> EndpointStringError:
@@ -715,7 +711,7 @@ class ConnectStringServerEndpoint:
             readiness: Any
             if self.description.identity is not None:
                 # The files: their state is what the check reports.
-                readiness = self.connect_service._source_now()
+                readiness = self.connect_service.identity_source
             else:
                 # The same shared manager the endpoint leases: its readiness
                 # is what the check reports.

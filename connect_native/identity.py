@@ -31,6 +31,10 @@ from urllib.parse import quote, unquote_to_bytes
 from attrs import field, frozen
 from cryptography import x509
 
+from connect_native.errors import (
+    InvalidIdentity,
+)
+
 __all__ = [
     "AgentIdentity",
     "InvalidIdentity",
@@ -69,18 +73,6 @@ def _shown(value: object) -> str:
     if len(text) > _MAX_SHOWN:
         text = text[:_MAX_SHOWN] + "...(truncated)"
     return text
-
-
-class InvalidIdentity(ValueError):  # noqa: N818 (the public name is settled)
-    """
-    A SPIFFE ID, trust domain, identity field or certificate is not a valid
-    Consul identity.  The message says what is wrong with which input;
-    ``value`` is that input.
-    """
-
-    def __init__(self, message: str, value: object = None) -> None:
-        super().__init__(message)
-        self.value = value
 
 
 def normalize_trust_domain(td: str) -> str:

@@ -54,6 +54,9 @@ from connect_native.consul.records import (
     IntentionHTTPPermission,
     IntentionPermission,
 )
+from connect_native.errors import (
+    InvalidPermission,
+)
 from connect_native.identity import ServiceIdentity
 
 __all__ = [
@@ -99,14 +102,6 @@ HTTP_METHODS = frozenset(
     ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "CONNECT", "OPTIONS", "TRACE")
 )
 """The methods Consul accepts in ``Permissions[].HTTP.Methods``."""
-
-
-class InvalidPermission(ValueError):  # noqa: N818 (a kind of bad input)
-    """
-    An L7 permission that Consul would refuse or that cannot be compiled
-    (for example a ``PathRegex`` Python's :mod:`re` rejects).  The message
-    names the intention and the field.
-    """
 
 
 # -- precedence and matching ---------------------------------------------------

@@ -47,6 +47,10 @@ from connect_native.consul.records import (
     Indexed,
     PreparedQueryResult,
 )
+from connect_native.errors import (
+    ResolveError,
+    StaleAnswer,
+)
 from connect_native.identity import (
     InvalidIdentity,
     ServiceIdentity,
@@ -71,34 +75,6 @@ _failure: Callable[[BaseException], Failure] = Failure
 
 # Stands in for the trust domain while the other fields are checked.
 _ANY_TRUST_DOMAIN = "any-trusted-trust-domain.invalid"
-
-
-class ResolveError(Exception):
-    """
-    A resolver could not find the instances of its service: the agent or the
-    DNS server failed or did not answer in time, or answered something that
-    cannot be used.  The message names the resolver and what went wrong.
-    """
-
-
-class StaleAnswer(ResolveError):  # noqa: N818 (says what it is, like ResolveError)
-    """
-    A :class:`ConsulResolver` has an answer, but the agent has failed to
-    confirm it for longer than the resolver's ``max_staleness``: the
-    instances may have moved or gone, so they are no longer dialed.
-    Resolution works again as soon as the agent answers.
-
-    :ivar failing_since: when the reads of the answer began to fail (the
-        clock's seconds; the Unix time under a real reactor).
-    :ivar last_answer: when the agent last answered, or ``None``.
-    """
-
-    def __init__(
-        self, message: str, failing_since: float, last_answer: float | None
-    ) -> None:
-        super().__init__(message)
-        self.failing_since = failing_since
-        self.last_answer = last_answer
 
 
 # --- records -----------------------------------------------------------------

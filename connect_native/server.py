@@ -33,7 +33,6 @@ from OpenSSL import SSL
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
-    TimeoutError,
     fail,
     maybeDeferred,
 )
@@ -58,6 +57,7 @@ from zope.interface import implementer
 from connect_native import _logging
 from connect_native._checks import positive_seconds, whole_number
 from connect_native._refusals import RefusalLog, address_text, host_of
+from connect_native._shared import CertManagerRegistry, SharedService, shared_services
 from connect_native.authorize import (
     L7_AT_L4,
     Decision,
@@ -69,11 +69,12 @@ from connect_native.certs import (
     Bundle,
     IBundleSource,
 )
+from connect_native.errors import (
+    CertificateNotReady,
+    NotAConnectConnection,
+)
 from connect_native.identity import ServiceIdentity
 from connect_native.recheck import OpenConnections
-from connect_native.service import (
-    CertManagerRegistry,
-)
 from connect_native.tls import (
     PeerRefused,
     ServerConnectionCreator,
@@ -118,21 +119,6 @@ StopHook = Callable[[], "Deferred[Any] | None"]
 #: ``wrappedProtocol``).  The terminator injects its own (a smaller
 #: transport for a byte stream); this module knows only this signature.
 TLSProtocolFactory = Callable[[Callable[[Any], SSL.Connection], IProtocol], IProtocol]
-
-
-class CertificateNotReady(TimeoutError):  # noqa: N818 (a state, like TimeoutError)
-    """
-    ``listen()`` gave up: the service had no certificate within
-    ``ready_timeout``.  The message says what the certificate source was
-    waiting for and what to check.
-    """
-
-
-class NotAConnectConnection(ValueError):  # noqa: N818 (names what the input is not)
-    """
-    :func:`peer_identity` was given something that is not a connection whose
-    peer a Connect TLS handshake verified.
-    """
 
 
 def peer_identity(connection: object) -> ServiceIdentity:
@@ -1184,9 +1170,11 @@ class ConnectServerEndpoint:
         **options: Any,
     ) -> ConnectServerEndpoint:
         """
-        An endpoint for ``service`` made by the process's shared
-        :class:`~connect_native.service.ConnectService` for (``client``,
-        ``service``): its certificates come from the service's shared
+        An endpoint for ``service`` made from what the process shares for
+        (``client``, ``service``), as the
+        :class:`~connect_native.service.ConnectService` that
+        :data:`~connect_native.service.connect_services` gives for them
+        does: its certificates come from the service's shared
         :class:`~connect_native.certs.CertManager`, and each ``listen()``
         holds the service (starting it if it is the first) until its port
         stops (the last one stops it).
@@ -1199,13 +1187,33 @@ class ConnectServerEndpoint:
             :data:`connect_native.service.cert_managers` by default.
         :param options: the constructor's keyword arguments.
         """
-        from connect_native.service import connect_services
-
-        connect_service = connect_services.get(
+        shared = shared_services.get(
             reactor, service, consul=client, cert_managers=registry
         )
-        return connect_service.server_endpoint(
-            wrapped_endpoint, authorizer=authorizer, **options
+        return cls._of_shared(
+            shared, wrapped_endpoint, authorizer=authorizer, **options
+        )
+
+    @classmethod
+    def _of_shared(
+        cls,
+        shared: SharedService,
+        wrapped_endpoint: IStreamServerEndpoint,
+        *,
+        authorizer: IAuthorizer | None = None,
+        **options: Any,
+    ) -> ConnectServerEndpoint:
+        # The one way an endpoint is made for a service's shared state: here
+        # for for_service, and for ConnectService.server_endpoint above.
+        return cls(
+            shared.reactor,
+            wrapped_endpoint,
+            shared.identity,
+            shared.authorizer if authorizer is None else authorizer,
+            shared.service,
+            start_hook=shared.hold,
+            stop_hook=shared.let_go,
+            **options,
         )
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
@@ -1216,7 +1224,7 @@ class ConnectServerEndpoint:
         Fires with the port; stopping it runs the stop hook.  Fails with
         :class:`CertificateNotReady` saying what is missing if no certificate
         came in time, with the source's error if it gave up first (e.g.
-        :class:`~connect_native.certs.LeafPermissionDenied`), or with the
+        :class:`~connect_native.errors.LeafPermissionDenied`), or with the
         wrapped endpoint's error.
         """
         try:

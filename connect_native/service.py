@@ -26,36 +26,42 @@ The agent is identified by the :class:`~connect_native.consul.client.ConsulClien
 object: endpoints that pass the same client share a manager.  Two clients
 for the same agent make two managers, which is correct (they may carry
 different tokens) but wasteful: share one client per process.
+
+What a service's endpoints share lives under the endpoints, in
+``connect_native._shared`` (a :class:`ConnectService` is the public face of
+one), so that :mod:`connect_native.server` and :mod:`connect_native.client`
+share it without importing this module, which is built on them.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, fail
-from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
-from twisted.logger import Logger
-from zope.interface import implementer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IStreamServerEndpoint
 
-from connect_native import _logging
-from connect_native._checks import service_name
-from connect_native.certs import (
-    Bundle,
-    CertificateAuthorityClient,
-    CertManager,
-    IBundleSource,
-    ManagerState,
+from connect_native._http import ConnectHTTPClient, make_client
+from connect_native._shared import (
+    CertManagerLease,
+    CertManagerRegistry,
+    HeldCertificates,
+    ServiceNotStarted,
+    SharedService,
+    SharedServiceRegistry,
+    acquire_cert_manager,
+    cert_managers,
+    shared_services,
 )
+from connect_native.certs import Bundle, CertManager, IBundleSource, ManagerState
+from connect_native.client import ConnectClientEndpoint
+from connect_native.server import ConnectServerEndpoint
 
 if TYPE_CHECKING:
     from connect_native.authorize import IAuthorizer
-    from connect_native.client import ConnectClientEndpoint
     from connect_native.consul.client import ConsulClient
-    from connect_native.http import ConnectHTTPClient
-    from connect_native.server import ConnectServerEndpoint
     from connect_native.sources import FilesIdentity
 
 __all__ = [
@@ -63,245 +69,11 @@ __all__ = [
     "CertManagerRegistry",
     "ConnectService",
     "ConnectServiceRegistry",
+    "ServiceNotStarted",
     "acquire_cert_manager",
     "cert_managers",
     "connect_services",
 ]
-
-#: Makes a manager: ``factory(clock, client, service)``.
-CertManagerFactory = Callable[
-    [IReactorTime, CertificateAuthorityClient, str], CertManager
-]
-
-
-class _Entry:
-    """A shared manager and how many leases hold it."""
-
-    def __init__(
-        self, manager: CertManager, client: CertificateAuthorityClient
-    ) -> None:
-        self.manager = manager
-        # Keeps the client alive while it is part of a key (keys hold its id).
-        self.client = client
-        self.leases = 0
-
-
-class CertManagerLease:
-    """
-    One user's hold on a shared :class:`~connect_native.certs.CertManager`.
-
-    :ivar manager: the shared manager, started.
-    """
-
-    def __init__(
-        self, registry: CertManagerRegistry, key: tuple[int, str], manager: CertManager
-    ) -> None:
-        self._registry = registry
-        self._key = key
-        self.manager = manager
-        self._released = False
-
-    @property
-    def released(self) -> bool:
-        return self._released
-
-    def release(self) -> None:
-        """
-        Give the manager back; the last release stops it.  Calling it again
-        does nothing.
-        """
-        if self._released:
-            return
-        self._released = True
-        self._registry._release(self._key, self.manager)
-
-    def __repr__(self) -> str:
-        state = "released" if self._released else "held"
-        return f"<CertManagerLease {self.manager!r} {state}>"
-
-
-class CertManagerRegistry:
-    """
-    The managers of one process, keyed by (client, service name).
-
-    :param factory: makes a manager for a new key (tests pass one that sets
-        options or records what it made); by default
-        ``CertManager(clock, client, service)``.
-    """
-
-    _log = Logger(observer=_logging.observer)
-
-    def __init__(self, factory: CertManagerFactory = CertManager) -> None:
-        self._factory = factory
-        self._entries: dict[tuple[int, str], _Entry] = {}
-
-    def acquire(
-        self, clock: IReactorTime, client: CertificateAuthorityClient, service: str
-    ) -> CertManagerLease:
-        """
-        A lease on the manager for ``service`` through ``client``: the
-        running one if there is one, else a new one, started now on
-        ``clock``.  Wait for certificates with ``lease.manager.when_ready()``.
-
-        :raises ValueError: if ``service`` is not a non-empty string.
-        """
-        service_name("service", service)
-        key = (id(client), service)
-        entry = self._entries.get(key)
-        if entry is None:
-            manager = self._factory(clock, client, service)
-            entry = _Entry(manager, client)
-            self._entries[key] = entry
-            self._log.info(
-                "starting the certificate manager for {service}", service=service
-            )
-            try:
-                manager.startService()
-            except BaseException:
-                del self._entries[key]
-                raise
-        entry.leases += 1
-        return CertManagerLease(self, key, entry.manager)
-
-    def _release(self, key: tuple[int, str], manager: CertManager) -> None:
-        entry = self._entries.get(key)
-        if entry is None or entry.manager is not manager:
-            return
-        entry.leases -= 1
-        if entry.leases > 0:
-            return
-        del self._entries[key]
-        self._log.info(
-            "the last user of the certificate manager for {service} released "
-            "it; stopping it",
-            service=manager.service,
-        )
-        manager.stopService()
-
-    def managers(self) -> list[CertManager]:
-        """The managers in use now."""
-        return [entry.manager for entry in self._entries.values()]
-
-    def leases(self, manager: CertManager) -> int:
-        """How many unreleased leases hold ``manager`` (0 once stopped)."""
-        for entry in self._entries.values():
-            if entry.manager is manager:
-                return entry.leases
-        return 0
-
-
-#: The process's registry, used by the endpoints.
-cert_managers = CertManagerRegistry()
-
-
-def acquire_cert_manager(
-    clock: IReactorTime, client: CertificateAuthorityClient, service: str
-) -> CertManagerLease:
-    """
-    A lease on this process's shared manager for ``service`` through
-    ``client`` (see :meth:`CertManagerRegistry.acquire`); call
-    ``lease.release()`` when done.
-    """
-    return cert_managers.acquire(clock, client, service)
-
-
-# --- ConnectService ------------------------------------------------------------
-
-
-class ServiceNotStarted(RuntimeError):  # noqa: N818 (a state, like CertificateNotReady)
-    """A :class:`ConnectService` was asked for certificates before it started."""
-
-
-@implementer(IBundleSource)
-class _Certificates:
-    """
-    A :class:`ConnectService`'s certificates as an ``IBundleSource``: the
-    identity source it was given, or the shared certificate manager it
-    leases while it runs.
-    """
-
-    def __init__(self, service: ConnectService) -> None:
-        self._service = service
-
-    def _source(self) -> Any:
-        return self._service._source_now()
-
-    def current(self) -> Bundle | None:
-        source = self._source()
-        return None if source is None else source.current()
-
-    def when_ready(self) -> Deferred[Bundle]:
-        source = self._source()
-        if source is None:
-            return fail(
-                ServiceNotStarted(
-                    f"ConnectService {self._service.name!r} is not started: start "
-                    "it (startService(), or a parent service) or listen/connect "
-                    "through its endpoints, which start it"
-                )
-            )
-        ready: Deferred[Bundle] = source.when_ready()
-        return ready
-
-    @property
-    def reason(self) -> str | None:
-        reason = getattr(self._source(), "reason", None)
-        return reason if isinstance(reason, str) else None
-
-    def subscribe_bundles(
-        self, callback: Callable[[Bundle], object]
-    ) -> Callable[[], None]:
-        subscribe = getattr(self._source(), "subscribe_bundles", None)
-        if not callable(subscribe):
-            return lambda: None
-        unsubscribe: Callable[[], None] = subscribe(callback)
-        return unsubscribe
-
-
-class _Hold:
-    """
-    One user's hold on a :class:`ConnectService` (an endpoint, an HTTP
-    client): the service runs while any hold is open.  Taken at the first
-    use, let go by :meth:`close` (or when the holder is collected).
-    """
-
-    def __init__(self, service: ConnectService) -> None:
-        self._service = service
-        self._finalizer: weakref.finalize[Any, Any] | None = None
-
-    def take(self) -> None:
-        if self._finalizer is None:
-            self._service._hold()
-            self._finalizer = weakref.finalize(self, self._service._let_go)
-
-    def close(self) -> None:
-        finalizer, self._finalizer = self._finalizer, None
-        if finalizer is not None:
-            finalizer()
-
-
-@implementer(IBundleSource)
-class _HeldCertificates(_Hold):
-    """The service's certificates, holding the service from the first use."""
-
-    @property
-    def service(self) -> str:
-        """The name of the service whose certificates these are."""
-        return self._service.service
-
-    def current(self) -> Bundle | None:
-        self.take()
-        return self._service.identity.current()
-
-    def when_ready(self) -> Deferred[Bundle]:
-        self.take()
-        return self._service.identity.when_ready()
-
-    def subscribe_bundles(
-        self, callback: Callable[[Bundle], object]
-    ) -> Callable[[], None]:
-        self.take()
-        return self._service.identity.subscribe_bundles(callback)  # type: ignore[attr-defined,no-any-return]
 
 
 class ConnectService(Service):
@@ -354,67 +126,72 @@ class ConnectService(Service):
         authorizer: IAuthorizer | None = None,
         cert_managers: CertManagerRegistry | None = None,
     ) -> None:
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"name must be the service's name, not {name!r}")
-        from connect_native.sources import FilesIdentity, parse_identity
-
-        if isinstance(identity, str):
-            identity = parse_identity(identity)
-        if isinstance(identity, FilesIdentity):
-            # A description: this service's own source of those files.
-            identity = identity.source(reactor)
-        if identity is not None and not IBundleSource.providedBy(identity):
-            raise TypeError(
-                "identity must provide IIdentitySource (or be 'agent' or "
-                f"'files:cert=...,key=...,roots=...'), not {type(identity).__name__}"
+        self._share(
+            SharedService(
+                reactor,
+                name,
+                consul=consul,
+                identity=identity,
+                authorizer=authorizer,
+                cert_managers=cert_managers,
             )
-        self.reactor = reactor
-        self.name = name
+        )
+
+    @classmethod
+    def _of(cls, shared: SharedService) -> ConnectService:
+        """The face of a service shared through a registry."""
+        service = cls.__new__(cls)
+        service._share(shared)
+        return service
+
+    def _share(self, shared: SharedService) -> None:
+        self._shared = shared
+        self.reactor = shared.reactor
+        self.name = shared.service
         #: The service's name (``name`` is IService's, typed optional).
-        self.service: str = name
-        self._consul = consul
-        self._given_identity = identity
-        self._authorizer = authorizer
-        self._registry = cert_managers
-        self._lease: CertManagerLease | None = None
-        self._holds = 0
-        self._started_by_holds = False
-        self._started_identity = False
-        self.identity: IBundleSource = _Certificates(self)
+        self.service: str = shared.service
+        self.identity: IBundleSource = shared.identity
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
         return f"<ConnectService {self.name!r} {state}>"
+
+    @property
+    def running(self) -> bool:
+        """Whether it runs: started, by its owner or by its endpoints."""
+        return self._shared.running
+
+    @running.setter
+    def running(self, value: object) -> None:
+        # IService's own start and stop set it; ours are the shared state's.
+        pass
 
     # -- what it owns ---------------------------------------------------------
 
     @property
     def consul(self) -> ConsulClient:
         """The agent's client (the process's shared one unless given)."""
-        if self._consul is None:
-            from connect_native.consul.client import shared_client
-
-            self._consul = shared_client(self.reactor)
-        return self._consul
+        return self._shared.consul
 
     @property
     def authorizer(self) -> IAuthorizer:
         """Who decides whether a caller may reach this service."""
-        if self._authorizer is None:
-            from connect_native.authorize import AgentAuthorizer
-
-            self._authorizer = AgentAuthorizer(self.consul, self.reactor)
-        return self._authorizer
+        return self._shared.authorizer
 
     @property
     def cert_manager(self) -> CertManager | None:
         """The shared certificate manager it leases, while it runs."""
-        return None if self._lease is None else self._lease.manager
+        return self._shared.cert_manager
 
-    def _source_now(self) -> IBundleSource | None:
-        if self._given_identity is not None:
-            return self._given_identity
-        return self.cert_manager
+    @property
+    def identity_source(self) -> IBundleSource | None:
+        """
+        Where its certificates come from: the identity source it was given
+        (a :class:`~connect_native.sources.files.FileIdentitySource`, say),
+        else the certificate manager it leases while it runs (``None``
+        before it starts).
+        """
+        return self._shared._source_now()
 
     @property
     def state(self) -> ManagerState:
@@ -423,68 +200,29 @@ class ConnectService(Service):
         certificate manager's state (an identity source without one is
         ``READY`` with a certificate and ``STARTING`` without).
         """
-        if not self.running:
-            return ManagerState.STOPPED
-        manager = self.cert_manager
-        if manager is not None:
-            return manager.state
-        source = self._given_identity
-        state = getattr(source, "state", None)
-        if isinstance(state, ManagerState):
-            return state
-        return ManagerState.READY if self.identity.current() else ManagerState.STARTING
+        return self._shared.state
 
     def when_ready(self) -> Deferred[Bundle]:
         """
         Fires with the first usable certificate (starting the service if
         nothing did); cancellable.  Bound it with a timeout.
         """
-        if not self.running:
-            self.startService()
-        return self.identity.when_ready()
+        return self._shared.when_ready()
 
     # -- IService ---------------------------------------------------------------
 
     def startService(self) -> None:
-        if self.running:
-            return
-        super().startService()  # type: ignore[no-untyped-call]
-        if self._given_identity is None:
-            registry = cert_managers if self._registry is None else self._registry
-            self._lease = registry.acquire(self.reactor, self.consul, self.service)
-        else:
-            start = getattr(self._given_identity, "startService", None)
-            if callable(start) and not getattr(self._given_identity, "running", True):
-                start()
-                # Started here, so stopped here too.
-                self._started_identity = True
+        self._shared.start()
 
     def stopService(self) -> Deferred[None] | None:
-        if not self.running:
-            return None
-        super().stopService()  # type: ignore[no-untyped-call]
-        self._started_by_holds = False
-        lease, self._lease = self._lease, None
-        if lease is not None:
-            # The last lease stops the manager, failing its waiters.
-            lease.release()
-        if self._started_identity:
-            self._started_identity = False
-            stop = getattr(self._given_identity, "stopService", None)
-            if callable(stop):
-                stop()
+        self._shared.stop()
         return None
 
     def _hold(self) -> None:
-        self._holds += 1
-        if not self.running:
-            self._started_by_holds = True
-            self.startService()
+        self._shared.hold()
 
     def _let_go(self) -> None:
-        self._holds = max(0, self._holds - 1)
-        if self._holds == 0 and self._started_by_holds:
-            self.stopService()
+        self._shared.let_go()
 
     # -- what it makes ----------------------------------------------------------
 
@@ -499,19 +237,7 @@ class ConnectService(Service):
 
         :param options: the endpoint's keyword arguments.
         """
-        from connect_native.server import ConnectServerEndpoint
-
-        authorizer = options.pop("authorizer", None)
-        return ConnectServerEndpoint(
-            self.reactor,
-            wrapped,
-            self.identity,
-            self.authorizer if authorizer is None else authorizer,
-            self.service,
-            start_hook=self._hold,
-            stop_hook=self._let_go,
-            **options,
-        )
+        return ConnectServerEndpoint._of_shared(self._shared, wrapped, **options)
 
     def client_endpoint(
         self,
@@ -530,56 +256,58 @@ class ConnectService(Service):
 
         :param options: the endpoint's keyword arguments.
         """
-        from connect_native.client import ConnectClientEndpoint
-        from connect_native.resolve import ConsulResolver
-
-        resolver = ConsulResolver(
-            self.consul,
+        return ConnectClientEndpoint._of_shared(
+            self._shared,
             target,
             datacenter=datacenter,
             namespace=namespace,
             partition=partition,
-            reactor=self.reactor,
+            **options,
         )
-        source = self.held_identity()
-        endpoint = ConnectClientEndpoint(self.reactor, resolver, source, **options)
-        endpoint._owned = [resolver, source]
-        return endpoint
 
     def http_client(self, **options: Any) -> ConnectHTTPClient:
         """
         A treq client (:func:`connect_native.http.client`) presenting this
         service's certificate; it holds the service from its first request
         until its ``close()``.
-        """
-        from connect_native.http import client
 
-        return client(
-            reactor=self.reactor,
-            consul=self.consul,
-            bundle_source=self.held_identity(),
+        :param options: :func:`connect_native.http.client`'s settings
+            (``timeout``, ``connect_timeout``, ``attempt_timeout``,
+            ``retries``, ``max_hosts``, ``pool``).
+        """
+        return make_client(
+            self.reactor,
+            self.consul,
+            self.held_identity(),
+            owns_source=True,
             **options,
         )
 
-    def held_identity(self) -> _HeldCertificates:
+    def held_identity(self) -> HeldCertificates:
         """
         The service's certificates as an ``IBundleSource`` that holds the
         service from its first use until its ``close()``.
         """
-        return _HeldCertificates(self)
+        return self._shared.held_identity()
 
 
 class ConnectServiceRegistry:
     """
     The :class:`ConnectService` of each (agent, service) in a process: asked
     twice for the same pair, it gives the same object, for as long as
-    something holds it.
+    something holds it.  Each is the face of the registry's
+    ``SharedService`` for the pair, which the endpoints' ``for_service``
+    conveniences use too.
+
+    :param shared: where the shared services are kept (a registry of its
+        own by default; :data:`connect_services` uses the process's).
     """
 
-    def __init__(self) -> None:
-        self._services: weakref.WeakValueDictionary[
-            tuple[object, ...], ConnectService
-        ] = weakref.WeakValueDictionary()
+    def __init__(self, shared: SharedServiceRegistry | None = None) -> None:
+        self._shared = SharedServiceRegistry() if shared is None else shared
+        self._services: weakref.WeakValueDictionary[int, ConnectService] = (
+            weakref.WeakValueDictionary()
+        )
 
     def get(
         self,
@@ -596,27 +324,27 @@ class ConnectServiceRegistry:
         certificates from the agent, or from the files ``identity``
         describes (one source per description).
         """
-        if consul is None:
-            from connect_native.consul.client import shared_client
+        shared = self._shared.get(
+            reactor, name, consul=consul, cert_managers=cert_managers, identity=identity
+        )
+        return self._face(shared)
 
-            consul = shared_client(reactor)
-        key = (id(reactor), id(consul), name, id(cert_managers), identity)
-        service = self._services.get(key)
-        if service is None or service.consul is not consul:
-            service = ConnectService(
-                reactor,
-                name,
-                consul=consul,
-                cert_managers=cert_managers,
-                identity=identity,
-            )
-            self._services[key] = service
+    def _face(self, shared: SharedService) -> ConnectService:
+        # A face keeps its shared state alive, so the id is not reused while
+        # the face is in the dictionary.
+        service = self._services.get(id(shared))
+        if service is None or service._shared is not shared:
+            service = ConnectService._of(shared)
+            self._services[id(shared)] = service
         return service
 
     def services(self) -> Sequence[ConnectService]:
-        """The services alive now."""
-        return list(self._services.values())
+        """
+        The services alive now: held by their users, or by the endpoints and
+        HTTP clients made from them.
+        """
+        return [self._face(shared) for shared in self._shared.services()]
 
 
 #: The process's services, shared by the endpoints and HTTP clients.
-connect_services = ConnectServiceRegistry()
+connect_services = ConnectServiceRegistry(shared_services)

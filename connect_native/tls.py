@@ -51,6 +51,10 @@ from zope.interface import implementer
 
 from connect_native import _logging
 from connect_native.certs import Bundle
+from connect_native.errors import (
+    PeerIdentityMismatch,
+    PeerRefused,
+)
 from connect_native.identity import (
     InvalidIdentity,
     ServiceIdentity,
@@ -104,36 +108,6 @@ _MAX_PEER_CHAIN_DEPTH = 8
 
 # Which certificate each side verifies.
 _PEER_ROLE = {"server": "client", "client": "server"}
-
-
-class PeerRefused(Exception):  # noqa: N818 (a refusal, named for what happened)
-    """
-    We refused the peer's certificate during the TLS handshake.
-
-    A client connection refused this way is closed with this error as the
-    reason given to the application protocol's ``connectionLost``.
-    """
-
-    #: Where in the chain the refused certificate was (0: the leaf), and
-    #: how it reads (subject, issuer, serial); set by the verify callback.
-    depth: int | None = None
-    certificate: str = ""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class PeerIdentityMismatch(PeerRefused):
-    """
-    The server's certificate is valid but names another service than the one
-    we meant to reach.
-    """
-
-    def __init__(self, got: str, wanted: str) -> None:
-        super().__init__(f"peer certificate mismatch: got {got}, want {wanted}")
-        self.got = got
-        self.wanted = wanted
 
 
 @frozen
@@ -225,7 +199,7 @@ def peer_identity(transport: object) -> ServiceIdentity | None:
 
     This is the lookup behind :func:`connect_native.peer_identity`, which
     takes the same arguments and raises
-    :class:`~connect_native.server.NotAConnectConnection` instead of
+    :class:`~connect_native.errors.NotAConnectConnection` instead of
     returning ``None``: use that one unless your code handles an
     unauthenticated peer itself.
     """

@@ -730,7 +730,7 @@ def test_identity_files_and_allow_ids(
     endpoint = server(
         reactor, f"connect:web:port=1:{identity}:authorize=allow-ids:allowIds={api}"
     )
-    source = endpoint.connect_service._given_identity
+    source = endpoint.connect_service.identity_source
     assert isinstance(source, FileIdentitySource)
     assert source.cert == tmp_path / "cert.pem"
     assert isinstance(endpoint.authorizer, AllowIdsAuthorizer)

@@ -304,7 +304,7 @@ def test_identity_may_be_given_as_files(tmp_path: Path) -> None:
         f"roots={tmp_path / 'ca.pem'}",
         authorizer=AllowIdsAuthorizer([ca.service_uri("api")]),
     )
-    assert isinstance(service._given_identity, FileIdentitySource)
+    assert isinstance(service.identity_source, FileIdentitySource)
     ready = service.when_ready()
     bundle = service.identity.current()
     assert bundle is not None

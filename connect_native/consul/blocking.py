@@ -36,13 +36,14 @@ import random
 from collections.abc import Callable
 from typing import Generic, TypeVar, cast
 
-from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from connect_native import _logging
 from connect_native._backoff import backoff_delay
+from connect_native.consul.errors import WatchStoppedError, WatchTimeoutError
 from connect_native.consul.records import ConsulError, Indexed
 
 __all__ = [
@@ -67,34 +68,6 @@ _failure: Callable[[BaseException], Failure] = Failure
 
 # The agent's RPC endpoints add up to wait/16 of jitter to the wait.
 _JITTER_FRACTION = 16
-
-
-class WatchTimeoutError(Exception):
-    """
-    A fetch did not answer within its bound and was cancelled.
-    """
-
-    def __init__(self, name: str, index: int, bound: float) -> None:
-        super().__init__(
-            f"watch {name!r}: the request with index={index} did not answer "
-            f"within {bound:.1f}s (wait plus wait/16 plus grace) and was "
-            "cancelled; it will be retried. Check that the Consul agent is "
-            "reachable and responsive."
-        )
-        self.name = name
-        self.index = index
-        self.bound = bound
-
-
-class WatchStoppedError(CancelledError):
-    """
-    The watch was stopped before it had a value (fired into the Deferreds
-    returned by :meth:`Watch.when_first`).
-    """
-
-    def __init__(self, name: str) -> None:
-        super().__init__(f"watch {name!r} was stopped before it had a value")
-        self.name = name
 
 
 def _positive(field: str, value: float, *, allow_zero: bool = False) -> float:

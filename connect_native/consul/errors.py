@@ -1,11 +1,16 @@
 """
-The errors of :mod:`connect_native.consul`, one family: every failure of the
-agent's client is a :class:`ConsulError`.  They are also importable from
+The errors of :mod:`connect_native.consul`: every failure of the agent's
+client is a :class:`ConsulError` (also importable from
 :mod:`connect_native.consul.client` and :mod:`connect_native.consul.records`,
-where they used to live.
+where they used to live), and the blocking watches fail with
+:class:`WatchTimeoutError` and :class:`WatchStoppedError` (also importable
+from :mod:`connect_native.consul.blocking`).  :mod:`connect_native.errors`
+exports them all.
 """
 
 from __future__ import annotations
+
+from twisted.internet.defer import CancelledError
 
 __all__ = [
     "ConsulConfigurationError",
@@ -17,6 +22,8 @@ __all__ = [
     "ConsulResponseError",
     "ConsulTimeout",
     "ConsulUnavailable",
+    "WatchStoppedError",
+    "WatchTimeoutError",
 ]
 
 
@@ -124,3 +131,34 @@ class ConsulUnavailable(ConsulError):  # noqa: N818
             "and, for HTTPS, that CONSUL_CACERT / CONSUL_TLS_SERVER_NAME match "
             "its certificate"
         )
+
+
+# -- the blocking watches ------------------------------------------------------
+
+
+class WatchTimeoutError(Exception):
+    """
+    A fetch did not answer within its bound and was cancelled.
+    """
+
+    def __init__(self, name: str, index: int, bound: float) -> None:
+        super().__init__(
+            f"watch {name!r}: the request with index={index} did not answer "
+            f"within {bound:.1f}s (wait plus wait/16 plus grace) and was "
+            "cancelled; it will be retried. Check that the Consul agent is "
+            "reachable and responsive."
+        )
+        self.name = name
+        self.index = index
+        self.bound = bound
+
+
+class WatchStoppedError(CancelledError):
+    """
+    The watch was stopped before it had a value (fired into the Deferreds
+    returned by :meth:`~connect_native.consul.blocking.Watch.when_first`).
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"watch {name!r} was stopped before it had a value")
+        self.name = name

@@ -205,7 +205,7 @@ class Terminator(Service):
             # the files.
             readiness: Any = self.connect_service.cert_manager
             if readiness is None:
-                readiness = self.connect_service._source_now()
+                readiness = self.connect_service.identity_source
             self.registration = Registration(
                 reactor,
                 self.client,
