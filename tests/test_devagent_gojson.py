@@ -11,18 +11,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from connect_native.devagent.api import (
-    _AUTHORIZE,
-    _CHECK_UPDATE,
-    _SERVICE,
+from connect_native.devagent.api import _AUTHORIZE, _CHECK_UPDATE, _SERVICE
+from connect_native.devagent.gocompat import (
+    GoDurationError,
     GoJSONError,
     decode_go_json,
-    parse_go_json,
-)
-from connect_native.devagent.state import (
-    GoDurationError,
     format_go_duration,
     parse_go_duration,
+    parse_go_json,
 )
 
 

@@ -14,6 +14,8 @@ from typing import Any
 
 from attrs import frozen
 
+from connect_native.devagent.gocompat import GoDurationError, parse_go_duration
+
 __all__ = ["PreparedQuery", "QueryInput", "filter_entries", "query_problem"]
 
 # What Consul shows instead of a query's token to those who may not see it.
@@ -105,8 +107,6 @@ def query_problem(q: QueryInput) -> str | None:
     ``parseQuery``: what is wrong with ``q``, in Consul's words (the caller
     wraps it as ``Invalid prepared query: ...``).
     """
-    from connect_native.devagent.state import GoDurationError, parse_go_duration
-
     if not q.name and not q.template_type and not q.session:
         return "Must be bound to a session"
     if q.token == REDACTED:

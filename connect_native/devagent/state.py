@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import base64
 import copy
-import datetime
 import hashlib
 import ipaddress
 import json
@@ -61,6 +60,14 @@ from connect_native.devagent.config import (
     entry_problem,
     normalized,
 )
+from connect_native.devagent.gocompat import (
+    GoDurationError,
+    format_config_duration,
+    format_go_duration,
+    go_quote,
+    parse_go_duration,
+    rfc3339_nano,
+)
 from connect_native.devagent.query import (
     PreparedQuery,
     QueryInput,
@@ -71,10 +78,7 @@ from connect_native.devagent.query import (
 __all__ = [
     "ConsulError",
     "DevAgent",
-    "GoDurationError",
     "LeafAnswer",
-    "format_go_duration",
-    "parse_go_duration",
 ]
 
 log = Logger(observer=_logging.observer)
@@ -174,157 +178,6 @@ def multierror(messages: Sequence[str]) -> str:
         else f"{len(messages)} errors occurred:"
     )
     return head + "".join(f"\n\t* {m}" for m in messages) + "\n\n"
-
-
-# --------------------------------------------------------------------------
-# Go's time.Duration
-
-
-class GoDurationError(ValueError):
-    """
-    Go's ``time.ParseDuration`` refused the text; the message is Go's.
-    """
-
-
-_DURATION_UNITS = {
-    "ns": 1,
-    "us": 1_000,
-    "\u00b5s": 1_000,
-    "\u03bcs": 1_000,
-    "ms": 1_000_000,
-    "s": 1_000_000_000,
-    "m": 60_000_000_000,
-    "h": 3_600_000_000_000,
-}
-_MAX_INT64 = (1 << 63) - 1
-
-
-def go_quote(text: str) -> str:
-    """
-    Go's ``strconv.Quote`` for the texts that appear in Consul's messages.
-    """
-    out = []
-    for ch in text:
-        code = ord(ch)
-        if ch == '"':
-            out.append('\\"')
-        elif ch == "\\":
-            out.append("\\\\")
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\t":
-            out.append("\\t")
-        elif ch == "\r":
-            out.append("\\r")
-        elif code < 0x20 or code == 0x7F:
-            out.append(f"\\x{code:02x}")
-        elif 0xD800 <= code <= 0xDFFF:
-            out.append("\\ufffd")
-        elif not ch.isprintable() and code >= 0x80:
-            out.append(f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}")
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
-
-
-def parse_go_duration(text: str) -> int:
-    """
-    ``time.ParseDuration``: the duration in integer nanoseconds.
-
-    :raises GoDurationError: with Go's message (``time: invalid duration
-        "bogus"``, ``time: missing unit in duration "1"``, ...).
-    """
-    orig = text
-    invalid = GoDurationError(f"time: invalid duration {go_quote(orig)}")
-    negative = False
-    if text[:1] in ("-", "+"):
-        negative = text[0] == "-"
-        text = text[1:]
-    if text == "0":
-        return 0
-    if not text:
-        raise invalid
-    total = 0
-    while text:
-        if not (text[0] == "." or (text[0].isdigit() and text[0].isascii())):
-            raise invalid
-        match = re.match(r"([0-9]*)(?:\.([0-9]*))?", text)
-        assert match is not None
-        whole, frac = match.group(1), match.group(2)
-        if not whole and not frac:
-            raise invalid
-        text = text[match.end() :]
-        unit_match = re.match(r"[^0-9.]*", text)
-        assert unit_match is not None
-        unit = unit_match.group(0)
-        text = text[len(unit) :]
-        if not unit:
-            raise GoDurationError(f"time: missing unit in duration {go_quote(orig)}")
-        if unit not in _DURATION_UNITS:
-            raise GoDurationError(
-                f"time: unknown unit {go_quote(unit)} in duration {go_quote(orig)}"
-            )
-        scale = _DURATION_UNITS[unit]
-        value = int(whole or "0") * scale
-        if frac:
-            value += int(int(frac) * scale / 10 ** len(frac))
-        total += value
-        if total > _MAX_INT64:
-            raise invalid
-    return -total if negative else total
-
-
-def format_go_duration(ns: int) -> str:
-    """
-    Go's ``time.Duration.String()``: ``72h0m0s``, ``1m0s``, ``1.5s``, ``0s``.
-    """
-    if ns == 0:
-        return "0s"
-    sign = "-" if ns < 0 else ""
-    ns = abs(ns)
-    if ns < 1_000_000_000:
-        for unit, scale in (("ms", 1_000_000), ("\u00b5s", 1_000), ("ns", 1)):
-            if ns >= scale:
-                return sign + _trim_fraction(ns, scale) + unit
-    hours, rest = divmod(ns, 3_600_000_000_000)
-    minutes, rest = divmod(rest, 60_000_000_000)
-    seconds = _trim_fraction(rest, 1_000_000_000)
-    if hours:
-        return f"{sign}{hours}h{minutes}m{seconds}s"
-    if minutes:
-        return f"{sign}{minutes}m{seconds}s"
-    return f"{sign}{seconds}s"
-
-
-def _trim_fraction(value: int, scale: int) -> str:
-    whole, frac = divmod(value, scale)
-    if not frac:
-        return str(whole)
-    digits = len(str(scale)) - 1
-    return f"{whole}." + f"{frac:0{digits}d}".rstrip("0")
-
-
-def format_config_duration(seconds: float) -> str:
-    """
-    How a duration appears in the default CA configuration (``72h``), or Go's
-    ``Duration.String()`` when it is not a whole number of hours.
-    """
-    if seconds > 0 and seconds % 3600 == 0:
-        return f"{int(seconds // 3600)}h"
-    return format_go_duration(round(seconds * 1e9))
-
-
-def rfc3339_nano(seconds: float) -> str:
-    """
-    Go's ``time.RFC3339Nano`` in UTC: trailing zeros of the fraction dropped.
-    """
-    ns = round(seconds * 1e9)
-    whole, frac = divmod(ns, 1_000_000_000)
-    moment = datetime.datetime.fromtimestamp(whole, tz=datetime.UTC)
-    text = moment.strftime("%Y-%m-%dT%H:%M:%S")
-    if frac:
-        text += "." + f"{frac:09d}".rstrip("0")
-    return text + "Z"
 
 
 def random_uuid(rng: random.Random) -> str:
