@@ -32,8 +32,9 @@ from urllib.parse import unquote_to_bytes
 from attrs import frozen
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
+from twisted.python.components import registerAdapter
 from twisted.python.failure import Failure
-from twisted.web.resource import Resource
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from connect_native import _logging
@@ -1987,6 +1988,11 @@ class AgentResource(Resource):
             # aclDisabled: before the token is looked at.
             raise ConsulError(401, "ACL support disabled")
         return self._authz(request)
+
+
+# DevAgent.resource() adapts the agent to IResource: the agent does not
+# import this module, the HTTP layer above it plugs itself in.
+registerAdapter(AgentResource, DevAgent, IResource)  # type: ignore[no-untyped-call]
 
 
 def _go_atoi(text: str, prefix: str) -> int:

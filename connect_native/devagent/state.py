@@ -3103,10 +3103,12 @@ class DevAgent:
     def resource(self) -> IResource:
         """
         The agent's HTTP API as a ``twisted.web`` ``IResource``.
-        """
-        from connect_native.devagent.api import AgentResource
 
-        return AgentResource(self)
+        The HTTP layer sits above the agent and registers itself as the
+        agent's ``IResource`` adapter (the package imports it), so the state
+        never imports its own HTTP API.
+        """
+        return IResource(self)
 
 
 def _serf_stats() -> dict[str, str]:
