@@ -1,7 +1,7 @@
 """
 The development agent's HTTP API: Consul 1.8.7's endpoints for Connect-native
 applications as a plain ``twisted.web`` resource over a
-:class:`~connect_native.devagent.state.DevAgent`.
+:class:`~connect_native.devagent.agent.DevAgent`.
 
 The resource speaks the wire format the real agent speaks (``REAL-BEHAVIOUR.md``
 and ``tests/fixtures/real-1.8.7/``): pretty JSON with Go's escaping,
@@ -38,7 +38,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from connect_native import _logging
-from connect_native.devagent.acl import Authorizer
+from connect_native.devagent.agent import DevAgent
 from connect_native.devagent.gocompat import (
     GoDurationError,
     GoJSONError,
@@ -54,18 +54,16 @@ from connect_native.devagent.gocompat import (
     go_quote,
     parse_go_duration,
 )
-from connect_native.devagent.query import QueryInput
-from connect_native.devagent.state import (
-    CAConfigInput,
+from connect_native.devagent.store import ConsulError, permission_denied
+from connect_native.devagent.tables.acl import Authorizer
+from connect_native.devagent.tables.catalog_records import (
     CheckDefinition,
-    ConsulError,
-    DevAgent,
-    IntentionInput,
-    LeafAnswer,
     ProxyConfig,
     ServiceDefinition,
-    permission_denied,
 )
+from connect_native.devagent.tables.connect_ca import CAConfigInput, LeafAnswer
+from connect_native.devagent.tables.intentions import IntentionInput
+from connect_native.devagent.tables.queries import QueryInput
 
 __all__ = ["AgentResource"]
 

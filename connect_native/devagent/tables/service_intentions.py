@@ -14,8 +14,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from attrs import frozen
+from twisted.logger import Logger
 
+from connect_native import _logging
 from connect_native.devagent.gocompat import go_quote
+
+log = Logger(observer=_logging.observer)
+
 
 __all__ = ["IntentionSource", "IntentionsEntry", "entry_problem", "normalized"]
 
