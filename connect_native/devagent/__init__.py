@@ -10,7 +10,7 @@ TCP with ``python -m connect_native.devagent --port 8500``.
 
 # The HTTP API registers itself as DevAgent's IResource adapter on import
 # (DevAgent.resource()); the agent below it never imports it.
-from connect_native.devagent import api as _api  # noqa: F401
+from connect_native.devagent import http as _http  # noqa: F401
 from connect_native.devagent.agent import DevAgent
 
 __all__ = ["DevAgent"]

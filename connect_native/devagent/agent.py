@@ -3,7 +3,7 @@ The development agent: :class:`DevAgent` composes the tables (catalog,
 health, intentions, config entries, prepared queries, ACLs, the Connect CA
 with the leaf cache) over one :class:`~connect_native.devagent.store.Store`,
 and answers ``/v1/agent/self``.  Its methods are the operations the HTTP API
-(:mod:`connect_native.devagent.api`, which sits above it) calls.
+(:mod:`connect_native.devagent.http`, which sits above it) calls.
 
 The reference is ``REAL-BEHAVIOUR.md`` (measured on Consul 1.8.7) and the
 captures in ``tests/fixtures/real-1.8.7/``; where those say nothing, Consul's
