@@ -17,8 +17,16 @@ from typing import Any
 from attrs import frozen
 
 __all__ = [
+    "AnyValue",
+    "Bool",
     "GoDurationError",
     "GoJSONError",
+    "Int",
+    "List",
+    "Map",
+    "Schema",
+    "Str",
+    "Struct",
     "decode_go_json",
     "format_config_duration",
     "format_go_duration",
@@ -478,43 +486,43 @@ def parse_go_json(data: bytes) -> Any:
 # ---- schemas: the Go types Consul decodes into
 
 
-class _Schema:
+class Schema:
     go_type = "interface {}"
 
 
-class _Str(_Schema):
+class Str(Schema):
     def __init__(self, go_type: str = "string"):
         self.go_type = go_type
 
 
-class _Int(_Schema):
+class Int(Schema):
     def __init__(self, go_type: str = "int", bits: int = 64, signed: bool = True):
         self.go_type = go_type
         self.bits = bits
         self.signed = signed
 
 
-class _Bool(_Schema):
+class Bool(Schema):
     go_type = "bool"
 
 
-class _Any(_Schema):
+class AnyValue(Schema):
     go_type = "interface {}"
 
 
-class _List(_Schema):
-    def __init__(self, elem: _Schema, go_type: str | None = None):
+class List(Schema):
+    def __init__(self, elem: Schema, go_type: str | None = None):
         self.elem = elem
         self.go_type = go_type or f"[]{elem.go_type}"
 
 
-class _Map(_Schema):
-    def __init__(self, elem: _Schema, go_type: str | None = None):
+class Map(Schema):
+    def __init__(self, elem: Schema, go_type: str | None = None):
         self.elem = elem
         self.go_type = go_type or f"map[string]{elem.go_type}"
 
 
-class _Struct(_Schema):
+class Struct(Schema):
     """
     A Go struct: ``fields`` maps each field's name to its schema, and
     ``aliases`` snake_case keys to field names.  ``custom`` structs have
@@ -528,7 +536,7 @@ class _Struct(_Schema):
         self,
         go_type: str,
         context_name: str,
-        fields: dict[str, _Schema],
+        fields: dict[str, Schema],
         *,
         aliases: dict[str, str] | None = None,
         custom: bool = False,
@@ -543,7 +551,7 @@ class _Struct(_Schema):
         self.strict = strict
         self.post = post
 
-    def lookup(self, key: str) -> tuple[str, _Schema, bool] | None:
+    def lookup(self, key: str) -> tuple[str, Schema, bool] | None:
         """
         The field a JSON key sets (exact name first, then Go's
         case-insensitive match): its canonical name, schema, and whether the
@@ -591,7 +599,7 @@ class _Decoder:
         if self.saved is None:
             self.saved = error
 
-    def type_error(self, what: str, schema: _Schema, ctx: _Context) -> None:
+    def type_error(self, what: str, schema: Schema, ctx: _Context) -> None:
         if ctx.path:
             where = f"Go struct field {ctx.struct or ''}.{'.'.join(ctx.path)}"
         else:
@@ -602,24 +610,24 @@ class _Decoder:
             )
         )
 
-    def decode(self, value: Any, schema: _Schema, ctx: _Context) -> Any:
+    def decode(self, value: Any, schema: Schema, ctx: _Context) -> Any:
         if value is None:
             return None
-        if isinstance(schema, _Any):
+        if isinstance(schema, AnyValue):
             return _plain(value)
-        if isinstance(schema, _Struct):
+        if isinstance(schema, Struct):
             if schema.custom:
                 return self.custom(value, schema, ctx)
             if not isinstance(value, JObject):
                 self.type_error(_kind(value), schema, ctx)
                 return None
             return self.struct(value, schema, ctx)
-        if isinstance(schema, _List):
+        if isinstance(schema, List):
             if not isinstance(value, list) or isinstance(value, JObject):
                 self.type_error(_kind(value), schema, ctx)
                 return None
             return [self.decode(v, schema.elem, ctx) for v in value]
-        if isinstance(schema, _Map):
+        if isinstance(schema, Map):
             if not isinstance(value, JObject):
                 self.type_error(_kind(value), schema, ctx)
                 return None
@@ -627,17 +635,17 @@ class _Decoder:
             for key, item in value:
                 mapping[key] = self.decode(item, schema.elem, ctx)
             return mapping
-        if isinstance(schema, _Str):
+        if isinstance(schema, Str):
             if isinstance(value, str) and not isinstance(value, JNumber):
                 return value
             self.type_error(_kind(value), schema, ctx)
             return None
-        if isinstance(schema, _Bool):
+        if isinstance(schema, Bool):
             if isinstance(value, bool):
                 return value
             self.type_error(_kind(value), schema, ctx)
             return None
-        if isinstance(schema, _Int):
+        if isinstance(schema, Int):
             if isinstance(value, JNumber):
                 if re.fullmatch(r"-?[0-9]+", value):
                     number = int(value)
@@ -655,7 +663,7 @@ class _Decoder:
             return None
         raise AssertionError(f"unknown schema {schema!r}")
 
-    def custom(self, value: Any, schema: _Struct, ctx: _Context) -> Any:
+    def custom(self, value: Any, schema: Struct, ctx: _Context) -> Any:
         """
         A struct with its own ``UnmarshalJSON``: a fresh decoder, and any
         error aborts the whole decoding, reported against the field that
@@ -686,7 +694,7 @@ class _Decoder:
             error = GoJSONError(_TYPE_ERROR.sub(where, str(error), count=1))
         raise _ImmediateError(error)
 
-    def struct(self, value: JObject, schema: _Struct, ctx: _Context) -> dict[str, Any]:
+    def struct(self, value: JObject, schema: Struct, ctx: _Context) -> dict[str, Any]:
         out: dict[str, Any] = {name: None for name in schema.fields}
         for key, item in value:
             found = schema.lookup(key)
@@ -737,7 +745,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def decode_go_json(data: bytes, schema: _Schema) -> Any:
+def decode_go_json(data: bytes, schema: Schema) -> Any:
     """
     Decode a request body as Consul does (``json.Decoder`` with
     ``DisallowUnknownFields``) into ``schema``: a dict with every field of a
@@ -756,6 +764,6 @@ def decode_go_json(data: bytes, schema: _Schema) -> Any:
         raise GoJSONError("exceeded max depth") from None
     if decoder.saved is not None:
         raise decoder.saved
-    if out is None and isinstance(schema, _Struct):
+    if out is None and isinstance(schema, Struct):
         out = {name: None for name in schema.fields}
     return out

@@ -9,14 +9,14 @@ from __future__ import annotations
 from typing import Any
 
 from connect_native.devagent.gocompat import (
-    _Any,
-    _Bool,
-    _Int,
-    _List,
-    _Map,
-    _Schema,
-    _Str,
-    _Struct,
+    AnyValue,
+    Bool,
+    Int,
+    List,
+    Map,
+    Schema,
+    Str,
+    Struct,
     parse_go_duration,
 )
 from connect_native.devagent.tables.catalog_records import (
@@ -28,7 +28,7 @@ from connect_native.devagent.tables.intentions import IntentionInput
 
 # ---- the request bodies of Consul 1.8.7
 
-DURATION = _Any()
+DURATION = AnyValue()
 
 
 def _aux(*fields: str) -> str:
@@ -43,28 +43,28 @@ def _tag(name: str) -> str:
     return f'"json:\\"{name}\\""'
 
 
-MESH_GATEWAY = _Struct(
+MESH_GATEWAY = Struct(
     "structs.MeshGatewayConfig",
     "MeshGatewayConfig",
-    {"Mode": _Str("structs.MeshGatewayMode")},
+    {"Mode": Str("structs.MeshGatewayMode")},
 )
-EXPOSE_PATH = _Struct(
+EXPOSE_PATH = Struct(
     "structs.ExposePath",
     "ExposePath",
     {
-        "ListenerPort": _Int(),
-        "Path": _Str(),
-        "LocalPathPort": _Int(),
-        "Protocol": _Str(),
-        "ParsedFromCheck": _Bool(),
+        "ListenerPort": Int(),
+        "Path": Str(),
+        "LocalPathPort": Int(),
+        "Protocol": Str(),
+        "ParsedFromCheck": Bool(),
     },
 )
-EXPOSE = _Struct(
+EXPOSE = Struct(
     "structs.ExposeConfig",
     "ExposeConfig",
-    {"Checks": _Bool(), "Paths": _List(EXPOSE_PATH, "[]structs.ExposePath")},
+    {"Checks": Bool(), "Paths": List(EXPOSE_PATH, "[]structs.ExposePath")},
 )
-UPSTREAM = _Struct(
+UPSTREAM = Struct(
     _aux(
         f"DestinationTypeSnake string {_tag('destination_type')}",
         f"DestinationNamespaceSnake string {_tag('destination_namespace')}",
@@ -74,13 +74,13 @@ UPSTREAM = _Struct(
     ),
     "",
     {
-        "DestinationType": _Str(),
-        "DestinationNamespace": _Str(),
-        "DestinationName": _Str(),
-        "Datacenter": _Str(),
-        "LocalBindAddress": _Str(),
-        "LocalBindPort": _Int(),
-        "Config": _Map(_Any()),
+        "DestinationType": Str(),
+        "DestinationNamespace": Str(),
+        "DestinationName": Str(),
+        "Datacenter": Str(),
+        "LocalBindAddress": Str(),
+        "LocalBindPort": Int(),
+        "Config": Map(AnyValue()),
         "MeshGateway": MESH_GATEWAY,
     },
     aliases={
@@ -92,7 +92,7 @@ UPSTREAM = _Struct(
     },
     custom=True,
 )
-PROXY = _Struct(
+PROXY = Struct(
     _aux(
         f"DestinationServiceNameSnake string {_tag('destination_service_name')}",
         f"DestinationServiceIDSnake string {_tag('destination_service_id')}",
@@ -101,12 +101,12 @@ PROXY = _Struct(
     ),
     "",
     {
-        "DestinationServiceName": _Str(),
-        "DestinationServiceID": _Str(),
-        "LocalServiceAddress": _Str(),
-        "LocalServicePort": _Int(),
-        "Config": _Map(_Any()),
-        "Upstreams": _List(UPSTREAM, "structs.Upstreams"),
+        "DestinationServiceName": Str(),
+        "DestinationServiceID": Str(),
+        "LocalServiceAddress": Str(),
+        "LocalServicePort": Int(),
+        "Config": Map(AnyValue()),
+        "Upstreams": List(UPSTREAM, "structs.Upstreams"),
         "MeshGateway": MESH_GATEWAY,
         "Expose": EXPOSE,
     },
@@ -118,14 +118,14 @@ PROXY = _Struct(
     },
     custom=True,
 )
-LEGACY_PROXY = _Struct(
+LEGACY_PROXY = Struct(
     "structs.ServiceDefinitionConnectProxy",
     "ServiceDefinitionConnectProxy",
     {
-        "Command": _List(_Str()),
-        "ExecMode": _Str("structs.ProxyExecMode"),
-        "Config": _Map(_Any()),
-        "Upstreams": _List(UPSTREAM, "structs.Upstreams"),
+        "Command": List(Str()),
+        "ExecMode": Str("structs.ProxyExecMode"),
+        "Config": Map(AnyValue()),
+        "Upstreams": List(UPSTREAM, "structs.Upstreams"),
     },
 )
 CHECK_DURATIONS = ("Interval", "Timeout", "TTL", "DeregisterCriticalServiceAfter")
@@ -145,7 +145,7 @@ def _check_durations(d: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
-CHECK = _Struct(
+CHECK = Struct(
     _aux(
         "Interval interface {}",
         "Timeout interface {}",
@@ -162,33 +162,33 @@ CHECK = _Struct(
     ),
     "",
     {
-        "CheckID": _Str("types.CheckID"),
-        "Name": _Str(),
-        "Status": _Str(),
-        "Notes": _Str(),
-        "ScriptArgs": _List(_Str()),
-        "HTTP": _Str(),
-        "Header": _Map(_List(_Str())),
-        "Method": _Str(),
-        "Body": _Str(),
-        "TCP": _Str(),
+        "CheckID": Str("types.CheckID"),
+        "Name": Str(),
+        "Status": Str(),
+        "Notes": Str(),
+        "ScriptArgs": List(Str()),
+        "HTTP": Str(),
+        "Header": Map(List(Str())),
+        "Method": Str(),
+        "Body": Str(),
+        "TCP": Str(),
         "Interval": DURATION,
-        "AliasNode": _Str(),
-        "AliasService": _Str(),
-        "DockerContainerID": _Str(),
-        "Shell": _Str(),
-        "GRPC": _Str(),
-        "GRPCUseTLS": _Bool(),
-        "TLSSkipVerify": _Bool(),
+        "AliasNode": Str(),
+        "AliasService": Str(),
+        "DockerContainerID": Str(),
+        "Shell": Str(),
+        "GRPC": Str(),
+        "GRPCUseTLS": Bool(),
+        "TLSSkipVerify": Bool(),
         "Timeout": DURATION,
         "TTL": DURATION,
-        "SuccessBeforePassing": _Int(),
-        "FailuresBeforeCritical": _Int(),
-        "ProxyHTTP": _Str(),
-        "ProxyGRPC": _Str(),
+        "SuccessBeforePassing": Int(),
+        "FailuresBeforeCritical": Int(),
+        "ProxyHTTP": Str(),
+        "ProxyGRPC": Str(),
         "DeregisterCriticalServiceAfter": DURATION,
-        "OutputMaxSize": _Int(),
-        "ServiceID": _Str(),
+        "OutputMaxSize": Int(),
+        "ServiceID": Str(),
     },
     aliases={
         "args": "ScriptArgs",
@@ -201,8 +201,8 @@ CHECK = _Struct(
     custom=True,
     post=_check_durations,
 )
-SERVICE_FIELDS: dict[str, _Schema] = {}
-SERVICE = _Struct(
+SERVICE_FIELDS: dict[str, Schema] = {}
+SERVICE = Struct(
     _aux(
         f"EnableTagOverrideSnake bool {_tag('enable_tag_override')}",
         "TaggedAddressesSnake map[string]structs.ServiceAddress "
@@ -218,36 +218,36 @@ SERVICE = _Struct(
 )
 SERVICE_FIELDS.update(
     {
-        "Kind": _Str("structs.ServiceKind"),
-        "ID": _Str(),
-        "Name": _Str(),
-        "Tags": _List(_Str()),
-        "Address": _Str(),
-        "TaggedAddresses": _Map(
-            _Struct(
+        "Kind": Str("structs.ServiceKind"),
+        "ID": Str(),
+        "Name": Str(),
+        "Tags": List(Str()),
+        "Address": Str(),
+        "TaggedAddresses": Map(
+            Struct(
                 "structs.ServiceAddress",
                 "ServiceAddress",
-                {"Address": _Str(), "Port": _Int()},
+                {"Address": Str(), "Port": Int()},
             )
         ),
-        "Meta": _Map(_Str()),
-        "Port": _Int(),
+        "Meta": Map(Str()),
+        "Port": Int(),
         "Check": CHECK,
-        "Checks": _List(CHECK, "structs.CheckTypes"),
-        "Weights": _Struct(
-            "structs.Weights", "Weights", {"Passing": _Int(), "Warning": _Int()}
+        "Checks": List(CHECK, "structs.CheckTypes"),
+        "Weights": Struct(
+            "structs.Weights", "Weights", {"Passing": Int(), "Warning": Int()}
         ),
-        "Token": _Str(),
-        "EnableTagOverride": _Bool(),
+        "Token": Str(),
+        "EnableTagOverride": Bool(),
         "Proxy": PROXY,
-        "Connect": _Struct(
+        "Connect": Struct(
             _aux(
                 "SidecarServiceSnake *structs.ServiceDefinition "
                 + _tag("sidecar_service")
             ),
             "",
             {
-                "Native": _Bool(),
+                "Native": Bool(),
                 "Proxy": LEGACY_PROXY,
                 "SidecarService": SERVICE,
             },
@@ -259,102 +259,102 @@ SERVICE_FIELDS.update(
         ),
     }
 )
-AUTHORIZE = _Struct(
+AUTHORIZE = Struct(
     "structs.ConnectAuthorizeRequest",
     "ConnectAuthorizeRequest",
-    {"Target": _Str(), "ClientCertURI": _Str(), "ClientCertSerial": _Str()},
+    {"Target": Str(), "ClientCertURI": Str(), "ClientCertSerial": Str()},
 )
-CHECK_UPDATE = _Struct(
-    "agent.checkUpdate", "checkUpdate", {"Status": _Str(), "Output": _Str()}
+CHECK_UPDATE = Struct(
+    "agent.checkUpdate", "checkUpdate", {"Status": Str(), "Output": Str()}
 )
-INTENTION = _Struct(
+INTENTION = Struct(
     "struct { Hash string; CreatedAt string; UpdatedAt string; *structs.Alias }",
     "",
     {
-        "ID": _Str(),
-        "Description": _Str(),
-        "SourceNS": _Str(),
-        "SourceName": _Str(),
-        "DestinationNS": _Str(),
-        "DestinationName": _Str(),
-        "SourceType": _Str("structs.IntentionSourceType"),
-        "Action": _Str("structs.IntentionAction"),
-        "DefaultAddr": _Str(),
-        "DefaultPort": _Int(),
-        "Meta": _Map(_Str()),
-        "Precedence": _Int(),
-        "CreatedAt": _Str(),
-        "UpdatedAt": _Str(),
-        "Hash": _Str(),
-        "CreateIndex": _Int("uint64", 64, signed=False),
-        "ModifyIndex": _Int("uint64", 64, signed=False),
+        "ID": Str(),
+        "Description": Str(),
+        "SourceNS": Str(),
+        "SourceName": Str(),
+        "DestinationNS": Str(),
+        "DestinationName": Str(),
+        "SourceType": Str("structs.IntentionSourceType"),
+        "Action": Str("structs.IntentionAction"),
+        "DefaultAddr": Str(),
+        "DefaultPort": Int(),
+        "Meta": Map(Str()),
+        "Precedence": Int(),
+        "CreatedAt": Str(),
+        "UpdatedAt": Str(),
+        "Hash": Str(),
+        "CreateIndex": Int("uint64", 64, signed=False),
+        "ModifyIndex": Int("uint64", 64, signed=False),
     },
     custom=True,
 )
-QUERY = _Struct(
+QUERY = Struct(
     "structs.PreparedQuery",
     "",
     {
-        "ID": _Str(),
-        "Name": _Str(),
-        "Session": _Str(),
-        "Token": _Str(),
-        "Template": _Struct(
+        "ID": Str(),
+        "Name": Str(),
+        "Session": Str(),
+        "Token": Str(),
+        "Template": Struct(
             "structs.QueryTemplateOptions",
             "Template",
-            {"Type": _Str(), "Regexp": _Str(), "RemoveEmptyTags": _Bool()},
+            {"Type": Str(), "Regexp": Str(), "RemoveEmptyTags": Bool()},
         ),
-        "Service": _Struct(
+        "Service": Struct(
             "structs.ServiceQuery",
             "Service",
             {
-                "Service": _Str(),
-                "Failover": _Struct(
+                "Service": Str(),
+                "Failover": Struct(
                     "structs.QueryDatacenterOptions",
                     "Failover",
-                    {"NearestN": _Int(), "Datacenters": _List(_Str())},
+                    {"NearestN": Int(), "Datacenters": List(Str())},
                 ),
-                "OnlyPassing": _Bool(),
-                "IgnoreCheckIDs": _List(_Str("types.CheckID")),
-                "Near": _Str(),
-                "Tags": _List(_Str()),
-                "NodeMeta": _Map(_Str()),
-                "ServiceMeta": _Map(_Str()),
-                "Connect": _Bool(),
+                "OnlyPassing": Bool(),
+                "IgnoreCheckIDs": List(Str("types.CheckID")),
+                "Near": Str(),
+                "Tags": List(Str()),
+                "NodeMeta": Map(Str()),
+                "ServiceMeta": Map(Str()),
+                "Connect": Bool(),
             },
         ),
-        "DNS": _Struct("structs.QueryDNSOptions", "DNS", {"TTL": _Str()}),
-        "CreateIndex": _Int("uint64", 64, signed=False),
-        "ModifyIndex": _Int("uint64", 64, signed=False),
+        "DNS": Struct("structs.QueryDNSOptions", "DNS", {"TTL": Str()}),
+        "CreateIndex": Int("uint64", 64, signed=False),
+        "ModifyIndex": Int("uint64", 64, signed=False),
     },
 )
 # Consul 1.9+ (from the source): L7 permissions and service-intentions
 # config entries.
-HEADER_PERMISSION = _Struct(
+HEADER_PERMISSION = Struct(
     "structs.IntentionHTTPHeaderPermission",
     "Header",
     {
-        "Name": _Str(),
-        "Present": _Bool(),
-        "Exact": _Str(),
-        "Prefix": _Str(),
-        "Suffix": _Str(),
-        "Contains": _Str(),
-        "Regex": _Str(),
-        "Invert": _Bool(),
-        "IgnoreCase": _Bool(),
+        "Name": Str(),
+        "Present": Bool(),
+        "Exact": Str(),
+        "Prefix": Str(),
+        "Suffix": Str(),
+        "Contains": Str(),
+        "Regex": Str(),
+        "Invert": Bool(),
+        "IgnoreCase": Bool(),
     },
     aliases={"ignore_case": "IgnoreCase"},
 )
-HTTP_PERMISSION = _Struct(
+HTTP_PERMISSION = Struct(
     "structs.IntentionHTTPPermission",
     "HTTP",
     {
-        "PathExact": _Str(),
-        "PathPrefix": _Str(),
-        "PathRegex": _Str(),
-        "Header": _List(HEADER_PERMISSION),
-        "Methods": _List(_Str()),
+        "PathExact": Str(),
+        "PathPrefix": Str(),
+        "PathRegex": Str(),
+        "Header": List(HEADER_PERMISSION),
+        "Methods": List(Str()),
     },
     aliases={
         "path_exact": "PathExact",
@@ -362,110 +362,110 @@ HTTP_PERMISSION = _Struct(
         "path_regex": "PathRegex",
     },
 )
-PERMISSION = _Struct(
+PERMISSION = Struct(
     "structs.IntentionPermission",
     "Permissions",
-    {"Action": _Str("structs.IntentionAction"), "HTTP": HTTP_PERMISSION},
+    {"Action": Str("structs.IntentionAction"), "HTTP": HTTP_PERMISSION},
 )
-SOURCE_INTENTION = _Struct(
+SOURCE_INTENTION = Struct(
     "structs.SourceIntention",
     "Sources",
     {
-        "Name": _Str(),
-        "Namespace": _Str(),
-        "Partition": _Str(),
-        "Action": _Str("structs.IntentionAction"),
-        "Permissions": _List(PERMISSION),
-        "Precedence": _Int(),
-        "Type": _Str("structs.IntentionSourceType"),
-        "Description": _Str(),
+        "Name": Str(),
+        "Namespace": Str(),
+        "Partition": Str(),
+        "Action": Str("structs.IntentionAction"),
+        "Permissions": List(PERMISSION),
+        "Precedence": Int(),
+        "Type": Str("structs.IntentionSourceType"),
+        "Description": Str(),
     },
 )
-CONFIG_ENTRY = _Struct(
+CONFIG_ENTRY = Struct(
     "structs.ServiceIntentionsConfigEntry",
     "",
     {
-        "Kind": _Str(),
-        "Name": _Str(),
-        "Namespace": _Str(),
-        "Partition": _Str(),
-        "Sources": _List(SOURCE_INTENTION),
-        "Meta": _Map(_Str()),
-        "CreateIndex": _Int("uint64", 64, signed=False),
-        "ModifyIndex": _Int("uint64", 64, signed=False),
+        "Kind": Str(),
+        "Name": Str(),
+        "Namespace": Str(),
+        "Partition": Str(),
+        "Sources": List(SOURCE_INTENTION),
+        "Meta": Map(Str()),
+        "CreateIndex": Int("uint64", 64, signed=False),
+        "ModifyIndex": Int("uint64", 64, signed=False),
     },
 )
-EXACT_INTENTION = _Struct(
+EXACT_INTENTION = Struct(
     "structs.Intention",
     "",
     {
-        "ID": _Str(),
-        "Description": _Str(),
-        "SourceNS": _Str(),
-        "SourceName": _Str(),
-        "DestinationNS": _Str(),
-        "DestinationName": _Str(),
-        "SourceType": _Str("structs.IntentionSourceType"),
-        "Action": _Str("structs.IntentionAction"),
-        "Permissions": _List(PERMISSION),
-        "Meta": _Map(_Str()),
-        "Precedence": _Int(),
+        "ID": Str(),
+        "Description": Str(),
+        "SourceNS": Str(),
+        "SourceName": Str(),
+        "DestinationNS": Str(),
+        "DestinationName": Str(),
+        "SourceType": Str("structs.IntentionSourceType"),
+        "Action": Str("structs.IntentionAction"),
+        "Permissions": List(PERMISSION),
+        "Meta": Map(Str()),
+        "Precedence": Int(),
     },
 )
-ACL_POLICY = _Struct(
+ACL_POLICY = Struct(
     "struct { Hash string; *structs.Alias }",
     "",
     {
-        "ID": _Str(),
-        "Name": _Str(),
-        "Description": _Str(),
-        "Rules": _Str(),
-        "Syntax": _Str("acl.SyntaxVersion"),
-        "Datacenters": _List(_Str()),
-        "Hash": _Str(),
-        "CreateIndex": _Int("uint64", 64, signed=False),
-        "ModifyIndex": _Int("uint64", 64, signed=False),
+        "ID": Str(),
+        "Name": Str(),
+        "Description": Str(),
+        "Rules": Str(),
+        "Syntax": Str("acl.SyntaxVersion"),
+        "Datacenters": List(Str()),
+        "Hash": Str(),
+        "CreateIndex": Int("uint64", 64, signed=False),
+        "ModifyIndex": Int("uint64", 64, signed=False),
     },
     custom=True,
 )
-ACL_LINK = _Struct(
+ACL_LINK = Struct(
     "structs.ACLTokenPolicyLink",
     "Policies",
-    {"ID": _Str(), "Name": _Str()},
+    {"ID": Str(), "Name": Str()},
 )
-ACL_SERVICE_IDENTITY = _Struct(
+ACL_SERVICE_IDENTITY = Struct(
     "structs.ACLServiceIdentity",
     "ServiceIdentities",
-    {"ServiceName": _Str(), "Datacenters": _List(_Str())},
+    {"ServiceName": Str(), "Datacenters": List(Str())},
 )
-ACL_TOKEN = _Struct(
+ACL_TOKEN = Struct(
     "struct { ExpirationTTL interface {}; Hash string; *structs.Alias }",
     "",
     {
-        "AccessorID": _Str(),
-        "SecretID": _Str(),
-        "Description": _Str(),
-        "Policies": _List(ACL_LINK),
-        "ServiceIdentities": _List(ACL_SERVICE_IDENTITY),
-        "Local": _Bool(),
-        "CreateTime": _Str(),
-        "Hash": _Str(),
-        "CreateIndex": _Int("uint64", 64, signed=False),
-        "ModifyIndex": _Int("uint64", 64, signed=False),
+        "AccessorID": Str(),
+        "SecretID": Str(),
+        "Description": Str(),
+        "Policies": List(ACL_LINK),
+        "ServiceIdentities": List(ACL_SERVICE_IDENTITY),
+        "Local": Bool(),
+        "CreateTime": Str(),
+        "Hash": Str(),
+        "CreateIndex": Int("uint64", 64, signed=False),
+        "ModifyIndex": Int("uint64", 64, signed=False),
     },
     custom=True,
 )
-CA_CONFIGURATION = _Struct(
+CA_CONFIGURATION = Struct(
     _aux("ForceWithoutCrossSigningSnake bool " + _tag("force_without_cross_signing")),
     "",
     {
-        "ClusterID": _Str(),
-        "Provider": _Str(),
-        "Config": _Map(_Any()),
-        "State": _Map(_Str()),
-        "ForceWithoutCrossSigning": _Bool(),
-        "CreateIndex": _Int("uint64", 64, signed=False),
-        "ModifyIndex": _Int("uint64", 64, signed=False),
+        "ClusterID": Str(),
+        "Provider": Str(),
+        "Config": Map(AnyValue()),
+        "State": Map(Str()),
+        "ForceWithoutCrossSigning": Bool(),
+        "CreateIndex": Int("uint64", 64, signed=False),
+        "ModifyIndex": Int("uint64", 64, signed=False),
     },
     aliases={"force_without_cross_signing": "ForceWithoutCrossSigning"},
     custom=True,
