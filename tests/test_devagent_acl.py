@@ -16,7 +16,7 @@ from twisted.internet.task import Clock
 
 from connect_native.devagent import DevAgent
 from connect_native.devagent.__main__ import parse_args
-from connect_native.devagent.tables.acl import (
+from connect_native.devagent.tables.acl_rules import (
     Authorizer,
     Rules,
     RulesError,

@@ -31,7 +31,8 @@ from connect_native.devagent.store import (
     parse_version,
     random_uuid,
 )
-from connect_native.devagent.tables.acl import AclTable, Authorizer
+from connect_native.devagent.tables.acl import AclTable
+from connect_native.devagent.tables.acl_rules import Authorizer
 from connect_native.devagent.tables.catalog import CatalogTable
 from connect_native.devagent.tables.catalog_records import (
     CHECK_OUTPUT_MAX_SIZE,

@@ -11,7 +11,7 @@ from connect_native.devagent.http.bodies import ACL_POLICY, ACL_TOKEN
 from connect_native.devagent.http.handlers import Handlers
 from connect_native.devagent.http.wire import Reply
 from connect_native.devagent.store import ConsulError
-from connect_native.devagent.tables.acl import Authorizer
+from connect_native.devagent.tables.acl_rules import Authorizer
 
 
 class AclHandlers(Handlers):

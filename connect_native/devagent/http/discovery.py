@@ -25,7 +25,7 @@ from connect_native.devagent.http.wire import (
     refuse_namespaces,
 )
 from connect_native.devagent.store import ConsulError
-from connect_native.devagent.tables.acl import Authorizer
+from connect_native.devagent.tables.acl_rules import Authorizer
 
 
 class DiscoveryHandlers(Handlers):

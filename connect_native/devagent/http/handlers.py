@@ -26,7 +26,7 @@ from connect_native.devagent.http.wire import (
     request_token,
 )
 from connect_native.devagent.store import ConsulError
-from connect_native.devagent.tables.acl import Authorizer
+from connect_native.devagent.tables.acl_rules import Authorizer
 
 T = TypeVar("T")
 

@@ -23,7 +23,7 @@ from connect_native.devagent.http.wire import (
     query_options,
 )
 from connect_native.devagent.store import ConsulError
-from connect_native.devagent.tables.acl import Authorizer
+from connect_native.devagent.tables.acl_rules import Authorizer
 
 
 class IntentionHandlers(Handlers):

@@ -26,7 +26,7 @@ from connect_native.devagent.gocompat import (
     parse_go_duration,
 )
 from connect_native.devagent.store import ConsulError
-from connect_native.devagent.tables.acl import Authorizer
+from connect_native.devagent.tables.acl_rules import Authorizer
 
 log = Logger(observer=_logging.observer)
 

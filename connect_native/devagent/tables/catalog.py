@@ -28,7 +28,7 @@ from connect_native.devagent.store import (
     permission_denied,
     stagger,
 )
-from connect_native.devagent.tables.acl import Authorizer
+from connect_native.devagent.tables.acl_rules import Authorizer
 from connect_native.devagent.tables.catalog_records import (
     CHECK_OUTPUT_MAX_SIZE,
     CHECK_UPDATE_INTERVAL,

@@ -20,7 +20,7 @@ from connect_native.devagent.store import (
     Store,
     permission_denied,
 )
-from connect_native.devagent.tables.acl import Authorizer
+from connect_native.devagent.tables.acl_rules import Authorizer
 from connect_native.devagent.tables.intentions import (
     IntentionInput,
     IntentionsTable,

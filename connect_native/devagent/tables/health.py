@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from connect_native.devagent.store import Settings, Store
-from connect_native.devagent.tables.acl import Authorizer
+from connect_native.devagent.tables.acl_rules import Authorizer
 from connect_native.devagent.tables.catalog import CatalogTable
 from connect_native.devagent.tables.catalog_records import HEALTH_PASSING, StoredService
 

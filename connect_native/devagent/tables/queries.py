@@ -28,7 +28,8 @@ from connect_native.devagent.store import (
     permission_denied,
     random_uuid,
 )
-from connect_native.devagent.tables.acl import AclTable, Authorizer
+from connect_native.devagent.tables.acl import AclTable
+from connect_native.devagent.tables.acl_rules import Authorizer
 from connect_native.devagent.tables.health import HealthTable
 from connect_native.devagent.tables.intentions import uuid_problem
 
