@@ -16,7 +16,12 @@ from twisted.internet.task import Clock
 
 from connect_native.devagent import DevAgent
 from connect_native.devagent.__main__ import parse_args
-from connect_native.devagent.acl import Authorizer, Rules, RulesError, parse_rules
+from connect_native.devagent.tables.acl_rules import (
+    Authorizer,
+    Rules,
+    RulesError,
+    parse_rules,
+)
 from tests.test_devagent_support import Answer, Harness
 
 MASTER = "b6a0d5c8-1c39-4f0e-9d8e-5f7a1b2c3d4e"
@@ -35,7 +40,7 @@ def call(
 
 
 def token_with(h: Harness, rules: str = "", **extra: Any) -> str:
-    name = f"p{len(h.agent._policies)}"
+    name = f"p{len(h.agent.acl_table._policies)}"
     assert (
         call(h, "PUT", "/v1/acl/policy", {"Name": name, "Rules": rules}, MASTER).status
         == 200

@@ -405,7 +405,7 @@ def test_cancelled_wait_forgets_its_watcher_and_timer() -> None:
     waiting.addErrback(lambda f: None)
     assert h.clock.getDelayedCalls()
     waiting.cancel()
-    assert not h.agent._watchers
+    assert not h.agent.store._watchers
     assert not [c for c in h.clock.getDelayedCalls() if c.active()]
 
 
@@ -413,6 +413,6 @@ def test_client_that_goes_away_cancels_its_blocking_query() -> None:
     h = Harness()
     current = index_of(h, ROOTS)
     pending = h.start("GET", f"{ROOTS}?index={current}")
-    assert h.agent._watchers
+    assert h.agent.store._watchers
     pending.cancel()
-    assert not h.agent._watchers
+    assert not h.agent.store._watchers

@@ -11,19 +11,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from connect_native.devagent.api import (
-    _AUTHORIZE,
-    _CHECK_UPDATE,
-    _SERVICE,
+from connect_native.devagent.gocompat import (
+    GoDurationError,
     GoJSONError,
     decode_go_json,
-    parse_go_json,
-)
-from connect_native.devagent.state import (
-    GoDurationError,
     format_go_duration,
     parse_go_duration,
+    parse_go_json,
 )
+from connect_native.devagent.http.bodies import AUTHORIZE, CHECK_UPDATE, SERVICE
 
 
 @pytest.mark.parametrize(
@@ -64,25 +60,25 @@ def test_syntax_errors_have_go_messages(raw: bytes, message: str) -> None:
 
 
 def test_trailing_bytes_after_the_first_value_are_ignored() -> None:
-    decoded = decode_go_json(b'{"Target":"web"} trailing {', _AUTHORIZE)
+    decoded = decode_go_json(b'{"Target":"web"} trailing {', AUTHORIZE)
     assert decoded["Target"] == "web"
 
 
 def test_keys_match_case_insensitively_and_the_last_one_wins() -> None:
-    decoded = decode_go_json(b'{"target":"a","TARGET":"b"}', _AUTHORIZE)
+    decoded = decode_go_json(b'{"target":"a","TARGET":"b"}', AUTHORIZE)
     assert decoded["Target"] == "b"
 
 
 def test_null_leaves_a_field_unset() -> None:
-    assert decode_go_json(b'{"Target":null}', _AUTHORIZE)["Target"] is None
+    assert decode_go_json(b'{"Target":null}', AUTHORIZE)["Target"] is None
     # the Go client sends "Check": null, "Checks": null
-    decoded = decode_go_json(b'{"Name":"x","Check":null,"Checks":null}', _SERVICE)
+    decoded = decode_go_json(b'{"Name":"x","Check":null,"Checks":null}', SERVICE)
     assert (decoded["Check"], decoded["Checks"]) == (None, None)
 
 
 def test_first_type_error_in_document_order_wins() -> None:
     with pytest.raises(GoJSONError) as caught:
-        decode_go_json(b'{"Status":1,"Output":2}', _CHECK_UPDATE)
+        decode_go_json(b'{"Status":1,"Output":2}', CHECK_UPDATE)
     assert str(caught.value) == (
         "json: cannot unmarshal number into Go struct field checkUpdate.Status of "
         "type string"
@@ -91,7 +87,7 @@ def test_first_type_error_in_document_order_wins() -> None:
 
 def test_top_level_type_error() -> None:
     with pytest.raises(GoJSONError) as caught:
-        decode_go_json(b"[]", _CHECK_UPDATE)
+        decode_go_json(b"[]", CHECK_UPDATE)
     assert str(caught.value) == (
         "json: cannot unmarshal array into Go value of type agent.checkUpdate"
     )
@@ -112,14 +108,12 @@ def test_deep_nesting_does_not_crash() -> None:
         parse_go_json(b"[" * 200_000)
     value = b"[" * 5000 + b"]" * 5000
     with pytest.raises(GoJSONError):
-        decode_go_json(
-            b'{"Name":"x","Proxy":{"Config":{"a":' + value + b"}}}", _SERVICE
-        )
+        decode_go_json(b'{"Name":"x","Proxy":{"Config":{"a":' + value + b"}}}", SERVICE)
 
 
 @given(st.binary(max_size=200))
 def test_any_bytes_decode_or_fail_with_a_go_error(raw: bytes) -> None:
-    for schema in (_SERVICE, _AUTHORIZE):
+    for schema in (SERVICE, AUTHORIZE):
         try:
             decode_go_json(raw, schema)
         except (GoJSONError, GoDurationError):
@@ -139,7 +133,7 @@ def test_any_json_value_decodes_or_fails_with_a_go_error(value: object) -> None:
     for key in ("Name", "Check", "Checks", "Connect", "Proxy", "Weights", "Meta"):
         raw = json.dumps({key: value}).encode()
         try:
-            decode_go_json(raw, _SERVICE)
+            decode_go_json(raw, SERVICE)
         except (GoJSONError, GoDurationError):
             pass
 

@@ -116,3 +116,22 @@ def test_plugin_module_loads_nothing_heavy() -> None:
         }
     ]
     assert heavy == [], heavy
+
+
+def test_every_subpackage_is_in_the_wheel() -> None:
+    """
+    Each package under connect_native/ is listed in setup.cfg's packages (a
+    subpackage left out is missing from the wheel tox installs, and from
+    every user's install).
+    """
+    import configparser
+
+    root = Path(__file__).resolve().parent.parent
+    config = configparser.ConfigParser()
+    config.read(root / "setup.cfg")
+    listed = set(config["options"]["packages"].split())
+    found = {
+        ".".join(init.parent.relative_to(root).parts)
+        for init in (root / "connect_native").rglob("__init__.py")
+    }
+    assert found - listed == set()

@@ -8,6 +8,9 @@ off or on (catalog, checks, intentions, prepared queries, CA, and an opt-in
 TCP with ``python -m connect_native.devagent --port 8500``.
 """
 
-from connect_native.devagent.state import DevAgent
+# The HTTP API registers itself as DevAgent's IResource adapter on import
+# (DevAgent.resource()); the agent below it never imports it.
+from connect_native.devagent import http as _http  # noqa: F401
+from connect_native.devagent.agent import DevAgent
 
 __all__ = ["DevAgent"]

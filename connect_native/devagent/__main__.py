@@ -23,7 +23,7 @@ from twisted.logger import (
 from twisted.web.server import Site
 
 from connect_native import _logging
-from connect_native.devagent.state import DevAgent
+from connect_native.devagent.agent import DevAgent
 
 log = Logger(observer=_logging.observer)
 

@@ -25,6 +25,8 @@ from typing import Any
 
 from attrs import field, frozen
 
+from connect_native.devagent.gocompat import go_quote
+
 __all__ = [
     "ACL_NOT_FOUND",
     "GLOBAL_MANAGEMENT_ID",
@@ -51,13 +53,6 @@ SCALAR = ("acl", "operator", "keyring")
 
 PERMISSION_DENIED = "Permission denied"
 ACL_NOT_FOUND = "ACL not found"
-
-
-def go_quote(text: str) -> str:
-    # The state module imports this one; Go's %q lives there.
-    from connect_native.devagent.state import go_quote as quote
-
-    return quote(text)
 
 
 class RulesError(ValueError):

@@ -14,6 +14,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from attrs import frozen
+from twisted.logger import Logger
+
+from connect_native import _logging
+from connect_native.devagent.gocompat import go_quote
+
+log = Logger(observer=_logging.observer)
+
 
 __all__ = ["IntentionSource", "IntentionsEntry", "entry_problem", "normalized"]
 
@@ -203,16 +210,10 @@ def entry_problem(entry: IntentionsEntry) -> str | None:
                 return problem
         key = (src.namespace, src.name)
         if key in seen:
-            quoted = _quote(f"{src.namespace}/{src.name}")
+            quoted = go_quote(f"{src.namespace}/{src.name}")
             return f"Sources[{i}] defines {quoted} more than once"
         seen.add(key)
     return None
-
-
-def _quote(text: str) -> str:
-    from connect_native.devagent.state import go_quote
-
-    return go_quote(text)
 
 
 def _permission_problem(perm: Mapping[str, Any], where: str) -> str | None:
@@ -227,7 +228,7 @@ def _permission_problem(perm: Mapping[str, Any], where: str) -> str | None:
         if http.get(key):
             path_parts += 1
             if not http[key].startswith("/"):
-                return f"{prefix}.{key} doesn't start with '/': {_quote(http[key])}"
+                return f"{prefix}.{key} doesn't start with '/': {go_quote(http[key])}"
     if http.get("PathRegex"):
         path_parts += 1
     if path_parts > 1:
@@ -249,9 +250,9 @@ def _permission_problem(perm: Mapping[str, Any], where: str) -> str | None:
     found: set[str] = set()
     for method in methods:
         if method not in HTTP_METHODS:
-            return f"{prefix}.Methods contains an invalid method {_quote(method)}"
+            return f"{prefix}.Methods contains an invalid method {go_quote(method)}"
         if method in found:
-            return f"{prefix}.Methods contains {_quote(method)} more than once"
+            return f"{prefix}.Methods contains {go_quote(method)} more than once"
         found.add(method)
     if methods:
         parts += 1
