@@ -47,7 +47,12 @@ def _library_log_level_restored() -> Iterator[None]:
     _logging.set_log_level(LogLevel.debug)
 
 
-REAL_FIXTURES = {"real_consul", "fresh_real_consul", "real_consul_acl"}
+REAL_FIXTURES = {
+    "real_consul",
+    "fresh_real_consul",
+    "module_real_consul",
+    "real_consul_acl",
+}
 FIXTURES_DIR = Path(__file__).parent / "fixtures"
 
 
@@ -123,6 +128,17 @@ def real_consul(consul_binary_path: Path) -> Iterator[RealConsulAgent]:
 def fresh_real_consul(consul_binary_path: Path) -> Iterator[RealConsulAgent]:
     """
     An agent of this test's own, for destructive cases (CA rotation, restart).
+    """
+    agent = _started(consul_binary_path)
+    yield agent
+    agent.stop()
+
+
+@pytest.fixture(scope="module")
+def module_real_consul(consul_binary_path: Path) -> Iterator[RealConsulAgent]:
+    """
+    An agent of this module's own, for answers that the session's agent, with
+    other modules' services in it, would not give (a fresh catalog).
     """
     agent = _started(consul_binary_path)
     yield agent

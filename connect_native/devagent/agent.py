@@ -572,6 +572,41 @@ class DevAgent:
             authz=authz,
         )
 
+    def services_listing(self, authz: Authorizer | None = None) -> dict[str, list[str]]:
+        return self.catalog_table.services_listing(authz)
+
+    def services_index(self) -> int:
+        return self.catalog_table.services_index()
+
+    def member(self, *, wan: bool = False) -> dict[str, Any]:
+        """
+        This agent as ``/v1/agent/members`` lists it (``wan``: as the WAN
+        pool names it, ``<node>.<dc>`` on the WAN port, without
+        ``wan_join_port``), the same record as ``agent/self``'s ``Member``.
+        """
+        member = dict(self.agent_self()["Member"])
+        if wan:
+            tags = dict(member["Tags"])
+            tags.pop("wan_join_port", None)
+            member["Name"] = f"{self.settings.node_name}.{self.settings.datacenter}"
+            member["Port"] = 8302
+            member["Tags"] = tags
+        return member
+
+    def nodes(self, authz: Authorizer | None = None) -> list[dict[str, Any]]:
+        """``GET /v1/catalog/nodes``: this one node, if the token may read it."""
+        if authz is not None and not authz.allowed("node", self.node_name, "read"):
+            return []
+        return [self.health_table.node_json()]
+
+    def nodes_index(self) -> int:
+        return self.health_table.node_index
+
+    @property
+    def leader_address(self) -> str:
+        """The server RPC address ``/v1/status/leader`` names: this agent."""
+        return f"{self.settings.node_address}:8300"
+
     def catalog_index(self, name: str) -> int:
         return self.health_table.catalog_index(name)
 

@@ -45,6 +45,37 @@ class AgentHandlers(Handlers):
             raise permission_denied()
         reply.json(self.agent.agent_self())
 
+    def _agent_members(
+        self, request: Request, reply: Reply, rest: str, method: str
+    ) -> None:
+        """
+        ``GET /v1/agent/members``: the one member of this one-node pool
+        (``?wan=1``: of the WAN pool), as ``consul members`` asks; a token
+        without ``node:read`` on it sees none.
+        """
+        query = parse_query(request)
+        # Consul looks only at whether the parameter is there.
+        wan = "wan" in query
+        authz = self._authz(request)
+        if authz is not None and not authz.allowed(
+            "node", self.agent.node_name, "read"
+        ):
+            reply.json([])
+            return
+        reply.json([self.agent.member(wan=wan)])
+
+    def _status_leader(
+        self, request: Request, reply: Reply, rest: str, method: str
+    ) -> None:
+        """``GET /v1/status/leader``: this agent, the leader of its one-node cluster."""
+        reply.json(self.agent.leader_address)
+
+    def _status_peers(
+        self, request: Request, reply: Reply, rest: str, method: str
+    ) -> None:
+        """``GET /v1/status/peers``: the raft peers, this agent alone."""
+        reply.json([self.agent.leader_address])
+
     def _agent_services(
         self, request: Request, reply: Reply, rest: str, method: str
     ) -> None:

@@ -33,6 +33,61 @@ class DiscoveryHandlers(Handlers):
     Service discovery: ``/v1/health/...`` and ``/v1/catalog/...``.
     """
 
+    def _catalog_services(
+        self, request: Request, reply: Reply, rest: str, method: str
+    ) -> None:
+        """
+        ``GET /v1/catalog/services``: every service and its tags, as a
+        blocking query on the services' index (what ``consul catalog
+        services`` asks).
+        """
+        query = parse_query(request)
+        refuse_namespaces(request, query)
+        options = query_options(request, query)
+        self._check_dc(options, meta=True)
+        refuse_filter(query)
+        authz = self._authz(request)
+
+        def answer() -> None:
+            reply.json(
+                self.agent.services_listing(authz),
+                meta_headers(
+                    self.agent.services_index(),
+                    known_leader=True,
+                    consistency=options.consistency,
+                ),
+            )
+
+        self._rpc_blocking(reply, options, self.agent.services_index, answer)
+
+    def _catalog_nodes(
+        self, request: Request, reply: Reply, rest: str, method: str
+    ) -> None:
+        """``GET /v1/catalog/nodes``: this agent's one node, a blocking query."""
+        query = parse_query(request)
+        options = query_options(request, query)
+        self._check_dc(options, meta=True)
+        refuse_filter(query)
+        authz = self._authz(request)
+
+        def answer() -> None:
+            reply.json(
+                self.agent.nodes(authz),
+                meta_headers(
+                    self.agent.nodes_index(),
+                    known_leader=True,
+                    consistency=options.consistency,
+                ),
+            )
+
+        self._rpc_blocking(reply, options, self.agent.nodes_index, answer)
+
+    def _catalog_datacenters(
+        self, request: Request, reply: Reply, rest: str, method: str
+    ) -> None:
+        """``GET /v1/catalog/datacenters``: the one datacenter."""
+        reply.json([self.agent.datacenter])
+
     def _health_service(
         self, request: Request, reply: Reply, rest: str, method: str
     ) -> None:

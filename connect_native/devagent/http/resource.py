@@ -39,6 +39,9 @@ class _Route:
 
 ROUTES = (
     _Route("/v1/agent/self", False, ("GET",), "agent_self"),
+    _Route("/v1/agent/members", False, ("GET",), "agent_members"),
+    _Route("/v1/status/leader", False, ("GET",), "status_leader"),
+    _Route("/v1/status/peers", False, ("GET",), "status_peers"),
     _Route("/v1/agent/services", False, ("GET",), "agent_services"),
     _Route("/v1/agent/service/register", False, ("PUT",), "service_register"),
     _Route("/v1/agent/service/deregister/", True, ("PUT",), "service_deregister"),
@@ -57,6 +60,9 @@ ROUTES = (
     _Route("/v1/connect/intentions/match", False, ("GET",), "intentions_match"),
     _Route("/v1/connect/intentions/check", False, ("GET",), "intentions_check"),
     _Route("/v1/connect/intentions/", True, ("GET", "PUT", "DELETE"), "intention"),
+    _Route("/v1/catalog/services", False, ("GET",), "catalog_services"),
+    _Route("/v1/catalog/nodes", False, ("GET",), "catalog_nodes"),
+    _Route("/v1/catalog/datacenters", False, ("GET",), "catalog_datacenters"),
     _Route("/v1/catalog/service/", True, ("GET",), "catalog_service"),
     _Route("/v1/catalog/connect/", True, ("GET",), "catalog_connect"),
     _Route("/v1/health/service/", True, ("GET",), "health_service"),

@@ -72,6 +72,31 @@ class CatalogTable:
         # answers).
         self.table_index = table_index
 
+    def services_listing(self, authz: Authorizer | None = None) -> dict[str, list[str]]:
+        """
+        ``GET /v1/catalog/services``: every service name the token may read,
+        with the tags of all its instances, each once; ``consul`` (the
+        server's own service, no tags) among them, as a real server lists it.
+        Go's encoder sorts the names.
+        """
+        listing: dict[str, list[str]] = {"consul": []}
+        # Proxies and gateways are listed under their own names, as any
+        # other instance.
+        for service in self.services.values():
+            tags = listing.setdefault(service.name, [])
+            for tag in service.tags:
+                if tag not in tags:
+                    tags.append(tag)
+        return {
+            name: tags
+            for name, tags in sorted(listing.items())
+            if authz is None or authz.service_read(name)
+        }
+
+    def services_index(self) -> int:
+        """The index of the last change to any service's instances."""
+        return max(self.service_indexes.values(), default=self.table_index)
+
     def services_json(self, authz: Authorizer | None = None) -> dict[str, Any]:
         return {
             sid: s.agent_json()

@@ -47,6 +47,15 @@ class HealthTable:
             "wan_ipv4": address,
         }
 
+    def node_json(self) -> dict[str, Any]:
+        """This agent's node, as ``/v1/catalog/nodes`` lists it."""
+        return self._node_json()
+
+    @property
+    def node_index(self) -> int:
+        """The index of the node's last change."""
+        return self._node_modify_index
+
     def _node_json(self) -> dict[str, Any]:
         return {
             "ID": self.settings.node_id,
