@@ -135,3 +135,60 @@ def test_every_subpackage_is_in_the_wheel() -> None:
         for init in (root / "connect_native").rglob("__init__.py")
     }
     assert found - listed == set()
+
+
+def test_an_editable_install_keeps_the_plugins(tmp_path: Path) -> None:
+    """
+    ``pip install -e .`` leaves the twistd plugin and the ``connect:``
+    endpoint type discoverable: setuptools puts the source tree on
+    ``sys.path`` (a ``.pth`` file) instead of its import hook, which Twisted's
+    plugin discovery does not see.  The venv gets only connect_native (no
+    dependencies); Twisted comes from this interpreter's site-packages.
+    """
+    import shutil
+    import site
+    import sysconfig
+    import venv
+
+    # A copy of the tree: an editable install writes its metadata into it.
+    root = tmp_path / "tree"
+    source = Path(__file__).resolve().parent.parent
+    for part in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy(
+            source / part, root / part if root.exists() else _mkdir(root) / part
+        )
+    for part in ("connect_native", "twisted"):
+        shutil.copytree(
+            source / part,
+            root / part,
+            ignore=shutil.ignore_patterns("__pycache__", "dropin.cache"),
+        )
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=True)
+    python = env_dir / "bin" / "python"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--no-deps", "-e", str(root)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    ours = {sysconfig.get_paths()["purelib"], *site.getsitepackages()}
+    env["PYTHONPATH"] = os.pathsep.join(sorted(ours))
+    result = subprocess.run(
+        [str(python), "-c", DISCOVER],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert found["dropin"], result.stderr
+    assert found["module"] == "twisted.plugins.connect_native_plugins"
+    # The package imported is the source tree's, as an editable install is.
+    assert Path(found["package"]).resolve() == root / "connect_native" / "__init__.py"
