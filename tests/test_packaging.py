@@ -153,10 +153,9 @@ def test_an_editable_install_keeps_the_plugins(tmp_path: Path) -> None:
     # A copy of the tree: an editable install writes its metadata into it.
     root = tmp_path / "tree"
     source = Path(__file__).resolve().parent.parent
+    root.mkdir()
     for part in ("setup.cfg", "pyproject.toml", "README.md"):
-        shutil.copy(
-            source / part, root / part if root.exists() else _mkdir(root) / part
-        )
+        shutil.copy(source / part, root / part)
     for part in ("connect_native", "twisted"):
         shutil.copytree(
             source / part,
