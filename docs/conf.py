@@ -17,7 +17,13 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.extlinks",
     "sphinx.ext.viewcode",
+    # The changelog page shows the unreleased fragments as the next
+    # release's notes (towncrier's draft), until a release writes them out.
+    "sphinxcontrib.towncrier.ext",
 ]
+towncrier_draft_autoversion_mode = "draft"
+towncrier_draft_include_empty = False
+towncrier_draft_working_directory = os.path.abspath("..")
 
 # No intersphinx to Twisted, treq and Klein: it would fetch each project's
 # objects.inv at build time, and the docs must build offline (CI and this
@@ -34,4 +40,7 @@ autodoc_member_order = "bysource"
 autodoc_typehints = "description"
 nitpicky = False
 exclude_patterns = ["_build"]
-html_theme = "alabaster"
+# furo, as Twisted's own docs and much of its ecosystem use: a readable
+# width for wide code blocks, and the version in the sidebar.
+html_theme = "furo"
+html_title = f"connect_native {release}"
