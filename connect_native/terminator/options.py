@@ -436,6 +436,28 @@ class Options(usage.Options):
         self["log-allowed"] = True
         self.settings: Settings | None = None
 
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        try:
+            super().parseOptions(options)  # type: ignore[no-untyped-call]
+        except usage.UsageError as e:
+            if getattr(self, "parent", None) is None:
+                raise  # called from code, not as twistd's subcommand
+            from connect_native.terminator._usage import refuse
+
+            refuse(e)
+
+    def getUsage(self, width: int | None = None) -> str:
+        from connect_native.terminator._usage import grouped_usage
+
+        return grouped_usage(self, width)
+
+    def opt_version(self) -> None:
+        """print connect_native's version and exit"""
+        from connect_native import __version__
+
+        print(f"connect_native {__version__}")
+        raise SystemExit(0)
+
     def opt_upstream(self, value: str) -> None:
         self["upstream"].append(parse_upstream(value))
 

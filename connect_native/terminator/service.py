@@ -64,6 +64,22 @@ serverFromString: Any = endpoints.serverFromString  # noqa: N816
 clientFromString: Any = endpoints.clientFromString  # noqa: N816
 
 
+def _startup_errors() -> tuple[type[BaseException], ...]:
+    from twisted.internet.error import CannotListenError
+
+    from connect_native.errors import (
+        CertificateNotReady,
+        ConsulError,
+        LeafPermissionDenied,
+    )
+
+    return (CannotListenError, CertificateNotReady, ConsulError, LeafPermissionDenied)
+
+
+#: Failures to start that are the operator's to fix, not bugs.
+_STARTUP_ERRORS = _startup_errors()
+
+
 def _exit_with(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
@@ -140,6 +156,13 @@ class Terminator(Service):
         self._log_level_before = _logging.set_log_level(
             LogLevel.levelWithName(self.settings.log_level)
         )
+        from connect_native import __version__
+
+        log.info(
+            "connect-native {service}: connect_native {version} starting",
+            service=self.settings.service,
+            version=__version__,
+        )
         self._starting = ensureDeferred(self._start())
         self._starting.addCallbacks(self._start_done, self._start_failed)
 
@@ -152,11 +175,17 @@ class Terminator(Service):
         self._starting = None
         if not self.running:
             return  # stopped while starting: nothing to report
+        # What an operator can act on (a port in use, a refused token, no
+        # certificate in time, the agent away) is one line; anything else
+        # is a bug, and its traceback is logged with it.
+        details: dict[str, Any] = {}
+        if not isinstance(failure.value, _STARTUP_ERRORS):
+            details["log_failure"] = failure
         log.critical(
             "connect-native {service}: cannot start: {error}",
             service=self.settings.service,
             error=failure.getErrorMessage() or repr(failure.value),
-            log_failure=failure,
+            **details,
         )
         if not self.started.called:
             self.started.errback(failure)
