@@ -122,3 +122,19 @@ def test_twistd_connect_native_version() -> None:
     result = run_twistd("connect-native", "--version")
     assert result.returncode == 0
     assert result.stdout.strip() == f"connect_native {__version__}"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--service", "we b", "--to", "tcp:127.0.0.1:1"),
+        ("--service", "web", "--upstream", "d b=tcp:1"),
+        ("--service", "web", "--upstream", "db@d c=tcp:1"),
+    ],
+)
+def test_a_refused_name_says_which_characters_are_allowed(
+    args: tuple[str, ...],
+) -> None:
+    with pytest.raises(usage.UsageError) as refused:
+        Options().parseOptions(list(args))
+    assert "letters, digits, '_', '-' and '.'" in str(refused.value)

@@ -58,6 +58,8 @@ LOG_LEVELS = tuple(level.name for level in LogLevel.iterconstants())
 _T = TypeVar("_T")
 
 _NAME = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
+#: What a refused name is told.
+_NAME_RULE = "letters, digits, '_', '-' and '.', not starting or ending with '-' or '.'"
 _UNESCAPED_COLON = re.compile(r"(?<!\\):")
 
 
@@ -224,7 +226,8 @@ def parse_upstream(value: str) -> Upstream:
         name, _, datacenter = name.rpartition("@")
         if not _NAME.match(datacenter):
             raise usage.UsageError(
-                f"--upstream: {datacenter!r} in {value!r} is not a datacenter name"
+                f"--upstream: {datacenter!r} in {value!r} is not a datacenter name "
+                f"({_NAME_RULE})"
             )
     query = name.endswith(".query")
     if query:
@@ -232,7 +235,7 @@ def parse_upstream(value: str) -> Upstream:
     if not _NAME.match(name):
         raise usage.UsageError(
             f"--upstream: {name!r} in {value!r} is not a service or prepared "
-            f"query name ({example})"
+            f"query name: {_NAME_RULE} ({example})"
         )
     listen, interface = _description_interface(description)
     _check_server_description("--upstream", listen)
@@ -511,7 +514,9 @@ class Options(usage.Options):
                 "(e.g. --service web); or try --demo"
             )
         if not _NAME.match(service):
-            raise usage.UsageError(f"--service: {service!r} is not a service name")
+            raise usage.UsageError(
+                f"--service: {service!r} is not a service name: {_NAME_RULE}"
+            )
         if dev and self["consul"] is not None:
             raise usage.UsageError(
                 "--consul cannot be used with --dev or --demo, which run their "
