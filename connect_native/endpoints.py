@@ -44,6 +44,7 @@ from connect_native.errors import (
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
+    from connect_native._deferreds import Waiters
     from connect_native.client import ConnectClientEndpoint
     from connect_native.consul.client import ConsulClient
     from connect_native.registration import Registration
@@ -544,7 +545,10 @@ class _Port:
         self._registration = registration
         self._release = release
         self._outcome: list[object] = []
-        self._waiters: list[Deferred[Any]] = []
+        from connect_native._deferreds import Waiters
+
+        self._waiters: Waiters[Any] = Waiters()
+        self._stopping = False
         add = getattr(reactor, "addSystemEventTrigger", None)
         self._trigger = (
             add("before", "shutdown", self.stopListening) if callable(add) else None
@@ -556,12 +560,13 @@ class _Port:
     def stopListening(self) -> Deferred[Any]:
         from twisted.internet.defer import Deferred
 
-        waiter: Deferred[Any] = Deferred()
         if self._outcome:
-            _settle(waiter, self._outcome[0])
-            return waiter
-        self._waiters.append(waiter)
-        if len(self._waiters) == 1:
+            done: Deferred[Any] = Deferred()
+            _settle(done, self._outcome[0])
+            return done
+        waiter = self._waiters.wait()
+        if not self._stopping:
+            self._stopping = True
             self._stop()
         return waiter
 
@@ -584,11 +589,14 @@ class _Port:
         stopping.addCallback(lambda _: self.port.stopListening())
 
         def finished(result: object) -> None:
+            from twisted.python.failure import Failure
+
             self._release()
             self._outcome.append(result)
-            waiters, self._waiters = self._waiters, []
-            for waiter in waiters:
-                _settle(waiter, result)
+            if isinstance(result, Failure):
+                self._waiters.fail(result)
+            else:
+                self._waiters.fire(result)
 
         stopping.addBoth(finished)
 
