@@ -37,6 +37,7 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from connect_native import _checks
+from connect_native._lease import Leases
 from connect_native.errors import (
     EndpointStringError,
 )
@@ -632,7 +633,8 @@ class ConnectStringServerEndpoint:
         self.wrapped = wrapped
         self.consul = consul
         self._reactor = reactor
-        self._listening = 0
+        # The authorizer runs while any port listens: one share per listen.
+        self._listening: Leases[None, Any] = Leases(_start_service, _stop_service)
         self.authorizer: Any = None
         if description.authorize == "allow-ids":
             from connect_native.authorize import AllowIdsAuthorizer
@@ -675,16 +677,10 @@ class ConnectStringServerEndpoint:
         return f"<ConnectStringServerEndpoint {self.description!r}>"
 
     def _start(self) -> None:
-        self._listening += 1
-        start = getattr(self.authorizer, "startService", None)
-        if callable(start) and self._listening == 1:
-            start()
+        self._listening.take(None, lambda: self.authorizer)
 
     def _stop(self) -> None:
-        self._listening -= 1
-        stop = getattr(self.authorizer, "stopService", None)
-        if callable(stop) and self._listening == 0:
-            stop()
+        self._listening.give_back(None, self.authorizer)
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
         """
@@ -749,6 +745,18 @@ class ConnectStringServerEndpoint:
             self._stop()
 
         return _Port(self._reactor, port, registration, release)
+
+
+def _start_service(_: None, service: Any) -> None:
+    start = getattr(service, "startService", None)
+    if callable(start):
+        start()
+
+
+def _stop_service(_: None, service: Any) -> None:
+    stop = getattr(service, "stopService", None)
+    if callable(stop):
+        stop()
 
 
 def _wrapped_server(

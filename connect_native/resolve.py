@@ -41,6 +41,7 @@ from zope.interface import Attribute, Interface, implementer
 from connect_native import _logging
 from connect_native._checks import port_number, positive_seconds, seconds_or_zero
 from connect_native._deferreds import Waiters, bounded
+from connect_native._lease import Lease, Leases
 from connect_native.consul.blocking import Watch
 from connect_native.consul.records import (
     AgentSelf,
@@ -406,12 +407,9 @@ class _SharedHealth:
         clock: IReactorTime,
         client: HealthClient,
         query: _HealthQuery,
-        forget: Callable[[], None],
         watch_settings: dict[str, Any],
     ) -> None:
         self.query = query
-        self.leases = 0
-        self._forget = forget
         self._client = client
         self._clock = clock
         self.entries: tuple[HealthEntry, ...] | None = None
@@ -476,21 +474,16 @@ class _SharedHealth:
             # than waiting out its deadline while the watch backs off.
             self._waiters.fail(failure)
 
-    def acquire(self) -> None:
-        self.leases += 1
-        if self.leases == 1:
-            self.watch.start()
+    def start(self) -> None:
+        self.watch.start()
 
-    def release(self) -> None:
-        self.leases -= 1
-        if self.leases <= 0:
-            self.watch.stop()
-            self.entries = None
-            self.error = None
-            self.last_success = self.failing_since = None
-            self.stale_reported = False
-            self._waiters.cancel()
-            self._forget()
+    def stop(self) -> None:
+        self.watch.stop()
+        self.entries = None
+        self.error = None
+        self.last_success = self.failing_since = None
+        self.stale_reported = False
+        self._waiters.cancel()
 
     def next_entries(self) -> Deferred[tuple[HealthEntry, ...]]:
         """
@@ -499,9 +492,16 @@ class _SharedHealth:
         return self._waiters.wait()
 
 
+def _health_leases() -> Leases[_HealthQuery, _SharedHealth]:
+    # The first lease on a query starts its watch, the last stops it.
+    return Leases(
+        lambda query, shared: shared.start(), lambda query, shared: shared.stop()
+    )
+
+
 # Watches shared per (client, query); a client going away takes its watches
 # with it.
-_shared_health: weakref.WeakKeyDictionary[Any, dict[_HealthQuery, _SharedHealth]] = (
+_shared_health: weakref.WeakKeyDictionary[Any, Leases[_HealthQuery, _SharedHealth]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -511,26 +511,17 @@ def _shared_watch(
     client: HealthClient,
     query: _HealthQuery,
     watch_settings: dict[str, Any],
-) -> _SharedHealth:
+) -> Lease[_SharedHealth]:
     try:
-        per_client = _shared_health.setdefault(client, {})
+        per_client = _shared_health.get(client)
+        if per_client is None:
+            per_client = _shared_health[client] = _health_leases()
     except TypeError:
         # A client that cannot be weakly referenced gets its own watch.
-        per_client = {}
-    shared = per_client.get(query)
-    if shared is None:
-
-        def forget() -> None:
-            if per_client.get(query) is shared:
-                del per_client[query]
-
-        shared = _SharedHealth(clock, client, query, forget, watch_settings)
-        per_client[query] = shared
-    return shared
-
-
-def _release(shared: _SharedHealth) -> None:
-    shared.release()
+        per_client = _health_leases()
+    return per_client.acquire(
+        query, lambda: _SharedHealth(clock, client, query, watch_settings)
+    )
 
 
 @implementer(IResolver)
@@ -629,12 +620,11 @@ class ConsulResolver:
 
     def _lease(self) -> _SharedHealth:
         if self._shared is None:
-            shared = _shared_watch(
+            lease = _shared_watch(
                 self._clock, self.client, self.query, self._watch_settings
             )
-            shared.acquire()
-            self._shared = shared
-            self._finalizer = weakref.finalize(self, _release, shared)
+            self._shared = lease.value
+            self._finalizer = weakref.finalize(self, lease.release)
         return self._shared
 
     def close(self) -> None:
