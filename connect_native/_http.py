@@ -42,6 +42,7 @@ from zope.interface import implementer
 
 from connect_native import _logging
 from connect_native._checks import positive_seconds, whole_number
+from connect_native._deferreds import bounded
 from connect_native.certs import IBundleSource
 from connect_native.client import ConnectClientEndpoint
 from connect_native.errors import (
@@ -595,7 +596,7 @@ class ConnectHTTPClient(HTTPClient):
         # request's own view of it gives this request (and its redirects)
         # its deadline without sharing it with any other request.
         clock: IReactorTime = kwargs["reactor"] or self._reactor
-        bounded = HTTPClient(
+        client = HTTPClient(
             _BodyDeadlineAgent(
                 self._agent,
                 _BodyDeadline(clock, clock.seconds() + seconds, body_expired),
@@ -603,32 +604,21 @@ class ConnectHTTPClient(HTTPClient):
             cookiejar=self._cookiejar,
             data_to_body_producer=self._data_to_body_producer,
         )
-        d: Deferred[Any] = bounded.request(method, url, **kwargs)
+        d: Deferred[Any] = client.request(method, url, **kwargs)
         if own is not None:
             # treq bounds the headers with the request's own timeout.
             return d
-        expired: list[bool] = []
-
-        def expire() -> None:
-            expired.append(True)
-            d.cancel()
-
-        call = self._reactor.callLater(seconds, expire)
-
-        def settle(outcome: object) -> object:
-            if call.active():
-                call.cancel()
-            if expired and isinstance(outcome, Failure):
-                return _failure(
-                    RequestTimeout(
-                        f"{method} {url} did not complete within {seconds:g}s "
-                        "(the client's default timeout; pass timeout= to a "
-                        "request for another)"
-                    )
-                )
-            return outcome
-
-        return d.addBoth(settle)
+        return bounded(
+            d,
+            seconds,
+            self._reactor,
+            lambda: RequestTimeout(
+                f"{method} {url} did not complete within {seconds:g}s "
+                "(the client's default timeout; pass timeout= to a "
+                "request for another)"
+            ),
+            any_failure=True,
+        )
 
 
 def check_settings(

@@ -51,6 +51,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from connect_native import _logging
+from connect_native._lease import Lease, Leases
 from connect_native.certs import (
     Bundle,
     CertificateAuthorityClient,
@@ -84,19 +85,7 @@ CertManagerFactory = Callable[
 ]
 
 
-class _Entry:
-    """A shared manager and how many leases hold it."""
-
-    def __init__(
-        self, manager: CertManager, client: CertificateAuthorityClient
-    ) -> None:
-        self.manager = manager
-        # Keeps the client alive while it is part of a key (keys hold its id).
-        self.client = client
-        self.leases = 0
-
-
-class CertManagerLease:
+class CertManagerLease(Lease[CertManager]):
     """
     One user's hold on a shared :class:`~connect_native.certs.CertManager`.
 
@@ -106,27 +95,18 @@ class CertManagerLease:
     def __init__(
         self, registry: CertManagerRegistry, key: tuple[int, str], manager: CertManager
     ) -> None:
-        self._registry = registry
-        self._key = key
+        super().__init__(manager, lambda: registry._release(key, manager))
         self.manager = manager
-        self._released = False
-
-    @property
-    def released(self) -> bool:
-        return self._released
 
     def release(self) -> None:
         """
         Give the manager back; the last release stops it.  Calling it again
         does nothing.
         """
-        if self._released:
-            return
-        self._released = True
-        self._registry._release(self._key, self.manager)
+        super().release()
 
     def __repr__(self) -> str:
-        state = "released" if self._released else "held"
+        state = "released" if self.released else "held"
         return f"<CertManagerLease {self.manager!r} {state}>"
 
 
@@ -143,7 +123,9 @@ class CertManagerRegistry:
 
     def __init__(self, factory: CertManagerFactory = CertManager) -> None:
         self._factory = factory
-        self._entries: dict[tuple[int, str], _Entry] = {}
+        self._leases: Leases[tuple[int, str], CertManager] = Leases(
+            self._start, self._stop
+        )
 
     def acquire(
         self, clock: IReactorTime, client: CertificateAuthorityClient, service: str
@@ -160,30 +142,19 @@ class CertManagerRegistry:
                 f"service must be a non-empty service name, not {service!r}"
             )
         key = (id(client), service)
-        entry = self._entries.get(key)
-        if entry is None:
-            manager = self._factory(clock, client, service)
-            entry = _Entry(manager, client)
-            self._entries[key] = entry
-            self._log.info(
-                "starting the certificate manager for {service}", service=service
-            )
-            try:
-                manager.startService()
-            except BaseException:
-                del self._entries[key]
-                raise
-        entry.leases += 1
-        return CertManagerLease(self, key, entry.manager)
+        manager = self._leases.take(
+            key,
+            lambda: self._factory(clock, client, service),
+            # Keeps the client alive while it is part of a key (keys hold its id).
+            keep=client,
+        )
+        return CertManagerLease(self, key, manager)
 
-    def _release(self, key: tuple[int, str], manager: CertManager) -> None:
-        entry = self._entries.get(key)
-        if entry is None or entry.manager is not manager:
-            return
-        entry.leases -= 1
-        if entry.leases > 0:
-            return
-        del self._entries[key]
+    def _start(self, key: tuple[int, str], manager: CertManager) -> None:
+        self._log.info("starting the certificate manager for {service}", service=key[1])
+        manager.startService()
+
+    def _stop(self, key: tuple[int, str], manager: CertManager) -> None:
         self._log.info(
             "the last user of the certificate manager for {service} released "
             "it; stopping it",
@@ -191,16 +162,16 @@ class CertManagerRegistry:
         )
         manager.stopService()
 
+    def _release(self, key: tuple[int, str], manager: CertManager) -> None:
+        self._leases.give_back(key, manager)
+
     def managers(self) -> list[CertManager]:
         """The managers in use now."""
-        return [entry.manager for entry in self._entries.values()]
+        return self._leases.values()
 
     def leases(self, manager: CertManager) -> int:
         """How many unreleased leases hold ``manager`` (0 once stopped)."""
-        for entry in self._entries.values():
-            if entry.manager is manager:
-                return entry.leases
-        return 0
+        return self._leases.count(manager)
 
 
 #: The process's registry, used by the endpoints.

@@ -23,13 +23,14 @@ from typing import Protocol, TypeVar
 
 from attrs import frozen
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from connect_native import _logging
 from connect_native._checks import positive_seconds, seconds_or_zero
+from connect_native._deferreds import Waiters, bounded
 from connect_native.consul.blocking import Watch
 from connect_native.consul.records import AuthorizeResult, Indexed, Intention
 from connect_native.identity import ServiceIdentity
@@ -288,7 +289,7 @@ class AgentAuthorizer:
         self._cache_ttl = float(cache_ttl)
         self.max_remembered = MAX_REMEMBERED
         self._remembered: dict[tuple[str, str, str], tuple[float, Decision]] = {}
-        self._in_flight: dict[tuple[str, str, str], list[Deferred[Decision]]] = {}
+        self._in_flight: dict[tuple[str, str, str], Waiters[Decision]] = {}
         #: Moves on with every intentions change seen.
         self.generation = 0
         self._seen_intentions = False
@@ -364,12 +365,13 @@ class AgentAuthorizer:
         if known is not None:
             return succeed(known)
         key = (peer.uri, peer.serial, target)
-        waiter: Deferred[Decision] = Deferred(lambda d: self._forget(key, d))
+        # Cancelling a waiter fires it with CancelledError; the shared request
+        # keeps running for the others (and for the cache).
         waiters = self._in_flight.get(key)
         if waiters is not None:
-            waiters.append(waiter)
-            return waiter
-        self._in_flight[key] = [waiter]
+            return waiters.wait()
+        waiters = self._in_flight[key] = Waiters()
+        waiter = waiters.wait()
         self._ask(key, peer, target)
         return waiter
 
@@ -381,24 +383,17 @@ class AgentAuthorizer:
             if expires <= now:
                 del self._remembered[key]
 
-    def _forget(self, key: tuple[str, str, str], waiter: Deferred[Decision]) -> None:
-        waiters = self._in_flight.get(key)
-        if waiters is not None and waiter in waiters:
-            waiters.remove(waiter)
-        # Cancelling a waiter fires it with CancelledError; the shared request
-        # keeps running for the others (and for the cache).
-
     def _ask(self, key: tuple[str, str, str], peer: Peer, target: str) -> None:
         started = time.monotonic()
         generation = self.generation
-        request = self._client.authorize(target, peer.uri, peer.serial)
-        timed_out = []
-
-        def on_timeout() -> None:
-            timed_out.append(True)
-            request.cancel()
-
-        timer: IDelayedCall = self._clock.callLater(self._timeout, on_timeout)
+        # Whatever a request that timed out fails with, it did not answer.
+        request = bounded(
+            self._client.authorize(target, peer.uri, peer.serial),
+            self._timeout,
+            self._clock,
+            CancelledError,
+            any_failure=True,
+        )
 
         def decided(result: AuthorizeResult) -> Decision:
             if not isinstance(result.authorized, bool):
@@ -406,7 +401,7 @@ class AgentAuthorizer:
             return Decision(bool(result.authorized), str(result.reason), "agent")
 
         def failed(failure: Failure) -> Decision:
-            if timed_out or isinstance(failure.value, CancelledError):
+            if isinstance(failure.value, CancelledError):
                 reason = f"the agent did not answer within {self._timeout:g}s"
             else:
                 reason = (
@@ -415,8 +410,6 @@ class AgentAuthorizer:
             return Decision.deny(reason)
 
         def finish(decision: Decision) -> None:
-            if timer.active():
-                timer.cancel()
             if (
                 decision.source == "agent"
                 and self._cache_ttl > 0
@@ -437,8 +430,7 @@ class AgentAuthorizer:
                 reason=decision.reason,
                 ms=(time.monotonic() - started) * 1000,
             )
-            for waiter in self._in_flight.pop(key, []):
-                waiter.callback(decision)
+            self._in_flight.pop(key, Waiters()).fire(decision)
 
         # decided's own exceptions must reach failed too, or the waiters hang.
         decision = request.addCallback(decided)

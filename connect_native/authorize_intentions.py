@@ -29,6 +29,7 @@ from zope.interface import implementer
 
 from connect_native import _logging
 from connect_native._checks import positive_seconds, seconds_or_zero
+from connect_native._deferreds import Waiters
 from connect_native.authorize import (
     MAX_REMEMBERED,
     AgentAuthorizer,
@@ -182,7 +183,7 @@ class IntentionAuthorizer(Service):
         self._held: tuple[Intention, ...] | None = None
         self._last_success: float | None = None
         self._failing = False
-        self._waiters: list[Deferred[None]] = []
+        self._waiters: Waiters[None] = Waiters()
         self._watch: Watch[tuple[Intention, ...]] = Watch(
             clock,
             self._fetch,
@@ -303,9 +304,7 @@ class IntentionAuthorizer(Service):
         self._failing = True
 
     def _wake(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter.callback(None)
+        self._waiters.fire(None)
 
     # -- deciding ---------------------------------------------------------------
 
@@ -377,11 +376,9 @@ class IntentionAuthorizer(Service):
         return self._ask_agent(peer, target)
 
     def _when_fresh(self) -> Deferred[None]:
-        waiter: Deferred[None] = Deferred(lambda d: self._drop(d))
         if not self.running:
-            waiter.callback(None)
-            return waiter
-        self._waiters.append(waiter)
+            return succeed(None)
+        waiter = self._waiters.wait()
         timer: IDelayedCall = self._clock.callLater(self.timeout, self._expire, waiter)
 
         def settle(result: None) -> None:
@@ -392,13 +389,10 @@ class IntentionAuthorizer(Service):
         return waiter.addBoth(settle)
 
     def _expire(self, waiter: Deferred[None]) -> None:
-        self._drop(waiter)
+        # Past the timeout the caller decides with what it has.
+        self._waiters.discard(waiter)
         if not waiter.called:
             waiter.callback(None)
-
-    def _drop(self, waiter: Deferred[None]) -> None:
-        if waiter in self._waiters:
-            self._waiters.remove(waiter)
 
     def _ask_agent(self, peer: Peer, target: str) -> Deferred[Decision]:
         key = _source_key(peer.identity)

@@ -38,6 +38,7 @@ from zope.interface import Interface, implementer
 
 from connect_native import _logging
 from connect_native._checks import service_name
+from connect_native._deferreds import Waiters
 from connect_native.consul.blocking import Watch
 from connect_native.consul.client import ConsulPermissionDenied
 from connect_native.consul.records import CARoots, Indexed, LeafCert
@@ -626,7 +627,7 @@ class CertManager(Service):
         self._stopped = False
         self._state = ManagerState.STARTING
         self._reason = self._waiting_reason()
-        self._waiters: list[Deferred[Bundle]] = []
+        self._waiters: Waiters[Bundle] = Waiters()
         self._subscribers: list[Callable[[StateChange], object]] = []
         self._bundle_subscribers: list[Callable[[Bundle], object]] = []
         self._warning_call: IDelayedCall | None = None
@@ -666,14 +667,7 @@ class CertManager(Service):
             return fail(CertManagerStopped(self.service))
         if self._denied is not None:
             return fail(self._denied)
-
-        def forget(waiter: Deferred[Bundle]) -> None:
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
-
-        waiter: Deferred[Bundle] = Deferred(forget)
-        self._waiters.append(waiter)
-        return waiter
+        return self._waiters.wait()
 
     # -- observing ----------------------------------------------------------------
 
@@ -750,9 +744,7 @@ class CertManager(Service):
         self._roots_watch.stop()
         self._leaf_watch.stop()
         self._cancel_timers()
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter.errback(CertManagerStopped(self.service))
+        self._waiters.fail(CertManagerStopped(self.service))
         self._set_state(ManagerState.STOPPED, "the service was stopped")
         self._log.info(
             "certificate manager for {service} stopped", service=self.service
@@ -804,9 +796,7 @@ class CertManager(Service):
             self._denied = denied
             self._leaf_error = str(denied)
             self._log.error("{message}", message=str(denied))
-            waiters, self._waiters = self._waiters, []
-            for waiter in waiters:
-                waiter.errback(denied)
+            self._waiters.fail(denied)
         else:
             self._denied = None
             self._leaf_error = (
@@ -879,9 +869,7 @@ class CertManager(Service):
             replaces=None if previous is None else f"{previous.leaf.serial_number:x}",
         )
         self._refresh_state()
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter.callback(bundle)
+        self._waiters.fire(bundle)
         for callback in list(self._bundle_subscribers):
             try:
                 callback(bundle)

@@ -37,6 +37,7 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from connect_native import _checks
+from connect_native._lease import Leases
 from connect_native.errors import (
     EndpointStringError,
 )
@@ -44,6 +45,7 @@ from connect_native.errors import (
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
+    from connect_native._deferreds import Waiters
     from connect_native.client import ConnectClientEndpoint
     from connect_native.consul.client import ConsulClient
     from connect_native.registration import Registration
@@ -544,7 +546,10 @@ class _Port:
         self._registration = registration
         self._release = release
         self._outcome: list[object] = []
-        self._waiters: list[Deferred[Any]] = []
+        from connect_native._deferreds import Waiters
+
+        self._waiters: Waiters[Any] = Waiters()
+        self._stopping = False
         add = getattr(reactor, "addSystemEventTrigger", None)
         self._trigger = (
             add("before", "shutdown", self.stopListening) if callable(add) else None
@@ -556,12 +561,13 @@ class _Port:
     def stopListening(self) -> Deferred[Any]:
         from twisted.internet.defer import Deferred
 
-        waiter: Deferred[Any] = Deferred()
         if self._outcome:
-            _settle(waiter, self._outcome[0])
-            return waiter
-        self._waiters.append(waiter)
-        if len(self._waiters) == 1:
+            done: Deferred[Any] = Deferred()
+            _settle(done, self._outcome[0])
+            return done
+        waiter = self._waiters.wait()
+        if not self._stopping:
+            self._stopping = True
             self._stop()
         return waiter
 
@@ -584,11 +590,14 @@ class _Port:
         stopping.addCallback(lambda _: self.port.stopListening())
 
         def finished(result: object) -> None:
+            from twisted.python.failure import Failure
+
             self._release()
             self._outcome.append(result)
-            waiters, self._waiters = self._waiters, []
-            for waiter in waiters:
-                _settle(waiter, result)
+            if isinstance(result, Failure):
+                self._waiters.fail(result)
+            else:
+                self._waiters.fire(result)
 
         stopping.addBoth(finished)
 
@@ -624,7 +633,8 @@ class ConnectStringServerEndpoint:
         self.wrapped = wrapped
         self.consul = consul
         self._reactor = reactor
-        self._listening = 0
+        # The authorizer runs while any port listens: one share per listen.
+        self._listening: Leases[None, Any] = Leases(_start_service, _stop_service)
         self.authorizer: Any = None
         if description.authorize == "allow-ids":
             from connect_native.authorize import AllowIdsAuthorizer
@@ -667,16 +677,10 @@ class ConnectStringServerEndpoint:
         return f"<ConnectStringServerEndpoint {self.description!r}>"
 
     def _start(self) -> None:
-        self._listening += 1
-        start = getattr(self.authorizer, "startService", None)
-        if callable(start) and self._listening == 1:
-            start()
+        self._listening.take(None, lambda: self.authorizer)
 
     def _stop(self) -> None:
-        self._listening -= 1
-        stop = getattr(self.authorizer, "stopService", None)
-        if callable(stop) and self._listening == 0:
-            stop()
+        self._listening.give_back(None, self.authorizer)
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
         """
@@ -741,6 +745,18 @@ class ConnectStringServerEndpoint:
             self._stop()
 
         return _Port(self._reactor, port, registration, release)
+
+
+def _start_service(_: None, service: Any) -> None:
+    start = getattr(service, "startService", None)
+    if callable(start):
+        start()
+
+
+def _stop_service(_: None, service: Any) -> None:
+    stop = getattr(service, "stopService", None)
+    if callable(stop):
+        stop()
 
 
 def _wrapped_server(

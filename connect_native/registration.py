@@ -37,6 +37,7 @@ from twisted.python.failure import Failure
 from connect_native import _logging
 from connect_native._backoff import backoff_delay
 from connect_native._checks import port_number, positive_seconds, service_name
+from connect_native._deferreds import bounded
 from connect_native.certs import ManagerState, StateChange
 from connect_native.consul.records import ServiceRegistration, TTLCheck
 
@@ -475,7 +476,9 @@ class Registration(Service):
             d.addBoth(self._registered_answer, registration)
 
     def _bounded(self, d: Deferred[None], seconds: float) -> Deferred[None]:
-        return d.addTimeout(seconds, self.clock)
+        return bounded(
+            d, seconds, self.clock, lambda: DeferredTimeoutError(seconds, "Deferred")
+        )
 
     def _done(self) -> bool:
         """Whether the answer still matters (we were not stopped meanwhile)."""

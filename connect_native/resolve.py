@@ -40,6 +40,8 @@ from zope.interface import Attribute, Interface, implementer
 
 from connect_native import _logging
 from connect_native._checks import port_number, positive_seconds, seconds_or_zero
+from connect_native._deferreds import Waiters, bounded
+from connect_native._lease import Lease, Leases
 from connect_native.consul.blocking import Watch
 from connect_native.consul.records import (
     AgentSelf,
@@ -281,45 +283,6 @@ def _optional_name(what: str, value: str | None) -> str | None:
     return _nonempty_name(what, value)
 
 
-def _bounded(
-    clock: IReactorTime,
-    d: Deferred[Any],
-    seconds: float,
-    on_timeout: Callable[[], Exception],
-) -> Deferred[Any]:
-    """
-    ``d``, failing with ``on_timeout()`` after ``seconds`` (and cancelling
-    ``d``) even if ``d`` ignores the cancellation.
-    """
-    result: Deferred[Any] = Deferred(lambda _: d.cancel())
-    done: list[bool] = []
-
-    def expire() -> None:
-        if done:
-            return
-        done.append(True)
-        d.cancel()
-        result.errback(_failure(on_timeout()))
-
-    call = clock.callLater(seconds, expire)
-
-    def settle(outcome: object) -> None:
-        if call.active():
-            call.cancel()
-        if done:
-            # Already failed with the timeout; what the abandoned lookup
-            # says now is of no interest.
-            return
-        done.append(True)
-        if isinstance(outcome, Failure):
-            result.errback(outcome)
-        else:
-            result.callback(outcome)
-
-    d.addBoth(settle)
-    return result
-
-
 def _instances_from_entries(
     entries: Sequence[HealthEntry],
     *,
@@ -444,12 +407,9 @@ class _SharedHealth:
         clock: IReactorTime,
         client: HealthClient,
         query: _HealthQuery,
-        forget: Callable[[], None],
         watch_settings: dict[str, Any],
     ) -> None:
         self.query = query
-        self.leases = 0
-        self._forget = forget
         self._client = client
         self._clock = clock
         self.entries: tuple[HealthEntry, ...] | None = None
@@ -459,7 +419,7 @@ class _SharedHealth:
         self.last_success: float | None = None
         self.failing_since: float | None = None
         self.stale_reported = False
-        self._waiters: list[Deferred[tuple[HealthEntry, ...]]] = []
+        self._waiters: Waiters[tuple[HealthEntry, ...]] = Waiters()
         self.watch: Watch[tuple[HealthEntry, ...]] = Watch(
             clock,
             self._fetch,
@@ -503,9 +463,7 @@ class _SharedHealth:
     def _changed(self, entries: tuple[HealthEntry, ...]) -> None:
         self.entries = entries
         self.error = None
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter.callback(entries)
+        self._waiters.fire(entries)
 
     def _failed(self, failure: Failure) -> None:
         self.error = failure
@@ -514,42 +472,36 @@ class _SharedHealth:
         if self.entries is None:
             # Before the first answer, a waiter learns why at once rather
             # than waiting out its deadline while the watch backs off.
-            waiters, self._waiters = self._waiters, []
-            for waiter in waiters:
-                waiter.errback(failure)
+            self._waiters.fail(failure)
 
-    def acquire(self) -> None:
-        self.leases += 1
-        if self.leases == 1:
-            self.watch.start()
+    def start(self) -> None:
+        self.watch.start()
 
-    def release(self) -> None:
-        self.leases -= 1
-        if self.leases <= 0:
-            self.watch.stop()
-            self.entries = None
-            self.error = None
-            self.last_success = self.failing_since = None
-            self.stale_reported = False
-            waiters, self._waiters = self._waiters, []
-            for waiter in waiters:
-                waiter.cancel()
-            self._forget()
+    def stop(self) -> None:
+        self.watch.stop()
+        self.entries = None
+        self.error = None
+        self.last_success = self.failing_since = None
+        self.stale_reported = False
+        self._waiters.cancel()
 
     def next_entries(self) -> Deferred[tuple[HealthEntry, ...]]:
         """
         The first answer, or the first error, whichever comes first.
         """
-        waiter: Deferred[tuple[HealthEntry, ...]] = Deferred(
-            lambda d: self._waiters.remove(d) if d in self._waiters else None
-        )
-        self._waiters.append(waiter)
-        return waiter
+        return self._waiters.wait()
+
+
+def _health_leases() -> Leases[_HealthQuery, _SharedHealth]:
+    # The first lease on a query starts its watch, the last stops it.
+    return Leases(
+        lambda query, shared: shared.start(), lambda query, shared: shared.stop()
+    )
 
 
 # Watches shared per (client, query); a client going away takes its watches
 # with it.
-_shared_health: weakref.WeakKeyDictionary[Any, dict[_HealthQuery, _SharedHealth]] = (
+_shared_health: weakref.WeakKeyDictionary[Any, Leases[_HealthQuery, _SharedHealth]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -559,26 +511,17 @@ def _shared_watch(
     client: HealthClient,
     query: _HealthQuery,
     watch_settings: dict[str, Any],
-) -> _SharedHealth:
+) -> Lease[_SharedHealth]:
     try:
-        per_client = _shared_health.setdefault(client, {})
+        per_client = _shared_health.get(client)
+        if per_client is None:
+            per_client = _shared_health[client] = _health_leases()
     except TypeError:
         # A client that cannot be weakly referenced gets its own watch.
-        per_client = {}
-    shared = per_client.get(query)
-    if shared is None:
-
-        def forget() -> None:
-            if per_client.get(query) is shared:
-                del per_client[query]
-
-        shared = _SharedHealth(clock, client, query, forget, watch_settings)
-        per_client[query] = shared
-    return shared
-
-
-def _release(shared: _SharedHealth) -> None:
-    shared.release()
+        per_client = _health_leases()
+    return per_client.acquire(
+        query, lambda: _SharedHealth(clock, client, query, watch_settings)
+    )
 
 
 @implementer(IResolver)
@@ -677,12 +620,11 @@ class ConsulResolver:
 
     def _lease(self) -> _SharedHealth:
         if self._shared is None:
-            shared = _shared_watch(
+            lease = _shared_watch(
                 self._clock, self.client, self.query, self._watch_settings
             )
-            shared.acquire()
-            self._shared = shared
-            self._finalizer = weakref.finalize(self, _release, shared)
+            self._shared = lease.value
+            self._finalizer = weakref.finalize(self, lease.release)
         return self._shared
 
     def close(self) -> None:
@@ -858,7 +800,7 @@ class PreparedQueryResolver:
         )
         self.cache_seconds = positive_seconds("cache_seconds", cache_seconds)
         self._cached: tuple[float, tuple[Instance, ...]] | None = None
-        self._in_flight: list[Deferred[Sequence[Instance]]] | None = None
+        self._in_flight: Waiters[Sequence[Instance]] | None = None
         where = f" in datacenter {datacenter!r}" if datacenter else ""
         self.description = f"Consul prepared query {name!r}{where}"
 
@@ -869,16 +811,10 @@ class PreparedQueryResolver:
         now = self._clock.seconds()
         if self._cached is not None and now < self._cached[0] + self.cache_seconds:
             return succeed(self._cached[1])
-
-        def forget(waiter: Deferred[Sequence[Instance]]) -> None:
-            if self._in_flight is not None and waiter in self._in_flight:
-                self._in_flight.remove(waiter)
-
-        waiter: Deferred[Sequence[Instance]] = Deferred(forget)
         if self._in_flight is not None:
-            self._in_flight.append(waiter)
-            return waiter
-        self._in_flight = [waiter]
+            return self._in_flight.wait()
+        self._in_flight = Waiters()
+        waiter = self._in_flight.wait()
         asked = self._clock.seconds()
         # A synchronous raise, or an answer that cannot be read, must fail
         # the waiters too: otherwise they and every later resolve() would
@@ -902,18 +838,16 @@ class PreparedQueryResolver:
             what=repr(self),
         )
         self._cached = (asked, instances)
-        waiters, self._in_flight = self._in_flight or [], None
-        for waiter in waiters:
-            waiter.callback(instances)
+        waiters, self._in_flight = self._in_flight or Waiters(), None
+        waiters.fire(instances)
 
     def _failed(self, failure: Failure) -> None:
-        waiters, self._in_flight = self._in_flight or [], None
+        waiters, self._in_flight = self._in_flight or Waiters(), None
         error = ResolveError(
             f"cannot find the instances of {self.description}: executing it "
             f"failed: {failure.getErrorMessage()}"
         )
-        for waiter in waiters:
-            waiter.errback(_failure(error))
+        waiters.fail(error)
 
 
 # --- Consul DNS ------------------------------------------------------------------
@@ -1031,8 +965,8 @@ class DnsResolver:
 
         # twisted.names gives up after its own timeout; the bound is for a
         # lookup that would not.
-        bounded = _bounded(self._reactor, d, self.timeout + 1.0, timed_out)
-        return bounded.addErrback(explain)
+        limited = bounded(d, self.timeout + 1.0, self._reactor, timed_out, abandon=True)
+        return limited.addErrback(explain)
 
     def resolve(self) -> Deferred[Sequence[Instance]]:
         from twisted.names import dns, error

@@ -56,6 +56,7 @@ from zope.interface import implementer
 
 from connect_native import _logging
 from connect_native._checks import positive_seconds, whole_number
+from connect_native._deferreds import bounded
 from connect_native._refusals import RefusalLog, address_text, host_of
 from connect_native._shared import CertManagerRegistry, SharedService, shared_services
 from connect_native.authorize import (
@@ -1248,27 +1249,12 @@ class ConnectServerEndpoint:
             waiting = self._source.when_ready()
         except Exception:
             return fail()
-        timed_out: list[bool] = []
-
-        def give_up() -> None:
-            timed_out.append(True)
-            waiting.cancel()
-
-        timer = self._reactor.callLater(self._ready_timeout, give_up)
-
-        def done(result: object) -> object:
-            if timer.active():
-                timer.cancel()
-            return result
-
-        def explain(failure: Failure) -> Failure:
-            if timed_out and isinstance(failure.value, CancelledError):
-                return Failure(CertificateNotReady(self._not_ready_message()))  # type: ignore[no-untyped-call]
-            return failure
-
-        waiting.addBoth(done)
-        waiting.addErrback(explain)
-        return waiting
+        return bounded(
+            waiting,
+            self._ready_timeout,
+            self._reactor,
+            lambda: CertificateNotReady(self._not_ready_message()),
+        )
 
     def _not_ready_message(self) -> str:
         # A CertManager says where it is stuck in ``reason`` (e.g. "reading

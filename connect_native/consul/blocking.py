@@ -43,6 +43,7 @@ from twisted.python.failure import Failure
 
 from connect_native import _logging
 from connect_native._backoff import backoff_delay
+from connect_native._deferreds import Waiters
 from connect_native.consul.errors import WatchStoppedError, WatchTimeoutError
 from connect_native.consul.records import ConsulError, Indexed
 
@@ -168,7 +169,7 @@ class Watch(Generic[T]):
         self._in_flight: Deferred[Indexed[T]] | None = None
         self._timeout_call: IDelayedCall | None = None
         self._timed_out = False
-        self._waiters: list[Deferred[T]] = []
+        self._waiters: Waiters[T] = Waiters()
 
     # -- public state -------------------------------------------------------
 
@@ -250,9 +251,7 @@ class Watch(Generic[T]):
             # Our own callbacks see that it is no longer in flight and swallow
             # the CancelledError.
             in_flight.cancel()
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter.errback(WatchStoppedError(self.name))
+        self._waiters.fail(WatchStoppedError(self.name))
         self._log.debug("watch {watch} stopped", watch=self.name)
 
     def when_first(self) -> Deferred[T]:
@@ -263,14 +262,7 @@ class Watch(Generic[T]):
         """
         if self._has_value:
             return succeed(cast(T, self._value))
-
-        def forget(waiter: Deferred[T]) -> None:
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
-
-        waiter: Deferred[T] = Deferred(forget)
-        self._waiters.append(waiter)
-        return waiter
+        return self._waiters.wait()
 
     # -- the loop -----------------------------------------------------------
 
@@ -463,6 +455,4 @@ class Watch(Generic[T]):
                         watch=self.name,
                     )
                 )
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter.callback(value)
+        self._waiters.fire(value)

@@ -64,6 +64,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
+from connect_native._deferreds import bounded
 from connect_native.consul.config import TLSConfig, client_settings, parse_address
 from connect_native.consul.errors import (
     ConsulConfigurationError,
@@ -127,7 +128,6 @@ __all__ = [
 T = TypeVar("T")
 
 # Twisted's untyped callables, given a type once.
-_failure: Callable[[BaseException], Failure] = Failure
 _trust_root_from_certificates: Callable[[list[Certificate]], IOpenSSLTrustRoot] = (
     trustRootFromCertificates
 )
@@ -579,25 +579,13 @@ class ConsulClient:
         seconds = self.timeout
         if wait is not None:
             seconds += wait + wait / _JITTER_FRACTION
-        d = Deferred.fromCoroutine(self._exchange(method, target, body))
-        expired: list[bool] = []
-
-        def expire() -> None:
-            expired.append(True)
-            d.cancel()
-
-        call = self._reactor.callLater(seconds, expire)
-
-        def settle(result: _Answer | Failure) -> _Answer | Failure:
-            if call.active():
-                call.cancel()
-            if expired and isinstance(result, Failure):
-                return _failure(
-                    ConsulTimeout(method, target, seconds, agent=self.address)
-                )
-            return result
-
-        return d.addBoth(settle)
+        return bounded(
+            Deferred.fromCoroutine(self._exchange(method, target, body)),
+            seconds,
+            self._reactor,
+            lambda: ConsulTimeout(method, target, seconds, agent=self.address),
+            any_failure=True,
+        )
 
     async def _exchange(self, method: str, target: str, body: object) -> _Answer:
         headers = Headers({b"Accept": [b"application/json"]})

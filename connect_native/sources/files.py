@@ -29,6 +29,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from connect_native import _logging
+from connect_native._deferreds import Waiters
 from connect_native.certs import (
     Bundle,
     IIdentitySource,
@@ -151,7 +152,7 @@ class FileIdentitySource(Service):
         self.trust_domain = trust_domain
         self.interval = float(interval)
         self._bundle: Bundle | None = None
-        self._waiters: list[Deferred[Bundle]] = []
+        self._waiters: Waiters[Bundle] = Waiters()
         self._subscribers: list[Callable[[Bundle], object]] = []
         self._state_subscribers: list[Callable[[StateChange], object]] = []
         self._told: tuple[ManagerState, str] = (ManagerState.STOPPED, "")
@@ -190,14 +191,7 @@ class FileIdentitySource(Service):
             return succeed(bundle)
         if self._stopped:
             return fail(IdentityFilesStopped(str(self.cert)))
-
-        def forget(waiter: Deferred[Bundle]) -> None:
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
-
-        waiter: Deferred[Bundle] = Deferred(forget)
-        self._waiters.append(waiter)
-        return waiter
+        return self._waiters.wait()
 
     def subscribe_bundles(
         self, callback: Callable[[Bundle], object]
@@ -293,9 +287,7 @@ class FileIdentitySource(Service):
         loop, self._loop = self._loop, None
         if loop is not None and loop.running:
             loop.stop()
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter.errback(IdentityFilesStopped(str(self.cert)))
+        self._waiters.fail(IdentityFilesStopped(str(self.cert)))
         self._tell()
 
     # -- watching -------------------------------------------------------------------
@@ -388,9 +380,7 @@ class FileIdentitySource(Service):
             roots=len(bundle.roots),
             cert=str(self.cert),
         )
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter.callback(bundle)
+        self._waiters.fire(bundle)
         for callback in list(self._subscribers):
             try:
                 callback(bundle)

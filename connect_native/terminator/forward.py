@@ -34,6 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IAddress,
@@ -56,6 +57,7 @@ from zope.interface import implementer
 
 from connect_native import _logging
 from connect_native._checks import positive_seconds, whole_number
+from connect_native._deferreds import Waiters, bounded
 from connect_native._refusals import RefusalLog
 from connect_native.terminator._tls import TLSServerProtocol, write_now
 
@@ -207,7 +209,7 @@ class ConnectionTracker:
         self.unauthorized: set[Any] = set()
         self.open: set[_Tracked] = set()
         self.draining = False
-        self._drained: list[Deferred[None]] = []
+        self._drained: Waiters[None] = Waiters()
 
     def __len__(self) -> int:
         return len(self.open)
@@ -241,9 +243,7 @@ class ConnectionTracker:
         self.open.discard(connection)
         self.unauthorized.discard(connection)
         if not self.open and self._drained:
-            waiters, self._drained = self._drained, []
-            for waiter in waiters:
-                waiter.callback(None)
+            self._drained.fire(None)
 
     def drain(self, timeout: float) -> Deferred[int]:
         """
@@ -259,8 +259,7 @@ class ConnectionTracker:
             count=len(self.open),
             timeout=timeout,
         )
-        waiter: Deferred[None] = Deferred()
-        self._drained.append(waiter)
+        waiter = self._drained.wait()
         aborted: list[int] = [0]
 
         def deadline() -> None:
@@ -277,9 +276,7 @@ class ConnectionTracker:
             # reactor; the deadline is the end of the wait either way.
             self.open.clear()
             self.unauthorized.clear()
-            waiters, self._drained = self._drained, []
-            for each in waiters:
-                each.callback(None)
+            self._drained.fire(None)
 
         timer = self.clock.callLater(timeout, deadline)
 
@@ -524,7 +521,13 @@ class _Front(Protocol):
             dialing: Deferred[Any] = factory.dial(_BackFactory(self))
         except Exception:
             dialing = fail()
-        dialing.addTimeout(factory.connect_timeout, factory.clock)
+        timeout = factory.connect_timeout
+        bounded(
+            dialing,
+            timeout,
+            factory.clock,
+            lambda: DeferredTimeoutError(timeout, "Deferred"),
+        )
         self._dialing = dialing
         dialing.addCallbacks(self._dialled, self._dial_failed)
 

@@ -16,6 +16,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from connect_native._deferreds import Waiters
 from connect_native.authorize import Decision, IAuthorizer, Peer
 from connect_native.certs import Bundle, IBundleSource, RootPEMs
 from connect_native.resolve import (
@@ -156,7 +157,7 @@ class FakeBundleSource:
 
     def __init__(self, bundle: Bundle | None = None) -> None:
         self._bundle = bundle
-        self._waiters: list[Deferred[Bundle]] = []
+        self._waiters: Waiters[Bundle] = Waiters()
         self._subscribers: list[Callable[[Bundle], object]] = []
         self.current_calls = 0
 
@@ -183,14 +184,7 @@ class FakeBundleSource:
     def when_ready(self) -> Deferred[Bundle]:
         if self._bundle is not None:
             return succeed(self._bundle)
-
-        def forget(waiter: Deferred[Bundle]) -> None:
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
-
-        waiter: Deferred[Bundle] = Deferred(forget)
-        self._waiters.append(waiter)
-        return waiter
+        return self._waiters.wait()
 
     def set(self, bundle: Bundle | None) -> None:
         """
@@ -199,17 +193,13 @@ class FakeBundleSource:
         """
         self._bundle = bundle
         if bundle is not None:
-            waiters, self._waiters = self._waiters, []
-            for waiter in waiters:
-                waiter.callback(bundle)
+            self._waiters.fire(bundle)
             for callback in list(self._subscribers):
                 callback(bundle)
 
     def fail(self, error: Exception) -> None:
         """Fail pending waiters with ``error`` (e.g. ``LeafPermissionDenied``)."""
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter.errback(error)
+        self._waiters.fail(error)
 
 
 # --- Resolvers and fake instances ---
@@ -271,7 +261,7 @@ class FakeResolver:
         self.hold = hold
         self.calls = 0
         self.error: Exception | None = None
-        self._held: list[Deferred[Sequence[Instance]]] = []
+        self._held: Waiters[Sequence[Instance]] = Waiters()
 
     def resolve(self) -> Deferred[Sequence[Instance]]:
         self.calls += 1
@@ -281,28 +271,18 @@ class FakeResolver:
             return failed
         if not self.hold:
             return succeed(self.instances)
-
-        def forget(d: Deferred[Sequence[Instance]]) -> None:
-            if d in self._held:
-                self._held.remove(d)
-
-        held: Deferred[Sequence[Instance]] = Deferred(forget)
-        self._held.append(held)
-        return held
+        return self._held.wait()
 
     def release(self) -> int:
         """Answer the held calls; returns how many there were."""
-        held, self._held = self._held, []
-        for d in held:
-            d.callback(self.instances)
-        return len(held)
+        held = len(self._held)
+        self._held.fire(self.instances)
+        return held
 
     def fail(self, error: Exception) -> None:
         """Fail the held calls, and every later one, with ``error``."""
         self.error = error
-        held, self._held = self._held, []
-        for d in held:
-            d.errback(error)
+        self._held.fail(error)
 
 
 class RecordingProtocol(Protocol):

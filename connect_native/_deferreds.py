@@ -1,0 +1,157 @@
+"""
+The package's one way of waiting: :class:`Waiters`, the Deferreds handed
+out until something happens, and :func:`bounded`, the bound every network
+wait has.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+
+__all__ = ["Waiters", "bounded"]
+
+T = TypeVar("T")
+
+_failure: Callable[[BaseException], Failure] = Failure
+
+
+class Waiters(Generic[T]):
+    """
+    The Deferreds waiting for one outcome.  Each from :meth:`wait` is
+    cancellable: cancelling it fails only it with ``CancelledError`` and
+    drops it.  :meth:`fire`, :meth:`fail` and :meth:`cancel` settle every
+    pending one and clear the list first, so a waiter added meanwhile (by a
+    callback) waits for the next outcome.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[Deferred[T]] = []
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def __bool__(self) -> bool:
+        return bool(self._pending)
+
+    def wait(self) -> Deferred[T]:
+        """A new pending Deferred."""
+        waiter: Deferred[T] = Deferred(self.discard)
+        self._pending.append(waiter)
+        return waiter
+
+    def discard(self, waiter: Deferred[T]) -> None:
+        """Stop tracking ``waiter`` without settling it."""
+        if waiter in self._pending:
+            self._pending.remove(waiter)
+
+    def _take(self) -> list[Deferred[T]]:
+        pending, self._pending = self._pending, []
+        # One settled meanwhile (a callback of an earlier one cancelled it)
+        # is not settled twice.
+        return [waiter for waiter in pending if not waiter.called]
+
+    def fire(self, result: T) -> None:
+        """Fire every pending waiter with ``result``."""
+        for waiter in self._take():
+            if not waiter.called:
+                waiter.callback(result)
+
+    def fail(self, error: BaseException | Failure) -> None:
+        """Fail every pending waiter with ``error``."""
+        for waiter in self._take():
+            if not waiter.called:
+                waiter.errback(error)
+
+    def cancel(self) -> None:
+        """Cancel every pending waiter."""
+        for waiter in self._take():
+            waiter.cancel()
+
+
+def bounded(
+    d: Deferred[T],
+    seconds: float,
+    clock: IReactorTime,
+    on_timeout: Callable[[], BaseException],
+    *,
+    any_failure: bool = False,
+    abandon: bool = False,
+) -> Deferred[T]:
+    """
+    ``d`` itself, cancelled after ``seconds`` on ``clock`` unless it has
+    fired by then; the timer is cancelled when it fires.
+
+    Once timed out, the ``CancelledError`` that ``d`` fails with becomes
+    ``on_timeout()`` (with ``any_failure``, whatever it fails with does);
+    an answer that comes anyway is kept.
+
+    With ``abandon``, a new Deferred instead, for a ``d`` that may ignore
+    its cancellation: it fails with ``on_timeout()`` at the deadline
+    whatever ``d`` does, and cancelling it cancels ``d``.
+    """
+    if abandon:
+        return _abandoned_after(d, seconds, clock, on_timeout)
+    timed_out: list[bool] = []
+
+    def expire() -> None:
+        timed_out.append(True)
+        d.cancel()
+
+    call = clock.callLater(seconds, expire)
+
+    def settle(outcome: T | Failure) -> T | Failure:
+        if call.active():
+            call.cancel()
+        if (
+            timed_out
+            and isinstance(outcome, Failure)
+            and (any_failure or isinstance(outcome.value, CancelledError))
+        ):
+            return _failure(on_timeout())
+        return outcome
+
+    return d.addBoth(settle)
+
+
+def _abandoned_after(
+    d: Deferred[T],
+    seconds: float,
+    clock: IReactorTime,
+    on_timeout: Callable[[], BaseException],
+) -> Deferred[T]:
+    # What d says after the deadline is dropped.
+    result: Deferred[T] = Deferred(lambda _: d.cancel())
+    done: list[bool] = []
+
+    def expire() -> None:
+        if done:
+            return
+        done.append(True)
+        d.cancel()
+        if not result.called:
+            result.errback(_failure(on_timeout()))
+
+    call = clock.callLater(seconds, expire)
+
+    def settle(outcome: T | Failure) -> None:
+        if call.active():
+            call.cancel()
+        if done:
+            # Already failed with the timeout; what the abandoned wait says
+            # now is of no interest.
+            return
+        done.append(True)
+        if result.called:
+            return
+        if isinstance(outcome, Failure):
+            result.errback(outcome)
+        else:
+            result.callback(outcome)
+
+    d.addBoth(settle)
+    return result
