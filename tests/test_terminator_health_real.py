@@ -21,6 +21,8 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThread
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 from connect_native.consul.client import ConsulClient
 from connect_native.consul.records import HealthEntry
@@ -202,3 +204,78 @@ async def test_twisteds_factory_lines_stay_out_while_the_agent_is_down(
     assert "starting up" in output
     assert "Starting factory" not in output
     assert "Stopping factory" not in output
+
+
+class Healthz(Resource):
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.code = 200
+
+    def render_GET(self, request: Any) -> bytes:
+        request.setResponseCode(self.code if request.path == b"/healthz" else 404)
+        return b"ok\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_http_health_path_on_the_development_agent(tmp_path: Path) -> None:
+    """
+    ``--to-check http:/healthz --check-interval 1`` with ``--dev``: the
+    development agent shows the instance passing while ``/healthz`` answers
+    200, not passing while it answers 503 (the reason in the check's
+    output), and passing again after; the tags and metadata are stored and
+    returned as the real agent does.
+    """
+    health = Healthz()
+    backend: Any = reactor.listenTCP(  # type: ignore[attr-defined]
+        0, Site(health), interface="127.0.0.1"
+    )
+    (public,) = free_ports(1)
+    process = Process(
+        [
+            "connect-native",
+            "--dev",
+            "--service",
+            "web",
+            "--listen",
+            f"tcp:{public}:interface=127.0.0.1",
+            "--to",
+            f"tcp:127.0.0.1:{backend.getHost().port}",
+            "--to-check",
+            "http:/healthz",
+            "--check-interval",
+            "1",
+            "--tag",
+            "blue",
+            "--meta",
+            "version=1.2",
+        ],
+        tmp_path,
+    )
+    consul: ConsulClient | None = None
+    try:
+        found = await bounded(
+            deferToThread(
+                process.wait_for_line, r"CONSUL_HTTP_ADDR=(127\.0\.0\.1:\d+)", 60
+            ),
+            70,
+        )
+        consul = ConsulClient(reactor, address=found.group(1))
+        entry = await until_passing(consul, "web", True, 30)
+        assert entry.service.tags == ("blue",)
+        assert dict(entry.service.meta) == {"version": "1.2"}
+        assert "GET /healthz on" in own_check(entry).output
+
+        health.code = 503
+        entry = await until_passing(consul, "web", False, 30)
+        assert "answered 503, not 2xx" in own_check(entry).output
+        assert process.process.poll() is None
+
+        health.code = 200
+        await until_passing(consul, "web", True, 30)
+    finally:
+        process.stop()
+        await backend.stopListening()
+        if consul is not None:
+            await consul.close()
