@@ -360,6 +360,21 @@ def test_a_probe_answered_at_once_is_fine() -> None:
     probe.stopService()
 
 
+@pytest.mark.parametrize(
+    ("to", "host"),
+    [
+        ("tcp:127.0.0.1:8080", "127.0.0.1:8080"),
+        ("tcp:host=app.local:port=80:timeout=3", "app.local:80"),
+        ("tcp6:\\:\\:1:8080", "[::1]:8080"),
+        ("unix:/run/app.sock", "localhost"),
+    ],
+)
+def test_the_http_probe_sends_the_backends_host(to: str, host: str) -> None:
+    from connect_native.terminator.health import _host_header
+
+    assert _host_header(to) == host
+
+
 # -- the probes against loopback listeners -------------------------------------------
 
 
@@ -391,9 +406,11 @@ class Health(Resource):
         super().__init__()
         self.code = 200
         self.paths: list[bytes] = []
+        self.hosts: list[bytes | None] = []
 
     def render_GET(self, request: Any) -> bytes:
         self.paths.append(request.uri)
+        self.hosts.append(request.getHeader(b"host"))
         request.setResponseCode(self.code)
         return b"ok"
 
@@ -414,5 +431,6 @@ async def test_the_http_probe_passes_on_2xx_only() -> None:
         with pytest.raises(ValueError, match="answered 503, not 2xx"):
             await bounded(probe())
         assert health.paths == [b"/healthz?x=1", b"/healthz?x=1"]
+        assert health.hosts == [f"127.0.0.1:{number}".encode()] * 2
     finally:
         await port.stopListening()

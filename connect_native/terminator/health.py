@@ -13,6 +13,7 @@ passing on a 2xx answer.  Every probe is bounded by a timeout.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -90,7 +91,7 @@ def http_probe(reactor: Any, endpoint: Any, to: str, path: str) -> Probe:
     make_pool: Any = HTTPConnectionPool
     make_agent: Any = Agent.usingEndpointFactory
     agent = make_agent(reactor, _To(), pool=make_pool(reactor, persistent=False))
-    url = f"http://backend{path}".encode()
+    url = f"http://{_host_header(to)}{path}".encode()
 
     async def get() -> str:
         response: Any = await agent.request(
@@ -110,6 +111,23 @@ def http_probe(reactor: Any, endpoint: Any, to: str, path: str) -> Probe:
         return Deferred.fromCoroutine(get())
 
     return probe
+
+
+def _host_header(to: str) -> str:
+    """
+    The ``Host`` of a health request over ``to``: its host and port for a
+    ``tcp:HOST:PORT`` description, else ``localhost``.
+    """
+    from connect_native.terminator.options import split_description
+
+    parts = [re.sub(r"\\(.)", r"\1", p) for p in split_description(to)]
+    fields = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+    bare = [p for p in parts[1:] if "=" not in p]
+    host = fields.get("host", bare[0] if bare else None)
+    port = fields.get("port", bare[1] if len(bare) > 1 else None)
+    if parts[0].lower() not in ("tcp", "tcp6", "host") or not host or not port:
+        return "localhost"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class BackendProbe(Service):
