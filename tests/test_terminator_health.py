@@ -312,12 +312,12 @@ def test_the_probe_runs_at_start_and_every_interval_and_tells_of_changes() -> No
     assert probe.reason == "tcp:b:1 not probed yet"
     probe.startService()
     assert len(probes.pending) == 1
-    probes.pending[0].callback("tcp:b:1 accepts TCP connections")
+    probes.pending[0].callback("tcp:b:1 accepts connections")
     assert probe.healthy
     assert changes == [True]
     clock.advance(5.0)
     assert len(probes.pending) == 2
-    probes.pending[1].callback("tcp:b:1 accepts TCP connections")
+    probes.pending[1].callback("tcp:b:1 accepts connections")
     assert changes == [True]  # no change, no call
     clock.advance(5.0)
     probes.pending[2].errback(OSError("refused"))
@@ -392,7 +392,7 @@ async def test_the_tcp_probe_connects_and_hangs_up() -> None:
     probe = tcp_probe(endpoint, f"tcp:127.0.0.1:{number}")
     try:
         found = await bounded(probe())
-        assert found == f"tcp:127.0.0.1:{number} accepts TCP connections"
+        assert found == f"tcp:127.0.0.1:{number} accepts connections"
     finally:
         await port.stopListening()
     with pytest.raises(ConnectionRefusedError):

@@ -121,7 +121,7 @@ async def test_the_check_follows_the_backend_and_logs_are_json_lines(
         entry = await until_passing(consul, started.web, True, 30)
         assert entry.service.tags == ("blue", "v2")
         assert dict(entry.service.meta) == {"version": "1.2"}
-        assert f"{backend_port} accepts TCP connections" in own_check(entry).output
+        assert f"{backend_port} accepts connections" in own_check(entry).output
 
         bundle = await client_bundle(consul, f"{started.web}-api")
         creator = ClientConnectionCreator(bundle, web_identity(bundle, started.web))

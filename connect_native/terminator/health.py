@@ -6,9 +6,10 @@ and tells the :class:`~connect_native.registration.Registration` (as its
 while the backend is down and discovery stops sending callers to an
 instance that can only answer them with a closed connection.
 
-``--to-check tcp`` (the default) probes with a TCP connect to ``--to``,
-closed at once; ``--to-check http:/PATH`` with ``GET /PATH`` over ``--to``,
-passing on a 2xx answer.  Every probe is bounded by a timeout.
+``--to-check tcp`` (the default) probes with a connect to ``--to`` (a TCP
+connect for a ``tcp:`` endpoint), closed at once; ``--to-check http:/PATH``
+with ``GET /PATH`` over ``--to``, passing on a 2xx answer.  Every probe is
+bounded by a timeout.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def tcp_probe(endpoint: Any, to: str) -> Probe:
 
     def probe() -> Deferred[str]:
         d: Deferred[Any] = endpoint.connect(_HangupFactory())
-        return d.addCallback(lambda _: f"{to} accepts TCP connections")
+        return d.addCallback(lambda _: f"{to} accepts connections")
 
     return probe
 
