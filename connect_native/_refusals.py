@@ -15,7 +15,7 @@ from twisted.logger import Logger
 
 from connect_native import _logging
 
-__all__ = ["RefusalLog", "address_text", "host_of"]
+__all__ = ["RefusalLog", "address_text", "host_of", "peer_address"]
 
 log = Logger(observer=_logging.observer)
 
@@ -30,6 +30,17 @@ _ADDRESSES_KEPT = 4096
 def address_text(address: object) -> str:
     """How a log line names a peer's address: ``IPv4Address(...)`` or ``?``."""
     return "?" if address is None else str(address)
+
+
+def peer_address(address: object) -> str:
+    """
+    A peer's address as structured logs give it: ``host:port`` (``[host]:port``
+    for IPv6), else as :func:`address_text` does.
+    """
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    if isinstance(host, str) and isinstance(port, int):
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return address_text(address)
 
 
 def host_of(address: object) -> str:

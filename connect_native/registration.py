@@ -17,6 +17,10 @@ manager state  check status (output: the manager's reason)
 ``STARTING``   ``critical``: no certificate yet
 ``STOPPED``    ``critical``: the certificate manager was stopped
 =============  =================================================================
+
+With a ``backend`` (a :class:`BackendHealth`, e.g. the terminator's probe of
+``--to``), the check is also ``critical`` while the backend is unreachable,
+whatever the certificate: the output says which of the two it is.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from connect_native.certs import ManagerState, StateChange
 from connect_native.consul.records import ServiceRegistration, TTLCheck
 
 __all__ = [
+    "BackendHealth",
     "CheckStatus",
     "ReadinessSource",
     "Registration",
@@ -91,6 +96,24 @@ class ReadinessSource(Protocol):
         self, callback: Callable[[StateChange], object]
     ) -> Callable[[], None]:
         """Call ``callback`` on every change; returns the unsubscriber."""
+
+
+class BackendHealth(Protocol):
+    """
+    Whether the application behind the instance answers; the terminator's
+    :class:`~connect_native.terminator.health.BackendProbe` provides it.
+    """
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the last probe reached the backend."""
+
+    @property
+    def reason(self) -> str:
+        """What the last probe found, as a sentence."""
+
+    def subscribe(self, callback: Callable[[], object]) -> Callable[[], None]:
+        """Call ``callback`` when ``healthy`` changes; returns the unsubscriber."""
 
 
 def check_for_state(
@@ -194,6 +217,9 @@ class Registration(Service):
     :param backoff_initial: first delay after an agent error, in seconds.
     :param backoff_max: longest delay after agent errors, in seconds.
     :param rng: randomness for the back-off (tests pass a seeded one).
+    :param backend: if given, the check is also critical while
+        ``backend.healthy`` is false (its reason in the output), and is
+        updated at once when it changes.
     :param hostname: the host name in the default ID (default
         :func:`socket.gethostname`).
     """
@@ -220,6 +246,7 @@ class Registration(Service):
         backoff_max: float = 30.0,
         rng: random.Random | None = None,
         hostname: str | None = None,
+        backend: BackendHealth | None = None,
     ) -> None:
         service_name("service", service)
         if isinstance(port, bool) or not (
@@ -285,6 +312,7 @@ class Registration(Service):
         self._rng = rng if rng is not None else random.Random()  # noqa: S311 (back-off jitter)
         self._hostname = hostname
         self._service_id = service_id
+        self.backend = backend
         if isinstance(port, int):
             # Refuse a bad name, address or ID now rather than at start.
             self.registration()
@@ -296,6 +324,7 @@ class Registration(Service):
         self._failures = 0
         self._forgotten_in_a_row = 0
         self._unsubscribe: Callable[[], None] | None = None
+        self._unsubscribe_backend: Callable[[], None] | None = None
         self._reported: tuple[CheckStatus, str] | None = None
 
     def __repr__(self) -> str:
@@ -343,10 +372,24 @@ class Registration(Service):
         return self._registered
 
     def check(self) -> tuple[CheckStatus, str]:
-        """The check status and output for the manager's state now."""
-        return check_for_state(
+        """
+        The check status and output for the manager's state now, and the
+        backend's when there is one: critical if either says so.
+        """
+        status, output = check_for_state(
             self.readiness.state, self.readiness.reason, self.degraded_status
         )
+        backend = self.backend
+        if backend is None:
+            return status, output
+        if not backend.healthy:
+            if status == "critical":
+                return status, f"{output}; and the backend: {backend.reason}"
+            return "critical", (
+                f"not accepting connections: the backend: {backend.reason} "
+                f"(certificate: {output})"
+            )
+        return status, f"{output}; backend: {backend.reason}"
 
     def registration(self) -> ServiceRegistration:
         """What :meth:`startService` registers."""
@@ -365,12 +408,17 @@ class Registration(Service):
                 TTLCheck(
                     ttl=self.check_ttl,
                     check_id=self.check_id,
-                    name=f"Connect certificate for {self.service}",
+                    name=(
+                        f"Connect certificate for {self.service}"
+                        if self.backend is None
+                        else f"Connect certificate and backend for {self.service}"
+                    ),
                     status=status,
                     notes=(
                         "passing while this instance holds a valid Connect "
-                        "certificate and accepts connections; updated by "
-                        "connect_native"
+                        "certificate and accepts connections"
+                        + ("" if self.backend is None else " and its backend answers")
+                        + "; updated by connect_native"
                     ),
                     deregister_critical_service_after=self.deregister_critical_after,
                 ),
@@ -389,6 +437,8 @@ class Registration(Service):
         self._reported = None
         self._again = False
         self._unsubscribe = self.readiness.subscribe(self._changed)
+        if self.backend is not None:
+            self._unsubscribe_backend = self.backend.subscribe(self._kick)
         self._kick()
 
     def stopService(self) -> Deferred[None]:
@@ -398,6 +448,9 @@ class Registration(Service):
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+        if self._unsubscribe_backend is not None:
+            self._unsubscribe_backend()
+            self._unsubscribe_backend = None
         self._cancel_timer()
         in_flight, self._in_flight = self._in_flight, None
         if in_flight is not None:

@@ -57,7 +57,7 @@ from zope.interface import implementer
 from connect_native import _logging
 from connect_native._checks import positive_seconds, whole_number
 from connect_native._deferreds import bounded
-from connect_native._refusals import RefusalLog, address_text, host_of
+from connect_native._refusals import RefusalLog, address_text, host_of, peer_address
 from connect_native._shared import CertManagerRegistry, SharedService, shared_services
 from connect_native.authorize import (
     L7_AT_L4,
@@ -208,6 +208,12 @@ def _log_decision(
         elapsed=elapsed,
         address=address_text(address),
         stage=stage,
+        # The structured fields of a connection event (--log-format json).
+        service=target,
+        peer_address=peer_address(address),
+        peer_identity=None if peer is None else uri,
+        outcome="allowed" if decision.allowed else "refused",
+        duration=elapsed,
     )
 
 
@@ -648,6 +654,9 @@ class _Gate(Protocol):
                 allowed=False,
                 decision="denied",
                 reason="too many handshakes",
+                service=factory.service,
+                peer_address=peer_address(self.address),
+                outcome="refused",
             )
         _abort(self.transport)
 
@@ -666,6 +675,10 @@ class _Gate(Protocol):
                 allowed=False,
                 decision="denied",
                 reason="handshake timeout",
+                service=factory.service,
+                peer_address=peer_address(self.address),
+                outcome="refused",
+                duration=self._handshake_timeout,
             )
         _abort(self.transport)
 
@@ -910,6 +923,9 @@ class _Gate(Protocol):
                 reason=refusal.reason,
                 allowed=False,
                 decision="denied",
+                service=factory.service,
+                peer_address=peer_address(self.address),
+                outcome="refused",
             )
 
     def _log_failed_handshake(self, reason: Failure) -> None:
@@ -931,6 +947,9 @@ class _Gate(Protocol):
                 reason=_ssl_error_text(reason.value),
                 allowed=False,
                 decision="denied",
+                service=target,
+                peer_address=peer_address(self.address),
+                outcome="refused",
             )
         elif self._refused_now("connections closed before the handshake"):
             log.info(

@@ -170,6 +170,49 @@ STEPS = [
     Step("GET", "/v1/nosuch"),
     Step("PUT", "/v1/connect/ca/configuration", {"Provider": "vault", "Config": {}}),
     Step("PUT", "/v1/connect/ca/configuration", {"Provider": 5}),
+    # what twistd connect-native's --tag, --meta and
+    # --deregister-critical-after register (issue 17, item 4)
+    Step(
+        "PUT",
+        "/v1/agent/service/register",
+        {
+            "Name": f"{U}-tm",
+            "Port": 8443,
+            "Connect": {"Native": True},
+            "Tags": ["blue", "v2", "blue"],
+            "Meta": {"version": "1.2", "team": ""},
+            "Checks": [
+                {
+                    "CheckID": f"{U}-tm:ttl",
+                    "TTL": "30s",
+                    "Status": "critical",
+                    "DeregisterCriticalServiceAfter": "10m",
+                }
+            ],
+        },
+    ),
+    Step("GET", f"/v1/agent/service/{U}-tm", compare=JSON),
+    Step("GET", f"/v1/health/connect/{U}-tm", compare=JSON),
+    Step(
+        "PUT",
+        "/v1/agent/service/register",
+        {"Name": f"{U}-tm2", "Meta": {"consul-version": "1"}},
+    ),
+    Step(
+        "PUT",
+        "/v1/agent/service/register",
+        {"Name": f"{U}-tm2", "Meta": {"a b": "1"}},
+    ),
+    Step(
+        "PUT",
+        "/v1/agent/service/register",
+        {"Name": f"{U}-tm2", "Meta": {"k": "v" * 513}},
+    ),
+    Step(
+        "PUT",
+        "/v1/agent/service/register",
+        {"Name": f"{U}-tm2", "Meta": {"k" * 129: "v"}},
+    ),
 ]
 
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")

@@ -99,6 +99,9 @@ async def test_the_terminator_refuses_a_caller_under_an_l7_intention(
             f"http://127.0.0.1:{agent_port}",
             "--authorize",
             "intentions",
+            # The backend must see no connection at all: no health probes.
+            "--to-check",
+            "none",
         ],
         tmp_path,
     )

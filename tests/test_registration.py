@@ -622,3 +622,92 @@ def test_a_client_that_raises_is_retried_and_stop_still_fires(
     d = registration.stopService()
     assert world.successful(d) is None
     assert any("boom" in formatEvent(e) for e in logged)
+
+
+# -- the backend (issue 17, item 4) -----------------------------------------------
+
+
+class FakeBackend:
+    """A backend's health as a probe would report it, set by the test."""
+
+    def __init__(self, healthy: bool = True, reason: str = "tcp:b:1 answers") -> None:
+        self.healthy = healthy
+        self.reason = reason
+        self.subscribers: list[Callable[[], object]] = []
+
+    def subscribe(self, callback: Callable[[], object]) -> Callable[[], None]:
+        self.subscribers.append(callback)
+        return lambda: self.subscribers.remove(callback)
+
+    def set(self, healthy: bool, reason: str) -> None:
+        self.healthy, self.reason = healthy, reason
+        for callback in list(self.subscribers):
+            callback()
+
+
+def test_a_backend_that_goes_down_makes_the_check_critical_at_once(
+    world: World,
+) -> None:
+    backend = FakeBackend()
+    started(world, backend=backend)
+    world.ready()
+    check = world.checks()["web-host1-8443:ttl"]
+    assert check["Status"] == "passing"
+    assert check["Output"].endswith("; backend: tcp:b:1 answers")
+    assert world.passing_instances("web") == ["web-host1-8443"]
+
+    backend.set(False, "tcp:b:1 unreachable: Connection refused")
+    world.flush()
+    check = world.checks()["web-host1-8443:ttl"]
+    assert check["Status"] == "critical"
+    assert check["Output"].startswith(
+        "not accepting connections: the backend: tcp:b:1 unreachable: "
+        "Connection refused (certificate: serving"
+    )
+    assert world.passing_instances("web") == []
+
+    backend.set(True, "tcp:b:1 answers")
+    world.flush()
+    assert world.checks()["web-host1-8443:ttl"]["Status"] == "passing"
+    assert world.passing_instances("web") == ["web-host1-8443"]
+
+
+def test_a_down_backend_is_registered_critical_and_stays_so_on_refresh(
+    world: World,
+) -> None:
+    backend = FakeBackend(False, "tcp:b:1 not probed yet")
+    world.readiness.set(ManagerState.READY, "serving")
+    registration = started(world, backend=backend)
+    assert world.checks()["web-host1-8443:ttl"]["Status"] == "critical"
+    world.advance(3 * registration.refresh_interval)
+    assert world.checks()["web-host1-8443:ttl"]["Status"] == "critical"
+    assert (
+        "Connect certificate and backend"
+        in (world.checks()["web-host1-8443:ttl"]["Name"])
+    )
+
+
+def test_no_certificate_and_no_backend_says_both(world: World) -> None:
+    backend = FakeBackend(False, "tcp:b:1 unreachable: timeout")
+    world.readiness.reason = "waiting for the leaf certificate"
+    started(world, backend=backend)
+    output = world.checks()["web-host1-8443:ttl"]["Output"]
+    assert "waiting for the leaf certificate" in output
+    assert output.endswith("; and the backend: tcp:b:1 unreachable: timeout")
+
+
+def test_stop_unsubscribes_from_the_backend(world: World) -> None:
+    backend = FakeBackend()
+    registration = started(world, backend=backend)
+    assert len(backend.subscribers) == 1
+    registration.stopService()
+    world.flush()
+    assert backend.subscribers == []
+
+
+def test_deregister_critical_after_is_registered_with_the_check(
+    world: World,
+) -> None:
+    registration = world.registration(deregister_critical_after=600.0)
+    (check,) = registration.registration().checks
+    assert check.to_json()["DeregisterCriticalServiceAfter"] == "600s"

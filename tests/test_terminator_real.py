@@ -290,7 +290,12 @@ class Setup:
         prefix: str,
         work: Path,
         extra: tuple[str, ...] = (),
+        to_check: str | None = "none",
     ) -> None:
+        # The backend's connections are counted: unless a test is about the
+        # health check, its probes (a connection every few seconds) stay out.
+        if to_check is not None:
+            extra = ("--to-check", to_check, *extra)
         self.agent = agent
         self.web = f"{prefix}-web"
         self.db = f"{prefix}-db"

@@ -52,6 +52,9 @@ TLS_TRANSPORTS = ("twisted", "connect_native")
 #: The values of ``--authorize``.
 AUTHORIZERS = ("agent", "intentions", "allow-ids")
 
+#: The values of ``--log-format``.
+LOG_FORMATS = ("text", "json")
+
 #: The values of ``--log-level``: the names of Twisted's log levels.
 LOG_LEVELS = tuple(level.name for level in LogLevel.iterconstants())
 
@@ -61,6 +64,10 @@ _NAME = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
 #: What a refused name is told.
 _NAME_RULE = "letters, digits, '_', '-' and '.', not starting or ending with '-' or '.'"
 _UNESCAPED_COLON = re.compile(r"(?<!\\):")
+# Consul's rule for service metadata keys.
+_META_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+_DURATION = re.compile(r"^([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ms|s|m|h)?$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
 @frozen
@@ -130,6 +137,16 @@ class Settings:
     identity_text: str = "agent"
     #: With ``--authorize allow-ids``: the SPIFFE IDs allowed.
     allow_ids: tuple[str, ...] = ()
+    #: How the registered check probes ``--to``: ``"tcp"``, ``"http"``
+    #: (``to_check_path``) or ``None`` (it does not).
+    to_check: str | None = "tcp"
+    to_check_path: str = "/"
+    #: ``--tag`` and ``--meta``: the registration's tags and metadata.
+    tags: tuple[str, ...] = ()
+    meta: tuple[tuple[str, str], ...] = ()
+    check_interval: float = 5.0
+    deregister_critical_after: float | None = None
+    log_format: str = "text"
 
 
 def split_description(description: str) -> list[str]:
@@ -401,6 +418,36 @@ class Options(usage.Options):
             "on stop, seconds open connections may take to finish before "
             "they are aborted",
         ],
+        [
+            "to-check",
+            None,
+            None,
+            "how the registered check probes --to: tcp (a TCP connect, the "
+            "default), http:/PATH (GET /PATH, passing on 2xx) or none (the "
+            "check follows the certificate only)",
+        ],
+        [
+            "check-interval",
+            None,
+            "5",
+            "seconds between probes of --to (each bounded by "
+            "--connect-timeout and by this)",
+        ],
+        [
+            "deregister-critical-after",
+            None,
+            None,
+            "have the agent remove this instance after its check has been "
+            "critical this long: seconds, or a duration such as 90s, 10m, 1h "
+            "(Consul's DeregisterCriticalServiceAfter; at least 1m in effect)",
+        ],
+        [
+            "log-format",
+            None,
+            "text",
+            "text (twistd's lines) or json (one JSON object a line, twistd's "
+            "own lines included); ignored with twistd's --logger or --syslog",
+        ],
     ]
     optFlags: list[list[Any]] = [
         ["dev", None, "run the development agent in this process instead of --consul"],
@@ -435,6 +482,8 @@ class Options(usage.Options):
         super().__init__()  # type: ignore[no-untyped-call]
         self["upstream"] = []
         self["allow-id"] = []
+        self["tag"] = []
+        self["meta"] = []
         self["register"] = True
         self["log-allowed"] = True
         self.settings: Settings | None = None
@@ -484,6 +533,39 @@ class Options(usage.Options):
         "Connect service NAME (NAME.query= a prepared query, NAME@DC= another "
         "datacenter); binds 127.0.0.1 unless the endpoint names an interface "
         "(repeatable)"
+    )
+
+    def opt_tag(self, value: str) -> None:
+        if not value or value.strip() != value:
+            raise usage.UsageError(
+                f"--tag: {value!r} is not a tag (a non-empty string without "
+                "surrounding spaces)"
+            )
+        self["tag"].append(value)
+
+    opt_tag.__doc__ = "TAG: a tag of the registered instance (repeatable)"
+
+    def opt_meta(self, value: str) -> None:
+        key, sep, meta_value = value.partition("=")
+        if not sep or not _META_KEY.match(key):
+            raise usage.UsageError(
+                f"--meta: {value!r} is not KEY=VALUE with KEY of letters, "
+                "digits, _ and - (at most 128), e.g. --meta version=1.2"
+            )
+        if key.startswith("consul-"):
+            raise usage.UsageError(
+                f"--meta: the key {key!r} is reserved by Consul (consul- prefix)"
+            )
+        if len(meta_value) > 512:
+            raise usage.UsageError(
+                f"--meta: the value of {key!r} is longer than Consul's 512 characters"
+            )
+        self["meta"] = [(k, v) for k, v in self["meta"] if k != key]
+        self["meta"].append((key, meta_value))
+
+    opt_meta.__doc__ = (
+        "KEY=VALUE: metadata of the registered instance (repeatable; a key "
+        "given again replaces its value)"
     )
 
     def opt_log_allowed(self) -> None:
@@ -583,6 +665,26 @@ class Options(usage.Options):
         worker = bool(self["worker"])
         if workers > 1 or worker:
             _check_workers(listen, demo, self["to"], workers)
+        to_check, to_check_path = _to_check(self["to-check"], self["to"], demo)
+        check_interval = _seconds("check-interval", self["check-interval"])
+        deregister_after = _duration(
+            "--deregister-critical-after", self["deregister-critical-after"]
+        )
+        log_format = _option(
+            _checks.one_of, "--log-format", self["log-format"], LOG_FORMATS
+        )
+        if not self["register"]:
+            for option, given in (
+                ("--to-check", self["to-check"] is not None),
+                ("--tag", bool(self["tag"])),
+                ("--meta", bool(self["meta"])),
+                ("--deregister-critical-after", deregister_after is not None),
+            ):
+                if given:
+                    raise usage.UsageError(
+                        f"{option} goes with the registration, which "
+                        "--no-register turns off"
+                    )
         token = None
         if self["token-file"] is not None:
             if dev:
@@ -623,7 +725,49 @@ class Options(usage.Options):
             identity=identity,
             identity_text=self["identity"],
             allow_ids=tuple(self["allow-id"]),
+            to_check=to_check,
+            to_check_path=to_check_path,
+            tags=tuple(self["tag"]),
+            meta=tuple(self["meta"]),
+            check_interval=check_interval,
+            deregister_critical_after=deregister_after,
+            log_format=log_format,
         )
+        from connect_native.terminator import logs
+
+        logs.install(getattr(self, "parent", None), log_format, log_level)
+
+
+def _to_check(value: str | None, to: str | None, demo: bool) -> tuple[str | None, str]:
+    """``--to-check`` as the kind of probe and its HTTP path."""
+    example = "tcp, http:/PATH (e.g. http:/healthz) or none"
+    if value is None:
+        return ("tcp" if to is not None or demo else None), "/"
+    if to is None and not demo and value != "none":
+        raise usage.UsageError(
+            "--to-check needs --to: it is how the registered check probes it"
+        )
+    if value in ("tcp", "none"):
+        return (None if value == "none" else value), "/"
+    if value.startswith("http:"):
+        path = value[len("http:") :]
+        if path.startswith("/") and all(33 <= ord(c) < 127 for c in path):
+            return "http", path
+    raise usage.UsageError(f"--to-check: {value!r} is not {example}")
+
+
+def _duration(option: str, value: str | None) -> float | None:
+    """Seconds, or a duration such as ``90s``, ``10m``, ``1h``, as seconds."""
+    if value is None:
+        return None
+    match = _DURATION.match(value.strip())
+    seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)] if match else 0.0
+    if seconds <= 0:
+        raise usage.UsageError(
+            f"{option} must be a duration > 0, seconds or e.g. 90s, 10m, 1h, "
+            f"not {value!r}"
+        )
+    return seconds
 
 
 def _identity(value: str) -> FilesIdentity | None:

@@ -137,6 +137,8 @@ class Terminator(Service):
         self.dev_agent: Any = None
         self.ports: dict[str, IListeningPort] = {}
         self.registration: Any = None
+        #: The probe of --to that the registered check follows, if any.
+        self.backend_probe: Any = None
         self._own_client = consul_client is None
         self._dev_port: IListeningPort | None = None
         self._demo_backend: IListeningPort | None = None
@@ -235,16 +237,47 @@ class Terminator(Service):
             readiness: Any = self.connect_service.cert_manager
             if readiness is None:
                 readiness = self.connect_service.identity_source
+            self.backend_probe = self._backend_probe(to)
             self.registration = Registration(
                 reactor,
                 self.client,
                 readiness,
                 settings.service,
                 public,
+                tags=settings.tags,
+                meta=dict(settings.meta),
+                deregister_critical_after=settings.deregister_critical_after,
+                backend=self.backend_probe,
             )
+            if self.backend_probe is not None:
+                self.backend_probe.startService()
             self.registration.startService()
         if settings.demo:
             await self._demo()
+
+    def _backend_probe(self, to: str | None) -> Any:
+        """The probe of ``--to`` the registered check follows, if any."""
+        settings = self.settings
+        if to is None or settings.to_check is None:
+            return None
+        from connect_native.terminator.health import (
+            BackendProbe,
+            http_probe,
+            tcp_probe,
+        )
+
+        endpoint = clientFromString(self.reactor, to)
+        if settings.to_check == "http":
+            probe = http_probe(self.reactor, endpoint, to, settings.to_check_path)
+        else:
+            probe = tcp_probe(endpoint, to)
+        return BackendProbe(
+            self.reactor,
+            probe,
+            to,
+            interval=settings.check_interval,
+            timeout=min(settings.check_interval, settings.connect_timeout),
+        )
 
     def _start_dev_agent(self) -> Any:
         from twisted.web.server import Site
@@ -450,6 +483,8 @@ class Terminator(Service):
         stopping: list[Deferred[Any]] = []
         if self.registration is not None:
             stopping.append(maybeDeferred(self.registration.stopService))
+        if self.backend_probe is not None:
+            self.backend_probe.stopService()
         for name, port in self.ports.items():
             log.info("connect-native: stopped accepting on {name}", name=name)
             stopping.append(maybeDeferred(port.stopListening))

@@ -185,6 +185,8 @@ def worker_arguments(settings: Settings, port: int, consul: str | None) -> list[
         arguments += ["--allow-id", allowed]
     if consul is not None:
         arguments += ["--consul", consul]
+    if settings.log_format != "text":
+        arguments += ["--log-format", settings.log_format]
     return arguments
 
 
