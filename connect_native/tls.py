@@ -164,10 +164,11 @@ def _ssl_connection(transport: object) -> SSL.Connection | None:
             if isinstance(handle, SSL.Connection):
                 return handle
         below = getattr(current, "transport", None)
-        if below is None:
+        if below is None and type(current).__module__ == "twisted.web._http2":
             # twisted.web's HTTP/2 stream (H2Stream, a Request's channel)
             # has no transport and keeps its connection only in ``_conn``
-            # (docs/design.rst, "What comes from Twisted").
+            # (docs/design.rst, "What comes from Twisted").  Only there: an
+            # attribute of that name elsewhere is nothing we know.
             below = getattr(current, "_conn", None)
         current = below
     return None
@@ -475,9 +476,9 @@ class ServerConnectionCreator(_ConnectionCreator):
     :param alpn_protocols: the protocols we speak, most preferred first
         (``b"h2"``, ``b"http/1.1"``); empty for no ALPN.  A client offering
         only other protocols is not refused: the handshake completes with no
-        protocol selected (as Go's ``crypto/tls`` before Go 1.17, which
-        Consul's own proxy offers ``h2`` to whatever it tunnels), and what
-        it speaks is the application's to find out.
+        protocol selected (as with Go's ``crypto/tls`` before Go 1.17;
+        Consul's own proxy offers only ``h2``, whatever it tunnels), and
+        what it speaks is the application's to find out.
     :param decide_now: called with the verified peer's identity inside the
         handshake: ``False`` refuses the handshake, ``True`` or ``None``
         (undecided) lets it complete, recorded as

@@ -361,6 +361,43 @@ def test_peer_identity_is_found_through_a_web_requests_channel(clock: Clock) -> 
     assert peer.identity == ca.identity("api")
 
 
+def test_peer_identity_of_an_http2_request_goes_through_its_stream(
+    clock: Clock,
+) -> None:
+    """
+    An HTTP/2 request's channel is twisted.web's H2Stream, which has no
+    transport: the lookup follows its ``_conn`` (the H2Connection, whose
+    transport is the TLS one), and only an H2Stream's.
+    """
+    pytest.importorskip("h2")
+    from twisted.web._http2 import H2Connection, H2Stream
+    from twisted.web.resource import Resource
+    from twisted.web.server import Request, Site
+
+    ca = CA()
+    conn = connect(
+        ServerConnectionCreator(ca.bundle(ca.leaf("web"))),
+        ClientConnectionCreator(ca.bundle(ca.leaf("api")), ca.identity("web")),
+        clock,
+    )
+    h2 = H2Connection()
+    h2.makeConnection(conn.server)
+    stream = H2Stream(1, h2, [], Request, Site(Resource()), None)
+    request = stream._request
+    assert request.transport is None
+    assert peer_identity(request) == ca.identity("api")
+
+    class NotAStream:
+        transport = None
+        _conn = h2
+
+    class Impostor:
+        channel = NotAStream()
+        transport = None
+
+    assert peer_identity(Impostor()) is None
+
+
 def test_alpn_picks_the_servers_first_protocol_the_client_offers(
     clock: Clock,
 ) -> None:

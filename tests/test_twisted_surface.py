@@ -50,6 +50,8 @@ def test_an_http2_streams_connection_is_its_conn() -> None:
     stream = H2Stream(1, connection, [], Request, Site(Resource()), None)
     assert stream.transport is None
     assert stream._conn is connection
+    # tls._ssl_connection follows _conn only from this module's objects.
+    assert type(stream).__module__ == "twisted.web._http2"
 
 
 def test_no_other_private_twisted_import() -> None:
