@@ -57,6 +57,13 @@ from zope.interface import implementer
 from connect_native import _logging
 from connect_native._checks import positive_seconds, whole_number
 from connect_native._deferreds import bounded
+from connect_native._preface import (
+    H2,
+    HTTP11,
+    BufferingSniffedTLS,
+    PrefaceSniffer,
+    SniffedTLS,
+)
 from connect_native._refusals import RefusalLog, address_text, host_of, peer_address
 from connect_native._shared import CertManagerRegistry, SharedService, shared_services
 from connect_native.authorize import (
@@ -167,6 +174,21 @@ def alpn_protocols_for(factory: IProtocolFactory) -> tuple[bytes, ...]:
     if isinstance(factory, HTTPFactory):
         return (b"h2", b"http/1.1") if H2_ENABLED else (b"http/1.1",)
     return ()
+
+
+def _http_versions(factory: IProtocolFactory) -> tuple[bytes, ...] | None:
+    """
+    For a twisted.web ``HTTPFactory`` (a ``Site``), the HTTP versions it
+    speaks: ``h2`` only with twisted.web's HTTP/2 support (the ``h2``
+    package).  ``None`` for any other factory.
+    """
+    try:
+        from twisted.web.http import H2_ENABLED, HTTPFactory
+    except ImportError:  # pragma: no cover (twisted.web ships with Twisted)
+        return None
+    if not isinstance(factory, HTTPFactory):
+        return None
+    return (H2, HTTP11) if H2_ENABLED else (HTTP11,)
 
 
 def _decision_text(decision: Decision) -> str:
@@ -524,6 +546,10 @@ class _GateFactory(Factory):
     #: Where the gates put the connections they let through, to be decided
     #: again when the intentions or the roots change (``None``: kept open).
     open_connections: OpenConnections | None = None
+    #: The HTTP versions a twisted.web application speaks, chosen for each
+    #: connection from its first bytes (``None``: not an HTTP server, or an
+    #: injected TLS transport; ALPN's answer stands).
+    http_versions: tuple[bytes, ...] | None = None
 
     def __init__(
         self,
@@ -836,6 +862,12 @@ class _Gate(Protocol):
             tracked.connection_authorized()
         early, self.early_bytes = self.early_bytes, []
         tls.wrappedProtocol = app
+        if self.gate_factory.http_versions is not None and isinstance(tls, SniffedTLS):
+            # A Site: HTTP/2 or HTTP/1.1 by what the client sends, not by ALPN.
+            if self.gate_factory.http_versions == (H2, HTTP11):
+                tls.wrappedProtocol = PrefaceSniffer(tls, app)
+            else:
+                tls.spoken_protocol = HTTP11
         # Resume first: from here the application owns the transport's
         # pause state (twisted.web pauses it while it handles a request, and
         # a resume after the early bytes would undo that).  Resuming reads
@@ -854,7 +886,7 @@ class _Gate(Protocol):
             # application still gets what was read, after abortConnection not.
             if _aborted(tls):
                 break
-            app.dataReceived(data)
+            tls.wrappedProtocol.dataReceived(data)
 
     def dataReceived(self, data: bytes) -> None:
         if self._finished:
@@ -1339,6 +1371,15 @@ class ConnectServerEndpoint:
             # The factory's default protocol is BufferingTLSTransport, which
             # aggregates small writes; its public base class writes through.
             tls_factory.protocol = TLSMemoryBIOProtocol
+        versions = _http_versions(protocolFactory)
+        if versions is not None and not self._own_tls:
+            # Twisted's HTTP server picks HTTP/2 or HTTP/1.1 from the
+            # transport's negotiatedProtocol: these transports report what
+            # the client's first bytes say (connect_native._preface).
+            gates.http_versions = versions
+            tls_factory.protocol = (
+                BufferingSniffedTLS if self._buffer_small_writes else SniffedTLS
+            )
         listening: Deferred[IListeningPort] = self._wrapped.listen(tls_factory)
 
         def wrap(port: IListeningPort) -> IListeningPort:

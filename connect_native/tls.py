@@ -163,7 +163,14 @@ def _ssl_connection(transport: object) -> SSL.Connection | None:
                 handle = None
             if isinstance(handle, SSL.Connection):
                 return handle
-        current = getattr(current, "transport", None)
+        below = getattr(current, "transport", None)
+        if below is None and type(current).__module__ == "twisted.web._http2":
+            # twisted.web's HTTP/2 stream (H2Stream, a Request's channel)
+            # has no transport and keeps its connection only in ``_conn``
+            # (docs/design.rst, "What comes from Twisted").  Only there: an
+            # attribute of that name elsewhere is nothing we know.
+            below = getattr(current, "_conn", None)
+        current = below
     return None
 
 
@@ -182,6 +189,7 @@ def verified_peer(transport: object) -> VerifiedPeer | None:
     channel = getattr(transport, "channel", None)
     if channel is not None:
         candidates.append(getattr(channel, "transport", None))
+        candidates.append(channel)
     candidates.append(transport)
     for candidate in candidates:
         connection = _ssl_connection(candidate)
@@ -467,7 +475,10 @@ class ServerConnectionCreator(_ConnectionCreator):
     :param bundle: our certificates and the roots.
     :param alpn_protocols: the protocols we speak, most preferred first
         (``b"h2"``, ``b"http/1.1"``); empty for no ALPN.  A client offering
-        only other protocols is refused (RFC 7301).
+        only other protocols is not refused: the handshake completes with no
+        protocol selected (as with Go's ``crypto/tls`` before Go 1.17;
+        Consul's own proxy offers only ``h2``, whatever it tunnels), and
+        what it speaks is the application's to find out.
     :param decide_now: called with the verified peer's identity inside the
         handshake: ``False`` refuses the handshake, ``True`` or ``None``
         (undecided) lets it complete, recorded as
@@ -531,18 +542,19 @@ class ServerConnectionCreator(_ConnectionCreator):
 
     def _select_protocol(
         self, connection: SSL.Connection, offered: list[bytes]
-    ) -> bytes:
+    ) -> bytes | SSL._NoOverlappingProtocols:
         for protocol in self._protocols:
             if protocol in offered:
                 return protocol
-        _log.warn(
-            "TLS server: refused a client offering only ALPN protocols {offered} "
-            "(we speak {ours})",
+        _log.debug(
+            "TLS server: no ALPN protocol selected: the client offered only "
+            "{offered} (we speak {ours})",
             offered=offered,
             ours=list(self._protocols),
         )
-        # Empty: pyOpenSSL ends the handshake (no_application_protocol alert).
-        return b""
+        # Not b"", which ends the handshake with an alert: Consul's built-in
+        # proxy offers only h2 whatever it tunnels (issue 17).
+        return SSL.NO_OVERLAPPING_PROTOCOLS
 
     def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
         """

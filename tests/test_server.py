@@ -1105,16 +1105,6 @@ def test_alpn_offered_from_the_factory() -> None:
     assert alpn_protocols_for(Factory()) == ()
 
 
-def test_a_client_offering_only_other_protocols_is_refused_for_a_site(
-    ca: CertificateFactory,
-) -> None:
-    h = Harness(ca, FakeAuthorizer({"api"}), StaticSource(bundle(ca, ca.leaf("web"))))
-    h.listen(Site(Resource()))
-    conn = h.connect(alpn=(b"x-other",))
-    assert not conn.client_app.handshake_done
-    assert conn.client_app.lost is not None
-
-
 # --- peer_identity ----------------------------------------------------------
 
 

@@ -32,7 +32,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
-from twisted.logger import LogEvent, capturedLogs
+from twisted.logger import LogEvent, LogLevel, capturedLogs
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.test.iosim import IOPump, connectedServerAndClient
@@ -361,6 +361,43 @@ def test_peer_identity_is_found_through_a_web_requests_channel(clock: Clock) -> 
     assert peer.identity == ca.identity("api")
 
 
+def test_peer_identity_of_an_http2_request_goes_through_its_stream(
+    clock: Clock,
+) -> None:
+    """
+    An HTTP/2 request's channel is twisted.web's H2Stream, which has no
+    transport: the lookup follows its ``_conn`` (the H2Connection, whose
+    transport is the TLS one), and only an H2Stream's.
+    """
+    pytest.importorskip("h2")
+    from twisted.web._http2 import H2Connection, H2Stream
+    from twisted.web.resource import Resource
+    from twisted.web.server import Request, Site
+
+    ca = CA()
+    conn = connect(
+        ServerConnectionCreator(ca.bundle(ca.leaf("web"))),
+        ClientConnectionCreator(ca.bundle(ca.leaf("api")), ca.identity("web")),
+        clock,
+    )
+    h2 = H2Connection()
+    h2.makeConnection(conn.server)
+    stream = H2Stream(1, h2, [], Request, Site(Resource()), None)
+    request = stream._request
+    assert request.transport is None
+    assert peer_identity(request) == ca.identity("api")
+
+    class NotAStream:
+        transport = None
+        _conn = h2
+
+    class Impostor:
+        channel = NotAStream()
+        transport = None
+
+    assert peer_identity(Impostor()) is None
+
+
 def test_alpn_picks_the_servers_first_protocol_the_client_offers(
     clock: Clock,
 ) -> None:
@@ -380,19 +417,33 @@ def test_alpn_picks_the_servers_first_protocol_the_client_offers(
     assert conn.client.negotiatedProtocol == b"h2"
 
 
-def test_alpn_without_overlap_is_refused_by_the_server(
+def test_alpn_without_overlap_completes_the_handshake_with_no_protocol(
     clock: Clock, logged: list[LogEvent]
 ) -> None:
+    """
+    A client offering only protocols we do not speak is not refused (issue
+    17: Consul's built-in proxy offers only ``h2``, whatever it tunnels):
+    the handshake completes, no protocol is selected, bytes flow.
+    """
     ca = CA()
     conn = connect(
-        ServerConnectionCreator(ca.bundle(ca.leaf("web")), alpn_protocols=[b"h2"]),
+        ServerConnectionCreator(
+            ca.bundle(ca.leaf("web")), alpn_protocols=[b"http/1.1"]
+        ),
         ClientConnectionCreator(
-            ca.bundle(ca.leaf("api")), ca.identity("web"), alpn_protocols=[b"spdy/3"]
+            ca.bundle(ca.leaf("api")), ca.identity("web"), alpn_protocols=[b"h2"]
         ),
         clock,
     )
-    assert_server_refused(conn)
-    assert any("ALPN" in e.get("log_format", "") for e in logged)
+    assert conn.server_app.handshake_done
+    assert conn.client_app.handshake_done
+    assert conn.server.negotiatedProtocol is None
+    assert conn.client.negotiatedProtocol is None
+    assert peer_identity(conn.server) == ca.identity("api")
+    conn.client.write(b"GET / HTTP/1.1\r\n")
+    conn.pump.flush()
+    assert conn.server_app.received == b"GET / HTTP/1.1\r\n"
+    assert not any(e.get("log_level") == LogLevel.warn for e in logged)
 
 
 # --- what the server refuses -----------------------------------------------

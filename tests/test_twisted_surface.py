@@ -33,6 +33,27 @@ def test_request_not_sent_is_the_pools_error() -> None:
     assert issubclass(RequestNotSent, Exception)
 
 
+def test_an_http2_streams_connection_is_its_conn() -> None:
+    # tls._ssl_connection finds the TLS connection of an HTTP/2 request
+    # through its channel, twisted.web's H2Stream, which keeps its
+    # H2Connection only in _conn (peer_identity() of an HTTP/2 request).
+    import pytest
+
+    pytest.importorskip("h2")
+    from twisted.internet.testing import StringTransport
+    from twisted.web._http2 import H2Connection, H2Stream
+    from twisted.web.resource import Resource
+    from twisted.web.server import Request, Site
+
+    connection = H2Connection()
+    connection.makeConnection(StringTransport())
+    stream = H2Stream(1, connection, [], Request, Site(Resource()), None)
+    assert stream.transport is None
+    assert stream._conn is connection
+    # tls._ssl_connection follows _conn only from this module's objects.
+    assert type(stream).__module__ == "twisted.web._http2"
+
+
 def test_no_other_private_twisted_import() -> None:
     """Every import of a private Twisted module or name is one listed here."""
     allowed = {("twisted.internet._sslverify", "IOpenSSLTrustRoot")}
