@@ -50,9 +50,9 @@ class Waiters(Generic[T]):
             self._pending.remove(waiter)
 
     def _take(self) -> list[Deferred[T]]:
+        # Each is checked again as it is settled: one settled meanwhile (a
+        # callback of an earlier one cancelled it) is not settled twice.
         pending, self._pending = self._pending, []
-        # One settled meanwhile (a callback of an earlier one cancelled it)
-        # is not settled twice.
         return [waiter for waiter in pending if not waiter.called]
 
     def fire(self, result: T) -> None:
