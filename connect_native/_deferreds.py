@@ -50,9 +50,9 @@ class Waiters(Generic[T]):
             self._pending.remove(waiter)
 
     def _take(self) -> list[Deferred[T]]:
+        # Each is checked again as it is settled: one settled meanwhile (a
+        # callback of an earlier one cancelled it) is not settled twice.
         pending, self._pending = self._pending, []
-        # One settled meanwhile (a callback of an earlier one cancelled it)
-        # is not settled twice.
         return [waiter for waiter in pending if not waiter.called]
 
     def fire(self, result: T) -> None:
@@ -91,11 +91,13 @@ def bounded(
     an answer that comes anyway is kept.
 
     With ``abandon``, a new Deferred instead, for a ``d`` that may ignore
-    its cancellation: it fails with ``on_timeout()`` at the deadline
-    whatever ``d`` does, and cancelling it cancels ``d``.
+    its cancellation: the same, except that if ``d`` has not fired once
+    cancelled at the deadline, it fails with ``on_timeout()`` then and what
+    ``d`` says later is dropped.  Cancelling it cancels ``d`` (and the
+    timer).
     """
     if abandon:
-        return _abandoned_after(d, seconds, clock, on_timeout)
+        return _abandoned_after(d, seconds, clock, on_timeout, any_failure)
     timed_out: list[bool] = []
 
     def expire() -> None:
@@ -123,17 +125,23 @@ def _abandoned_after(
     seconds: float,
     clock: IReactorTime,
     on_timeout: Callable[[], BaseException],
+    any_failure: bool,
 ) -> Deferred[T]:
-    # What d says after the deadline is dropped.
-    result: Deferred[T] = Deferred(lambda _: d.cancel())
-    done: list[bool] = []
+    def cancel(_: Deferred[T]) -> None:
+        if call.active():
+            call.cancel()
+        d.cancel()
+
+    result: Deferred[T] = Deferred(cancel)
+    timed_out: list[bool] = []
 
     def expire() -> None:
-        if done:
-            return
-        done.append(True)
+        timed_out.append(True)
+        # What d says on its cancellation reaches settle() now...
         d.cancel()
         if not result.called:
+            # ...and if it said nothing, it is abandoned: what it says later
+            # is of no interest.
             result.errback(_failure(on_timeout()))
 
     call = clock.callLater(seconds, expire)
@@ -141,14 +149,12 @@ def _abandoned_after(
     def settle(outcome: T | Failure) -> None:
         if call.active():
             call.cancel()
-        if done:
-            # Already failed with the timeout; what the abandoned wait says
-            # now is of no interest.
-            return
-        done.append(True)
         if result.called:
+            # Abandoned, or cancelled while it ignored that.
             return
         if isinstance(outcome, Failure):
+            if timed_out and (any_failure or isinstance(outcome.value, CancelledError)):
+                outcome = _failure(on_timeout())
             result.errback(outcome)
         else:
             result.callback(outcome)

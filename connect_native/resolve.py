@@ -965,7 +965,14 @@ class DnsResolver:
 
         # twisted.names gives up after its own timeout; the bound is for a
         # lookup that would not.
-        limited = bounded(d, self.timeout + 1.0, self._reactor, timed_out, abandon=True)
+        limited = bounded(
+            d,
+            self.timeout + 1.0,
+            self._reactor,
+            timed_out,
+            any_failure=True,
+            abandon=True,
+        )
         return limited.addErrback(explain)
 
     def resolve(self) -> Deferred[Sequence[Instance]]:

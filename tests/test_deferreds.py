@@ -259,3 +259,26 @@ def test_cancelling_an_abandoning_wait_cancels_the_inner_one() -> None:
     assert isinstance(seen[0], Failure)
     assert seen[0].check(CancelledError)
     assert clock.getDelayedCalls() == []
+
+
+def test_abandon_keeps_an_answer_given_on_cancellation() -> None:
+    clock = Clock()
+    d: Deferred[int] = Deferred(lambda d: d.callback(5))
+    seen = outcome(bounded(d, 1.0, clock, lambda: Late("late"), abandon=True))
+    clock.advance(1.0)
+    assert seen == [5]
+
+
+def test_abandon_translates_as_bounded_does() -> None:
+    clock = Clock()
+    refused: Deferred[int] = Deferred(lambda d: d.errback(ValueError("refused")))
+    plain = outcome(bounded(refused, 1.0, clock, lambda: Late("late"), abandon=True))
+    other: Deferred[int] = Deferred(lambda d: d.errback(ValueError("refused")))
+    anything = outcome(
+        bounded(other, 1.0, clock, lambda: Late("late"), any_failure=True, abandon=True)
+    )
+    clock.advance(1.0)
+    assert isinstance(plain[0], Failure)
+    assert plain[0].check(ValueError)
+    assert isinstance(anything[0], Failure)
+    assert anything[0].check(Late)

@@ -43,7 +43,7 @@ from twisted.python.failure import Failure
 
 from connect_native import _logging
 from connect_native._backoff import backoff_delay
-from connect_native._deferreds import Waiters
+from connect_native._deferreds import Waiters, bounded
 from connect_native.consul.errors import WatchStoppedError, WatchTimeoutError
 from connect_native.consul.records import ConsulError, Indexed
 
@@ -167,8 +167,6 @@ class Watch(Generic[T]):
         self._last_start: float | None = None
         self._scheduled: IDelayedCall | None = None
         self._in_flight: Deferred[Indexed[T]] | None = None
-        self._timeout_call: IDelayedCall | None = None
-        self._timed_out = False
         self._waiters: Waiters[T] = Waiters()
 
     # -- public state -------------------------------------------------------
@@ -245,11 +243,10 @@ class Watch(Generic[T]):
         if self._scheduled is not None:
             scheduled, self._scheduled = self._scheduled, None
             scheduled.cancel()
-        self._clear_timeout()
         if self._in_flight is not None:
             in_flight, self._in_flight = self._in_flight, None
             # Our own callbacks see that it is no longer in flight and swallow
-            # the CancelledError.
+            # the CancelledError; its timeout goes with it.
             in_flight.cancel()
         self._waiters.fail(WatchStoppedError(self.name))
         self._log.debug("watch {watch} stopped", watch=self.name)
@@ -283,7 +280,6 @@ class Watch(Generic[T]):
         self._scheduled = None
         index = self._index
         self._last_start = self._clock.seconds()
-        self._timed_out = False
         self._log.debug(
             "watch {watch} request index={index} wait={wait}",
             watch=self.name,
@@ -291,11 +287,19 @@ class Watch(Generic[T]):
             wait=self.wait,
         )
         # maybeDeferred turns a fetch function that raises into a failure.
-        d: Deferred[Indexed[T]] = maybeDeferred(self._fetch, index, self.wait)
-        self._in_flight = d
-        self._timeout_call = self._clock.callLater(
-            self.timeout, self._time_out, d, index
+        # Past the timeout it is cancelled, and whatever failure that gives
+        # is the timeout; a fetch that ignores the cancellation (a Deferred
+        # chained on one that never fires) is abandoned so the bound holds
+        # anyway.
+        d: Deferred[Indexed[T]] = bounded(
+            maybeDeferred(self._fetch, index, self.wait),
+            self.timeout,
+            self._clock,
+            lambda: WatchTimeoutError(self.name, index, self.timeout),
+            any_failure=True,
+            abandon=True,
         )
+        self._in_flight = d
         d.addCallbacks(
             self._answered,
             self._failed,
@@ -303,32 +307,11 @@ class Watch(Generic[T]):
             errbackArgs=(d, index),
         )
 
-    def _time_out(self, d: Deferred[Indexed[T]], sent: int) -> None:
-        self._timeout_call = None
-        if d is not self._in_flight:
-            return
-        self._timed_out = True
-        d.cancel()
-        if d is self._in_flight:
-            # The fetch ignored the cancellation (a Deferred chained on one
-            # that never fires): abandon it so the bound holds anyway.
-            self._in_flight = None
-            self._error(
-                _failure(WatchTimeoutError(self.name, sent, self.timeout)), sent
-            )
-
-    def _clear_timeout(self) -> None:
-        if self._timeout_call is not None:
-            call, self._timeout_call = self._timeout_call, None
-            if call.active():
-                call.cancel()
-
     def _settle(self, d: Deferred[Indexed[T]]) -> bool:
         """Clear in-flight state; ``False`` if the answer is stale (stopped)."""
         if d is not self._in_flight or not self._running:
             return False
         self._in_flight = None
-        self._clear_timeout()
         return True
 
     def _answered(self, result: object, d: Deferred[Indexed[T]], sent: int) -> None:
@@ -376,8 +359,6 @@ class Watch(Generic[T]):
     def _failed(self, failure: Failure, d: Deferred[Indexed[T]], sent: int) -> None:
         if not self._settle(d):
             return
-        if self._timed_out:
-            failure = _failure(WatchTimeoutError(self.name, sent, self.timeout))
         self._error(failure, sent)
 
     def _error(self, failure: Failure, sent: int) -> None:

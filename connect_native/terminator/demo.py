@@ -10,12 +10,14 @@ from typing import Any
 
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred
+from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from connect_native import _logging
+from connect_native._deferreds import bounded
 
 __all__ = [
     "DEMO_CLIENT_SERVICE",
@@ -124,7 +126,12 @@ async def round_trip(
         sent=DEMO_MESSAGE,
     )
     await connectProtocol(dialer, caller)
-    received = await caller.done.addTimeout(timeout, reactor)
+    received = await bounded(
+        caller.done,
+        timeout,
+        reactor,
+        lambda: DeferredTimeoutError(timeout, "Deferred"),
+    )
     expected = b"demo backend got: " + DEMO_MESSAGE
     if received != expected:
         raise RuntimeError(
