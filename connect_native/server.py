@@ -39,6 +39,7 @@ from twisted.internet.defer import (
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
+    IHalfCloseableProtocol,
     IHandshakeListener,
     IListeningPort,
     IOpenSSLServerConnectionCreator,
@@ -76,6 +77,8 @@ from connect_native.errors import (
 from connect_native.identity import ServiceIdentity
 from connect_native.recheck import OpenConnections
 from connect_native.tls import (
+    HalfCloseBufferingTLS,
+    HalfCloseTLS,
     PeerRefused,
     ServerConnectionCreator,
     refusal_of,
@@ -394,8 +397,11 @@ class _GateCreator:
 class _ConnectTLSFactory(TLSMemoryBIOFactory):
     """
     A ``TLSMemoryBIOFactory`` that refuses a connection (closing the socket)
-    when its gate cannot be built, e.g. for want of a certificate.
+    when its gate cannot be built, e.g. for want of a certificate.  Its
+    connections carry half-close (:class:`~connect_native.tls.HalfCloseTLS`).
     """
+
+    protocol = HalfCloseBufferingTLS
 
     def buildProtocol(  # type: ignore[override]
         self, addr: IAddress | None
@@ -561,10 +567,16 @@ class _GateFactory(Factory):
         return _Gate(self, creator, addr)
 
 
-@implementer(IHandshakeListener)
+@implementer(IHandshakeListener, IHalfCloseableProtocol)
 class _Gate(Protocol):
     """
     The TLS protocol's wrapped protocol until the peer is authorized.
+
+    A ``close_notify`` that arrives with the early bytes (a client that
+    writes its request and closes its side at once) is held as well: the
+    application gets ``readConnectionLost()`` after those bytes if it
+    provides ``IHalfCloseableProtocol``, else the connection is closed after
+    them, as the TLS transport would have done.
 
     It bounds the handshake, then asks the authorizer.  An answer the
     authorizer has at once is acted on there and then; otherwise the gate
@@ -592,6 +604,8 @@ class _Gate(Protocol):
         self._paused = False
         self._handshake_timeout = factory.handshake_timeout
         self._started = factory.clock.seconds()
+        #: The peer's close_notify came before the hand-over.
+        self._early_eof = False
         # A change from here on and this connection is decided again once
         # let through: its authorization may predate it.
         opened = factory.open_connections
@@ -841,6 +855,17 @@ class _Gate(Protocol):
             if _aborted(tls):
                 break
             app.dataReceived(data)
+        if self._early_eof and not _aborted(tls):
+            if IHalfCloseableProtocol.providedBy(app):
+                app.readConnectionLost()
+            else:
+                tls.loseConnection()  # type: ignore[no-untyped-call]
+
+    def readConnectionLost(self) -> None:
+        self._early_eof = True
+
+    def writeConnectionLost(self) -> None:
+        pass
 
     def dataReceived(self, data: bytes) -> None:
         if self._finished:
@@ -1333,7 +1358,7 @@ class ConnectServerEndpoint:
         if not self._buffer_small_writes and not self._own_tls:
             # The factory's default protocol is BufferingTLSTransport, which
             # aggregates small writes; its public base class writes through.
-            tls_factory.protocol = TLSMemoryBIOProtocol
+            tls_factory.protocol = HalfCloseTLS
         listening: Deferred[IListeningPort] = self._wrapped.listen(tls_factory)
 
         def wrap(port: IListeningPort) -> IListeningPort:
