@@ -704,3 +704,18 @@ def test_a_tracked_connection_carries_the_clients_half_close() -> None:
     assert IHalfCloseableProtocol.providedBy(protocol)
     protocol.readConnectionLost()
     assert protocol.wrappedProtocol._front_eof
+
+
+def test_hurry_ends_a_drain_at_once() -> None:
+    clock = Clock()
+    tracker = ConnectionTracker(clock, 10)
+    _, factory, _ = listening(tracker)
+    accepted = accept(factory, 40001)
+    assert accepted is not None
+    _, transport = accepted
+    assert tracker.hurry() == 0  # no drain yet
+    drained = tracker.drain(30)
+    assert tracker.hurry() == 1
+    clock.advance(0)
+    assert transport.aborted
+    assert drained.result == 1
