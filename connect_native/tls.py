@@ -657,6 +657,7 @@ class ClientConnectionCreator(_ConnectionCreator):
 # --- half-close over Twisted's TLS transport ---------------------------------
 
 
+@implementer(IHalfCloseableProtocol)
 class _HalfClose:
     """
     Half-close for Twisted's ``TLSMemoryBIOProtocol``: TLS 1.3 lets one
@@ -672,6 +673,9 @@ class _HalfClose:
       its ``loseConnection()`` then answers with ``close_notify`` and closes
       the TCP connection.  Any other protocol gets what Twisted gives it: the
       whole connection closes.
+    - A TCP FIN after the peer's ``close_notify`` (a peer that also shuts
+      its socket's write side) leaves our write side open; a FIN before it
+      is a truncation and ends the connection, as before.
 
     OpenSSL 3 lets either side write after receiving ``close_notify`` with
     TLS 1.2 as well (measured); RFC 5246 asks a TLS 1.2 peer to answer
@@ -719,6 +723,20 @@ class _HalfClose:
     def loseWriteConnection(self: Any) -> None:
         """End what we send with ``close_notify``; keep reading."""
         self.loseConnection()
+
+    # IHalfCloseableProtocol, towards the TCP transport.
+
+    def readConnectionLost(self: Any) -> None:
+        if self.peer_write_closed or self._lostTLSConnection:
+            # After close_notify: our side may still write (or is closing
+            # the connection already, after what it still had to send).
+            return
+        # No close_notify first: a truncation, reported as Twisted does when
+        # TCP ends a protocol that cannot half-close.
+        self.transport.abortConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
 
 
 class HalfCloseTLS(_HalfClose, TLSMemoryBIOProtocol):

@@ -531,6 +531,35 @@ def test_a_client_close_notify_half_closes_the_backend_and_the_reply_flows(
     assert not back_t.aborted
 
 
+def test_a_tcp_fin_after_the_clients_close_notify_leaves_the_reply_flowing(
+    ca: CertificateFactory, tls_transport: str
+) -> None:
+    server, client, dialer, pump, _clock = tls_pair(ca, tls_transport)
+    pump.flush()
+    back, back_t = dialer.answer()
+    client.transport.write(b"request")  # type: ignore[union-attr]
+    client.transport.loseWriteConnection()  # type: ignore[union-attr]
+    pump.flush()
+    # The client shuts its socket's write side too (SHUT_WR after close_notify).
+    assert IHalfCloseableProtocol.providedBy(server)
+    server.readConnectionLost()
+    back.dataReceived(b"reply")
+    pump.flush()
+    assert client.received == b"reply"
+    assert not back_t.aborted
+
+
+def test_a_tcp_fin_without_close_notify_is_a_truncation_that_aborts_the_backend(
+    ca: CertificateFactory, tls_transport: str
+) -> None:
+    server, _client, dialer, pump, _clock = tls_pair(ca, tls_transport)
+    pump.flush()
+    _, back_t = dialer.answer()
+    server.readConnectionLost()
+    pump.flush()
+    assert back_t.aborted
+
+
 def test_a_half_closeable_client_writes_on_after_the_servers_close_notify(
     ca: CertificateFactory, tls_transport: str
 ) -> None:
@@ -719,3 +748,21 @@ def test_hurry_ends_a_drain_at_once() -> None:
     clock.advance(0)
     assert transport.aborted
     assert drained.result == 1
+
+
+def test_a_close_notify_and_fin_to_a_client_that_cannot_half_close_is_clean(
+    ca: CertificateFactory, tls_transport: str
+) -> None:
+    # Twisted's own TLS ends such a client cleanly; the half-closeable
+    # transport must too when the FIN follows the close_notify.
+    _server, client, dialer, pump, _clock = tls_pair(ca, tls_transport)
+    pump.flush()
+    back, _back_t = dialer.answer()
+    back.readConnectionLost()  # the backend is done: close_notify to the client
+    pump.flush()
+    tls = client.transport
+    assert tls is not None
+    tls.readConnectionLost()  # type: ignore[attr-defined]
+    pump.flush()
+    assert client.lost is not None
+    assert client.lost.check(ConnectionDone)

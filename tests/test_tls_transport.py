@@ -580,3 +580,17 @@ def test_a_forwarded_connection_turns_nagle_off_once(ca: CertificateFactory) -> 
     p.pump.flush()
     assert p.server_transport.no_delay is True
     assert p.server_transport.no_delay_calls == 1
+
+
+def test_a_tcp_fin_after_close_notify_to_an_app_that_cannot_half_close_is_clean(
+    ca: CertificateFactory,
+) -> None:
+    app = App()
+    p = pair(ca, app)
+    p.client.loseConnection()
+    p.client.transport.loseConnection()  # and the TCP connection at once
+    p.pump.flush()
+    p.server.readConnectionLost()
+    p.pump.flush()
+    assert app.lost is not None
+    assert app.lost.check(ConnectionDone)

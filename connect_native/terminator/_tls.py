@@ -362,11 +362,12 @@ class TLSServerProtocol(Protocol):
     def readConnectionLost(self) -> None:
         """
         The TCP connection's FIN.  After the peer's close_notify it is the
-        end of a half-closed direction: our side may still write.  Before,
-        it is a truncation, and the connection ends (as a TCP transport ends
-        a protocol that cannot half-close).
+        end of a half-closed direction: our side may still write (or is
+        already closing, after what it had to send).  Before, it is a
+        truncation, and the connection ends (as a TCP transport ends a
+        protocol that cannot half-close).
         """
-        if not self._peer_eof:
+        if not (self._peer_eof or self._lost_tls):
             self.transport.abortConnection()  # type: ignore[union-attr]
 
     def writeConnectionLost(self) -> None:
