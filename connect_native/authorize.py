@@ -512,7 +512,7 @@ class AllowedId:
         return f"spiffe://{self.trust_domain}/{'/'.join(self.segments)}"
 
 
-@implementer(IAuthorizer)
+@implementer(IAuthorizer, INotifiesChanges)
 class AllowIdsAuthorizer:
     """
     Allows the peers whose SPIFFE ID matches one of a list, and no other:
@@ -538,15 +538,40 @@ class AllowIdsAuthorizer:
                 "no allowed ID: give at least one SPIFFE ID (--allow-id URI)"
             )
         self.allowed = patterns
+        self._listeners = ChangeListeners()
 
     def __repr__(self) -> str:
         return f"<AllowIdsAuthorizer {', '.join(map(str, self.allowed))}>"
+
+    def replace(self, allowed: Sequence[str | AllowedId]) -> None:
+        """
+        Allow these IDs from now on (an ``--allow-ids-file`` re-read on
+        SIGHUP), and tell the subscribers (the server decides each open
+        connection again).  An empty list allows no one: fail closed.
+
+        :raises InvalidAllowedId: for a pattern that cannot be used (the
+            list before stays).
+        """
+        if isinstance(allowed, str):
+            raise InvalidAllowedId(
+                "allowed must be a list of SPIFFE IDs, not one string"
+            )
+        self.allowed = tuple(
+            a if isinstance(a, AllowedId) else AllowedId.parse(a) for a in allowed
+        )
+        self._listeners.notify()
+
+    def subscribe(self, callback: Callable[[], object]) -> Callable[[], None]:
+        """:class:`INotifiesChanges`: called after each :meth:`replace`."""
+        return self._listeners.subscribe(callback)
 
     def decide_now(self, peer: Peer, target: str) -> Decision:
         uri = peer.uri
         for pattern in self.allowed:
             if pattern.matches(uri):
                 return Decision(True, f"allowed by --allow-id {pattern}", "allow-ids")
+        if not self.allowed:
+            return Decision(False, "no ID is allowed (the list is empty)", "allow-ids")
         return Decision(False, f"{uri} matches no allowed ID", "allow-ids")
 
     def authorize(self, peer: Peer, target: str) -> Deferred[Decision]:

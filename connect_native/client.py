@@ -78,6 +78,7 @@ from connect_native.resolve import (
 )
 from connect_native.tls import (
     ClientConnectionCreator,
+    HalfCloseBufferingTLS,
     PeerIdentityMismatch,
     PeerRefused,
     verified_peer,
@@ -455,6 +456,10 @@ class _Dial:
                 wrappedFactory=_GateFactory(attempt),
                 clock=self.clock,
             )
+            # Half-close: loseWriteConnection() is close_notify, and the
+            # server's close_notify is readConnectionLost() for a protocol
+            # that provides IHalfCloseableProtocol.
+            tls_factory.protocol = HalfCloseBufferingTLS
             connecting = self.endpoint._tcp_endpoint(instance, budget).connect(
                 tls_factory
             )

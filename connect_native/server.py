@@ -39,6 +39,7 @@ from twisted.internet.defer import (
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
+    IHalfCloseableProtocol,
     IHandshakeListener,
     IListeningPort,
     IOpenSSLServerConnectionCreator,
@@ -84,6 +85,8 @@ from connect_native.errors import (
 from connect_native.identity import ServiceIdentity
 from connect_native.recheck import OpenConnections
 from connect_native.tls import (
+    HalfCloseBufferingTLS,
+    HalfCloseTLS,
     PeerRefused,
     ServerConnectionCreator,
     refusal_of,
@@ -420,11 +423,22 @@ class _GateCreator:
         return gate.creator.serverConnectionForTLS(tlsProtocol)
 
 
+class _HalfCloseSniffedTLS(HalfCloseTLS, SniffedTLS):
+    """Twisted's TLS transport with half-close, for a Site: HTTP by preface."""
+
+
+class _HalfCloseBufferingSniffedTLS(HalfCloseBufferingTLS, BufferingSniffedTLS):
+    """The same over Twisted's write-batching transport."""
+
+
 class _ConnectTLSFactory(TLSMemoryBIOFactory):
     """
     A ``TLSMemoryBIOFactory`` that refuses a connection (closing the socket)
-    when its gate cannot be built, e.g. for want of a certificate.
+    when its gate cannot be built, e.g. for want of a certificate.  Its
+    connections carry half-close (:class:`~connect_native.tls.HalfCloseTLS`).
     """
+
+    protocol = HalfCloseBufferingTLS
 
     def buildProtocol(  # type: ignore[override]
         self, addr: IAddress | None
@@ -594,10 +608,16 @@ class _GateFactory(Factory):
         return _Gate(self, creator, addr)
 
 
-@implementer(IHandshakeListener)
+@implementer(IHandshakeListener, IHalfCloseableProtocol)
 class _Gate(Protocol):
     """
     The TLS protocol's wrapped protocol until the peer is authorized.
+
+    A ``close_notify`` that arrives with the early bytes (a client that
+    writes its request and closes its side at once) is held as well: the
+    application gets ``readConnectionLost()`` after those bytes if it
+    provides ``IHalfCloseableProtocol``, else the connection is closed after
+    them, as the TLS transport would have done.
 
     It bounds the handshake, then asks the authorizer.  An answer the
     authorizer has at once is acted on there and then; otherwise the gate
@@ -625,6 +645,8 @@ class _Gate(Protocol):
         self._paused = False
         self._handshake_timeout = factory.handshake_timeout
         self._started = factory.clock.seconds()
+        #: The peer's close_notify came before the hand-over.
+        self._early_eof = False
         # A change from here on and this connection is decided again once
         # let through: its authorization may predate it.
         opened = factory.open_connections
@@ -886,7 +908,20 @@ class _Gate(Protocol):
             # application still gets what was read, after abortConnection not.
             if _aborted(tls):
                 break
+            # The application, or the preface sniffer in front of it.
             tls.wrappedProtocol.dataReceived(data)
+        if self._early_eof and not _aborted(tls):
+            reader = tls.wrappedProtocol
+            if IHalfCloseableProtocol.providedBy(reader):
+                reader.readConnectionLost()
+            else:
+                tls.loseConnection()  # type: ignore[no-untyped-call]
+
+    def readConnectionLost(self) -> None:
+        self._early_eof = True
+
+    def writeConnectionLost(self) -> None:
+        pass
 
     def dataReceived(self, data: bytes) -> None:
         if self._finished:
@@ -1370,7 +1405,7 @@ class ConnectServerEndpoint:
         if not self._buffer_small_writes and not self._own_tls:
             # The factory's default protocol is BufferingTLSTransport, which
             # aggregates small writes; its public base class writes through.
-            tls_factory.protocol = TLSMemoryBIOProtocol
+            tls_factory.protocol = HalfCloseTLS
         versions = _http_versions(protocolFactory)
         if versions is not None and not self._own_tls:
             # Twisted's HTTP server picks HTTP/2 or HTTP/1.1 from the
@@ -1378,7 +1413,9 @@ class ConnectServerEndpoint:
             # the client's first bytes say (connect_native._preface).
             gates.http_versions = versions
             tls_factory.protocol = (
-                BufferingSniffedTLS if self._buffer_small_writes else SniffedTLS
+                _HalfCloseBufferingSniffedTLS
+                if self._buffer_small_writes
+                else _HalfCloseSniffedTLS
             )
         listening: Deferred[IListeningPort] = self._wrapped.listen(tls_factory)
 

@@ -35,17 +35,20 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from attrs import evolve, frozen
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from OpenSSL import SSL, crypto
 from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
 )
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -61,13 +64,12 @@ from connect_native.identity import (
     identity_of_certificate,
 )
 
-if TYPE_CHECKING:
-    from twisted.protocols.tls import TLSMemoryBIOProtocol
-
 __all__ = [
     "ClientConnectionCreator",
     "DecideNow",
     "DecidePeerNow",
+    "HalfCloseBufferingTLS",
+    "HalfCloseTLS",
     "PeerIdentityMismatch",
     "PeerRefused",
     "ServerConnectionCreator",
@@ -662,3 +664,96 @@ class ClientConnectionCreator(_ConnectionCreator):
         A connection to one server, sharing this creator's context.
         """
         return self._connection()
+
+
+# --- half-close over Twisted's TLS transport ---------------------------------
+
+
+@implementer(IHalfCloseableProtocol)
+class _HalfClose:
+    """
+    Half-close for Twisted's ``TLSMemoryBIOProtocol``: TLS 1.3 lets one
+    ``close_notify`` end one direction (RFC 8446 section 6.1).
+
+    - ``loseWriteConnection()`` sends ``close_notify`` after what was
+      written and keeps reading (Twisted's ``loseConnection`` does that
+      already; ``ProtocolWrapper`` would otherwise hand the call to the TCP
+      transport, a FIN under TLS without ``close_notify``).
+    - The peer's ``close_notify`` is the end of what it sends: a wrapped
+      protocol that provides ``IHalfCloseableProtocol`` (and has not closed
+      its own side yet) gets ``readConnectionLost()`` and may go on writing;
+      its ``loseConnection()`` then answers with ``close_notify`` and closes
+      the TCP connection.  Any other protocol gets what Twisted gives it: the
+      whole connection closes.
+    - A TCP FIN after the peer's ``close_notify`` (a peer that also shuts
+      its socket's write side) leaves our write side open; a FIN before it
+      is a truncation and ends the connection, as before.
+
+    OpenSSL 3 lets either side write after receiving ``close_notify`` with
+    TLS 1.2 as well (measured); RFC 5246 asks a TLS 1.2 peer to answer
+    ``close_notify`` with its own at once, which a strict peer does (the
+    reply is then lost, as with any TLS 1.2 stack that follows it).
+
+    This overrides ``_flushReceiveBIO``, the one place Twisted reads
+    application data, with the same loop; the private names it uses are
+    pinned by ``tests/test_twisted_surface.py``.
+    """
+
+    #: The peer's close_notify arrived and was delivered as
+    #: ``readConnectionLost``: nothing more to read.
+    peer_write_closed = False
+
+    def _peer_half_closed(self: Any) -> bool:
+        """Deliver the peer's close_notify as a half-close, if we may."""
+        if self.disconnecting or self._aborted:
+            return False
+        wrapped = self.wrappedProtocol
+        if not IHalfCloseableProtocol.providedBy(wrapped):
+            return False
+        self.peer_write_closed = True
+        wrapped.readConnectionLost()
+        return True
+
+    def _flushReceiveBIO(self: Any) -> None:
+        while not self._lostTLSConnection and not self.peer_write_closed:
+            try:
+                data = self._tlsConnection.recv(2**15)
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:
+                if self._peer_half_closed():
+                    break
+                self._shutdownTLS()
+                self._tlsShutdownFinished(None)
+            except SSL.Error:
+                self._tlsShutdownFinished(Failure())  # type: ignore[no-untyped-call]
+            else:
+                if not self._aborted:
+                    ProtocolWrapper.dataReceived(self, data)  # type: ignore[no-untyped-call]
+        self._flushSendBIO()
+
+    def loseWriteConnection(self: Any) -> None:
+        """End what we send with ``close_notify``; keep reading."""
+        self.loseConnection()
+
+    # IHalfCloseableProtocol, towards the TCP transport.
+
+    def readConnectionLost(self: Any) -> None:
+        if self.peer_write_closed or self._lostTLSConnection:
+            # After close_notify: our side may still write (or is closing
+            # the connection already, after what it still had to send).
+            return
+        # No close_notify first: a truncation, reported as Twisted does when
+        # TCP ends a protocol that cannot half-close.
+        self.transport.abortConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+
+class HalfCloseTLS(_HalfClose, TLSMemoryBIOProtocol):
+    """Twisted's TLS transport (writes through), with half-close."""
+
+
+class HalfCloseBufferingTLS(_HalfClose, BufferingTLSTransport):
+    """Twisted's buffering TLS transport, with half-close."""

@@ -82,3 +82,31 @@ def test_an_empty_list_is_refused() -> None:
         AllowIdsAuthorizer([])
     with pytest.raises(InvalidAllowedId, match="not one string"):
         AllowIdsAuthorizer(f"spiffe://{TD}/x")  # type: ignore[arg-type]
+
+
+def test_replace_allows_the_new_list_and_tells_the_subscribers() -> None:
+    from connect_native.authorize import INotifiesChanges
+
+    authorizer = AllowIdsAuthorizer([f"spiffe://{TD}/ns/default/dc/dc1/svc/api"])
+    assert INotifiesChanges.providedBy(authorizer)
+    told: list[None] = []
+    unsubscribe = authorizer.subscribe(lambda: told.append(None))
+    authorizer.replace([f"spiffe://{TD}/ns/default/dc/dc1/svc/billing"])
+    assert told == [None]
+    assert not authorizer.decide_now(_peer("api"), "web").allowed
+    assert authorizer.decide_now(_peer("billing"), "web").allowed
+    # No ID left: no one (fail closed).
+    authorizer.replace([])
+    decision = authorizer.decide_now(_peer("billing"), "web")
+    assert not decision.allowed
+    assert "the list is empty" in decision.reason
+    unsubscribe()
+    authorizer.replace([f"spiffe://{TD}/ns/default/dc/dc1/svc/api"])
+    assert told == [None, None]
+
+
+def test_replace_with_a_bad_pattern_keeps_the_list_before() -> None:
+    authorizer = AllowIdsAuthorizer([f"spiffe://{TD}/ns/default/dc/dc1/svc/api"])
+    with pytest.raises(InvalidAllowedId):
+        authorizer.replace(["https://example/"])
+    assert authorizer.decide_now(_peer("api"), "web").allowed

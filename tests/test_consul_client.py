@@ -941,6 +941,18 @@ def test_no_token_sends_no_token_header() -> None:
     assert "x-consul-token" not in resource.last.headers
 
 
+def test_set_token_changes_the_token_of_the_requests_after_it() -> None:
+    resource = replay("leaf-web.http")
+    client, _ = make(resource, token=TOKEN)
+    assert client.set_token(TOKEN) is False
+    assert client.set_token("rotated-token") is True
+    result(client.leaf("web"))
+    assert resource.last.headers["x-consul-token"] == "rotated-token"
+    assert client.set_token(None) is True
+    result(client.leaf("web"))
+    assert "x-consul-token" not in resource.last.headers
+
+
 # -- configuration from the environment --------------------------------------------
 
 

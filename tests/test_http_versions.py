@@ -17,7 +17,6 @@ import pytest_twisted
 from twisted.internet import reactor as global_reactor
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
-from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -28,6 +27,7 @@ from connect_native._preface import (
 )
 from connect_native.server import peer_identity
 from connect_native.testing import CertificateFactory, FakeAuthorizer
+from connect_native.tls import HalfCloseBufferingTLS, HalfCloseTLS
 from tests.test_server import Harness, StaticSource, bundle
 
 
@@ -199,7 +199,10 @@ def test_only_a_site_gets_the_sniffing_transport(
     conn = h.connect([GET], alpn=(b"h2",))
     conn.pump.flush()
     wanted = BufferingSniffedTLS if buffer_small_writes else SniffedTLS
-    assert type(conn.server) is wanted
+    assert isinstance(conn.server, wanted)
+    # ... and it carries half-close, as every Connect transport does.
+    half_close = HalfCloseBufferingTLS if buffer_small_writes else HalfCloseTLS
+    assert isinstance(conn.server, half_close)
     assert conn.client_app.received.startswith(b"HTTP/1.1 200 OK")
 
     class Echo(Protocol):
@@ -216,6 +219,6 @@ def test_only_a_site_gets_the_sniffing_transport(
     )
     conn = plain.connect([b"PRI * HTTP/2.0\r\n"])
     conn.pump.flush()
-    base = BufferingTLSTransport if buffer_small_writes else TLSMemoryBIOProtocol
+    base = HalfCloseBufferingTLS if buffer_small_writes else HalfCloseTLS
     assert type(conn.server) is base
     assert conn.client_app.received == b"PRI * HTTP/2.0\r\n"

@@ -25,6 +25,7 @@ from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail,
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
     IHandshakeListener,
     IListeningPort,
     IOpenSSLClientConnectionCreator,
@@ -1474,3 +1475,54 @@ def test_the_server_does_not_import_the_terminator() -> None:
         check=True,
     )
     assert result.stdout.strip() == "[]", result.stderr
+
+
+# --- half-close ---------------------------------------------------------------
+
+
+@implementer(IHalfCloseableProtocol)
+class HalfClosingApp(App):
+    def readConnectionLost(self) -> None:
+        self.events.append(("readConnectionLost",))
+        self.transport.write(b"reply to " + self.received)  # type: ignore[union-attr]
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+
+def test_a_close_notify_before_the_decision_reaches_a_half_closeable_app(
+    ca: CertificateFactory,
+) -> None:
+    authorizer = FakeAuthorizer({"api"}, hold=True)
+    h = harness(ca, authorizer)
+    h.apps.app_class = HalfClosingApp
+    conn = h.connect([b"request"])
+    conn.client.loseConnection()  # close_notify right after the request
+    conn.pump.flush()
+    assert h.apps.built == []
+    assert authorizer.release() == 1
+    conn.pump.flush()
+    [app] = h.apps.built
+    assert app.events[-3:] == [
+        ("data", b"request"),
+        ("readConnectionLost",),
+        ("connectionLost",),
+    ]
+    assert conn.client_app.received == b"reply to request"
+    assert conn.client_app.lost is not None
+    assert conn.client_app.lost.check(ConnectionDone)
+
+
+def test_a_close_notify_before_the_decision_closes_an_app_that_cannot_half_close(
+    ca: CertificateFactory,
+) -> None:
+    authorizer = FakeAuthorizer({"api"}, hold=True)
+    h = harness(ca, authorizer)
+    conn = h.connect([b"request"])
+    conn.client.loseConnection()
+    conn.pump.flush()
+    assert authorizer.release() == 1
+    conn.pump.flush()
+    [app] = h.apps.built
+    assert app.events[-2:] == [("data", b"request"), ("connectionLost",)]

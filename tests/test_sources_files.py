@@ -255,3 +255,28 @@ def test_bad_identity_descriptions(text: str, says: str) -> None:
         parse_identity(text)
     assert says in str(raised.value)
     assert "\n" not in str(raised.value)
+
+
+def test_reload_reads_the_files_now_without_waiting_for_them_to_hold_still(
+    tmp_path: Path, clock: Clock
+) -> None:
+    ca = CertificateFactory()
+    _files(tmp_path, ca)
+    source = _source(tmp_path, clock)
+    source.startService()
+    first = source.current()
+    assert first is not None
+    _files(tmp_path, ca)  # no interval passes: an operator's SIGHUP
+    said = source.reload()
+    second = source.current()
+    assert second is not None
+    assert second.leaf.serial_number != first.leaf.serial_number
+    assert (
+        said == f"serving {second.identity.uri}, serial {second.leaf.serial_number:x}"
+    )
+    _write(tmp_path / "key.pem", "not a key")
+    said = source.reload()
+    assert source.current() is second  # the last good one stays
+    assert said.startswith(f"serving {second.identity.uri}")
+    assert "(kept: the files hold no usable one:" in said
+    source.stopService()

@@ -18,7 +18,7 @@ from twisted.internet.error import (
     ConnectionLost,
     ConnectionRefusedError,
 )
-from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocolFactory
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -26,6 +26,7 @@ from twisted.logger import LogEvent, capturedLogs
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.test.iosim import FakeTransport, connect
+from zope.interface import implementer
 
 from connect_native._refusals import BURST
 from connect_native.identity import ServiceIdentity
@@ -38,7 +39,11 @@ from connect_native.terminator.forward import (
     TrackedEndpoint,
 )
 from connect_native.testing import CertificateFactory, make_bundle
-from connect_native.tls import ClientConnectionCreator, ServerConnectionCreator
+from connect_native.tls import (
+    ClientConnectionCreator,
+    HalfCloseTLS,
+    ServerConnectionCreator,
+)
 
 FRONT = IPv4Address("TCP", "127.0.0.1", 40000)
 BACK = IPv4Address("TCP", "127.0.0.1", 8080)
@@ -399,13 +404,26 @@ class Client(Protocol):
         self.lost = reason
 
 
+@implementer(IHalfCloseableProtocol)
+class HalfClosingClient(Client):
+    """A client that can go on writing after the server's close_notify."""
+
+    read_closed = False
+
+    def readConnectionLost(self) -> None:
+        self.read_closed = True
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+
 @pytest.fixture(params=TLS_TRANSPORTS)
 def tls_transport(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
 def tls_pair(
-    ca: CertificateFactory, tls_transport: str
+    ca: CertificateFactory, tls_transport: str, client: Client | None = None
 ) -> tuple[Any, Client, Dialer, Any, Clock]:
     """
     A Connect client and the forwarder over ``tls_transport``: Twisted's
@@ -423,6 +441,8 @@ def tls_pair(
         server_factory = TLSMemoryBIOFactory(
             creator, isClient=False, wrappedFactory=forwarding, clock=clock
         )
+        # What ConnectServerEndpoint builds over Twisted's transport.
+        server_factory.protocol = HalfCloseTLS
     else:
 
         class Own(Factory):
@@ -431,7 +451,8 @@ def tls_pair(
                 return TLSServerProtocol(creator.serverConnectionForTLS, front)
 
         server_factory = Own()
-    client = Client()
+    if client is None:
+        client = Client()
     client_factory = TLSMemoryBIOFactory(
         ClientConnectionCreator(
             make_bundle(ca, "api"), ServiceIdentity.parse(ca.service_uri("web"))
@@ -440,6 +461,8 @@ def tls_pair(
         wrappedFactory=Factory.forProtocol(lambda: client),
         clock=clock,
     )
+    # What ConnectClientEndpoint builds.
+    client_factory.protocol = HalfCloseTLS
     server = server_factory.buildProtocol(FRONT)
     client_tls = client_factory.buildProtocol(BACK)
     pump = connect(
@@ -481,18 +504,83 @@ def test_backend_end_of_stream_sends_close_notify_and_the_client_can_still_send(
     assert not back_t.aborted
 
 
-def test_a_client_close_notify_closes_the_backend_cleanly(
+def test_a_client_close_notify_half_closes_the_backend_and_the_reply_flows(
     ca: CertificateFactory, tls_transport: str
 ) -> None:
     _server, client, dialer, pump, _clock = tls_pair(ca, tls_transport)
     pump.flush()
-    _, back_t = dialer.answer()
+    back, back_t = dialer.answer()
     client.transport.write(b"last words")  # type: ignore[union-attr]
+    # close_notify: the end of the request only (TLS 1.3 half-close).
+    client.transport.loseWriteConnection()  # type: ignore[union-attr]
+    pump.flush()
+    assert back_t.value() == b"last words"
+    # The backend got a FIN, not a close: it can still answer.
+    assert back_t.write_closed
+    assert not back_t.disconnecting
+    back.dataReceived(b"the whole reply")
+    pump.flush()
+    assert client.received == b"the whole reply"
+    assert client.lost is None
+    # The backend's end is the end of the pair, cleanly on both sides.
+    back.readConnectionLost()
+    pump.flush()
+    assert client.lost is not None
+    assert client.lost.check(ConnectionDone)
+    assert back_t.disconnecting
+    assert not back_t.aborted
+
+
+def test_a_tcp_fin_after_the_clients_close_notify_leaves_the_reply_flowing(
+    ca: CertificateFactory, tls_transport: str
+) -> None:
+    server, client, dialer, pump, _clock = tls_pair(ca, tls_transport)
+    pump.flush()
+    back, back_t = dialer.answer()
+    client.transport.write(b"request")  # type: ignore[union-attr]
+    client.transport.loseWriteConnection()  # type: ignore[union-attr]
+    pump.flush()
+    # The client shuts its socket's write side too (SHUT_WR after close_notify).
+    assert IHalfCloseableProtocol.providedBy(server)
+    server.readConnectionLost()
+    back.dataReceived(b"reply")
+    pump.flush()
+    assert client.received == b"reply"
+    assert not back_t.aborted
+
+
+def test_a_tcp_fin_without_close_notify_is_a_truncation_that_aborts_the_backend(
+    ca: CertificateFactory, tls_transport: str
+) -> None:
+    server, _client, dialer, pump, _clock = tls_pair(ca, tls_transport)
+    pump.flush()
+    _, back_t = dialer.answer()
+    server.readConnectionLost()
+    pump.flush()
+    assert back_t.aborted
+
+
+def test_a_half_closeable_client_writes_on_after_the_servers_close_notify(
+    ca: CertificateFactory, tls_transport: str
+) -> None:
+    client = HalfClosingClient()
+    _server, _, dialer, pump, _clock = tls_pair(ca, tls_transport, client)
+    pump.flush()
+    back, back_t = dialer.answer()
+    pump.flush()
+    back.dataReceived(b"greeting")
+    back.readConnectionLost()
+    pump.flush()
+    assert client.received == b"greeting"
+    assert client.read_closed
+    assert client.lost is None
+    client.transport.write(b"still talking")  # type: ignore[union-attr]
+    pump.flush()
+    assert back_t.value() == b"still talking"
     client.transport.loseConnection()  # type: ignore[union-attr]
     pump.flush()
-    # Twisted ends the whole TLS connection on close_notify; the backend
-    # gets the bytes, then an orderly close (not an abort).
-    assert back_t.value() == b"last words"
+    assert client.lost is not None
+    assert client.lost.check(ConnectionDone)
     assert back_t.disconnecting
     assert not back_t.aborted
 
@@ -628,3 +716,53 @@ def _text(event: LogEvent) -> str:
     from twisted.logger import formatEvent
 
     return formatEvent(event)
+
+
+def test_a_tracked_connection_carries_the_clients_half_close() -> None:
+    # The tracker's wrapper sits between TCP and the forwarder: TCP must see
+    # a half-closeable protocol, or it ends the whole connection at the FIN.
+    reactor = MemoryReactorClock()
+    tracker = ConnectionTracker(reactor, 10)
+    forwarding = ForwardingFactory(
+        reactor, Dialer(), "the backend", connect_timeout=5, idle_timeout=60, label="t"
+    )
+    TrackedEndpoint(TCP4ServerEndpoint(reactor, 0), tracker, "t").listen(forwarding)
+    factory = reactor.tcpServers[0][1]
+    protocol = factory.buildProtocol(FRONT)
+    protocol.makeConnection(Transport())
+    assert IHalfCloseableProtocol.providedBy(protocol)
+    protocol.readConnectionLost()
+    assert protocol.wrappedProtocol._front_eof
+
+
+def test_hurry_ends_a_drain_at_once() -> None:
+    clock = Clock()
+    tracker = ConnectionTracker(clock, 10)
+    _, factory, _ = listening(tracker)
+    accepted = accept(factory, 40001)
+    assert accepted is not None
+    _, transport = accepted
+    assert tracker.hurry() == 0  # no drain yet
+    drained = tracker.drain(30)
+    assert tracker.hurry() == 1
+    clock.advance(0)
+    assert transport.aborted
+    assert drained.result == 1
+
+
+def test_a_close_notify_and_fin_to_a_client_that_cannot_half_close_is_clean(
+    ca: CertificateFactory, tls_transport: str
+) -> None:
+    # Twisted's own TLS ends such a client cleanly; the half-closeable
+    # transport must too when the FIN follows the close_notify.
+    _server, client, dialer, pump, _clock = tls_pair(ca, tls_transport)
+    pump.flush()
+    back, _back_t = dialer.answer()
+    back.readConnectionLost()  # the backend is done: close_notify to the client
+    pump.flush()
+    tls = client.transport
+    assert tls is not None
+    tls.readConnectionLost()  # type: ignore[attr-defined]
+    pump.flush()
+    assert client.lost is not None
+    assert client.lost.check(ConnectionDone)

@@ -340,3 +340,96 @@ def test_identity_files_cannot_go_with_demo() -> None:
     assert "cannot be used with --demo" in refused(
         "--demo", "--identity", "files:cert=/c,key=/k,roots=/r"
     )
+
+
+# --- what SIGHUP reloads ---------------------------------------------------------
+
+SPIFFE = "spiffe://example.consul/ns/default/dc/dc1/svc/"
+
+
+def test_an_allow_ids_file_adds_to_the_allow_id_options(tmp_path: Path) -> None:
+    listed = tmp_path / "allowed"
+    listed.write_text(
+        f"# callers\n\n{SPIFFE}api  # the API\nspiffe://example.consul/ns/default/dc/*/svc/web\n"
+    )
+    settings = parse(
+        *BASE,
+        "--authorize",
+        "allow-ids",
+        "--allow-id",
+        f"{SPIFFE}billing",
+        "--allow-ids-file",
+        str(listed),
+    )
+    assert settings.allow_ids == (
+        f"{SPIFFE}billing",
+        f"{SPIFFE}api",
+        "spiffe://example.consul/ns/default/dc/*/svc/web",
+    )
+    assert settings.allow_id_options == (f"{SPIFFE}billing",)
+    assert settings.allow_ids_file == str(listed)
+
+
+def test_an_allow_ids_file_alone_is_enough(tmp_path: Path) -> None:
+    listed = tmp_path / "allowed"
+    listed.write_text(f"{SPIFFE}api\n")
+    settings = parse(*BASE, "--authorize", "allow-ids", "--allow-ids-file", str(listed))
+    assert settings.allow_ids == (f"{SPIFFE}api",)
+
+
+def test_the_log_level_file_sets_the_level(tmp_path: Path) -> None:
+    level = tmp_path / "level"
+    level.write_text("Debug\n")
+    settings = parse(*BASE, "--log-level-file", str(level))
+    assert settings.log_level == "debug"
+    assert settings.log_level_file == str(level)
+
+
+def test_the_token_file_is_remembered_for_sighup(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("t0ken\n")
+    settings = parse(*BASE, "--token-file", str(token))
+    assert (settings.token, settings.token_file) == ("t0ken", str(token))
+
+
+@pytest.mark.parametrize(
+    ("content", "args", "says"),
+    [
+        (None, ("--authorize", "allow-ids"), "--allow-ids-file: cannot read"),
+        ("", ("--authorize", "allow-ids"), "or an --allow-ids-file holding one"),
+        (
+            f"{SPIFFE}api\nhttps://x/y\n",
+            ("--authorize", "allow-ids"),
+            "line 2: allowed ID 'https://x/y' must be",
+        ),
+        (f"{SPIFFE}api\n", (), "--allow-ids-file goes with --authorize allow-ids"),
+    ],
+)
+def test_a_bad_allow_ids_file_is_refused_in_one_line(
+    tmp_path: Path, content: str | None, args: tuple[str, ...], says: str
+) -> None:
+    listed = tmp_path / "allowed"
+    if content is not None:
+        listed.write_text(content)
+    message = refused(*BASE, *args, "--allow-ids-file", str(listed))
+    assert says in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("content", "args", "says"),
+    [
+        (None, (), "--log-level-file: cannot read"),
+        ("loud\n", (), "holds 'loud', not one of debug, info, warn"),
+        ("info", ("--log-level", "warn"), "cannot both be used"),
+    ],
+)
+def test_a_bad_log_level_file_is_refused_in_one_line(
+    tmp_path: Path, content: str | None, args: tuple[str, ...], says: str
+) -> None:
+    level = tmp_path / "level"
+    if content is not None:
+        level.write_text(content)
+    message = refused(*BASE, *args, "--log-level-file", str(level))
+    assert says in message
+    assert "\n" not in message

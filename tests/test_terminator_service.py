@@ -108,3 +108,96 @@ def test_the_log_level_holds_while_the_terminator_runs_and_is_put_back() -> None
     assert "while running: 2" not in texts
     assert "while running, info: 3" in texts
     assert "after: 4" in texts
+
+
+# --- SIGHUP: reloading -------------------------------------------------------------
+
+
+def test_reload_reads_the_token_allowed_ids_and_log_level_files_again(
+    tmp_path: Any,
+) -> None:
+    from connect_native.authorize import Peer
+    from connect_native.identity import ServiceIdentity
+
+    td = "example.consul"
+    api = f"spiffe://{td}/ns/default/dc/dc1/svc/api"
+    billing = f"spiffe://{td}/ns/default/dc/dc1/svc/billing"
+    token = tmp_path / "token"
+    token.write_text("first\n")
+    allowed = tmp_path / "allowed"
+    allowed.write_text(f"{api}\n")
+    level = tmp_path / "level"
+    level.write_text("info\n")
+    service, _, _ = terminator(
+        Settings(
+            service="web",
+            upstreams=(parse_upstream("db=tcp:9191"),),
+            register=False,
+            authorize="allow-ids",
+            allow_ids=(api,),
+            allow_ids_file=str(allowed),
+            token_file=str(token),
+            log_level_file=str(level),
+        )
+    )
+
+    def allows(service_name: str) -> bool:
+        peer = Peer(ServiceIdentity(td, "default", "dc1", service_name), "01")
+        return bool(service._allow_ids.decide_now(peer, "web").allowed)
+
+    service.client.set_token("first")  # as read from the file at start
+    with capturedLogs() as events:
+        service.startService()
+        assert service.reload("SIGHUP") == [
+            f"the ACL token in {token} is unchanged",
+            f"the allowed IDs in {allowed} are unchanged (1 allowed)",
+            f"log level info (from {level}, info before)",
+        ]
+        token.write_text("second\n")
+        allowed.write_text(f"# rotated\n{billing}\n")
+        level.write_text("warn\n")
+        said = service.reload("SIGHUP")
+        assert said == [
+            f"a new ACL token from {token} is in use",
+            f"1 IDs allowed now (1 from {allowed}), 1 before",
+            f"log level warn (from {level}, info before)",
+        ]
+        assert service.client._token == "second"
+        assert allows("billing")
+        assert not allows("api")
+        # What cannot be used is logged as an error; the values in use stay.
+        token.write_text("")
+        allowed.write_text("spiffe://nope\n")
+        level.write_text("shouty\n")
+        said = service.reload("SIGHUP")
+        service.stopService()
+    assert [line.split(":")[0] for line in said] == [
+        "kept the ACL token in use",
+        "kept the allowed IDs in use",
+        "kept the log level in use",
+    ]
+    assert service.client._token == "second"
+    assert allows("billing")
+    errors = [formatEvent(e) for e in events if e["log_level"].name == "error"]
+    assert len(errors) == 3
+    assert all(text.startswith("connect-native web: SIGHUP: kept") for text in errors)
+    # The level change was said at warn, so that it shows at that level.
+    [warned] = [
+        formatEvent(e)
+        for e in events
+        if e["log_level"].name == "warn" and "log level warn" in formatEvent(e)
+    ]
+    assert warned.startswith("connect-native web: SIGHUP: log level warn")
+
+
+def test_reload_with_nothing_to_reload_says_so() -> None:
+    service, _, _ = terminator(
+        Settings(service="web", upstreams=(parse_upstream("db=tcp:9191"),))
+    )
+    with capturedLogs():
+        service.startService()
+        assert service.reload("SIGHUP") == [
+            "nothing to reload (SIGHUP reloads --token-file, --log-level-file, "
+            "--allow-ids-file and --identity files)"
+        ]
+        service.stopService()

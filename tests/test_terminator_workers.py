@@ -160,6 +160,44 @@ def test_a_worker_gets_the_bound_port_and_no_registration_or_token() -> None:
     assert worker.tls_transport == "twisted"
 
 
+def test_a_worker_gets_the_files_sighup_reloads_by_name(tmp_path: Any) -> None:
+    allowed = tmp_path / "allowed"
+    allowed.write_text("spiffe://td/ns/default/dc/dc1/svc/api\n")
+    level = tmp_path / "level"
+    level.write_text("warn\n")
+    token = tmp_path / "token"
+    token.write_text("secret-token\n")
+    settings = parse(
+        "--service",
+        "web",
+        "--to",
+        "tcp:127.0.0.1:8080",
+        "--listen",
+        "tcp:0",
+        "--workers",
+        "2",
+        "--authorize",
+        "allow-ids",
+        "--allow-id",
+        "spiffe://td/ns/default/dc/dc1/svc/billing",
+        "--allow-ids-file",
+        str(allowed),
+        "--log-level-file",
+        str(level),
+        "--token-file",
+        str(token),
+    )
+    arguments = worker_arguments(settings, 4321, "http://127.0.0.1:8500")
+    assert "secret-token" not in " ".join(arguments)
+    assert "--log-level" not in arguments
+    worker = parse(*arguments[arguments.index("connect-native") + 1 :])
+    assert worker.allow_ids == settings.allow_ids
+    assert worker.allow_id_options == ("spiffe://td/ns/default/dc/dc1/svc/billing",)
+    assert worker.allow_ids_file == str(allowed)
+    assert (worker.log_level, worker.log_level_file) == ("warn", str(level))
+    assert (worker.token, worker.token_file) == ("secret-token", str(token))
+
+
 # --- --authorize-cache reaches the AgentAuthorizer ------------------------------
 
 

@@ -18,7 +18,11 @@ from twisted.internet import tcp
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.interfaces import IHandshakeListener, IPushProducer
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IHandshakeListener,
+    IPushProducer,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
@@ -281,6 +285,80 @@ def test_the_peers_close_notify_ends_the_connection_cleanly(
     assert p.client_app.lost.check(ConnectionDone)
 
 
+@implementer(IHalfCloseableProtocol)
+class HalfClosingApp(App):
+    read_closed = False
+
+    def readConnectionLost(self) -> None:
+        self.read_closed = True
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+
+def test_the_peers_close_notify_half_closes_a_half_closeable_application(
+    ca: CertificateFactory,
+) -> None:
+    app = HalfClosingApp()
+    p = pair(ca, app)
+    p.client.write(b"request")
+    p.client.loseConnection()  # close_notify after the request
+    p.pump.flush()
+    assert b"".join(app.received) == b"request"
+    assert app.read_closed
+    assert app.lost is None
+    # The reply still goes out, whole, after the peer's close_notify.
+    reply = bytes(range(256)) * 4096
+    app.transport.write(reply)  # type: ignore[union-attr]
+    p.pump.flush()
+    assert p.client_app.received == reply
+    app.transport.loseConnection()  # type: ignore[union-attr]
+    p.pump.flush()
+    assert app.lost is not None
+    assert app.lost.check(ConnectionDone)
+    assert p.client_app.lost is not None
+    assert p.client_app.lost.check(ConnectionDone)
+
+
+def test_a_tcp_fin_after_close_notify_leaves_the_write_side_open(
+    ca: CertificateFactory,
+) -> None:
+    app = HalfClosingApp()
+    p = pair(ca, app)
+    p.client.loseConnection()
+    p.pump.flush()
+    assert app.read_closed
+    # A peer that also shuts its TCP write side (SHUT_WR) after close_notify.
+    p.server.readConnectionLost()
+    assert not p.server_transport.disconnecting
+    app.transport.write(b"reply")  # type: ignore[union-attr]
+    p.pump.flush()
+    assert p.client_app.received == b"reply"
+
+
+def test_a_tcp_fin_without_close_notify_ends_a_half_closeable_application(
+    ca: CertificateFactory,
+) -> None:
+    app = HalfClosingApp()
+    p = pair(ca, app)
+    p.server.readConnectionLost()  # a FIN, no close_notify: truncated
+    p.pump.flush()
+    assert not app.read_closed
+    assert app.lost is not None
+    assert app.lost.check(ConnectionLost)
+
+
+def test_lose_write_connection_is_close_notify(ca: CertificateFactory) -> None:
+    app = App()
+    p = pair(ca, app)
+    app.transport.write(b"all of it")  # type: ignore[union-attr]
+    app.transport.loseWriteConnection()  # type: ignore[union-attr]
+    p.client.write(b"late")
+    p.pump.flush()
+    assert p.client_app.received == b"all of it"
+    assert b"".join(app.received) == b"late"
+
+
 def test_a_tcp_end_without_close_notify_is_reported_as_connection_lost(
     ca: CertificateFactory,
 ) -> None:
@@ -502,3 +580,17 @@ def test_a_forwarded_connection_turns_nagle_off_once(ca: CertificateFactory) -> 
     p.pump.flush()
     assert p.server_transport.no_delay is True
     assert p.server_transport.no_delay_calls == 1
+
+
+def test_a_tcp_fin_after_close_notify_to_an_app_that_cannot_half_close_is_clean(
+    ca: CertificateFactory,
+) -> None:
+    app = App()
+    p = pair(ca, app)
+    p.client.loseConnection()
+    p.client.transport.loseConnection()  # and the TCP connection at once
+    p.pump.flush()
+    p.server.readConnectionLost()
+    p.pump.flush()
+    assert app.lost is not None
+    assert app.lost.check(ConnectionDone)

@@ -75,3 +75,21 @@ def test_no_other_private_twisted_import() -> None:
                     if parts[0] == "twisted" and any(p.startswith("_") for p in parts):
                         found.add((alias.name, ""))
     assert found == allowed
+
+
+def test_the_tls_transport_internals_half_close_overrides_are_there() -> None:
+    # connect_native.tls._HalfClose replaces TLSMemoryBIOProtocol's
+    # _flushReceiveBIO (the one loop that reads application data) with the
+    # same loop, reading the private state it reads.
+    import inspect
+
+    from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+    for method in ("_flushReceiveBIO", "_flushSendBIO", "_shutdownTLS"):
+        assert callable(getattr(TLSMemoryBIOProtocol, method))
+    assert callable(TLSMemoryBIOProtocol._tlsShutdownFinished)
+    for attribute in ("_lostTLSConnection", "_aborted"):
+        assert hasattr(TLSMemoryBIOProtocol, attribute)
+    source = inspect.getsource(TLSMemoryBIOProtocol._flushReceiveBIO)
+    for name in ("_tlsConnection.recv", "ZeroReturnError", "_tlsShutdownFinished"):
+        assert name in source

@@ -522,6 +522,20 @@ class ConsulClient:
     def has_token(self) -> bool:
         return self._token is not None
 
+    def set_token(self, token: str | None) -> bool:
+        """
+        Send ``token`` with every request from now on (a rotated token file,
+        re-read on SIGHUP); requests already sent keep the one they had.
+
+        :returns: whether it differs from the token before.
+        """
+        if token is not None and not isinstance(token, str):
+            raise TypeError("token must be a string or None")
+        token = token or None
+        changed = token != self._token
+        self._token = token
+        return changed
+
     def __repr__(self) -> str:
         parts = [
             f"address={self.address!r}",

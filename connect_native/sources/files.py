@@ -290,6 +290,24 @@ class FileIdentitySource(Service):
         self._waiters.fail(IdentityFilesStopped(str(self.cert)))
         self._tell()
 
+    def reload(self) -> str:
+        """
+        Read the files now, without waiting for them to hold still (an
+        operator's SIGHUP: they say the files are in place), and install
+        what they hold if it is usable.
+
+        :returns: one line on what is served now.
+        """
+        if self.running:
+            self._check(first=True)
+        bundle = self._bundle
+        if bundle is None:
+            return f"no usable certificate: {self._problem or 'not read yet'}"
+        served = f"serving {bundle.identity.uri}, serial {bundle.leaf.serial_number:x}"
+        if self._problem is not None:
+            return f"{served} (kept: the files hold no usable one: {self._problem})"
+        return served
+
     # -- watching -------------------------------------------------------------------
 
     def _stats(self) -> tuple[_Stat, ...]:

@@ -19,11 +19,17 @@ measured):
   and handed to TCP as one write;
 - a producer is registered on the TCP transport itself (nothing is buffered
   in between once the handshake is done);
-- ``loseConnection`` sends ``close_notify`` and keeps reading until the
-  peer's (or the connection's end); ``abortConnection`` drops whatever is
-  still unread; a peer that ends the TCP connection without
-  ``close_notify`` is reported as ``ConnectionLost``, as Twisted does
-  (a truncation is not a clean end);
+- ``loseConnection`` (and ``loseWriteConnection``) sends ``close_notify``
+  and keeps reading until the peer's (or the connection's end);
+  ``abortConnection`` drops whatever is still unread; a peer that ends the
+  TCP connection without ``close_notify`` is reported as
+  ``ConnectionLost``, as Twisted does (a truncation is not a clean end);
+- half-close (TLS 1.3, RFC 8446 section 6.1): the peer's ``close_notify``
+  is ``readConnectionLost()`` for an application that provides
+  ``IHalfCloseableProtocol`` and has not closed its own side, which may go
+  on writing until its ``loseConnection()`` answers with ``close_notify``;
+  a TCP FIN after the peer's ``close_notify`` leaves the write side open
+  too (as with connect_native's ``HalfCloseTLS`` for Twisted's transport);
 - a TLS failure (a handshake refused by the verify callback, a corrupt
   record) sends OpenSSL's alert, closes the connection and is the reason
   the application's ``connectionLost`` receives;
@@ -46,6 +52,7 @@ from twisted.internet.abstract import FileDescriptor
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import (
     IConsumer,
+    IHalfCloseableProtocol,
     IHandshakeListener,
     INegotiated,
     IProducer,
@@ -146,7 +153,9 @@ class _Tracker(TypingProtocol):
     def _authorized(self, connection: Any) -> None: ...
 
 
-@implementer(ISSLTransport, INegotiated, IConsumer, IPushProducer)
+@implementer(
+    ISSLTransport, INegotiated, IConsumer, IPushProducer, IHalfCloseableProtocol
+)
 class TLSServerProtocol(Protocol):
     """
     The server side of TLS on one accepted connection: the TCP transport's
@@ -168,6 +177,9 @@ class TLSServerProtocol(Protocol):
     _handshake_done = False
     # The peer's close_notify arrived, or TLS failed: nothing more to read.
     _lost_tls = False
+    #: The peer's close_notify arrived and was delivered to the application
+    #: as ``readConnectionLost``: we may still write.
+    _peer_eof = False
     _reason: Failure | None = None
     _producer: IProducer | None = None
     _tracker: _Tracker | None = None
@@ -231,7 +243,7 @@ class TLSServerProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         tls = self._tls
-        if tls is None or self._lost_tls:
+        if tls is None or self._lost_tls or self._peer_eof:
             return
         tls.bio_write(data)
         if not self._handshake_done:
@@ -261,12 +273,14 @@ class TLSServerProtocol(Protocol):
 
     def _read(self) -> None:
         tls = self._tls
-        while not self._lost_tls and tls is not None:
+        while not self._lost_tls and not self._peer_eof and tls is not None:
             try:
                 data = tls.recv(_RECV_SIZE)
             except SSL.WantReadError:
                 break
             except SSL.ZeroReturnError:
+                if self._half_closed():
+                    break
                 self._peer_closed()
                 return
             except SSL.Error:
@@ -280,6 +294,10 @@ class TLSServerProtocol(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._reason is not None:
             reason = self._reason
+        elif self._peer_eof:
+            reason = Failure(  # type: ignore[no-untyped-call]
+                ConnectionDone("the peer sent a TLS close_notify")
+            )
         elif not self._lost_tls:
             # The TCP connection ended without the peer's close_notify: a
             # truncation, not a clean end (as Twisted reports it).
@@ -322,6 +340,38 @@ class TLSServerProtocol(Protocol):
         # OpenSSL's alert, then the end of the TCP connection.
         self._flush(_FLUSH_SIZE)
         self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _half_closed(self) -> bool:
+        """
+        The peer's close_notify as the end of its direction only, when the
+        application can take that (and has not closed its own side).
+        """
+        wrapped = self.wrappedProtocol
+        if (
+            self.disconnecting
+            or self._aborted
+            or not IHalfCloseableProtocol.providedBy(wrapped)
+        ):
+            return False
+        self._peer_eof = True
+        wrapped.readConnectionLost()
+        return True
+
+    # -- IHalfCloseableProtocol, towards the TCP transport --------------------
+
+    def readConnectionLost(self) -> None:
+        """
+        The TCP connection's FIN.  After the peer's close_notify it is the
+        end of a half-closed direction: our side may still write (or is
+        already closing, after what it had to send).  Before, it is a
+        truncation, and the connection ends (as a TCP transport ends a
+        protocol that cannot half-close).
+        """
+        if not (self._peer_eof or self._lost_tls):
+            self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def writeConnectionLost(self) -> None:
+        pass
 
     def _peer_closed(self) -> None:
         self._lost_tls = True

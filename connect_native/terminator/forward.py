@@ -12,11 +12,15 @@ connection (the *front*) is joined to a connection the forwarder dials (the
   direction towards the other side, and the opposite direction keeps
   flowing until it ends too.  On a plaintext TCP connection that is
   ``loseWriteConnection()`` (TCP FIN) and ``IHalfCloseableProtocol`` on the
-  way in.  On a TLS connection, Twisted's public API allows one direction:
-  ``loseConnection()`` sends ``close_notify`` and keeps reading until the
-  peer answers with its own; a ``close_notify`` *received* makes Twisted
-  close the whole TLS connection, which the forwarder sees as the end of
-  that connection (see ``docs/terminator.rst``).
+  way in.  On a TLS connection it is ``close_notify`` (TLS 1.3 closes one
+  direction with it, RFC 8446 section 6.1): ``loseConnection()`` (or
+  ``loseWriteConnection()``) sends it and keeps reading until the peer
+  answers with its own, and a ``close_notify`` *received* is
+  ``readConnectionLost()``, both with the terminator's TLS transport and
+  with Twisted's (connect_native's ``HalfCloseTLS``).  So a client that
+  writes its request and shuts its write side gets the whole reply, through
+  an upstream and through the public listener alike (see
+  ``docs/terminator.rst``).
 - **No Nagle**: every connection the forwarder touches (accepted,
   dialled, and the TCP connection under a TLS one) gets ``TCP_NODELAY``,
   as nginx's stream module does: a forwarder's small answer must not wait
@@ -53,7 +57,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import alsoProvides, implementer
 
 from connect_native import _logging
 from connect_native._checks import positive_seconds, whole_number
@@ -210,6 +214,7 @@ class ConnectionTracker:
         self.open: set[_Tracked] = set()
         self.draining = False
         self._drained: Waiters[None] = Waiters()
+        self._drain_deadline: IDelayedCall | None = None
 
     def __len__(self) -> int:
         return len(self.open)
@@ -245,6 +250,18 @@ class ConnectionTracker:
         if not self.open and self._drained:
             self._drained.fire(None)
 
+    def hurry(self) -> int:
+        """
+        End a drain now (a second SIGTERM): abort the connections still
+        open at once instead of at the drain's deadline.  Returns how many
+        were open.
+        """
+        timer = self._drain_deadline
+        if timer is None or not timer.active():
+            return 0
+        timer.reset(0)
+        return len(self.open)
+
     def drain(self, timeout: float) -> Deferred[int]:
         """
         Refuse new connections from now on, wait for the open ones to close
@@ -278,7 +295,7 @@ class ConnectionTracker:
             self.unauthorized.clear()
             self._drained.fire(None)
 
-        timer = self.clock.callLater(timeout, deadline)
+        timer = self._drain_deadline = self.clock.callLater(timeout, deadline)
 
         def done(_: object) -> int:
             if timer.active():
@@ -299,7 +316,18 @@ class _Tracked(ProtocolWrapper):
         self.factory.tracker._add(self)
         # From the accept on, so that no TLS handshake flight waits either.
         set_no_delay(self.transport)
+        if IHalfCloseableProtocol.providedBy(self.wrappedProtocol):
+            # ProtocolWrapper declares only its transport's interfaces: without
+            # this, TCP would end the whole connection at the client's FIN,
+            # and a half-closed client would never get its reply.
+            alsoProvides(self, IHalfCloseableProtocol)
         super().connectionMade()  # type: ignore[no-untyped-call]
+
+    def readConnectionLost(self) -> None:
+        self.wrappedProtocol.readConnectionLost()  # type: ignore[attr-defined]
+
+    def writeConnectionLost(self) -> None:
+        self.wrappedProtocol.writeConnectionLost()  # type: ignore[attr-defined]
 
     def abort(self) -> None:
         transport: Any = self.transport
@@ -422,8 +450,10 @@ def _close_write(transport: Any) -> None:
     it: ``close_notify`` on TLS, a FIN on plain TCP.
     """
     if _is_tls(transport):
-        # TLSMemoryBIOProtocol.loseConnection sends close_notify and waits
-        # for the peer's, delivering what the peer still sends meanwhile.
+        # Sends close_notify and waits for the peer's, delivering what the
+        # peer still sends meanwhile (on Twisted's transport too: a
+        # loseWriteConnection of a TLSMemoryBIOProtocol that is not
+        # connect_native's would be a FIN under TLS).
         transport.loseConnection()
     elif hasattr(transport, "loseWriteConnection"):
         transport.loseWriteConnection()

@@ -34,6 +34,9 @@ __all__ = [
     "Upstream",
     "consul_client",
     "parse_upstream",
+    "read_allow_ids",
+    "read_log_level",
+    "read_token",
     "split_description",
     "with_default_backlog",
 ]
@@ -135,7 +138,8 @@ class Settings:
     identity: FilesIdentity | None = None
     #: The text of ``--identity``, passed on to workers.
     identity_text: str = "agent"
-    #: With ``--authorize allow-ids``: the SPIFFE IDs allowed.
+    #: With ``--authorize allow-ids``: the SPIFFE IDs allowed (``--allow-id``
+    #: and ``--allow-ids-file`` both).
     allow_ids: tuple[str, ...] = ()
     #: How the registered check probes ``--to``: ``"tcp"``, ``"http"``
     #: (``to_check_path``) or ``None`` (it does not).
@@ -147,6 +151,13 @@ class Settings:
     check_interval: float = 5.0
     deregister_critical_after: float | None = None
     log_format: str = "text"
+    #: What SIGHUP reads again: ``--token-file``, ``--log-level-file``,
+    #: ``--allow-ids-file``.
+    token_file: str | None = None
+    log_level_file: str | None = None
+    allow_ids_file: str | None = None
+    #: The ``--allow-id`` values alone (a reload adds the file's to them).
+    allow_id_options: tuple[str, ...] = ()
 
 
 def split_description(description: str) -> list[str]:
@@ -394,9 +405,10 @@ class Options(usage.Options):
         [
             "log-level",
             None,
-            "info",
+            None,
             "connect_native's events below this level are not logged: debug, "
-            "info, warn, error or critical (twistd itself shows every level)",
+            "info (the default), warn, error or critical (twistd itself shows "
+            "every level)",
         ],
         ["handshake-timeout", None, "10", "seconds a client has for the TLS handshake"],
         [
@@ -447,6 +459,21 @@ class Options(usage.Options):
             "text",
             "text (twistd's lines) or json (one JSON object a line, twistd's "
             "own lines included); ignored with twistd's --logger or --syslog",
+        ],
+        [
+            "log-level-file",
+            None,
+            None,
+            "a file holding the log level (one of those of --log-level), read "
+            "at start and again on SIGHUP; not with --log-level",
+        ],
+        [
+            "allow-ids-file",
+            None,
+            None,
+            "with --authorize allow-ids, a file of SPIFFE IDs allowed to "
+            "connect, one a line ('#' comments), read at start and again on "
+            "SIGHUP",
         ],
     ]
     optFlags: list[list[Any]] = [
@@ -626,10 +653,18 @@ class Options(usage.Options):
             _check_client_description("--to", self["to"])
         _check_server_description("--listen", listen)
         _option(_checks.one_of, "--authorize", self["authorize"], AUTHORIZERS)
-        if self["authorize"] == "allow-ids" and not self["allow-id"]:
+        allow_ids_file = self["allow-ids-file"]
+        from_file: tuple[str, ...] = ()
+        if allow_ids_file is not None:
+            if self["authorize"] != "allow-ids":
+                raise usage.UsageError(
+                    "--allow-ids-file goes with --authorize allow-ids"
+                )
+            from_file = _option(read_allow_ids, allow_ids_file)
+        if self["authorize"] == "allow-ids" and not (self["allow-id"] or from_file):
             raise usage.UsageError(
                 "--authorize allow-ids needs at least one --allow-id URI (a "
-                "SPIFFE ID allowed to connect)"
+                "SPIFFE ID allowed to connect) or an --allow-ids-file holding one"
             )
         if self["allow-id"] and self["authorize"] != "allow-ids":
             raise usage.UsageError("--allow-id goes with --authorize allow-ids")
@@ -655,7 +690,16 @@ class Options(usage.Options):
         authorize_cache = _cache_seconds(self["authorize-cache"])
         workers = _workers(self["workers"])
         buffer_size = _whole_option("--buffer-size", self["buffer-size"], 4096, "bytes")
-        log_level = _log_level(self["log-level"])
+        log_level_file = self["log-level-file"]
+        if log_level_file is not None:
+            if self["log-level"] is not None:
+                raise usage.UsageError(
+                    "--log-level and --log-level-file cannot both be used: the "
+                    "file's level is the one SIGHUP reloads"
+                )
+            log_level = _option(read_log_level, log_level_file)
+        else:
+            log_level = _log_level(self["log-level"] or "info")
         _option(
             _checks.one_of,
             "--tls-transport",
@@ -692,7 +736,7 @@ class Options(usage.Options):
                     "--token-file cannot be used with --dev or --demo (the "
                     "development agent has no ACLs)"
                 )
-            token = _read_token(self["token-file"])
+            token = _option(read_token, self["token-file"])
         if not dev:
             _check_consul(self["consul"], token)
         self.settings = Settings(
@@ -724,7 +768,11 @@ class Options(usage.Options):
             tls_transport=self["tls-transport"],
             identity=identity,
             identity_text=self["identity"],
-            allow_ids=tuple(self["allow-id"]),
+            allow_ids=_unique((*self["allow-id"], *from_file)),
+            token_file=self["token-file"],
+            log_level_file=log_level_file,
+            allow_ids_file=allow_ids_file,
+            allow_id_options=tuple(self["allow-id"]),
             to_check=to_check,
             to_check_path=to_check_path,
             tags=tuple(self["tag"]),
@@ -826,16 +874,71 @@ def _check_workers(listen: str, demo: bool, to: str | None, workers: int) -> Non
         )
 
 
-def _read_token(path: str) -> str:
+def _read_text(option: str, path: str) -> str:
     try:
         with open(path, encoding="utf-8") as f:
-            token = f.read().strip()
+            return f.read()
     except (OSError, UnicodeDecodeError) as e:
         why = getattr(e, "strerror", None) or type(e).__name__
-        raise usage.UsageError(f"--token-file: cannot read {path!r}: {why}") from None
+        raise ValueError(f"{option}: cannot read {path!r}: {why}") from None
+
+
+def read_token(path: str) -> str:
+    """
+    The ACL token in ``path`` (``--token-file``).
+
+    :raises ValueError: with a one-line reason naming the option.
+    """
+    token = _read_text("--token-file", path).strip()
     if not token:
-        raise usage.UsageError(f"--token-file: {path!r} is empty")
+        raise ValueError(f"--token-file: {path!r} is empty")
     return token
+
+
+def read_log_level(path: str) -> str:
+    """
+    The log level in ``path`` (``--log-level-file``): one word, a name of
+    ``--log-level``.
+
+    :raises ValueError: with a one-line reason naming the option.
+    """
+    text = _read_text("--log-level-file", path).strip().lower()
+    if text not in LOG_LEVELS:
+        shown = text if len(text) <= 40 else text[:40] + "..."
+        raise ValueError(
+            f"--log-level-file: {path!r} holds {shown!r}, not one of "
+            f"{', '.join(LOG_LEVELS)}"
+        )
+    return text
+
+
+def read_allow_ids(path: str) -> tuple[str, ...]:
+    """
+    The SPIFFE IDs in ``path`` (``--allow-ids-file``): one a line; blank
+    lines and what follows a ``#`` are ignored.  No ID at all is allowed
+    (then only the ``--allow-id`` options allow anyone).
+
+    :raises ValueError: with a one-line reason naming the option, the file
+        and the line.
+    """
+    from connect_native.authorize import AllowedId, InvalidAllowedId
+
+    found: list[str] = []
+    text = _read_text("--allow-ids-file", path)
+    for number, line in enumerate(text.splitlines(), 1):
+        value = line.split("#", 1)[0].strip()
+        if not value:
+            continue
+        try:
+            AllowedId.parse(value)
+        except InvalidAllowedId as e:
+            raise ValueError(f"--allow-ids-file: {path!r} line {number}: {e}") from None
+        found.append(value)
+    return _unique(found)
+
+
+def _unique(values: Any) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(values))
 
 
 def consul_client(reactor: Any, address: str | None, token: str | None) -> Any:

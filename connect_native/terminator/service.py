@@ -7,15 +7,26 @@ authorizer and the process's :class:`~connect_native.service.ConnectService`
 for ``--service``; listens on ``--listen`` with the public Connect endpoint
 (carried by the terminator's own TLS transport unless ``--tls-transport
 twisted``) and on each ``--upstream``; starts the ``--workers``; registers
-the instance; and, with ``--demo``, makes the demo's round trip.  On stop it
-undoes all of it in order, draining open connections for
-``--shutdown-timeout``.
+the instance; and, with ``--demo``, makes the demo's round trip.  On stop
+(SIGTERM, SIGINT) it deregisters first, then stops accepting and drains open
+connections for ``--shutdown-timeout`` (a second signal aborts them at
+once), then undoes the rest.
+
+Under twistd (``makeService``) it also handles SIGHUP, which reloads what
+can change without a restart (:meth:`Terminator.reload`: the token file, the
+log level file, the allow-ids file, the identity files) and passes the
+signal on to the workers, and SIGUSR1, which is logged and otherwise ignored
+unless twistd rotates its log file with it: their default action would
+kill the process without deregistering it.  It takes SIGTERM and SIGINT
+over from the reactor, so that a clean stop exits 0 and a second signal
+aborts the drain.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -41,16 +52,21 @@ from connect_native.terminator.forward import (
     TrackedEndpoint,
 )
 from connect_native.terminator.options import (
+    LOG_LEVELS,
     Options,
     Settings,
     Upstream,
     consul_client,
+    read_allow_ids,
+    read_log_level,
+    read_token,
     with_default_backlog,
 )
 from connect_native.terminator.workers import (
     ParentWatch,
     ReusePortEndpoint,
     WorkerProcess,
+    signal_workers,
     start_workers,
     stop_workers,
 )
@@ -108,6 +124,12 @@ class Terminator(Service):
         default stops the reactor and makes the process exit with it.
     :param consul_client: the agent's client (default: made from the
         settings, or the development agent's).
+    :param handle_signals: install handlers for SIGHUP (:meth:`reload`),
+        SIGUSR1 (logged, ignored), SIGTERM and SIGINT (stop; a second one
+        aborts the drain) in this process, and put the ones before back on
+        stop.  What twistd's ``makeService`` does; off by default,
+        so that a Terminator made in a test leaves its process's signals
+        alone.
     """
 
     def __init__(
@@ -117,8 +139,12 @@ class Terminator(Service):
         *,
         on_finished: Callable[[int], object] | None = None,
         consul_client: Any = None,
+        handle_signals: bool = False,
     ) -> None:
         self.settings = settings
+        self.handle_signals = handle_signals
+        self._signals_before: dict[int, Any] = {}
+        self._allow_ids: Any = None
         self.reactor = reactor
         self.on_finished = (
             on_finished
@@ -165,6 +191,8 @@ class Terminator(Service):
             service=self.settings.service,
             version=__version__,
         )
+        if self.handle_signals:
+            self._install_signals()
         self._starting = ensureDeferred(self._start())
         self._starting.addCallbacks(self._start_done, self._start_failed)
 
@@ -305,7 +333,8 @@ class Terminator(Service):
         from connect_native.authorize import AgentAuthorizer, AllowIdsAuthorizer
 
         if self.settings.authorize == "allow-ids":
-            return AllowIdsAuthorizer(self.settings.allow_ids)
+            self._allow_ids = AllowIdsAuthorizer(self.settings.allow_ids)
+            return self._allow_ids
         if self.settings.authorize == "intentions":
             from connect_native.authorize_intentions import IntentionAuthorizer
 
@@ -461,6 +490,186 @@ class Terminator(Service):
         )
         self.on_finished(0)
 
+    # -- signals and reloading ------------------------------------------------
+
+    def _install_signals(self) -> None:
+        """SIGHUP reloads, SIGUSR1 is logged; on the reactor's thread."""
+        self._handle(signal.SIGHUP, self._sighup)
+        usr1 = signal.getsignal(signal.SIGUSR1)
+        if usr1 in (signal.SIG_DFL, None):
+            # twistd sets SIGUSR1 to rotate its log file when it writes one:
+            # that one stays.
+            self._handle(signal.SIGUSR1, self._sigusr1)
+        # The reactor installs its SIGTERM and SIGINT handlers as it starts
+        # running; ours replace them then.
+        self.reactor.callWhenRunning(self._install_stop_signals)
+
+    def _install_stop_signals(self) -> None:
+        if not self.running:
+            return
+        self._handle(signal.SIGTERM, self._stop_signal)
+        self._handle(signal.SIGINT, self._stop_signal)
+
+    def _stop_signal(self, signum: int) -> None:
+        """
+        SIGTERM or SIGINT: stop the reactor, which stops the service (as
+        the reactor's own handlers do, but a clean stop then exits 0, not
+        by the signal); a second one while stopping cuts the drain short.
+        """
+        name = signal.Signals(signum).name
+        if not self.running:
+            self._second_stop_signal(name)
+            return
+        log.info(
+            "connect-native {service}: {name}: deregistering, then draining "
+            "open connections for at most {timeout:g}s (--shutdown-timeout; "
+            "{name} again aborts them)",
+            service=self.settings.service,
+            name=name,
+            timeout=self.settings.shutdown_timeout,
+        )
+        if self.reactor.running:
+            self.reactor.stop()
+
+    def _handle(self, number: int, handler: Callable[[int], object]) -> None:
+        reactor = self.reactor
+
+        def handle(signum: int, frame: object) -> None:
+            reactor.callFromThread(handler, signum)
+
+        before = signal.signal(number, handle)
+        self._signals_before.setdefault(number, before)
+
+    def _restore_signals(self) -> None:
+        before, self._signals_before = self._signals_before, {}
+        for number, handler in before.items():
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+
+    def _sighup(self, signum: int) -> None:
+        if not self.running:
+            log.info(
+                "connect-native {service}: SIGHUP while stopping: ignored",
+                service=self.settings.service,
+            )
+            return
+        self.reload("SIGHUP")
+        passed = signal_workers(self.workers, "HUP")
+        if passed:
+            log.info(
+                "connect-native {service}: SIGHUP passed on to {count} workers",
+                service=self.settings.service,
+                count=passed,
+            )
+
+    def _sigusr1(self, signum: int) -> None:
+        log.info(
+            "connect-native {service}: SIGUSR1: nothing to do (twistd rotates "
+            "its log file on SIGUSR1 when it writes one, with --logfile; "
+            "SIGHUP reloads)",
+            service=self.settings.service,
+        )
+
+    def _second_stop_signal(self, name: str) -> None:
+        open_now = self.tracker.hurry()
+        signal_workers(self.workers, "TERM")
+        log.warn(
+            "connect-native {service}: {name} while stopping: aborting the "
+            "{count} connections still open now",
+            service=self.settings.service,
+            name=name,
+            count=open_now,
+        )
+
+    def reload(self, why: str = "reload") -> list[str]:
+        """
+        Read again what can change without a restart, and use it: the token
+        file (``--token-file``, else ``CONSUL_HTTP_TOKEN_FILE``), the log
+        level file (``--log-level-file``), the allowed IDs file
+        (``--allow-ids-file``: the open connections are decided again unless
+        ``--keep-open-on-deny``) and the identity files (``--identity
+        files:...``, read now without waiting for them to hold still).  What
+        cannot be read or used is logged and the value before is kept; an
+        allow-ids file with no ID left allows only the ``--allow-id``
+        options (none: no one).
+
+        :returns: the lines logged, one per thing reloaded.
+        """
+        settings = self.settings
+        prefix = f"connect-native {settings.service}: {why}"
+        done: list[str] = []
+
+        def say(text: str, level: LogLevel = LogLevel.info) -> None:
+            done.append(text)
+            log.emit(level, "{prefix}: {text}", prefix=prefix, text=text)
+
+        token_file = settings.token_file
+        if token_file is None and not settings.dev:
+            token_file = os.environ.get("CONSUL_HTTP_TOKEN_FILE") or None
+        if token_file is not None and self.client is not None:
+            try:
+                token = read_token(token_file)
+            except ValueError as e:
+                say(f"kept the ACL token in use: {e}", LogLevel.error)
+            else:
+                if self.client.set_token(token):
+                    say(f"a new ACL token from {token_file} is in use")
+                else:
+                    say(f"the ACL token in {token_file} is unchanged")
+        if settings.allow_ids_file is not None and self._allow_ids is not None:
+            self._reload_allow_ids(settings.allow_ids_file, say)
+        source = None
+        if settings.identity is not None and self.connect_service is not None:
+            source = self.connect_service.identity_source
+        if source is not None and callable(getattr(source, "reload", None)):
+            say(f"identity files read again: {source.reload()}")
+        if settings.log_level_file is not None:
+            self._reload_log_level(settings.log_level_file, say)
+        if not done:
+            say(
+                "nothing to reload (SIGHUP reloads --token-file, "
+                "--log-level-file, --allow-ids-file and --identity files)"
+            )
+        return done
+
+    def _reload_allow_ids(self, path: str, say: Callable[..., None]) -> None:
+        try:
+            from_file = read_allow_ids(path)
+        except ValueError as e:
+            say(f"kept the allowed IDs in use: {e}", LogLevel.error)
+            return
+        allowed = tuple(dict.fromkeys((*self.settings.allow_id_options, *from_file)))
+        before = tuple(str(a) for a in self._allow_ids.allowed)
+        if allowed == before:
+            say(f"the allowed IDs in {path} are unchanged ({len(allowed)} allowed)")
+            return
+        self._allow_ids.replace(allowed)
+        if not allowed:
+            say(
+                f"no ID is allowed any more ({path} holds none): every "
+                "connection is refused",
+                LogLevel.warn,
+            )
+            return
+        say(
+            f"{len(allowed)} IDs allowed now ({len(from_file)} from {path}), "
+            f"{len(before)} before"
+        )
+
+    def _reload_log_level(self, path: str, say: Callable[..., None]) -> None:
+        try:
+            name = read_log_level(path)
+        except ValueError as e:
+            say(f"kept the log level in use: {e}", LogLevel.error)
+            return
+        level = LogLevel.levelWithName(name)
+        before = _logging.set_log_level(level)
+        # Said at the new level when it is above info, so that it shows.
+        shown = max(LOG_LEVELS.index(name), LOG_LEVELS.index("info"))
+        say(
+            f"log level {name} (from {path}, {before.name} before)",
+            LogLevel.levelWithName(LOG_LEVELS[shown]),
+        )
+
     # -- stopping -------------------------------------------------------------
 
     def stopService(self) -> Deferred[None]:
@@ -471,6 +680,7 @@ class Terminator(Service):
             if self._log_level_before is not None:
                 _logging.set_log_level(self._log_level_before)
                 self._log_level_before = None
+            self._restore_signals()
             return result
 
         return stopping.addBoth(level_back)
@@ -480,11 +690,13 @@ class Terminator(Service):
         if starting is not None:
             starting.cancel()
         settings = self.settings
-        stopping: list[Deferred[Any]] = []
         if self.registration is not None:
-            stopping.append(maybeDeferred(self.registration.stopService))
+            # Deregistered first (bounded by the registration's own timeout):
+            # callers stop choosing this instance before it stops accepting.
+            await maybeDeferred(self.registration.stopService)
         if self.backend_probe is not None:
             self.backend_probe.stopService()
+        stopping: list[Deferred[Any]] = []
         for name, port in self.ports.items():
             log.info("connect-native: stopped accepting on {name}", name=name)
             stopping.append(maybeDeferred(port.stopListening))
@@ -526,4 +738,4 @@ def makeService(config: Options) -> Terminator:
         config.postOptions()
         settings = config.settings
     assert settings is not None
-    return Terminator(settings, reactor)
+    return Terminator(settings, reactor, handle_signals=True)

@@ -42,6 +42,7 @@ __all__ = [
     "ParentWatch",
     "ReusePortEndpoint",
     "WorkerProcess",
+    "signal_workers",
     "start_workers",
     "stop_workers",
     "worker_arguments",
@@ -178,11 +179,22 @@ def worker_arguments(settings: Settings, port: int, consul: str | None) -> list[
     if settings.keep_open_on_deny:
         arguments.append("--keep-open-on-deny")
     arguments += ["--buffer-size", str(settings.buffer_size)]
-    arguments += ["--log-level", settings.log_level]
+    # The files SIGHUP reloads, by name: each worker reloads them itself.
+    if settings.log_level_file is not None:
+        arguments += ["--log-level-file", settings.log_level_file]
+    else:
+        arguments += ["--log-level", settings.log_level]
     arguments += ["--tls-transport", settings.tls_transport]
     arguments += ["--identity", settings.identity_text]
-    for allowed in settings.allow_ids:
+    if settings.allow_ids_file is not None:
+        arguments += ["--allow-ids-file", settings.allow_ids_file]
+        allowed_ids = settings.allow_id_options
+    else:
+        allowed_ids = settings.allow_ids
+    for allowed in allowed_ids:
         arguments += ["--allow-id", allowed]
+    if settings.token_file is not None:
+        arguments += ["--token-file", settings.token_file]
     if consul is not None:
         arguments += ["--consul", consul]
     if settings.log_format != "text":
@@ -258,7 +270,7 @@ def start_workers(
     their agent at ``consul``.
     """
     environment = dict(os.environ)
-    if settings.token is not None:
+    if settings.token is not None and settings.token_file is None:
         # The environment, not the command line, which anyone can read.
         environment.pop("CONSUL_HTTP_TOKEN_FILE", None)
         environment["CONSUL_HTTP_TOKEN"] = settings.token
@@ -285,6 +297,23 @@ def start_workers(
         port=port,
     )
     return workers
+
+
+def signal_workers(workers: list[WorkerProcess], name: str) -> int:
+    """
+    Send signal ``name`` (``"HUP"``, ``"TERM"``) to the workers still
+    running; how many got it.
+    """
+    sent = 0
+    for worker in workers:
+        if worker.ended.called:
+            continue
+        try:
+            worker.transport.signalProcess(name)  # type: ignore[union-attr]
+        except ProcessExitedAlready:
+            continue
+        sent += 1
+    return sent
 
 
 async def stop_workers(
