@@ -335,7 +335,7 @@ class ConsulResolver:
         the first failure rather than from the last answer because a
         blocking read held by the agent (up to ``wait``) keeps the answer
         current: the agent would have answered any change.  The default is
-        :class:`~connect_native.authorize_intentions.IntentionAuthorizer`'s,
+        :class:`~connect_native.authorize.intentions.IntentionAuthorizer`'s,
         so that through an agent outage a client keeps dialing for as long
         as a server keeps deciding (long enough for an agent restart), and
         no longer: past it, instances deregistered or failing meanwhile

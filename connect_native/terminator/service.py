@@ -274,7 +274,7 @@ class Terminator(Service):
         if self.settings.authorize == "allow-ids":
             return AllowIdsAuthorizer(self.settings.allow_ids)
         if self.settings.authorize == "intentions":
-            from connect_native.authorize_intentions import IntentionAuthorizer
+            from connect_native.authorize.intentions import IntentionAuthorizer
 
             authorizer = IntentionAuthorizer(
                 self.client, self.reactor, self.settings.service, default="agent"

@@ -12,7 +12,7 @@ within a round trip.  ``blocking=False`` polls the match every
 (``ServiceIntentionsConfigEntry.ToIntention`` copies them), so no separate
 read of the ``service-intentions`` config entry is needed; 1.8.7 has none.
 
-The decision rules are those of :mod:`connect_native.intentions`.
+The decision rules are those of :mod:`connect_native.authorize.rules`.
 """
 
 from __future__ import annotations
@@ -40,10 +40,7 @@ from connect_native.authorize import (
     Peer,
     remember_bounded,
 )
-from connect_native.consul.blocking import Watch
-from connect_native.consul.records import AuthorizeResult, Indexed, Intention
-from connect_native.identity import ServiceIdentity
-from connect_native.intentions import (
+from connect_native.authorize.rules import (
     DEFAULT_SOURCE,
     CompiledIntentions,
     HeadersLike,
@@ -53,6 +50,9 @@ from connect_native.intentions import (
     decide_connection,
     decide_http,
 )
+from connect_native.consul.blocking import Watch
+from connect_native.consul.records import AuthorizeResult, Indexed, Intention
+from connect_native.identity import ServiceIdentity
 
 __all__ = ["IntentionAuthorizer", "IntentionsClient"]
 

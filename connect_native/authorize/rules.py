@@ -2,7 +2,7 @@
 Consul intentions decided locally: precedence, matching, and the L7 (HTTP)
 permission semantics, as pure functions over the records of
 :mod:`connect_native.consul.records`.  No I/O here; the authorizer that keeps
-the intentions cached lives in :mod:`connect_native.authorize_intentions`.
+the intentions cached lives in :mod:`connect_native.authorize.intentions`.
 
 The rules, read from Consul's source (not from any development agent):
 
