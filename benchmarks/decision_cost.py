@@ -44,7 +44,7 @@ from twisted.internet import reactor as _reactor  # noqa: E402
 from twisted.internet.defer import Deferred, ensureDeferred  # noqa: E402
 
 from connect_native.authorize import AgentAuthorizer, Peer  # noqa: E402
-from connect_native.authorize_intentions import IntentionAuthorizer  # noqa: E402
+from connect_native.authorize.intentions import IntentionAuthorizer  # noqa: E402
 from connect_native.consul.client import ConsulClient  # noqa: E402
 from connect_native.identity import ServiceIdentity  # noqa: E402
 

@@ -19,7 +19,7 @@ from connect_native._version import __version__
 
 if TYPE_CHECKING:
     from connect_native.authorize import AgentAuthorizer, IAuthorizer
-    from connect_native.authorize_intentions import IntentionAuthorizer
+    from connect_native.authorize.intentions import IntentionAuthorizer
     from connect_native.client import ConnectClientEndpoint
     from connect_native.consul.client import ConsulClient
     from connect_native.errors import (
@@ -76,7 +76,7 @@ _LAZY = {
     "ConsulClient": "connect_native.consul.client",
     "IAuthorizer": "connect_native.authorize",
     "AgentAuthorizer": "connect_native.authorize",
-    "IntentionAuthorizer": "connect_native.authorize_intentions",
+    "IntentionAuthorizer": "connect_native.authorize.intentions",
     "AllInstancesFailed": "connect_native.errors",
     "CertManagerStopped": "connect_native.errors",
     "CertificateNotReady": "connect_native.errors",

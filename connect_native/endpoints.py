@@ -611,7 +611,7 @@ class ConnectStringServerEndpoint:
     What ``serverFromString(reactor, "connect:...")`` returns: a
     :class:`~connect_native.server.ConnectServerEndpoint` over the described
     endpoint, plus what the description asks to run while it listens: the
-    :class:`~connect_native.authorize_intentions.IntentionAuthorizer`
+    :class:`~connect_native.authorize.intentions.IntentionAuthorizer`
     (``authorize=intentions``) and the
     :class:`~connect_native.registration.Registration` (``register=yes``).
 
@@ -641,7 +641,7 @@ class ConnectStringServerEndpoint:
 
             self.authorizer = AllowIdsAuthorizer(description.allow_ids)
         elif description.authorize == "intentions":
-            from connect_native.authorize_intentions import IntentionAuthorizer
+            from connect_native.authorize.intentions import IntentionAuthorizer
 
             # No matching intention: ask the agent, which applies the ACL
             # default policy exactly as Consul's own proxies see it.

@@ -30,8 +30,8 @@ from zope.interface import implementer
 
 from connect_native import _logging
 from connect_native.authorize import Decision, IDecidesEachRequest, Peer
+from connect_native.authorize.rules import HeadersLike
 from connect_native.identity import ServiceIdentity
-from connect_native.intentions import HeadersLike
 from connect_native.server import NotAConnectConnection
 from connect_native.server import peer_identity as _connection_peer_identity
 from connect_native.tls import verified_peer

@@ -27,13 +27,13 @@ from twisted.web.iweb import IRequest
 from twisted.web.server import Site
 
 import connect_native.http
+from connect_native.authorize.rules import compile_intentions, decide_http
 from connect_native.consul.client import ConsulClient
 from connect_native.consul.records import (
     IntentionHTTPHeaderPermission,
     IntentionPermission,
     decode_intentions,
 )
-from connect_native.intentions import compile_intentions, decide_http
 from connect_native.web import protect
 from tests.agents import AgentUnderTest, serve_dev_agent
 from tests.test_devagent_support import Harness

@@ -34,7 +34,7 @@ from twisted.plugin import getPlugins
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from connect_native.authorize_intentions import IntentionAuthorizer
+from connect_native.authorize.intentions import IntentionAuthorizer
 from connect_native.client import ConnectClientEndpoint
 from connect_native.consul.client import ConsulClient
 from connect_native.devagent import DevAgent

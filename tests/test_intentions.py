@@ -1,5 +1,5 @@
 """
-The pure intention rules of connect_native.intentions: Consul's precedence,
+The pure intention rules of connect_native.authorize.rules: Consul's precedence,
 the first matching intention deciding, and L7 permission matching.
 
 The case tables are our own, written from Consul's source: precedence from
@@ -17,14 +17,7 @@ import re
 import pytest
 from twisted.web.http_headers import Headers
 
-from connect_native.consul.records import (
-    Intention,
-    IntentionHTTPHeaderPermission,
-    IntentionHTTPPermission,
-    IntentionPermission,
-)
-from connect_native.identity import ServiceIdentity
-from connect_native.intentions import (
+from connect_native.authorize.rules import (
     DEFAULT_SOURCE,
     L7_SOURCE,
     MATCH_SOURCE,
@@ -40,6 +33,13 @@ from connect_native.intentions import (
     matches_source,
     validate_permission,
 )
+from connect_native.consul.records import (
+    Intention,
+    IntentionHTTPHeaderPermission,
+    IntentionHTTPPermission,
+    IntentionPermission,
+)
+from connect_native.identity import ServiceIdentity
 
 TD = "11111111-2222-3333-4444-555555555555.consul"
 

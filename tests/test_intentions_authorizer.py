@@ -15,7 +15,8 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
 from connect_native.authorize import Decision, IAuthorizer, Peer
-from connect_native.authorize_intentions import IntentionAuthorizer
+from connect_native.authorize.intentions import IntentionAuthorizer
+from connect_native.authorize.rules import DEFAULT_SOURCE, L7_SOURCE, MATCH_SOURCE
 from connect_native.consul.records import (
     AuthorizeResult,
     Indexed,
@@ -24,7 +25,6 @@ from connect_native.consul.records import (
     IntentionPermission,
 )
 from connect_native.identity import ServiceIdentity
-from connect_native.intentions import DEFAULT_SOURCE, L7_SOURCE, MATCH_SOURCE
 
 TD = "11111111-2222-3333-4444-555555555555.consul"
 

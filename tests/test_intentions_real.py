@@ -23,7 +23,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 
 from connect_native.authorize import Peer
-from connect_native.authorize_intentions import IntentionAuthorizer
+from connect_native.authorize.intentions import IntentionAuthorizer
+from connect_native.authorize.rules import compile_intentions, decide_connection
 from connect_native.consul.client import ConsulClient
 from connect_native.consul.records import (
     Intention,
@@ -31,7 +32,6 @@ from connect_native.consul.records import (
     decode_intentions_match,
 )
 from connect_native.identity import ServiceIdentity
-from connect_native.intentions import compile_intentions, decide_connection
 from tests.consul_agent import RealConsulAgent
 from tests.test_devagent_support import Harness
 

@@ -21,7 +21,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogEvent, capturedLogs
 
 from connect_native.authorize import AgentAuthorizer, Decision, INotifiesChanges
-from connect_native.authorize_intentions import IntentionAuthorizer
+from connect_native.authorize.intentions import IntentionAuthorizer
 from connect_native.consul.records import AuthorizeResult
 from connect_native.recheck import INTENTIONS_CHANGED, ROOTS_CHANGED
 from connect_native.testing import CertificateFactory, FakeAuthorizer, FakeBundleSource

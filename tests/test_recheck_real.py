@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from connect_native.authorize import AgentAuthorizer, IAuthorizer
-from connect_native.authorize_intentions import IntentionAuthorizer
+from connect_native.authorize.intentions import IntentionAuthorizer
 from connect_native.consul.client import ConsulClient
 from connect_native.identity import ServiceIdentity
 from connect_native.server import ConnectServerEndpoint

@@ -36,7 +36,8 @@ from twisted.web.server import Request, Site
 from twisted.web.test.requesthelper import DummyRequest
 
 from connect_native.authorize import AgentAuthorizer, Decision, Peer
-from connect_native.authorize_intentions import IntentionAuthorizer
+from connect_native.authorize.intentions import IntentionAuthorizer
+from connect_native.authorize.rules import HeadersLike
 from connect_native.consul.records import (
     AuthorizeResult,
     Indexed,
@@ -46,7 +47,6 @@ from connect_native.consul.records import (
     IntentionPermission,
 )
 from connect_native.identity import ServiceIdentity
-from connect_native.intentions import HeadersLike
 from connect_native.server import ConnectServerEndpoint
 from connect_native.testing import CertificateFactory, FakeBundleSource, make_bundle
 from connect_native.tls import ClientConnectionCreator

@@ -3,8 +3,8 @@ Where a service's identity comes from: :class:`IIdentitySource`, which
 delivers :class:`~connect_native.certs.Bundle` s (leaf, key, roots, trust
 domain), and its two implementations:
 
-- the agent (:class:`AgentIdentitySource`, the
-  :class:`~connect_native.certs.CertManager`: blocking queries on the
+- the agent (:data:`~connect_native.sources.agent.AgentIdentitySource`,
+  the :class:`~connect_native.certs.CertManager`: blocking queries on the
   agent's leaf and roots endpoints);
 - files (:class:`~connect_native.sources.files.FileIdentitySource`: a
   certificate, a key and a CA bundle on disk, watched).
@@ -25,7 +25,8 @@ from pathlib import Path
 from attrs import frozen
 from twisted.internet.interfaces import IReactorTime
 
-from connect_native.certs import CertManager, IIdentitySource
+from connect_native.certs import IIdentitySource
+from connect_native.sources.agent import AgentIdentitySource
 from connect_native.sources.files import FileIdentitySource, IdentityFilesStopped
 
 __all__ = [
@@ -37,11 +38,6 @@ __all__ = [
     "InvalidIdentityDescription",
     "parse_identity",
 ]
-
-#: The agent's identity source: one service's leaf and the roots, kept
-#: fresh by blocking queries (usually shared per process, see
-#: :mod:`connect_native.service`).
-AgentIdentitySource = CertManager
 
 
 class InvalidIdentityDescription(ValueError):  # noqa: N818 (a refusal of input)

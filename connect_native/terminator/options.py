@@ -676,7 +676,7 @@ class Options(usage.Options):
             )
         if self["authorize"] == "intentions":
             try:
-                import connect_native.authorize_intentions  # noqa: F401
+                import connect_native.authorize.intentions  # noqa: F401
             except ImportError:  # pragma: no cover (it ships with the package)
                 raise usage.UsageError(
                     "--authorize intentions is not available yet in this "

@@ -336,7 +336,7 @@ class Terminator(Service):
             self._allow_ids = AllowIdsAuthorizer(self.settings.allow_ids)
             return self._allow_ids
         if self.settings.authorize == "intentions":
-            from connect_native.authorize_intentions import IntentionAuthorizer
+            from connect_native.authorize.intentions import IntentionAuthorizer
 
             authorizer = IntentionAuthorizer(
                 self.client, self.reactor, self.settings.service, default="agent"

@@ -1,46 +1,29 @@
 """
-Finding the instances of a Connect service to dial: the :class:`IResolver`
-seam and its implementations.
-
-A resolver answers a Deferred of :class:`Instance` records: where to connect
-(address and port) and which identity the server there must prove
-(:class:`ExpectedIdentity`).  :class:`~connect_native.client.ConnectClientEndpoint`
-picks among them and checks the identity in the TLS handshake.
+Resolving from the Consul agent's HTTP API.
 
 * :class:`ConsulResolver`: ``/v1/health/connect/<service>?passing=1``, kept
   fresh by one blocking watch per (agent client, query) in the process.
 * :class:`PreparedQueryResolver`: ``/v1/query/<name>/execute?connect=true``
   (prepared queries cannot block, so answers are cached briefly).
-* :class:`DnsResolver`: SRV records of ``<service>.connect.consul`` from the
-  agent's DNS interface, with :mod:`twisted.names`.
-* :class:`StaticResolver`: fixed instances.
-
-The expected identity carries the service, namespace, datacenter and
-partition; its trust domain is usually left open, meaning "any trust domain a
-current CA root carries", which is what the chain check already guarantees
-(Consul's Go library does the same by copying the server's trust domain into
-the expected URI).
 """
 
 from __future__ import annotations
 
 import datetime
-import ipaddress
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from attrs import field, frozen
+from attrs import frozen
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
-from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import Attribute, Interface, implementer
+from zope.interface import implementer
 
 from connect_native import _logging
-from connect_native._checks import port_number, positive_seconds, seconds_or_zero
-from connect_native._deferreds import Waiters, bounded
+from connect_native._checks import positive_seconds, seconds_or_zero
+from connect_native._deferreds import Waiters
 from connect_native._lease import Lease, Leases
 from connect_native.consul.blocking import Watch
 from connect_native.consul.records import (
@@ -53,234 +36,29 @@ from connect_native.errors import (
     ResolveError,
     StaleAnswer,
 )
-from connect_native.identity import (
-    InvalidIdentity,
-    ServiceIdentity,
-    normalize_trust_domain,
+from connect_native.identity import InvalidIdentity
+from connect_native.resolve._base import (
+    ExpectedIdentity,
+    Instance,
+    IResolver,
+    _default_reactor,
+    _nonempty_name,
+    _optional_name,
 )
 
 __all__ = [
     "ConsulResolver",
-    "DnsResolver",
-    "ExpectedIdentity",
-    "IResolver",
-    "Instance",
+    "HealthClient",
+    "PreparedQueryClient",
     "PreparedQueryResolver",
-    "ResolveError",
-    "StaleAnswer",
-    "StaticResolver",
 ]
 
 log = Logger(observer=_logging.observer)
 
 _failure: Callable[[BaseException], Failure] = Failure
 
-# Stands in for the trust domain while the other fields are checked.
-_ANY_TRUST_DOMAIN = "any-trusted-trust-domain.invalid"
 
-
-# --- records -----------------------------------------------------------------
-
-
-def _normalize_partition(partition: str | None) -> str | None:
-    if partition is None or partition == "":
-        return None
-    return partition.lower() if partition.lower() != "default" else None
-
-
-def _optional_trust_domain(value: str | None) -> str | None:
-    if value is None:
-        return None
-    return normalize_trust_domain(value)
-
-
-@frozen
-class ExpectedIdentity:
-    """
-    The identity a server must prove: a service's SPIFFE ID, with the trust
-    domain left open (``None``: any trust domain a current CA root carries)
-    or fixed.
-
-    Compared as Consul's Go library compares (:meth:`ServiceIdentity.matches`):
-    service, namespace and datacenter ASCII case-insensitively, the partition
-    exactly (``None`` is the default partition).
-    """
-
-    service: str
-    datacenter: str
-    namespace: str = "default"
-    partition: str | None = field(default=None, converter=_normalize_partition)
-    trust_domain: str | None = field(default=None, converter=_optional_trust_domain)
-
-    def __attrs_post_init__(self) -> None:
-        # ServiceIdentity validates every field and names the one at fault.
-        self.in_trust_domain(self.trust_domain or _ANY_TRUST_DOMAIN)
-
-    @classmethod
-    def of(cls, identity: ServiceIdentity) -> ExpectedIdentity:
-        """
-        Expect exactly ``identity``, trust domain included.
-        """
-        return cls(
-            service=identity.service,
-            datacenter=identity.datacenter,
-            namespace=identity.namespace,
-            partition=identity.partition,
-            trust_domain=identity.trust_domain,
-        )
-
-    def in_trust_domain(self, trust_domain: str) -> ServiceIdentity:
-        """
-        This identity as a SPIFFE ID in ``trust_domain`` (ignored when the
-        trust domain is fixed).
-        """
-        return ServiceIdentity(
-            trust_domain=self.trust_domain or trust_domain,
-            namespace=self.namespace,
-            datacenter=self.datacenter,
-            service=self.service,
-            partition=self.partition,
-        )
-
-    def matches(self, peer: ServiceIdentity, trusted: frozenset[str]) -> bool:
-        """
-        Whether ``peer`` is this identity, ``trusted`` being the trust domains
-        of the current CA roots.
-        """
-        if peer.trust_domain not in trusted:
-            return False
-        if self.trust_domain is not None and peer.trust_domain != self.trust_domain:
-            return False
-        return peer.matches(self.in_trust_domain(peer.trust_domain))
-
-    def __str__(self) -> str:
-        shown = self.in_trust_domain(_ANY_TRUST_DOMAIN).uri
-        if self.trust_domain is None:
-            shown = shown.replace(_ANY_TRUST_DOMAIN, "<any trusted trust domain>")
-        return shown
-
-
-def _expected(value: ExpectedIdentity | ServiceIdentity) -> ExpectedIdentity:
-    if isinstance(value, ServiceIdentity):
-        return ExpectedIdentity.of(value)
-    if not isinstance(value, ExpectedIdentity):
-        raise TypeError(
-            "identity must be an ExpectedIdentity or a ServiceIdentity, not "
-            f"{type(value).__name__}: {value!r}"
-        )
-    return value
-
-
-def _check_address(instance: object, attribute: object, value: Any) -> None:
-    if not isinstance(value, str) or not value or value != value.strip():
-        raise ValueError(
-            f"Instance address must be a non-empty host name or IP address, "
-            f"not {value!r}"
-        )
-
-
-def _check_port(instance: object, attribute: object, value: Any) -> None:
-    port_number("Instance port", value)
-
-
-@frozen
-class Instance:
-    """
-    One instance of a service to dial.
-
-    :ivar address: a host name or an IP address.
-    :ivar port: the TCP port.
-    :ivar identity: what the server there must prove (a
-        :class:`~connect_native.identity.ServiceIdentity` given here becomes
-        an :class:`ExpectedIdentity` with its trust domain fixed).
-    :ivar node: the Consul node it runs on, for logs and errors.
-    :ivar instance_id: the service instance ID, for logs and errors.
-    """
-
-    address: str = field(validator=_check_address)
-    port: int = field(validator=_check_port)
-    identity: ExpectedIdentity = field(converter=_expected)
-    node: str = ""
-    instance_id: str = ""
-
-    def __str__(self) -> str:
-        host = f"[{self.address}]" if ":" in self.address else self.address
-        name = self.instance_id or self.identity.service
-        where = f" on node {self.node}" if self.node else ""
-        return f"{name} at {host}:{self.port}{where}"
-
-
-# --- the interface --------------------------------------------------------------
-
-
-class IResolver(Interface):
-    """
-    Finds the instances of one service.
-    """
-
-    description = Attribute(
-        "What is being resolved, for errors and logs: "
-        "\"Consul service 'db' (healthy instances)\"."
-    )
-
-    def resolve() -> Deferred[Sequence[Instance]]:
-        """
-        The instances to try, healthy ones only; an empty sequence when there
-        are none.  Fails with :class:`ResolveError` when they cannot be
-        found.  Cancelling it abandons the lookup.
-        """
-
-
-# --- static --------------------------------------------------------------------
-
-
-@implementer(IResolver)
-class StaticResolver:
-    """
-    Always the same instances.
-
-    :param instances: the instances (an empty sequence resolves to none).
-    :param description: names them in errors.
-    """
-
-    def __init__(
-        self, instances: Sequence[Instance], description: str | None = None
-    ) -> None:
-        instances = tuple(instances)
-        for index, instance in enumerate(instances):
-            if not isinstance(instance, Instance):
-                raise TypeError(
-                    f"instances[{index}] must be an Instance, not "
-                    f"{type(instance).__name__}: {instance!r}"
-                )
-        self.instances: tuple[Instance, ...] = instances
-        services = sorted({i.identity.service for i in instances})
-        self.description = description or (
-            f"static instances of {', '.join(repr(s) for s in services)}"
-            if services
-            else "an empty static resolver"
-        )
-
-    def resolve(self) -> Deferred[Sequence[Instance]]:
-        return succeed(self.instances)
-
-    def __repr__(self) -> str:
-        return f"StaticResolver({list(self.instances)!r})"
-
-
-# --- helpers ---------------------------------------------------------------------
-
-
-def _nonempty_name(what: str, value: object) -> str:
-    if not isinstance(value, str) or not value or "/" in value:
-        raise ValueError(f"{what} must be a non-empty name without '/', not {value!r}")
-    return value
-
-
-def _optional_name(what: str, value: str | None) -> str | None:
-    if value is None or value == "":
-        return None
-    return _nonempty_name(what, value)
+# --- from health entries --------------------------------------------------------
 
 
 def _instances_from_entries(
@@ -339,12 +117,6 @@ def _utc(seconds: float) -> str:
     """Clock seconds as a UTC time (a real reactor's are Unix time)."""
     moment = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
     return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def _default_reactor() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
 
 
 # --- Consul health -------------------------------------------------------------
@@ -563,7 +335,7 @@ class ConsulResolver:
         the first failure rather than from the last answer because a
         blocking read held by the agent (up to ``wait``) keeps the answer
         current: the agent would have answered any change.  The default is
-        :class:`~connect_native.authorize_intentions.IntentionAuthorizer`'s,
+        :class:`~connect_native.authorize.intentions.IntentionAuthorizer`'s,
         so that through an agent outage a client keeps dialing for as long
         as a server keeps deciding (long enough for an agent restart), and
         no longer: past it, instances deregistered or failing meanwhile
@@ -848,273 +620,3 @@ class PreparedQueryResolver:
             f"failed: {failure.getErrorMessage()}"
         )
         waiters.fail(error)
-
-
-# --- Consul DNS ------------------------------------------------------------------
-
-
-def _dns_label(what: str, value: str) -> str:
-    if not value or "." in value or len(value) > 63 or not value.isascii():
-        raise ValueError(
-            f"{what} must be a single DNS label (1 to 63 ASCII characters, no "
-            f"'.'), not {value!r}"
-        )
-    return value
-
-
-@implementer(IResolver)
-class DnsResolver:
-    """
-    The Connect-capable instances of a service from the Consul agent's DNS
-    interface: the SRV records of ``<service>.connect[.<datacenter>].<domain>``
-    (native instances and sidecar proxies, healthy ones only), each target's
-    address from the A/AAAA records the agent adds (asked for separately when
-    missing).  The expected identity is ``service`` in the datacenter the
-    target's name carries (``<hex>.addr.<dc>.consul``,
-    ``<node>.node.<dc>.consul``), else ``datacenter``.
-
-    The seed's ``<service>.connect`` syntax is accepted as ``service``.
-
-    :param service: the service to reach.
-    :param datacenter: ask for another datacenter than the agent's.
-    :param namespace: the namespace of the expected identity.
-    :param partition: the partition of the expected identity.
-    :param domain: the agent's DNS domain.
-    :param dns_address: the agent's DNS server ``(host, port)``.
-    :param reactor: does the UDP (and TCP) queries and the timeouts.
-    :param timeout: seconds each query may take.
-    """
-
-    def __init__(
-        self,
-        service: str,
-        *,
-        datacenter: str | None = None,
-        namespace: str = "default",
-        partition: str | None = None,
-        domain: str = "consul",
-        dns_address: tuple[str, int] = ("127.0.0.1", 8600),
-        reactor: Any = None,
-        timeout: float = 2.0,
-    ) -> None:
-        if isinstance(service, str) and service.endswith(".connect"):
-            service = service[: -len(".connect")]
-        self.service = _dns_label("service", service)
-        self.datacenter = (
-            None if datacenter is None else _dns_label("datacenter", datacenter)
-        )
-        self.namespace = _nonempty_name("namespace", namespace)
-        self.partition = partition
-        self.domain = domain.strip(".").lower()
-        if not self.domain:
-            raise ValueError(
-                f"domain must be a DNS domain such as 'consul', not {domain!r}"
-            )
-        host, port = dns_address
-        if (
-            not isinstance(host, str)
-            or not isinstance(port, int)
-            or not 0 < port < 65536
-        ):
-            raise ValueError(
-                f"dns_address must be (host, port), such as ('127.0.0.1', 8600), "
-                f"not {dns_address!r}"
-            )
-        self.dns_address = (host, port)
-        self.timeout = positive_seconds("timeout", timeout)
-        self._reactor: Any = reactor if reactor is not None else _default_reactor()
-        from twisted.names import client
-
-        make_resolver: Any = client.Resolver
-        self._resolver: Any = make_resolver(
-            servers=[self.dns_address], reactor=self._reactor
-        )
-        dc = f".{self.datacenter}" if self.datacenter else ""
-        self.name = f"{self.service}.connect{dc}.{self.domain}"
-        self.description = f"Consul DNS {self.name} SRV at {host}:{port}"
-
-    def __repr__(self) -> str:
-        return f"DnsResolver({self.name!r}, dns_address={self.dns_address!r})"
-
-    def _query(self, d: Deferred[Any], what: str) -> Deferred[Any]:
-        """
-        One DNS lookup, bounded, its failures explained (except NXDOMAIN,
-        which the callers handle).
-        """
-        from twisted.names import error
-
-        def timed_out() -> Exception:
-            return ResolveError(
-                f"cannot find the instances of {self.description}: the DNS "
-                f"query for {what} did not answer within {self.timeout:g}s"
-            )
-
-        def explain(failure: Failure) -> Failure:
-            value = failure.value
-            if isinstance(value, error.DNSNameError | ResolveError | CancelledError):
-                return failure
-            if isinstance(value, DeferredTimeoutError):
-                return _failure(timed_out())
-            return _failure(
-                ResolveError(
-                    f"cannot find the instances of {self.description}: the DNS "
-                    f"query for {what} failed: "
-                    f"{failure.getErrorMessage() or type(value).__name__}"
-                )
-            )
-
-        # twisted.names gives up after its own timeout; the bound is for a
-        # lookup that would not.
-        limited = bounded(
-            d,
-            self.timeout + 1.0,
-            self._reactor,
-            timed_out,
-            any_failure=True,
-            abandon=True,
-        )
-        return limited.addErrback(explain)
-
-    def resolve(self) -> Deferred[Sequence[Instance]]:
-        from twisted.names import dns, error
-
-        lookup = self._query(
-            self._resolver.lookupService(self.name, timeout=(self.timeout,)),
-            f"{self.name} SRV",
-        )
-
-        def nxdomain(failure: Failure) -> Failure | Sequence[Instance]:
-            if isinstance(failure.value, error.DNSNameError):
-                # NXDOMAIN: Consul's answer for a service with no healthy
-                # Connect instance.
-                return ()
-            return failure
-
-        def answered(
-            result: tuple[list[Any], list[Any], list[Any]],
-        ) -> Deferred[Sequence[Instance]]:
-            answers, _authority, additional = result
-            records = [
-                r.payload
-                for r in answers
-                if r.type == dns.SRV and isinstance(r.payload, dns.Record_SRV)
-            ]
-            addresses: dict[str, list[str]] = {}
-            for r in additional:
-                if r.type in (dns.A, dns.AAAA):
-                    addresses.setdefault(str(r.name).lower(), []).append(
-                        r.payload.dottedQuad()
-                        if r.type == dns.A
-                        else _ipv6_text(r.payload.address)
-                    )
-            return self._instances(records, addresses)
-
-        return lookup.addCallbacks(answered, nxdomain)
-
-    def _instances(
-        self, records: list[Any], addresses: dict[str, list[str]]
-    ) -> Deferred[Sequence[Instance]]:
-        from twisted.internet.defer import gatherResults
-
-        pending: list[Deferred[str | None]] = []
-        for srv in records:
-            target = str(srv.target).lower().rstrip(".")
-            known = addresses.get(target)
-            if known:
-                pending.append(succeed(known[0]))
-            else:
-                pending.append(self._address_of(target))
-        gathered: Deferred[list[str | None]] = gatherResults(
-            pending, consumeErrors=True
-        )
-
-        def build(found: list[str | None]) -> Sequence[Instance]:
-            instances = []
-            for srv, address in zip(records, found, strict=True):
-                target = str(srv.target).lower().rstrip(".")
-                if address is None:
-                    continue
-                datacenter = self._datacenter_of(target)
-                if datacenter is None:
-                    log.warn(
-                        "{resolver}: skipping SRV target {target}: its name "
-                        "says no datacenter, and no datacenter= was given",
-                        resolver=repr(self),
-                        target=target,
-                    )
-                    continue
-                instances.append(
-                    Instance(
-                        address=address,
-                        port=srv.port,
-                        identity=ExpectedIdentity(
-                            service=self.service,
-                            datacenter=datacenter,
-                            namespace=self.namespace,
-                            partition=self.partition,
-                        ),
-                        node=self._node_of(target),
-                        instance_id="",
-                    )
-                )
-            return tuple(instances)
-
-        def unwrap(failure: Failure) -> Failure:
-            from twisted.internet.defer import FirstError
-
-            if isinstance(failure.value, FirstError):
-                return failure.value.subFailure
-            return failure
-
-        return gathered.addCallbacks(build, unwrap)
-
-    def _address_of(self, target: str) -> Deferred[str | None]:
-        d = self._query(
-            self._resolver.lookupAddress(target, timeout=(self.timeout,)),
-            f"{target} A",
-        )
-
-        def first(result: tuple[list[Any], list[Any], list[Any]]) -> str | None:
-            from twisted.names import dns
-
-            for r in result[0]:
-                if r.type == dns.A:
-                    address: str = r.payload.dottedQuad()
-                    return address
-            log.warn(
-                "{resolver}: skipping SRV target {target}: it has no A record",
-                resolver=repr(self),
-                target=target,
-            )
-            return None
-
-        def missing(failure: Failure) -> Failure | None:
-            from twisted.names import error
-
-            if isinstance(failure.value, error.DNSNameError):
-                return None
-            return failure
-
-        return d.addCallbacks(first, missing)
-
-    def _labels(self, target: str) -> list[str] | None:
-        suffix = "." + self.domain
-        if not target.endswith(suffix):
-            return None
-        return target[: -len(suffix)].split(".")
-
-    def _datacenter_of(self, target: str) -> str | None:
-        labels = self._labels(target)
-        if labels is not None and len(labels) >= 3 and labels[-2] in ("addr", "node"):
-            return labels[-1]
-        return self.datacenter
-
-    def _node_of(self, target: str) -> str:
-        labels = self._labels(target)
-        if labels is not None and len(labels) >= 3 and labels[-2] == "node":
-            return ".".join(labels[:-2])
-        return ""
-
-
-def _ipv6_text(packed: bytes) -> str:
-    return str(ipaddress.IPv6Address(packed))
