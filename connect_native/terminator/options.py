@@ -128,6 +128,10 @@ class Settings:
     identity_text: str = "agent"
     #: With ``--authorize allow-ids``: the SPIFFE IDs allowed.
     allow_ids: tuple[str, ...] = ()
+    #: ``--status``: the plaintext status listener (``/ready``, ``/status``,
+    #: ``/metrics``), a server endpoint description bound to loopback unless
+    #: it names an interface; ``None``: none.
+    status: str | None = None
 
 
 def split_description(description: str) -> list[str]:
@@ -398,6 +402,14 @@ class Options(usage.Options):
             "on stop, seconds open connections may take to finish before "
             "they are aborted",
         ],
+        [
+            "status",
+            None,
+            None,
+            "a plaintext HTTP listener with /ready, /status and /metrics "
+            "(Prometheus), a server endpoint description, e.g. tcp:9102; binds "
+            "127.0.0.1 unless it names an interface",
+        ],
     ]
     optFlags: list[list[Any]] = [
         ["dev", None, "run the development agent in this process instead of --consul"],
@@ -566,6 +578,7 @@ class Options(usage.Options):
             token = _read_token(self["token-file"])
         if not dev:
             _check_consul(self["consul"], token)
+        status = _status(self["status"])
         self.settings = Settings(
             service=service,
             listen=listen,
@@ -596,7 +609,25 @@ class Options(usage.Options):
             identity=identity,
             identity_text=self["identity"],
             allow_ids=tuple(self["allow-id"]),
+            status=status,
         )
+
+
+def _status(value: str | None) -> str | None:
+    """``--status``'s description, bound to loopback unless it names an interface."""
+    if value is None:
+        return None
+    from twisted.internet import reactor
+
+    listen, _ = _description_interface(value)
+    try:
+        serverFromString(reactor, listen)
+    except Exception as e:
+        raise usage.UsageError(
+            f"--status: {value!r} is not a server endpoint description ({e}); "
+            "e.g. tcp:9102 (loopback) or tcp:9102:interface=10.0.0.5"
+        ) from None
+    return listen
 
 
 def _identity(value: str) -> FilesIdentity | None:
