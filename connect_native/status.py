@@ -178,7 +178,9 @@ class StatusResource(Resource):
         for each in results:
             each.addBoth(one)
 
-        def settle(result: str | None) -> str | None:
+        def settle(result: object) -> object:
+            # Answered, timed out or cancelled (the client went away): stop
+            # the timer and the checks still running.
             if timer.active():
                 timer.cancel()
             for each in results:
@@ -186,7 +188,8 @@ class StatusResource(Resource):
                     each.cancel()
             return result
 
-        return answer.addCallback(settle)
+        answer.addBoth(settle)
+        return answer
 
     def _render_ready(self, request: Any) -> Any:
         checking = self.ready()

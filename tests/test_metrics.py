@@ -384,3 +384,18 @@ def test_the_resource_mounts_in_a_klein_app(ca: CertificateFactory) -> None:
 
     assert get(app.resource(), "/admin/ready")[:2] == (200, "ready\n")
     assert get(app.resource(), "/admin/status")[0] == 200
+
+
+def test_a_client_going_away_stops_the_wait_and_the_checks(
+    ca: CertificateFactory,
+) -> None:
+    web = ready_web(ca)
+    hung: list[Deferred[None]] = []
+    page = web.status_resource(checks=[lambda: hung.append(Deferred()) or hung[-1]])
+    waiting = page.ready()
+    assert not waiting.called
+    waiting.cancel()
+    waiting.addErrback(lambda _: None)
+    assert hung[0].called  # cancelled
+    hung[0].addErrback(lambda _: None)
+    assert web.reactor.getDelayedCalls() == []
