@@ -399,3 +399,17 @@ def test_a_client_going_away_stops_the_wait_and_the_checks(
     assert hung[0].called  # cancelled
     hung[0].addErrback(lambda _: None)
     assert web.reactor.getDelayedCalls() == []
+
+
+def test_status_says_why_there_is_no_default_authorizer(
+    ca: CertificateFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CONSUL_HTTP_ADDR", "ftp://nowhere")
+    web = ConnectService(
+        MemoryReactorClock(), "web", identity=FakeBundleSource(make_bundle(ca, "web"))
+    )
+    code, body, _ = get(web.status_resource(), "/status")
+    assert code == 200
+    authorizer = json.loads(body)["authorizer"]
+    assert authorizer["type"] is None
+    assert "ftp" in authorizer["error"]
