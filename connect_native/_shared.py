@@ -66,6 +66,7 @@ from connect_native.errors import (
 if TYPE_CHECKING:
     from connect_native.authorize import IAuthorizer
     from connect_native.consul.client import ConsulClient
+    from connect_native.metrics import ServiceMetrics
     from connect_native.sources import FilesIdentity
 
 __all__ = [
@@ -331,6 +332,8 @@ class SharedService:
         self._started_by_holds = False
         self._started_identity = False
         self.identity: IBundleSource = _Certificates(self)
+        self._metrics: ServiceMetrics | None = None
+        self._unobserve: Callable[[], None] | None = None
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
@@ -343,7 +346,32 @@ class SharedService:
             from connect_native.consul.client import shared_client
 
             self._consul = shared_client(self.reactor)
+            if self.running:
+                self._observe_consul()
         return self._consul
+
+    @property
+    def metrics(self) -> ServiceMetrics:
+        """
+        Its Prometheus metrics, in a registry of its own (made at the first
+        use; the endpoints made from it count there).
+        """
+        if self._metrics is None:
+            from connect_native.metrics import ServiceMetrics
+
+            self._metrics = ServiceMetrics(self.service, self.identity.current)
+            if self.running:
+                self._observe_consul()
+        return self._metrics
+
+    def _observe_consul(self) -> None:
+        """Count the agent client's errors, while it runs with metrics."""
+        metrics = self._metrics
+        if metrics is None or self._unobserve is not None or self._consul is None:
+            return
+        observe = getattr(self._consul, "observe_errors", None)
+        if callable(observe):
+            self._unobserve = observe(metrics.consul_error)
 
     @property
     def authorizer(self) -> IAuthorizer:
@@ -405,6 +433,7 @@ class SharedService:
                 start()
                 # Started here, so stopped here too.
                 self._started_identity = True
+        self._observe_consul()
 
     def stop(self) -> None:
         """Release what :meth:`start` took, failing the waiters."""
@@ -412,6 +441,9 @@ class SharedService:
             return
         self.running = False
         self._started_by_holds = False
+        unobserve, self._unobserve = self._unobserve, None
+        if unobserve is not None:
+            unobserve()
         lease, self._lease = self._lease, None
         if lease is not None:
             # The last lease stops the manager, failing its waiters.

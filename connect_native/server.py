@@ -96,6 +96,7 @@ from connect_native.tls import peer_identity as _peer_identity_or_none
 
 if TYPE_CHECKING:
     from connect_native.consul.client import ConsulClient
+    from connect_native.metrics import ServiceMetrics
 
 __all__ = [
     "CertificateNotReady",
@@ -267,6 +268,21 @@ def _per_request(decision: Decision, decides_each_request: bool) -> Decision:
             decision.source,
         )
     return decision
+
+
+def _refusal_reason(decision: Decision, peer: Peer | None) -> str:
+    """The ``reason`` label of an authorizer's refusal (connect_native.metrics)."""
+    if peer is None:
+        return "no_identity"
+    return _SOURCE_REASONS.get(decision.source, "denied")
+
+
+#: Refusals that are not the authorizer's "no", by the decision's source.
+_SOURCE_REASONS = {
+    "error": "authorizer_error",
+    "timeout": "authorizer_timeout",
+    "gate": "early_bytes",
+}
 
 
 def _abort(tls: Any) -> None:
@@ -577,8 +593,10 @@ class _GateFactory(Factory):
         log_allowed: bool = True,
         max_handshakes: int = MAX_HANDSHAKES,
         max_handshakes_per_address: int = MAX_HANDSHAKES_PER_ADDRESS,
+        metrics: ServiceMetrics | None = None,
     ) -> None:
         self.app_factory = app_factory
+        self.metrics = metrics
         self.creators = creators
         self.authorizer = authorizer
         self.service = service
@@ -687,6 +705,8 @@ class _Gate(Protocol):
         self._finished = True
         self._cancel_timer()
         factory = self.gate_factory
+        if factory.metrics is not None:
+            factory.metrics.refused("too_many_handshakes")
         if self._refused_now("handshakes dropped for newer connections"):
             log.warn(
                 "Connect {target}: aborted a connection from {address} after "
@@ -713,6 +733,8 @@ class _Gate(Protocol):
         self._finished = True
         factory = self.gate_factory
         factory.handshakes.leave(self)
+        if factory.metrics is not None:
+            factory.metrics.refused("handshake_timeout")
         if self._refused_now("handshakes timed out"):
             log.warn(
                 "Connect {target}: aborted a connection from {address}: the TLS "
@@ -742,7 +764,10 @@ class _Gate(Protocol):
         factory.handshakes.leave(self)
         if self._finished:
             return
-        self._started = factory.clock.seconds()
+        now = factory.clock.seconds()
+        if factory.metrics is not None:
+            factory.metrics.observe_handshake(now - self._started)
+        self._started = now
         verified = verified_peer(self.transport)
         if verified is None:
             self._decide(
@@ -844,6 +869,7 @@ class _Gate(Protocol):
         if not decision.allowed and decision.per_request:
             decision = _per_request(decision, factory.creators.decides_each_request)
         app: IProtocol | None = None
+        app_refused = False
         if decision.allowed:
             try:
                 app = factory.app_factory.buildProtocol(self.address)
@@ -855,12 +881,23 @@ class _Gate(Protocol):
                 )
                 app = None
             if app is None:
+                app_refused = True
                 decision = Decision(
                     False,
                     f"{decision.reason}; but the application refused the "
                     "connection (its factory built no protocol)",
                     decision.source,
                 )
+        metrics = factory.metrics
+        if metrics is not None:
+            if peer is not None:
+                metrics.observe_authorization(elapsed)
+            if app is not None:
+                metrics.allowed(self.transport)
+            elif app_refused:
+                metrics.refused("application")
+            else:
+                metrics.refused(_refusal_reason(decision, peer))
         if factory.log_allowed or not decision.allowed or app is None:
             _log_decision(
                 peer,
@@ -968,6 +1005,10 @@ class _Gate(Protocol):
         it): a certificate, or the authorizer's early denial.
         """
         factory = self.gate_factory
+        if factory.metrics is not None:
+            factory.metrics.refused(
+                "denied" if isinstance(refusal, _HandshakeDenied) else "certificate"
+            )
         if isinstance(refusal, _HandshakeDenied):
             _log_decision(
                 refusal.peer,
@@ -1004,6 +1045,9 @@ class _Gate(Protocol):
         """
         target = self.gate_factory.service
         if isinstance(reason.value, SSL.Error):
+            metrics = self.gate_factory.metrics
+            if metrics is not None:
+                metrics.refused("handshake_failed")
             if not self._refused_now("handshakes failed"):
                 return
             log.warn(
@@ -1191,6 +1235,10 @@ class ConnectServerEndpoint:
     :param stop_hook: called once when a port from ``listen()`` stops, or
         when ``listen()`` fails after ``start_hook`` ran; may return a
         Deferred.
+    :param metrics: where to count the connections, their handshakes and
+        their authorizations (:class:`~connect_native.metrics.ServiceMetrics`);
+        an endpoint made by a :class:`~connect_native.service.ConnectService`
+        counts in the service's.  ``None``: not counted.
     """
 
     def __init__(
@@ -1214,6 +1262,7 @@ class ConnectServerEndpoint:
         keep_open_on_deny: bool = False,
         start_hook: Callable[[], object] | None = None,
         stop_hook: StopHook | None = None,
+        metrics: ServiceMetrics | None = None,
     ) -> None:
         if not isinstance(service, str) or not service:
             raise ValueError(
@@ -1243,6 +1292,7 @@ class ConnectServerEndpoint:
         whole_number("max_handshakes_per_address", max_handshakes_per_address, 1)
         self._max_handshakes = max_handshakes
         self._max_handshakes_per_address = max_handshakes_per_address
+        self._metrics = metrics
 
     @classmethod
     def for_service(
@@ -1300,7 +1350,7 @@ class ConnectServerEndpoint:
             shared.service,
             start_hook=shared.hold,
             stop_hook=shared.let_go,
-            **options,
+            **{"metrics": shared.metrics, **options},
         )
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
@@ -1382,6 +1432,7 @@ class ConnectServerEndpoint:
             self._log_allowed,
             self._max_handshakes,
             self._max_handshakes_per_address,
+            self._metrics,
         )
         opened = OpenConnections(
             self._reactor,

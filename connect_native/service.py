@@ -62,7 +62,9 @@ from connect_native.server import ConnectServerEndpoint
 if TYPE_CHECKING:
     from connect_native.authorize import IAuthorizer
     from connect_native.consul.client import ConsulClient
+    from connect_native.metrics import ServiceMetrics
     from connect_native.sources import FilesIdentity
+    from connect_native.status import ReadinessCheck, StatusResource
 
 __all__ = [
     "CertManagerLease",
@@ -208,6 +210,40 @@ class ConnectService(Service):
         nothing did); cancellable.  Bound it with a timeout.
         """
         return self._shared.when_ready()
+
+    # -- what it reports ------------------------------------------------------
+
+    @property
+    def metrics(self) -> ServiceMetrics:
+        """
+        Its Prometheus metrics (:class:`~connect_native.metrics.ServiceMetrics`),
+        in a ``CollectorRegistry`` of its own, ``metrics.registry``: the
+        connections its server endpoints decide, their handshakes and
+        authorizations, its certificate's expiry, the agent's errors.
+        """
+        return self._shared.metrics
+
+    def status_resource(
+        self,
+        *,
+        authorizer: IAuthorizer | None = None,
+        checks: Sequence[ReadinessCheck] = (),
+    ) -> StatusResource:
+        """
+        A twisted.web resource with ``/ready``, ``/status`` and ``/metrics``
+        for this service (:class:`~connect_native.status.StatusResource`), to
+        mount in a twisted.web tree or a Klein app (``branch=True``).
+
+        :param authorizer: whose cache ``/status`` describes, when the
+            endpoints were given their own (by default the service's).
+        :param checks: more conditions of ``/ready``: each returns ``None``
+            (or a Deferred of it) when passing, else the reason it fails.
+        """
+        from connect_native.status import StatusResource
+
+        return StatusResource(
+            self._shared, self.reactor, authorizer=authorizer, checks=checks
+        )
 
     # -- IService ---------------------------------------------------------------
 

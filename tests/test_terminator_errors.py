@@ -64,12 +64,15 @@ def test_from_code_an_option_error_is_still_a_usage_error() -> None:
 def test_help_is_grouped_and_hides_worker() -> None:
     text = Options().getUsage(width=100)
     titles = [line for line in text.splitlines() if line and not line[0].isspace()]
-    assert titles[:4] == [
+    assert titles[:5] == [
         "The service and its listener:",
         "Certificates and the Consul agent:",
+        "Registration and health:",
         "Authorization:",
         "Limits and timeouts:",
     ]
+    # Every option has its group: none is left to a catch-all.
+    assert "Other:" not in titles
     assert "--worker " not in text
     assert "--workers=" in text
     assert "--version" in text

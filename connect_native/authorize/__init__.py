@@ -311,6 +311,11 @@ class AgentAuthorizer:
             )
         self._listeners = ChangeListeners(self._start_watch, self._stop_watch)
 
+    @property
+    def cache_ttl(self) -> float:
+        """Seconds a decision is remembered per (certificate, target)."""
+        return self._cache_ttl
+
     # -- changes ------------------------------------------------------------
 
     @property

@@ -203,6 +203,18 @@ class IntentionAuthorizer(Service):
         return None if self._table is None else self._table.ordered
 
     @property
+    def cache_age(self) -> float | None:
+        """
+        Seconds since the intentions were last read from the agent, or
+        ``None`` before the first read (with a blocking watch the agent
+        holds the next read until they change: :attr:`fresh` says whether
+        they are current).
+        """
+        if self._last_success is None:
+            return None
+        return max(0.0, self._clock.seconds() - self._last_success)
+
+    @property
     def fresh(self) -> bool:
         """``True`` when decisions come from the cache without waiting."""
         if self._table is None or self._last_success is None:

@@ -469,6 +469,7 @@ class ConsulClient:
         self.partition = partition or None
         self.timeout = float(timeout)
         self._pool: HTTPConnectionPool | None = None
+        self._error_observers: list[Callable[[ConsulError], object]] = []
         if http_client is not None:
             self._http: Any = http_client
         else:
@@ -548,6 +549,39 @@ class ConsulClient:
         parts.append(f"timeout={self.timeout!r}")
         return f"ConsulClient({', '.join(parts)})"
 
+    def observe_errors(
+        self, callback: Callable[[ConsulError], object]
+    ) -> Callable[[], None]:
+        """
+        Call ``callback`` with the :class:`ConsulError` of each request that
+        fails (the agent unreachable, a timeout, an error status; not a
+        cancellation), before the request's own Deferred fails with it.  The
+        service layer counts them (``connect_native_consul_errors_total``)
+        without this layer knowing of metrics.  An exception the callback
+        raises is ignored.
+
+        :returns: the function that stops the calls.
+        """
+        self._error_observers.append(callback)
+
+        def unsubscribe() -> None:
+            if callback in self._error_observers:
+                self._error_observers.remove(callback)
+
+        return unsubscribe
+
+    def _observe_error(self, result: object) -> None:
+        if not isinstance(result, Failure):
+            return
+        error = result.value
+        if not isinstance(error, ConsulError):
+            return
+        for callback in list(self._error_observers):
+            try:
+                callback(error)
+            except Exception:  # noqa: S112 (an observer cannot fail a request)
+                continue
+
     def close(self) -> Deferred[None]:
         """Close idle connections to the agent (the pool of a client it made)."""
         if self._pool is None:
@@ -593,13 +627,20 @@ class ConsulClient:
         seconds = self.timeout
         if wait is not None:
             seconds += wait + wait / _JITTER_FRACTION
-        return bounded(
+        answered = bounded(
             Deferred.fromCoroutine(self._exchange(method, target, body)),
             seconds,
             self._reactor,
             lambda: ConsulTimeout(method, target, seconds, agent=self.address),
             any_failure=True,
         )
+
+        def observed(result: _Answer | Failure) -> _Answer | Failure:
+            if self._error_observers:
+                self._observe_error(result)
+            return result
+
+        return answered.addBoth(observed)
 
     async def _exchange(self, method: str, target: str, body: object) -> _Answer:
         headers = Headers({b"Accept": [b"application/json"]})

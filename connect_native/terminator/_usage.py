@@ -18,13 +18,26 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("The service and its listener", ("service", "listen", "to", "upstream")),
     (
         "Certificates and the Consul agent",
-        ("consul", "token-file", "identity", "register", "no-register", "dev"),
+        ("consul", "token-file", "identity", "dev"),
+    ),
+    (
+        "Registration and health",
+        (
+            "register",
+            "no-register",
+            "to-check",
+            "check-interval",
+            "tag",
+            "meta",
+            "deregister-critical-after",
+        ),
     ),
     (
         "Authorization",
         (
             "authorize",
             "allow-id",
+            "allow-ids-file",
             "authorize-cache",
             "keep-open-on-deny",
         ),
@@ -45,7 +58,17 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "Performance",
         ("workers", "buffer-size", "tls-transport", "release-buffers"),
     ),
-    ("Logging", ("log-level", "log-allowed", "no-log-allowed")),
+    (
+        "Logging and status",
+        (
+            "log-level",
+            "log-level-file",
+            "log-format",
+            "log-allowed",
+            "no-log-allowed",
+            "status",
+        ),
+    ),
     ("Trying it out", ("demo",)),
     ("This program", ("version", "help")),
 )

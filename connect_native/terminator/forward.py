@@ -523,6 +523,8 @@ class _Front(Protocol):
         # The transports a producer is registered on (TLS waits for its
         # producer to go before it sends close_notify).
         self._producing: set[int] = set()
+        #: Counts the bytes each way (``ByteCounts``), or ``None``.
+        self._counts = factory.byte_counts
 
     def _unregister(self, transport: Any) -> None:
         if id(transport) in self._producing:
@@ -566,6 +568,9 @@ class _Front(Protocol):
             # Bytes the transport had read before the abort took effect.
             return
         self._last = self.factory.clock.seconds()
+        counts = self._counts
+        if counts is not None:
+            counts.received += len(data)
         back = self.back
         if back is not None:
             write_now(back, data)
@@ -657,6 +662,9 @@ class _Front(Protocol):
 
     def _from_back(self, data: bytes) -> None:
         self._last = self.factory.clock.seconds()
+        counts = self._counts
+        if counts is not None:
+            counts.sent += len(data)
         # A plain TCP front (an upstream listener) sends a small answer at
         # once; a TLS front's transport does the same itself.
         write_now(self.transport, data)
@@ -760,6 +768,10 @@ class ForwardingFactory(Factory):
         bytes, per direction).  256 KiB by default, four times Twisted's own:
         fewer, larger reads made one bulk connection about 1.2x faster
         (``docs/performance.rst``).
+    :param byte_counts: where to count the bytes forwarded (an object with
+        integer ``received`` and ``sent``, such as
+        :class:`connect_native.metrics.ByteCounts`): ``received`` from the
+        accepted connections, ``sent`` to them; ``None``: not counted.
     """
 
     noisy = False
@@ -774,7 +786,9 @@ class ForwardingFactory(Factory):
         idle_timeout: float,
         label: str,
         buffer_size: int = BUFFER_SIZE,
+        byte_counts: Any = None,
     ) -> None:
+        self.byte_counts = byte_counts
         self.buffer_size = whole_number("buffer_size", buffer_size, 4096, "bytes")
         self.clock = clock
         self.dial = dial

@@ -158,6 +158,10 @@ class Settings:
     allow_ids_file: str | None = None
     #: The ``--allow-id`` values alone (a reload adds the file's to them).
     allow_id_options: tuple[str, ...] = ()
+    #: ``--status``: the plaintext status listener (``/ready``, ``/status``,
+    #: ``/metrics``), a server endpoint description bound to loopback unless
+    #: it names an interface; ``None``: none.
+    status: str | None = None
 
 
 def split_description(description: str) -> list[str]:
@@ -475,6 +479,14 @@ class Options(usage.Options):
             "connect, one a line ('#' comments), read at start and again on "
             "SIGHUP",
         ],
+        [
+            "status",
+            None,
+            None,
+            "a plaintext HTTP listener with /ready, /status and /metrics "
+            "(Prometheus), a server endpoint description, e.g. tcp:9102; binds "
+            "127.0.0.1 unless it names an interface",
+        ],
     ]
     optFlags: list[list[Any]] = [
         ["dev", None, "run the development agent in this process instead of --consul"],
@@ -739,6 +751,7 @@ class Options(usage.Options):
             token = _option(read_token, self["token-file"])
         if not dev:
             _check_consul(self["consul"], token)
+        status = _status(self["status"])
         self.settings = Settings(
             service=service,
             listen=listen,
@@ -780,6 +793,7 @@ class Options(usage.Options):
             check_interval=check_interval,
             deregister_critical_after=deregister_after,
             log_format=log_format,
+            status=status,
         )
         from connect_native.terminator import logs
 
@@ -816,6 +830,23 @@ def _duration(option: str, value: str | None) -> float | None:
             f"not {value!r}"
         )
     return seconds
+
+
+def _status(value: str | None) -> str | None:
+    """``--status``'s description, bound to loopback unless it names an interface."""
+    if value is None:
+        return None
+    from twisted.internet import reactor
+
+    listen, _ = _description_interface(value)
+    try:
+        serverFromString(reactor, listen)
+    except Exception as e:
+        raise usage.UsageError(
+            f"--status: {value!r} is not a server endpoint description ({e}); "
+            "e.g. tcp:9102 (loopback) or tcp:9102:interface=10.0.0.5"
+        ) from None
+    return listen
 
 
 def _identity(value: str) -> FilesIdentity | None:

@@ -244,6 +244,8 @@ class Terminator(Service):
         to = settings.to
         if settings.demo:
             to = self._start_demo_backend()
+        if settings.status is not None:
+            await self._listen_status(settings.status, to, authorizer)
         if to is not None:
             listening.append(self._listen_public(to, authorizer))
         for upstream in settings.upstreams:
@@ -387,6 +389,7 @@ class Terminator(Service):
             idle_timeout=settings.idle_timeout,
             label=label,
             buffer_size=settings.buffer_size,
+            byte_counts=self.connect_service.metrics.bytes,
         )
 
         def listening(port: IListeningPort) -> None:
@@ -401,6 +404,41 @@ class Terminator(Service):
 
         listened: Deferred[Any] = endpoint.listen(factory)
         return listened.addCallback(listening)
+
+    async def _listen_status(
+        self, status: str, to: str | None, authorizer: Any
+    ) -> None:
+        """
+        ``--status``: /ready (a certificate, the public listener accepting,
+        the backend answering), /status and /metrics.
+        """
+        from connect_native.terminator.status import BackendProbe, status_site
+
+        checks: list[Any] = []
+        if to is not None:
+
+            def accepting() -> str | None:
+                if "public" in self.ports:
+                    return None
+                return "the public listener is not accepting yet"
+
+            checks.append(accepting)
+            checks.append(
+                BackendProbe(self.reactor, to, min(self.settings.connect_timeout, 5.0))
+            )
+        resource = self.connect_service.status_resource(
+            authorizer=authorizer, checks=checks
+        )
+        port = await serverFromString(self.reactor, status).listen(
+            status_site(resource)
+        )
+        self.ports["status"] = port
+        log.info(
+            "connect-native {service}: status pages (/ready, /status, /metrics) "
+            "on http://{address}",
+            service=self.settings.service,
+            address=_http_address(port.getHost()),
+        )
 
     def _listen_upstream(self, upstream: Upstream) -> Deferred[Any]:
         from connect_native.client import ConnectClientEndpoint
@@ -727,6 +765,16 @@ class Terminator(Service):
         if self._dev_port is not None:
             await maybeDeferred(self._dev_port.stopListening)
         log.info("connect-native {service}: stopped", service=settings.service)
+
+
+def _http_address(address: Any) -> str:
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is None or port is None:
+        return str(address)
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{host}:{port}"
 
 
 def makeService(config: Options) -> Terminator:
