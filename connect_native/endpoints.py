@@ -33,10 +33,11 @@ from twisted.internet.interfaces import (
     IStreamServerEndpoint,
     IStreamServerEndpointStringParser,
 )
+from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from connect_native import _checks
+from connect_native import _checks, _logging
 from connect_native._lease import Leases
 from connect_native.errors import (
     EndpointStringError,
@@ -66,6 +67,8 @@ __all__ = [
     "parse_client_description",
     "parse_server_description",
 ]
+
+log = Logger(observer=_logging.observer)
 
 #: The endpoint type both parsers answer to.
 PREFIX = "connect"
@@ -218,6 +221,11 @@ class ServerDescription:
     authorize: Authorize = "agent"
     register: bool = False
     ready_timeout: float = 60.0
+    #: ``readyTimeout=`` not given: ``listen()`` keeps waiting for the
+    #: certificate (saying so every ``ready_timeout`` seconds) instead of
+    #: failing, so a program that does not handle a failed listen
+    #: (``twistd web``, Klein's ``app.run``) serves once the agent answers.
+    wait_for_certificate: bool = True
     handshake_timeout: float = 10.0
     authorize_timeout: float = 10.0
     keep_open_on_deny: bool = False
@@ -331,6 +339,7 @@ def parse_server_description(
             kind, "keepOpenOnDeny", kwargs.get("keepOpenOnDeny", "no")
         ),
         ready_timeout=timeouts["readyTimeout"],
+        wait_for_certificate="readyTimeout" not in kwargs,
         handshake_timeout=timeouts["handshakeTimeout"],
         authorize_timeout=timeouts["authorizeTimeout"],
         max_handshakes=_optional_count(kind, "maxHandshakes", kwargs),
@@ -687,7 +696,53 @@ class ConnectStringServerEndpoint:
         Listen as :class:`~connect_native.server.ConnectServerEndpoint`
         does (once the service's certificate is ready); then, with
         ``register=yes``, register the instance with the agent.
+
+        Without ``readyTimeout=`` in the description it waits for the
+        certificate as long as it takes, logging a warning that says why
+        every ``readyTimeout`` (60) seconds; with it, it fails with
+        :class:`~connect_native.errors.CertificateNotReady` after that long.
         """
+        if not self.description.wait_for_certificate:
+            return self._listen_once(protocolFactory)
+        from twisted.internet.defer import Deferred
+
+        from connect_native.errors import CertificateNotReady
+
+        attempt: list[Deferred[IListeningPort]] = []
+
+        def cancel(_: Deferred[IListeningPort]) -> None:
+            if attempt:
+                attempt[0].cancel()
+
+        result: Deferred[IListeningPort] = Deferred(cancel)
+        waited = [0.0]
+
+        def again(failure: Any) -> None:
+            if result.called:
+                return
+            if not failure.check(CertificateNotReady):
+                result.errback(failure)
+                return
+            waited[0] += self.description.ready_timeout
+            log.warn(
+                "connect:{service}: no certificate after {waited:g}s ({reason}); "
+                "still waiting (readyTimeout= in the description fails instead)",
+                service=self.description.service,
+                waited=waited[0],
+                reason=failure.getErrorMessage(),
+            )
+            start()
+
+        def start() -> None:
+            attempt[:] = [self._listen_once(protocolFactory)]
+            attempt[0].addCallbacks(result.callback, again)
+
+        start()
+        return result
+
+    def _listen_once(
+        self, protocolFactory: IProtocolFactory
+    ) -> Deferred[IListeningPort]:
         self._start()
         listening: Deferred[IListeningPort] = self.connect.listen(protocolFactory)
 

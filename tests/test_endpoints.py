@@ -761,3 +761,51 @@ def test_bad_identity_and_allow_ids(
     reactor: Reactor, description: str, says: str
 ) -> None:
     assert says in refused(reactor, description)
+
+
+def test_without_ready_timeout_listen_keeps_waiting_and_says_so(
+    reactor: Reactor,
+) -> None:
+    """
+    ``twistd web`` and Klein's ``app.run`` do nothing useful with a failed
+    listen: without ``readyTimeout=`` the endpoint waits for the certificate
+    as long as it takes, logging why every 60 s, and can still be cancelled.
+    """
+    from twisted.internet.defer import CancelledError
+    from twisted.logger import LogEvent, globalLogPublisher
+
+    world = World(reactor)
+    endpoint = world.endpoint("connect:web:port=8443:authorize=intentions")
+    assert endpoint.description.wait_for_certificate
+    world.stub = StubTreq(Hang())
+    endpoint = ConnectStringServerEndpoint(
+        reactor,
+        endpoint.description,
+        endpoint.wrapped,
+        ConsulClient(reactor, http_client=world.stub, timeout=30.0),
+    )
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        listening = endpoint.listen(Factory.forProtocol(Protocol))
+        outcome: list[Any] = []
+        listening.addBoth(outcome.append)
+        for _ in range(130):
+            reactor.advance(1)
+            world.stub.flush()
+        assert outcome == []
+        waiting = [e for e in events if "still waiting" in str(e.get("log_format"))]
+        assert [e["waited"] for e in waiting] == [60.0, 120.0]
+        assert "no certificate for service 'web'" in str(waiting[0]["reason"])
+        listening.cancel()
+        assert isinstance(outcome[0].value, CancelledError)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert endpoint.authorizer is not None
+    assert not endpoint.authorizer.running
+    assert reactor.tcpServers == []
+
+
+def test_with_ready_timeout_listen_fails_after_it(reactor: Reactor) -> None:
+    description = server(reactor, "connect:web:port=1:readyTimeout=5").description
+    assert not description.wait_for_certificate
