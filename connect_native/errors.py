@@ -110,14 +110,29 @@ class LeafPermissionDenied(Exception):  # noqa: N818 (a refusal, named for it)
 
     def __init__(self, service: str, agent_said: str) -> None:
         self.service = service
+        said = agent_said.strip() or "Permission denied"
+        if "acl not found" in said.lower():
+            # Consul 1.8.7's answer for a token it does not know.
+            why = (
+                "the agent does not know the ACL token this process sends "
+                "(token=, --token-file, CONSUL_HTTP_TOKEN or "
+                "CONSUL_HTTP_TOKEN_FILE): a typo, a deleted token, or one "
+                "from another cluster"
+            )
+        else:
+            why = (
+                "the ACL token this process sends (token=, --token-file, "
+                "CONSUL_HTTP_TOKEN or CONSUL_HTTP_TOKEN_FILE) lacks "
+                f"service:write on {service!r}, or none is sent and the "
+                "anonymous token lacks it"
+            )
         super().__init__(
             f"the Consul agent refused the leaf certificate for service "
-            f"{service!r} (403: {agent_said or 'Permission denied'}): the ACL "
-            f"token this process uses (token=, CONSUL_HTTP_TOKEN or "
-            f"CONSUL_HTTP_TOKEN_FILE) is missing, unknown, or lacks "
-            f'service:write on {service!r}. Give it a policy with service "'
-            f'{service}" {{ policy = "write" }}; the manager keeps retrying '
-            "with backoff and becomes ready once the token allows it"
+            f"{service!r} (403: {said}): {why}. Give the token a policy with "
+            f'service "{service}" {{ policy = "write" }}. Until then nothing '
+            "is served: a listen() waiting for this certificate fails with "
+            "this error and twistd connect-native exits with status 1; the "
+            "certificate manager itself keeps asking with backoff"
         )
 
 

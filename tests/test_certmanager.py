@@ -695,3 +695,16 @@ def test_fake_bundle_source_is_driven_by_the_test() -> None:
     source.fail(LeafPermissionDenied("web", "Permission denied"))
     with pytest.raises(LeafPermissionDenied):
         result_of(failing)
+
+
+def test_the_403_message_tells_an_unknown_token_from_a_missing_permission() -> None:
+    unknown = str(LeafPermissionDenied("web", "ACL not found"))
+    assert "does not know the ACL token" in unknown
+    assert "lacks service:write" not in unknown
+    lacking = str(LeafPermissionDenied("web", "Permission denied"))
+    assert "lacks service:write on 'web'" in lacking
+    # Both say what happens: nothing is served until the token allows it.
+    for message in (unknown, lacking):
+        assert "nothing is served" in message
+        assert 'service "web" { policy = "write" }' in message
+        assert "\n" not in message
