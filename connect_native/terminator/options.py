@@ -795,7 +795,7 @@ class Options(usage.Options):
             log_format=log_format,
             status=status,
         )
-        from connect_native.terminator import logs
+        import connect_native.terminator.logs as logs
 
         logs.install(getattr(self, "parent", None), log_format, log_level)
 

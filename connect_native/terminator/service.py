@@ -43,8 +43,8 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
+import connect_native.terminator.demo as demo
 from connect_native import _logging
-from connect_native.terminator import demo
 from connect_native.terminator._tls import TLSServerProtocol
 from connect_native.terminator.forward import (
     ConnectionTracker,
