@@ -11,9 +11,10 @@ from typing import Generic, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-__all__ = ["Waiters", "bounded"]
+__all__ = ["Subscribers", "Waiters", "bounded"]
 
 T = TypeVar("T")
 
@@ -71,6 +72,49 @@ class Waiters(Generic[T]):
         """Cancel every pending waiter."""
         for waiter in self._take():
             waiter.cancel()
+
+
+class Subscribers(Generic[T]):
+    """
+    The callbacks told of each new value (a new Bundle, a state change):
+    :meth:`add` returns the function that removes one (calling it twice
+    does nothing); :meth:`tell` calls each with the value, in the order
+    they came, and a callback that raises is logged and skipped.
+
+    :param log: where a raising callback is logged.
+    :param what: how the log line names them ("certificate manager for
+        web: a Bundle subscriber").
+    :param level: the level of that line.
+    """
+
+    def __init__(
+        self, log: Logger, what: str, *, level: LogLevel = LogLevel.critical
+    ) -> None:
+        self._callbacks: list[Callable[[T], object]] = []
+        self._log = log
+        self._what = what
+        self._level = level
+
+    def __len__(self) -> int:
+        return len(self._callbacks)
+
+    def add(self, callback: Callable[[T], object]) -> Callable[[], None]:
+        self._callbacks.append(callback)
+
+        def remove() -> None:
+            if callback in self._callbacks:
+                self._callbacks.remove(callback)
+
+        return remove
+
+    def tell(self, value: T) -> None:
+        for callback in list(self._callbacks):
+            try:
+                callback(value)
+            except Exception:
+                self._log.failure(
+                    "{what} raised; ignoring it", level=self._level, what=self._what
+                )
 
 
 def bounded(

@@ -38,7 +38,7 @@ from zope.interface import Interface, implementer
 
 from connect_native import _logging
 from connect_native._checks import service_name
-from connect_native._deferreds import Waiters
+from connect_native._deferreds import Subscribers, Waiters
 from connect_native.consul.blocking import Watch
 from connect_native.consul.client import ConsulPermissionDenied
 from connect_native.consul.records import CARoots, Indexed, LeafCert
@@ -628,8 +628,14 @@ class CertManager(Service):
         self._state = ManagerState.STARTING
         self._reason = self._waiting_reason()
         self._waiters: Waiters[Bundle] = Waiters()
-        self._subscribers: list[Callable[[StateChange], object]] = []
-        self._bundle_subscribers: list[Callable[[Bundle], object]] = []
+        self._subscribers: Subscribers[StateChange] = Subscribers(
+            self._log,
+            f"certificate manager for {service}: a state subscriber",
+            level=LogLevel.error,
+        )
+        self._bundle_subscribers: Subscribers[Bundle] = Subscribers(
+            self._log, f"certificate manager for {service}: a Bundle subscriber"
+        )
         self._warning_call: IDelayedCall | None = None
         self._expiry_call: IDelayedCall | None = None
 
@@ -691,13 +697,7 @@ class CertManager(Service):
 
         :returns: a function that unsubscribes ``callback``.
         """
-        self._subscribers.append(callback)
-
-        def unsubscribe() -> None:
-            if callback in self._subscribers:
-                self._subscribers.remove(callback)
-
-        return unsubscribe
+        return self._subscribers.add(callback)
 
     def subscribe_bundles(
         self, callback: Callable[[Bundle], object]
@@ -709,13 +709,7 @@ class CertManager(Service):
 
         :returns: a function that unsubscribes ``callback``.
         """
-        self._bundle_subscribers.append(callback)
-
-        def unsubscribe() -> None:
-            if callback in self._bundle_subscribers:
-                self._bundle_subscribers.remove(callback)
-
-        return unsubscribe
+        return self._bundle_subscribers.add(callback)
 
     # -- IService -------------------------------------------------------------------
 
@@ -870,15 +864,7 @@ class CertManager(Service):
         )
         self._refresh_state()
         self._waiters.fire(bundle)
-        for callback in list(self._bundle_subscribers):
-            try:
-                callback(bundle)
-            except Exception:
-                self._log.failure(
-                    "certificate manager for {service}: a Bundle subscriber "
-                    "failed; ignoring it",
-                    service=self.service,
-                )
+        self._bundle_subscribers.tell(bundle)
 
     # -- expiry --------------------------------------------------------------------
 
@@ -1011,13 +997,4 @@ class CertManager(Service):
                 reason=reason,
             )
         change = StateChange(state=state, reason=reason, previous=previous)
-        for callback in list(self._subscribers):
-            try:
-                callback(change)
-            except Exception:
-                self._log.failure(
-                    "certificate manager for {service}: a state subscriber "
-                    "raised; ignoring it",
-                    level=LogLevel.error,
-                    service=self.service,
-                )
+        self._subscribers.tell(change)

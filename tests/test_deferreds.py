@@ -282,3 +282,36 @@ def test_abandon_translates_as_bounded_does() -> None:
     assert plain[0].check(ValueError)
     assert isinstance(anything[0], Failure)
     assert anything[0].check(Late)
+
+
+def test_subscribers_are_told_in_order_and_one_that_raises_is_skipped() -> None:
+    from twisted.logger import LogEvent, Logger, LogLevel, globalLogPublisher
+
+    from connect_native._deferreds import Subscribers
+
+    told: list[tuple[str, int]] = []
+    subscribers: Subscribers[int] = Subscribers(
+        Logger(), "a test subscriber", level=LogLevel.error
+    )
+
+    def broken(value: int) -> None:
+        raise RuntimeError("no")
+
+    subscribers.add(lambda v: told.append(("first", v)))
+    subscribers.add(broken)
+    remove = subscribers.add(lambda v: told.append(("last", v)))
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        subscribers.tell(1)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert told == [("first", 1), ("last", 1)]
+    (failed,) = [e for e in events if "log_failure" in e]
+    assert failed["what"] == "a test subscriber"
+    assert failed["log_level"] is LogLevel.error
+    remove()
+    remove()  # twice does nothing
+    subscribers.tell(2)
+    assert told[-1] == ("first", 2)
+    assert len(subscribers) == 2

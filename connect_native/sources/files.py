@@ -29,7 +29,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from connect_native import _logging
-from connect_native._deferreds import Waiters
+from connect_native._deferreds import Subscribers, Waiters
 from connect_native.certs import (
     Bundle,
     IIdentitySource,
@@ -153,8 +153,12 @@ class FileIdentitySource(Service):
         self.interval = float(interval)
         self._bundle: Bundle | None = None
         self._waiters: Waiters[Bundle] = Waiters()
-        self._subscribers: list[Callable[[Bundle], object]] = []
-        self._state_subscribers: list[Callable[[StateChange], object]] = []
+        self._subscribers: Subscribers[Bundle] = Subscribers(
+            self._log, f"identity files {self.cert}: a Bundle subscriber"
+        )
+        self._state_subscribers: Subscribers[StateChange] = Subscribers(
+            self._log, f"identity files {self.cert}: a state subscriber"
+        )
         self._told: tuple[ManagerState, str] = (ManagerState.STOPPED, "")
         self._seen: tuple[_Stat, ...] | None = None
         self._tried: tuple[_Stat, ...] | None = None
@@ -202,13 +206,7 @@ class FileIdentitySource(Service):
 
         :returns: a function that unsubscribes ``callback``.
         """
-        self._subscribers.append(callback)
-
-        def unsubscribe() -> None:
-            if callback in self._subscribers:
-                self._subscribers.remove(callback)
-
-        return unsubscribe
+        return self._subscribers.add(callback)
 
     def subscribe(
         self, callback: Callable[[StateChange], object]
@@ -221,13 +219,7 @@ class FileIdentitySource(Service):
 
         :returns: a function that unsubscribes ``callback``.
         """
-        self._state_subscribers.append(callback)
-
-        def unsubscribe() -> None:
-            if callback in self._state_subscribers:
-                self._state_subscribers.remove(callback)
-
-        return unsubscribe
+        return self._state_subscribers.add(callback)
 
     def _tell(self) -> None:
         now = (self.state, self.reason)
@@ -235,11 +227,7 @@ class FileIdentitySource(Service):
             return
         previous, self._told = self._told[0], now
         change = StateChange(state=now[0], reason=now[1], previous=previous)
-        for callback in list(self._state_subscribers):
-            try:
-                callback(change)
-            except Exception:
-                self._log.failure("identity files: a state subscriber raised")
+        self._state_subscribers.tell(change)
 
     @property
     def state(self) -> ManagerState:
@@ -399,11 +387,7 @@ class FileIdentitySource(Service):
             cert=str(self.cert),
         )
         self._waiters.fire(bundle)
-        for callback in list(self._subscribers):
-            try:
-                callback(bundle)
-            except Exception:
-                self._log.failure("identity files: a bundle subscriber raised")
+        self._subscribers.tell(bundle)
 
     def _note_expiry(self) -> None:
         bundle = self._bundle
