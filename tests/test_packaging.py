@@ -137,20 +137,45 @@ def test_every_subpackage_is_in_the_wheel() -> None:
     assert found - listed == set()
 
 
-@pytest.mark.skipif(
-    _installed_normally(),
-    reason=(
-        "connect_native is installed in this environment (as tox installs it): "
-        "its copy would shadow the editable install this test makes"
-    ),
-)
+def _link_all_but_connect_native(place: Path, into: Path) -> None:
+    """
+    Link every entry of ``place`` into ``into`` except connect_native's own
+    (the package, its metadata, its plugin module).
+    """
+    for entry in place.iterdir():
+        if entry.name.startswith(("connect_native", "__editable__")):
+            continue
+        target = into / entry.name
+        if entry.name == "twisted" and entry.is_dir():
+            target.mkdir(exist_ok=True)
+            for child in entry.iterdir():
+                if child.name == "plugins":
+                    plugins = target / "plugins"
+                    plugins.mkdir(exist_ok=True)
+                    for plugin in child.iterdir():
+                        if not plugin.name.startswith(("connect_native", "dropin")):
+                            _link(plugin, plugins / plugin.name)
+                else:
+                    _link(child, target / child.name)
+        else:
+            _link(entry, target)
+
+
+def _link(source: Path, target: Path) -> None:
+    if not target.exists():
+        target.symlink_to(source)
+
+
 def test_an_editable_install_keeps_the_plugins(tmp_path: Path) -> None:
     """
     ``pip install -e .`` leaves the twistd plugin and the ``connect:``
     endpoint type discoverable: setuptools puts the source tree on
     ``sys.path`` (a ``.pth`` file) instead of its import hook, which Twisted's
     plugin discovery does not see.  The venv gets only connect_native (no
-    dependencies); Twisted comes from this interpreter's site-packages.
+    dependencies); its dependencies come from this interpreter's
+    site-packages, seen through a directory of links that leaves out any
+    connect_native installed there (under tox, the wheel's copy would
+    otherwise shadow the editable install).
     """
     import shutil
     import site
@@ -182,10 +207,16 @@ def test_an_editable_install_keeps_the_plugins(tmp_path: Path) -> None:
         timeout=300,
         check=True,
     )
+    deps = tmp_path / "deps"
+    deps.mkdir()
     ours = {sysconfig.get_paths()["purelib"], *site.getsitepackages()}
-    env["PYTHONPATH"] = os.pathsep.join(sorted(ours))
+    for place in map(Path, sorted(ours)):
+        if place.is_dir():
+            _link_all_but_connect_native(place, deps)
+    # After the venv's own site-packages, where the editable .pth is read.
+    discover = f"import sys; sys.path.append({str(deps)!r})\n" + DISCOVER
     result = subprocess.run(
-        [str(python), "-c", DISCOVER],
+        [str(python), "-c", discover],
         cwd=tmp_path,
         env=env,
         capture_output=True,
