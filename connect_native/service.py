@@ -5,27 +5,9 @@ through it; and :data:`connect_services`, which shares one per (agent,
 service) in a process.
 
 Below it, one :class:`~connect_native.certs.CertManager` per (agent,
-service) per process, shared by every user of that service and
-reference-counted.
-
-An endpoint acquires a lease when it starts listening (or connecting) and
-releases it when it stops::
-
-    lease = acquire_cert_manager(reactor, client, "web")
-    d = lease.manager.when_ready()   # bound it with a timeout
-    ...
-    lease.release()                  # when the port stops listening
-
-The first lease for a (client, service) pair creates the manager and starts
-it; the last release stops it (stopping its watches and failing its pending
-``when_ready()`` Deferreds); an acquire after that makes a fresh one.
-Releasing a lease twice does nothing, so a port may release in every path
-out without counting twice.
-
-The agent is identified by the :class:`~connect_native.consul.client.ConsulClient`
-object: endpoints that pass the same client share a manager.  Two clients
-for the same agent make two managers, which is correct (they may carry
-different tokens) but wasteful: share one client per process.
+service) per process, shared by every user of that service and leased while
+the service runs (:class:`CertManagerRegistry`: the first lease creates and
+starts a manager, the last release stops it).
 
 What a service's endpoints share lives under the endpoints, in
 ``connect_native._shared`` (a :class:`ConnectService` is the public face of

@@ -41,30 +41,35 @@ class DiscoveryHandlers(Handlers):
         blocking query on the services' index (what ``consul catalog
         services`` asks).
         """
-        query = parse_query(request)
-        refuse_namespaces(request, query)
-        options = query_options(request, query)
-        self._check_dc(options, meta=True)
-        refuse_filter(query)
-        authz = self._authz(request)
-
-        def answer() -> None:
-            reply.json(
-                self.agent.services_listing(authz),
-                meta_headers(
-                    self.agent.services_index(),
-                    known_leader=True,
-                    consistency=options.consistency,
-                ),
-            )
-
-        self._rpc_blocking(reply, options, self.agent.services_index, answer)
+        self._catalog_listing(
+            request,
+            reply,
+            self.agent.services_index,
+            self.agent.services_listing,
+            namespaced=True,
+        )
 
     def _catalog_nodes(
         self, request: Request, reply: Reply, rest: str, method: str
     ) -> None:
         """``GET /v1/catalog/nodes``: this agent's one node, a blocking query."""
+        self._catalog_listing(
+            request, reply, self.agent.nodes_index, self.agent.nodes, namespaced=False
+        )
+
+    def _catalog_listing(
+        self,
+        request: Request,
+        reply: Reply,
+        index: Callable[[], int],
+        body: Callable[[Authorizer | None], Any],
+        *,
+        namespaced: bool,
+    ) -> None:
+        """A catalog listing read: ``body(authz)`` as a blocking query on ``index``."""
         query = parse_query(request)
+        if namespaced:
+            refuse_namespaces(request, query)
         options = query_options(request, query)
         self._check_dc(options, meta=True)
         refuse_filter(query)
@@ -72,15 +77,13 @@ class DiscoveryHandlers(Handlers):
 
         def answer() -> None:
             reply.json(
-                self.agent.nodes(authz),
+                body(authz),
                 meta_headers(
-                    self.agent.nodes_index(),
-                    known_leader=True,
-                    consistency=options.consistency,
+                    index(), known_leader=True, consistency=options.consistency
                 ),
             )
 
-        self._rpc_blocking(reply, options, self.agent.nodes_index, answer)
+        self._rpc_blocking(reply, options, index, answer)
 
     def _catalog_datacenters(
         self, request: Request, reply: Reply, rest: str, method: str
