@@ -25,14 +25,11 @@ the refusing side's: its log says so.
 
 from __future__ import annotations
 
-import os
-import re
 import socket
 import subprocess
 import sys
 import textwrap
 import threading
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -51,7 +48,8 @@ from twisted.internet.threads import deferToThread
 from connect_native.consul.client import ConsulClient
 from tests import consul_binary
 from tests.conftest import real_consul_required
-from tests.consul_agent import RealConsulAgent, _die_with_parent, free_ports
+from tests.consul_agent import RealConsulAgent, free_ports
+from tests.processes import OutputProcess, child_environment
 from tests.roots import new_root
 from tests.waiting import authorize_until
 
@@ -108,61 +106,21 @@ async def eventually(
 # --- processes ------------------------------------------------------------------
 
 
-class Running:
+class Running(OutputProcess):
     """A child process whose output lines are collected as they come."""
 
     def __init__(self, name: str, argv: list[str], cwd: Path) -> None:
-        env = dict(os.environ, PYTHONPATH=str(SOURCE_TREE))
-        for variable in ("CONSUL_HTTP_ADDR", "CONSUL_HTTP_TOKEN", "CONSUL_HTTP_SSL"):
-            env.pop(variable, None)
-        self.name = name
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        self.process = subprocess.Popen(
+        super().__init__(
+            name,
             argv,
-            cwd=cwd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            preexec_fn=_die_with_parent,
+            cwd,
+            child_environment(
+                ("CONSUL_HTTP_ADDR", "CONSUL_HTTP_TOKEN", "CONSUL_HTTP_SSL")
+            ),
         )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            with self._changed:
-                self.lines.append(line.rstrip("\n"))
-                self._changed.notify_all()
-        with self._changed:
-            self._changed.notify_all()
 
     def output(self) -> str:
-        with self._changed:
-            return f"--- {self.name}:\n" + "\n".join(self.lines)
-
-    def wait_for_line(self, pattern: str, timeout: float) -> re.Match[str]:
-        """Block (fixture setup only) until a line matches, or fail."""
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                for line in self.lines:
-                    found = re.search(pattern, line)
-                    if found:
-                        return found
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self.process.poll() is not None:
-                    raise AssertionError(
-                        f"{self.name} never logged {pattern!r}:\n{self.output()}"
-                    )
-                self._changed.wait(remaining)
-
-    def lines_with(self, *needles: str) -> list[str]:
-        with self._changed:
-            return [line for line in self.lines if all(n in line for n in needles)]
+        return f"--- {self.name}:\n" + super().output()
 
     async def line(self, *needles: str, seconds: float = 15.0) -> str:
         """The first line holding every needle, polled on the reactor."""
@@ -186,7 +144,7 @@ class Running:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(5)
-        self._reader.join(5)
+        self.join_reader()
 
 
 class Echo:

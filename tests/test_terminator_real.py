@@ -13,14 +13,11 @@ Each refusal is checked to be our terminator's: its log says why.
 from __future__ import annotations
 
 import hashlib
-import os
-import re
 import signal
 import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,6 +47,7 @@ from connect_native.server import ConnectServerEndpoint, peer_identity
 from connect_native.testing import CertificateFactory
 from connect_native.tls import ClientConnectionCreator
 from tests.consul_agent import RealConsulAgent, free_ports
+from tests.processes import OutputProcess, child_environment
 from tests.waiting import authorize_until
 
 SOURCE_TREE = Path(__file__).resolve().parent.parent
@@ -65,54 +63,18 @@ def twistd() -> str:
     return str(candidate) if candidate.exists() else "twistd"
 
 
-class Process:
+class Process(OutputProcess):
     """A twistd process whose output lines are collected as they come."""
 
     def __init__(self, args: list[str], cwd: Path) -> None:
-        env = dict(os.environ, PYTHONPATH=str(SOURCE_TREE))
-        for name in ("CONSUL_HTTP_ADDR", "CONSUL_HTTP_TOKEN", "CONSUL_HTTP_TOKEN_FILE"):
-            env.pop(name, None)
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        self.process = subprocess.Popen(
+        super().__init__(
+            "twistd",
             [twistd(), "-n", "--pidfile=", *args],
-            cwd=cwd,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+            cwd,
+            child_environment(
+                ("CONSUL_HTTP_ADDR", "CONSUL_HTTP_TOKEN", "CONSUL_HTTP_TOKEN_FILE")
+            ),
         )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            with self._changed:
-                self.lines.append(line.rstrip("\n"))
-                self._changed.notify_all()
-        with self._changed:
-            self._changed.notify_all()
-
-    def output(self) -> str:
-        with self._changed:
-            return "\n".join(self.lines)
-
-    def wait_for_line(self, pattern: str, timeout: float) -> re.Match[str]:
-        """Block (fixture setup only) until a line matches, or fail."""
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                for line in self.lines:
-                    found = re.search(pattern, line)
-                    if found:
-                        return found
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self.process.poll() is not None:
-                    raise AssertionError(
-                        f"twistd never logged {pattern!r}:\n" + "\n".join(self.lines)
-                    )
-                self._changed.wait(remaining)
 
     def stop(self, timeout: float = 20.0) -> int:
         if self.process.poll() is None:
@@ -124,7 +86,7 @@ class Process:
             self.process.wait(5)
             raise AssertionError("twistd did not stop on SIGTERM") from None
         finally:
-            self._reader.join(5)
+            self.join_reader()
 
 
 async def log_line(process: Process, *needles: str, seconds: float = 10.0) -> str:

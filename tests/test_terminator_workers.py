@@ -41,6 +41,7 @@ from connect_native.terminator import (
     Terminator,
     worker_arguments,
 )
+from tests.processes import OutputProcess, child_environment
 
 SOURCE_TREE = Path(__file__).resolve().parent.parent
 BOUND = 30.0  # seconds any one wait in the process tests may take
@@ -260,16 +261,12 @@ class _Backend(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
 
 
-class Workers:
+class Workers(OutputProcess):
     """``twistd -n connect-native --dev --workers 2`` and what it logged."""
 
     def __init__(self, work: Path, backend_port: int) -> None:
-        env = dict(os.environ, PYTHONPATH=str(SOURCE_TREE))
-        for name in ("CONSUL_HTTP_ADDR", "CONSUL_HTTP_TOKEN", "CONSUL_HTTP_TOKEN_FILE"):
-            env.pop(name, None)
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        self.process = subprocess.Popen(
+        super().__init__(
+            "twistd",
             [
                 sys.executable,
                 "-c",
@@ -290,26 +287,11 @@ class Workers:
                 "--shutdown-timeout",
                 "2",
             ],
-            cwd=work,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+            work,
+            child_environment(
+                ("CONSUL_HTTP_ADDR", "CONSUL_HTTP_TOKEN", "CONSUL_HTTP_TOKEN_FILE")
+            ),
         )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            with self._changed:
-                self.lines.append(line.rstrip("\n"))
-                self._changed.notify_all()
-
-    def output(self) -> str:
-        with self._changed:
-            return "\n".join(self.lines)
 
     def wait_for(self, pattern: str, count: int = 1) -> list[re.Match[str]]:
         deadline = time.monotonic() + BOUND
@@ -337,7 +319,7 @@ class Workers:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(5)
-        self._reader.join(5)
+        self.join_reader()
 
 
 def alive(pid: int) -> bool:
