@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -117,6 +118,33 @@ _FALSE = frozenset({"no", "false", "off", "0"})
 
 def _fail(kind: str, problem: str) -> EndpointStringError:
     return EndpointStringError(f"{PREFIX}: {kind} endpoint: {problem}")
+
+
+def _one_line_if_uncaught() -> None:
+    """
+    Make an :class:`EndpointStringError` that no one catches end the process
+    with its one line, not a traceback.
+
+    ``twistd web --listen connect:...`` (and ``twist``, and Klein's
+    ``app.run``) parse the description outside any ``try``: the user's typo
+    then reached the terminal as 30 lines of Twisted's frames.  Installed
+    only when a description is refused, chained to the hook it replaces for
+    every other exception, and only over Python's own hook (a REPL's or a
+    test runner's is left alone).  A program that catches the error sees it
+    as before.
+    """
+    previous = sys.excepthook
+    if previous is not sys.__excepthook__:
+        return
+
+    def one_line(kind: Any, value: BaseException, tb: Any) -> None:
+        if isinstance(value, EndpointStringError):
+            program = os.path.basename(sys.argv[0]) if sys.argv else "python"
+            sys.stderr.write(f"{program or 'python'}: {value}\n")
+            return
+        previous(kind, value, tb)
+
+    sys.excepthook = one_line
 
 
 def _check_names(kind: str, given: Mapping[str, str], known: Sequence[str]) -> None:
@@ -918,9 +946,12 @@ class ConnectServerParser:
     def parseStreamServer(
         self, reactor: Any, *args: object, **kwargs: object
     ) -> ConnectStringServerEndpoint:
-        return build_server(
-            reactor, parse_server_description(*_strings(args, kwargs)), self._environ
-        )
+        try:
+            description = parse_server_description(*_strings(args, kwargs))
+            return build_server(reactor, description, self._environ)
+        except EndpointStringError:
+            _one_line_if_uncaught()
+            raise
 
 
 @implementer(IPlugin, IStreamClientEndpointStringParserWithReactor)
@@ -941,5 +972,11 @@ class ConnectClientParser:
     def parseStreamClient(
         self, reactor: Any, *args: object, **kwargs: object
     ) -> ConnectClientEndpoint:
-        description = parse_client_description(*_strings(args, kwargs), self._environ)
-        return build_client(reactor, description, self._environ)
+        try:
+            description = parse_client_description(
+                *_strings(args, kwargs), self._environ
+            )
+            return build_client(reactor, description, self._environ)
+        except EndpointStringError:
+            _one_line_if_uncaught()
+            raise
