@@ -49,6 +49,7 @@ from connect_native.errors import (
     NotAConnectHost,
     RequestTimeout,
     ResponseBodyTimeout,
+    ServiceRefused,
 )
 from connect_native.resolve import ConsulResolver, IResolver, PreparedQueryResolver
 
@@ -326,6 +327,30 @@ def _retryable(failure: Failure) -> bool:
     return not any(isinstance(r.value, CancelledError) for r in reasons)
 
 
+def _refusal(failure: Failure) -> Failure | None:
+    """
+    A request that failed because the service refused our connection (a
+    TLS alert before any reply), as :class:`ServiceRefused` carrying
+    twisted.web's reasons; ``None`` for any other failure.
+    """
+    error = failure.value
+    if not isinstance(error, RequestTransmissionFailed | ResponseNeverReceived):
+        return None
+    reasons = list(getattr(error, "reasons", []) or [])
+    for reason in reasons:
+        if isinstance(reason.value, ServiceRefused):
+            refused = reason.value
+            return Failure(  # type: ignore[no-untyped-call]
+                ServiceRefused.of(
+                    refused.target,
+                    refused.alert,
+                    reasons=reasons,
+                    address=refused.address,
+                )
+            )
+    return None
+
+
 @implementer(IAgent)
 class _RetryingAgent:
     """
@@ -365,6 +390,11 @@ class _RetryingAgent:
 
         def failed(failure: Failure) -> None:
             if result.called:
+                return
+            refused = _refusal(failure)
+            if refused is not None:
+                # Every instance answers by the same intentions: no retry.
+                result.errback(refused)
                 return
             if state["left"] > 0 and not state.get("cancelled") and _retryable(failure):
                 state["left"] -= 1

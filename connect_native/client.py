@@ -69,6 +69,7 @@ from connect_native.errors import (
     NoCertificate,
     NoHealthyInstances,
     ResolutionFailed,
+    ServiceRefused,
 )
 from connect_native.resolve import (
     ConsulResolver,
@@ -81,6 +82,7 @@ from connect_native.tls import (
     HalfCloseBufferingTLS,
     PeerIdentityMismatch,
     PeerRefused,
+    received_alert,
     verified_peer,
 )
 
@@ -99,6 +101,7 @@ __all__ = [
     "NoCertificate",
     "NoHealthyInstances",
     "ResolutionFailed",
+    "ServiceRefused",
     "our_service_name",
 ]
 
@@ -164,6 +167,31 @@ class _Gate(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.attempt.lost_before_verified(reason)
+
+
+class _ConnectTLS(HalfCloseBufferingTLS):
+    """
+    The client's TLS transport.  Once the application has the connection,
+    a TLS alert from the server before it sent anything is its refusal: the
+    application's ``connectionLost`` gets :class:`ServiceRefused`, not
+    OpenSSL's bare ``SSL.Error``.  (Under TLS 1.3 the server checks our
+    certificate, and its intentions, after our side of the handshake is
+    done, so the refusal comes after ``connect()`` has succeeded.)
+    """
+
+    #: What was dialled, set when the application gets the connection.
+    target: str | None = None
+
+    def _read_failure(self, failure: Failure) -> Failure:
+        if self.target is None or self.heard_data:
+            return failure
+        alert = received_alert(failure)
+        if alert is None:
+            return failure
+        peer: Any = self.getPeer()  # type: ignore[no-untyped-call]
+        host, port = getattr(peer, "host", None), getattr(peer, "port", None)
+        address = f"{host}:{port}" if host is not None else ""
+        return _failure(ServiceRefused.of(self.target, alert, address=address))
 
 
 class _GateFactory(Factory):
@@ -297,6 +325,9 @@ def _describe_loss(reason: Failure, phase: str) -> tuple[str, BaseException]:
         )
     if isinstance(error, PeerRefused):
         return f"the server's certificate was refused: {error.reason}", error
+    alert = received_alert(error)
+    if alert is not None:
+        return f"the server refused us with the TLS alert '{alert}'", error
     if isinstance(error, SSL.Error):
         return f"the TLS handshake failed: {_ssl_error_text(error)}", error
     if isinstance(error, ConnectionDone | ConnectionLost):
@@ -459,7 +490,7 @@ class _Dial:
             # Half-close: loseWriteConnection() is close_notify, and the
             # server's close_notify is readConnectionLost() for a protocol
             # that provides IHalfCloseableProtocol.
-            tls_factory.protocol = HalfCloseBufferingTLS
+            tls_factory.protocol = _ConnectTLS
             connecting = self.endpoint._tcp_endpoint(instance, budget).connect(
                 tls_factory
             )
@@ -521,6 +552,8 @@ class _Dial:
         attempt.app_factory_started = True
         self.app_factory.doStart()
         tls.wrappedProtocol = app
+        if isinstance(tls, _ConnectTLS):
+            tls.target = self.target
         app.makeConnection(tls)
         if IHandshakeListener.providedBy(app):
             app.handshakeCompleted()
@@ -559,6 +592,10 @@ class _Dial:
                 first.got,
                 first.wanted,
             )
+        elif attempts and all(received_alert(a.error) for a in attempts):
+            first_alert = received_alert(attempts[0].error)
+            assert first_alert is not None
+            error = ServiceRefused.of(self.target, first_alert, attempts, detail=text)
         elif attempts and len(handshake_timeouts) == len(attempts):
             error = HandshakeTimeout(
                 f"cannot connect to {self.target}: the TLS handshake did not "

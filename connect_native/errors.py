@@ -70,6 +70,7 @@ __all__ = [
     "ResolveError",
     "ResponseBodyTimeout",
     "ServiceNotStarted",
+    "ServiceRefused",
     "StaleAnswer",
     "WatchStoppedError",
     "WatchTimeoutError",
@@ -313,6 +314,72 @@ class AllInstancesFailed(ConnectError):  # noqa: N818 (the kinds are named in th
     """
     Every instance was tried, and each failed; :attr:`attempts` says how.
     """
+
+
+class ServiceRefused(ConnectError):  # noqa: N818 (the kinds are named in the API)
+    """
+    The service was reached and refused us: its server ended the TLS
+    handshake, or the connection right after it, with a TLS alert and no
+    reply.  A Connect server does this when its intentions (or its allowed
+    IDs) deny our service, or when it does not accept our certificate; its
+    log names which, and our address.  It is not the service's backend being
+    down: a terminator whose application is unreachable closes the
+    connection without an alert (:class:`AllInstancesFailed`, or
+    twisted.web's ``ResponseNeverReceived`` for a request).
+
+    A server that decides after the handshake (``authorize=agent`` for a
+    caller it has not decided yet) can only close the connection, and is
+    seen as a closed connection.
+
+    :ivar alert: the alert as OpenSSL names it: ``"internal error"`` from a
+        connect_native server (pyOpenSSL cannot choose another), ``"bad
+        certificate"`` from Consul's built-in proxy and Go library.
+    :ivar reasons: for an HTTP request, the failures twisted.web reported
+        (as ``ResponseNeverReceived.reasons``); empty otherwise.
+    :ivar address: the refusing instance's ``host:port``, when known.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        target: str,
+        attempts: Sequence[Any] = (),
+        *,
+        alert: str,
+        reasons: Sequence[Any] = (),
+        address: str = "",
+    ) -> None:
+        super().__init__(message, target, attempts)
+        self.alert = alert
+        self.reasons = list(reasons)
+        self.address = address
+
+    @classmethod
+    def of(
+        cls,
+        target: str,
+        alert: str,
+        attempts: Sequence[Any] = (),
+        reasons: Sequence[Any] = (),
+        detail: str = "",
+        address: str = "",
+    ) -> ServiceRefused:
+        """
+        The refusal by ``target`` with ``alert``, saying what it means;
+        ``detail`` (what each attempt did) is added in parentheses.
+        """
+        return cls(
+            f"{target}{f' at {address}' if address else ''} refused this "
+            f"connection with the TLS alert '{alert}': "
+            f"its intentions deny our service, or it does not accept our "
+            f"certificate (its log says which); the service was reached"
+            + (f" ({detail})" if detail else ""),
+            target,
+            attempts,
+            alert=alert,
+            reasons=reasons,
+            address=address,
+        )
 
 
 # --- a service --------------------------------------------------------------

@@ -33,6 +33,7 @@ logged with :mod:`twisted.logger`.
 
 from __future__ import annotations
 
+import re
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -75,6 +76,7 @@ __all__ = [
     "ServerConnectionCreator",
     "VerifiedPeer",
     "peer_identity",
+    "received_alert",
     "verified_peer",
 ]
 
@@ -142,6 +144,31 @@ _verified: weakref.WeakKeyDictionary[SSL.Connection, VerifiedPeer] = (
 _refusals: weakref.WeakKeyDictionary[SSL.Connection, PeerRefused] = (
     weakref.WeakKeyDictionary()
 )
+
+
+#: OpenSSL's reason for an alert the peer sent ("tlsv1 alert internal
+#: error"); errors OpenSSL finds itself are named otherwise ("certificate
+#: verify failed").
+_RECEIVED_ALERT = re.compile(r"^(?:sslv3|tlsv1|tlsv13) alert (.+)$")
+
+
+def received_alert(error: object) -> str | None:
+    """
+    The name of the TLS alert the peer sent (``"internal error"``, ``"bad
+    certificate"``), when ``error`` (an exception or a ``Failure``) is
+    OpenSSL's report of one; ``None`` for anything else.
+    """
+    if isinstance(error, Failure):
+        error = error.value
+    if not isinstance(error, SSL.Error) or not error.args:
+        return None
+    reasons = error.args[0] if isinstance(error.args[0], list) else []
+    for item in reasons:
+        if isinstance(item, tuple) and item:
+            found = _RECEIVED_ALERT.match(str(item[-1]))
+            if found is not None:
+                return found.group(1)
+    return None
 
 
 def _ssl_connection(transport: object) -> SSL.Connection | None:
@@ -703,6 +730,9 @@ class _HalfClose:
     #: ``readConnectionLost``: nothing more to read.
     peer_write_closed = False
 
+    #: Application data came from the peer.
+    heard_data = False
+
     def _peer_half_closed(self: Any) -> bool:
         """Deliver the peer's close_notify as a half-close, if we may."""
         if self.disconnecting or self._aborted:
@@ -726,11 +756,23 @@ class _HalfClose:
                 self._shutdownTLS()
                 self._tlsShutdownFinished(None)
             except SSL.Error:
-                self._tlsShutdownFinished(Failure())  # type: ignore[no-untyped-call]
+                failure = Failure()  # type: ignore[no-untyped-call]
+                self._tlsShutdownFinished(failure)
+                if self._reason is failure:
+                    # What the wrapped protocol's connectionLost() gets.
+                    self._reason = self._read_failure(failure)
             else:
+                self.heard_data = True
                 if not self._aborted:
                     ProtocolWrapper.dataReceived(self, data)  # type: ignore[no-untyped-call]
         self._flushSendBIO()
+
+    def _read_failure(self, failure: Failure) -> Failure:
+        """
+        The reason the wrapped protocol is given for ``failure``, the
+        ``SSL.Error`` that ended the connection (a subclass may say more).
+        """
+        return failure
 
     def loseWriteConnection(self: Any) -> None:
         """End what we send with ``close_notify``; keep reading."""

@@ -27,7 +27,9 @@ from klein import Klein
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import LogEvent, globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,
     HTTPConnectionPool,
@@ -41,6 +43,8 @@ from zope.interface import implementer
 
 from connect_native.client import ConnectClientEndpoint, ConnectError
 from connect_native.consul.client import ConsulClient
+from connect_native.errors import ServiceRefused
+from connect_native.http import client as connect_client
 from connect_native.server import peer_identity
 from tests.consul_agent import RealConsulAgent, free_ports
 
@@ -241,14 +245,50 @@ async def test_authorize_intentions_refuses_a_denied_caller(
     try:
         # No intention for api: the agent's default (allow, ACLs off) decides.
         assert await get_when_up(allowed, b"/hello.txt") == (200, CONTENT)
-        with pytest.raises(ResponseNeverReceived):
+        # The caller hears it was refused, not that the service is down
+        # (issue 17): the server's TLS alert comes after our side of the
+        # TLS 1.3 handshake, before any reply.
+        with pytest.raises(ResponseNeverReceived) as raised:
             await get(denied, b"/hello.txt")
-        [refusal] = [
-            e
-            for e in decisions
-            if e["target"] == web and batch in e["peer"] and not e["allowed"]
+        [refused] = [
+            r.value for r in raised.value.reasons if isinstance(r.value, ServiceRefused)
         ]
-        assert "intention" in refusal["reason"].lower()
+        assert refused.alert == "internal error"
+        assert f"'{web}' (healthy instances) at 127.0.0.1:" in str(refused), refused
+        assert "refused this connection with the TLS alert" in str(refused)
+        assert refused.address == f"127.0.0.1:{port.getHost().port}"
+        assert "intentions deny" in str(refused)
+        # A protocol of our own sees the same reason.
+        lost: Deferred[list[Failure]] = Deferred()
+
+        class Speaker(Protocol):
+            def connectionMade(self) -> None:
+                self.transport.write(b"GET / HTTP/1.0\r\n\r\n")
+
+            def connectionLost(self, reason: Failure = connectionDone) -> None:
+                lost.callback([reason])
+
+        await bounded(denied.connect(Factory.forProtocol(Speaker)), 20)
+        [reason] = await bounded(lost, 20)
+        assert isinstance(reason.value, ServiceRefused), reason
+
+        # The treq client raises it as such, and does not send it again.
+        def refusals() -> list[LogEvent]:
+            return [
+                e
+                for e in decisions
+                if e["target"] == web and batch in e["peer"] and not e["allowed"]
+            ]
+
+        before = len(refusals())
+        http = connect_client(batch, consul=consul, retries=1)
+        try:
+            with pytest.raises(ServiceRefused, match="intentions deny"):
+                await bounded(http.get(f"https://{web}.service.consul/hello.txt"), 30)
+        finally:
+            await bounded(http.close())
+        assert len(refusals()) == before + 1
+        assert all("intention" in e["reason"].lower() for e in refusals())
     finally:
         allowed.close()
         denied.close()

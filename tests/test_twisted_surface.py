@@ -88,8 +88,12 @@ def test_the_tls_transport_internals_half_close_overrides_are_there() -> None:
     for method in ("_flushReceiveBIO", "_flushSendBIO", "_shutdownTLS"):
         assert callable(getattr(TLSMemoryBIOProtocol, method))
     assert callable(TLSMemoryBIOProtocol._tlsShutdownFinished)
-    for attribute in ("_lostTLSConnection", "_aborted"):
+    # _reason: what the wrapped protocol's connectionLost() gets after an
+    # SSL.Error (the Connect client says a server's refusal there).
+    for attribute in ("_lostTLSConnection", "_aborted", "_reason"):
         assert hasattr(TLSMemoryBIOProtocol, attribute)
+    lost = inspect.getsource(TLSMemoryBIOProtocol.connectionLost)
+    assert "self._reason or reason" in lost
     source = inspect.getsource(TLSMemoryBIOProtocol._flushReceiveBIO)
     for name in ("_tlsConnection.recv", "ZeroReturnError", "_tlsShutdownFinished"):
         assert name in source
