@@ -40,7 +40,6 @@ from connect_native._http import (
 )
 from connect_native.certs import IBundleSource
 from connect_native.client import our_service_name
-from connect_native.errors import ServiceRefused
 from connect_native.service import CertManagerRegistry, connect_services
 
 if TYPE_CHECKING:
@@ -54,7 +53,6 @@ __all__ = [
     "NotAConnectHost",
     "RequestTimeout",
     "ResponseBodyTimeout",
-    "ServiceRefused",
     "client",
     "parse_connect_host",
 ]
@@ -95,7 +93,8 @@ def client(
         :class:`RequestTimeout` (for the body,
         :class:`ResponseBodyTimeout`).  A request's own ``timeout=`` bounds
         both the same way.  A request the service refuses (its intentions
-        deny our service) fails with :class:`ServiceRefused`, and is not sent
+        deny our service) fails with
+        :class:`~connect_native.errors.ServiceRefused`, and is not sent
         again.
     :param connect_timeout: seconds to find an instance and make a verified
         connection to it.
