@@ -275,6 +275,8 @@ class StreamingBody:
     def startProducing(self, consumer: IConsumer) -> Deferred[None]:
         self._consumer = consumer
         self._flush()
+        if not self._consumer_paused:
+            self._resume()
         if self._ended and not self._held:
             return succeed(None)
         self._finished = Deferred()
@@ -383,6 +385,7 @@ class ProxyRequest(_Request):  # type: ignore[misc]
         self._answer: tuple[int, bytes] | None = None
         self._timer: IDelayedCall | None = None
         self._relaying = False
+        self._timed_out_once = False
         self._peer_uri = "?"
 
     # -- what the channel calls, in its order -----------------------------
@@ -512,7 +515,7 @@ class ProxyRequest(_Request):  # type: ignore[misc]
         self._asking = None
         if self._disconnected:
             return
-        if isinstance(failure.value, CancelledError):
+        if self._timed_out_once or isinstance(failure.value, CancelledError):
             code, body, why = 504, GATEWAY_TIMEOUT_BODY, "timed out"
         else:
             code, body, why = 502, BAD_GATEWAY_BODY, failure.getErrorMessage()
@@ -630,6 +633,7 @@ class ProxyRequest(_Request):  # type: ignore[misc]
 
     def _timed_out(self) -> None:
         self._timer = None
+        self._timed_out_once = True
         asking = self._asking
         if asking is not None:
             asking.cancel()  # answered 504 by _failed
