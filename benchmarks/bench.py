@@ -1339,10 +1339,14 @@ HTTP_FIGURES = (
 
 
 def measure_http(
-    target: Target, certs: dict[str, str], clients: int, seconds: float
+    target: Target,
+    certs: dict[str, str],
+    clients: int,
+    seconds: float,
+    profile: Path | None = None,
 ) -> dict[str, Any]:
     results, wall, cpu = run_clients(
-        target, _http_client, [(certs, target.port, seconds)] * clients
+        target, _http_client, [(certs, target.port, seconds)] * clients, profile
     )
     samples = sorted(t for r in results for t in r.get("samples", []))
     done = len(samples)
@@ -1471,7 +1475,13 @@ def http_main(args: argparse.Namespace) -> int:
         for rep in range(args.reps):
             order = targets[rep % 2 :] + targets[: rep % 2]
             for target in order:
-                figures = measure_http(target, certs, args.http_clients, seconds)
+                profile = None
+                if args.profile and isinstance(target, ConnectNative):
+                    profile = Path(args.profile).resolve() / f"{target.name}-http.txt"
+                    profile.parent.mkdir(parents=True, exist_ok=True)
+                figures = measure_http(
+                    target, certs, args.http_clients, seconds, profile
+                )
                 raw[target.name].append(figures)
                 log(
                     f"rep {rep + 1}/{args.reps} {target.name}: "
