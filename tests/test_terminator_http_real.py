@@ -18,7 +18,9 @@ from typing import Any
 
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.endpoints import clientFromString
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import clientFromString, connectProtocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
@@ -219,5 +221,100 @@ async def test_each_request_is_decided_by_the_l7_intentions(
     finally:
         await api.close()
         await other.close()
+        process.stop()
+        await backend.stopListening()
+
+
+class UpgradingBackend(Protocol):
+    """Answers an upgrade with 101, then echoes every byte."""
+
+    def __init__(self, heads: list[bytes]) -> None:
+        self.heads = heads
+        self.buffered = b""
+        self.upgraded = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.upgraded:
+            self.transport.write(data)  # type: ignore[union-attr]
+            return
+        self.buffered += data
+        if b"\r\n\r\n" in self.buffered:
+            head, _, rest = self.buffered.partition(b"\r\n\r\n")
+            self.heads.append(head)
+            self.upgraded = True
+            self.transport.write(  # type: ignore[union-attr]
+                b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                b"Upgrade: echo\r\n\r\n" + rest
+            )
+
+
+class Upgrader(Protocol):
+    """Sends an upgrade request, then ``ping`` once switched; collects all."""
+
+    def __init__(self, path: bytes) -> None:
+        self.path = path
+        self.received = b""
+        self.pinged = False
+        self.echoed: Deferred[bytes] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(  # type: ignore[union-attr]
+            b"GET " + self.path + b" HTTP/1.1\r\nHost: web\r\n"
+            b"Connection: Upgrade\r\nUpgrade: echo\r\n\r\n"
+        )
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if b"101 Switching" in self.received and not self.pinged:
+            self.pinged = True
+            self.transport.write(b"ping over the upgraded stream")  # type: ignore[union-attr]
+        if self.received.endswith(b"ping over the upgraded stream") or (
+            b" 403 " in self.received and self.received.endswith(b"\n")
+        ):
+            if not self.echoed.called:
+                self.echoed.callback(self.received)
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_allowed_upgrade_becomes_a_byte_stream(
+    agent_port: int, tmp_path: Path
+) -> None:
+    heads: list[bytes] = []
+    backend: Any = reactor.listenTCP(  # type: ignore[attr-defined]
+        0, Factory.forProtocol(lambda: UpgradingBackend(heads)), interface="127.0.0.1"
+    )
+    # A short drain: one upgraded connection is still counted open when the
+    # terminator stops (known, see the changelog of issue 18's follow-ups).
+    process = terminator(
+        agent_port,
+        backend.getHost().port,
+        tmp_path,
+        "--to-check",
+        "none",
+        "--shutdown-timeout",
+        "2",
+    )
+    api = Caller(agent_port, "api")
+    try:
+        await log_line(process, "accepting Connect", "proxying", seconds=60)
+        await web_registered(agent_port)
+        allowed = Upgrader(b"/public/socket")
+        await bounded(connectProtocol(api.dial, allowed))
+        got = await bounded(allowed.echoed)
+        assert got.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+        assert got.endswith(b"\r\n\r\nping over the upgraded stream")
+        [head] = heads
+        assert head.startswith(b"GET /public/socket HTTP/1.1\r\n")
+        assert b"\r\nUpgrade: echo" in head
+        assert b"/svc/api" in head  # X-Forwarded-Client-Cert
+
+        denied = Upgrader(b"/private/socket")
+        await bounded(connectProtocol(api.dial, denied))
+        got = await bounded(denied.echoed)
+        assert got.startswith(b"HTTP/1.1 403 ")
+        assert len(heads) == 1
+    finally:
+        await api.close()
         process.stop()
         await backend.stopListening()
