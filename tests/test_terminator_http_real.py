@@ -285,7 +285,7 @@ async def test_an_allowed_upgrade_becomes_a_byte_stream(
         0, Factory.forProtocol(lambda: UpgradingBackend(heads)), interface="127.0.0.1"
     )
     # A short drain: one upgraded connection is still counted open when the
-    # terminator stops (known, see the changelog of issue 18's follow-ups).
+    # terminator stops and waits out --shutdown-timeout (not fixed yet).
     process = terminator(
         agent_port,
         backend.getHost().port,
