@@ -1027,6 +1027,20 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--keep", action="store_true", help="keep the work directory (logs, configs)"
     )
+    parser.add_argument(
+        "--http",
+        action="store_true",
+        help="the HTTP row instead: twistd connect-native --protocol http "
+        "(an L7 intention deciding each request) against nginx's http module "
+        "as an mTLS reverse proxy, keep-alive both sides; --reps, --quick, "
+        "--output and --keep apply",
+    )
+    parser.add_argument(
+        "--http-clients",
+        type=int,
+        default=4,
+        help="with --http: keep-alive client processes (4)",
+    )
     args = parser.parse_args(list(argv))
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     unknown = sorted(set(args.targets) - set(ALL_TARGETS))
@@ -1060,6 +1074,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if (os.cpu_count() or 1) < 2:
         raise SystemExit("the harness needs 2 cores: the servers on 0, the load on 1")
+    if args.http:
+        return http_main(args)
     needs_packages = any(t in ("nginx", "haproxy", "stunnel4") for t in args.targets)
     if needs_packages:
         ensure_packages(install=not args.no_install)
@@ -1177,6 +1193,371 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ratios:
         print("\nratios to nginx (median / nginx's median)")
         print(table(names, ratios, ratio=True))
+    print(f"\nerrors per target: {errors}")
+    print(f"JSON: {output}")
+    return 0 if not any(errors.values()) else 1
+
+
+# --- HTTP: --protocol http against nginx's http module (issue 18) ------------------
+#
+# Self-contained: ``--http`` runs this instead of the L4 phases.  Its own
+# development agent runs as Consul 1.10 and holds an L7 intention (the
+# client may GET /bench*, everything else denied), so every request pays the
+# per-request decision; its own backend speaks keep-alive HTTP/1.1.
+
+HTTP_TARGETS = ("nginx-http", "cn-http")
+HTTP_PATH = b"/bench/item"
+HTTP_ANSWER = b"ok\n"
+
+
+class _HTTPBackendHandler(socketserver.BaseRequestHandler):
+    """Keep-alive HTTP/1.1: every request answered 200 with 3 bytes."""
+
+    def handle(self) -> None:
+        sock = self.request
+        sock.settimeout(STEP_BOUND)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        answer = (
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d"
+            b"\r\n\r\n%s" % (len(HTTP_ANSWER), HTTP_ANSWER)
+        )
+        buffered = b""
+        try:
+            while True:
+                while b"\r\n\r\n" not in buffered:
+                    data = sock.recv(65536)
+                    if not data:
+                        return
+                    buffered += data
+                count = buffered.count(b"\r\n\r\n")
+                buffered = buffered.rsplit(b"\r\n\r\n", 1)[1]
+                sock.sendall(answer * count)
+        except OSError:
+            pass
+
+
+def _serve_http_backend(port: int) -> None:
+    os.sched_setaffinity(0, {LOAD_CORE})
+    _Backend(("127.0.0.1", port), _HTTPBackendHandler).serve_forever()
+
+
+class NginxHTTP(Target):
+    kind = "nginx-http"
+
+    def argv(self, work: Path, certs: dict[str, str], backend: int) -> list[str]:
+        conf = work / "nginx-http.conf"
+        conf.write_text(
+            template(
+                "nginx-http.conf.in",
+                PID=work / "nginx-http.pid",
+                ERROR_LOG=work / "nginx-http-error.log",
+                WORK=work,
+                PORT=self.port,
+                BACKEND=backend,
+                CERT=certs["web_cert"],
+                KEY=certs["web_key"],
+                CA=certs["ca"],
+            )
+        )
+        return ["nginx", "-p", str(work), "-c", str(conf), "-e", str(conf) + ".log"]
+
+
+class ConnectNativeHTTP(ConnectNative):
+    kind = "cn-http"
+
+    def argv(self, work: Path, certs: dict[str, str], backend: int) -> list[str]:
+        return [*super().argv(work, certs, backend), "--protocol", "http"]
+
+
+def _read_http_answer(tls: ssl.SSLSocket, buffered: bytes) -> tuple[int, bool, bytes]:
+    """One answer's status, whether it closes, and what followed it."""
+    while b"\r\n\r\n" not in buffered:
+        data = tls.recv(65536)
+        if not data:
+            raise OSError("the server closed the connection")
+        buffered += data
+    head, _, rest = buffered.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split()[1])
+    length, closes = 0, False
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            length = int(value)
+        elif name == b"connection" and value.strip().lower() == b"close":
+            closes = True
+    while len(rest) < length:
+        data = tls.recv(65536)
+        if not data:
+            raise OSError("the server closed the connection")
+        rest += data
+    return status, closes, rest[length:]
+
+
+def _http_client(certs: dict[str, str], port: int, seconds: float) -> dict[str, Any]:
+    """Keep-alive requests one after the other for ``seconds``; latencies."""
+    context = client_context(certs)
+    request = b"GET %s HTTP/1.1\r\nHost: web\r\n\r\n" % HTTP_PATH
+    samples: list[float] = []
+    errors = connections = 0
+    deadline = time.monotonic() + seconds
+    tls: ssl.SSLSocket | None = None
+    buffered = b""
+    while time.monotonic() < deadline:
+        try:
+            if tls is None:
+                tls = connect(context, port)
+                connections += 1
+                buffered = b""
+            started = time.perf_counter_ns()
+            tls.sendall(request)
+            status, closes, buffered = _read_http_answer(tls, buffered)
+            samples.append((time.perf_counter_ns() - started) / 1000)
+            if status != 200:
+                errors += 1
+            if closes:
+                tls.close()
+                tls = None
+        except (OSError, ssl.SSLError):
+            errors += 1
+            if tls is not None:
+                tls.close()
+            tls = None
+    if tls is not None:
+        tls.close()
+    return {"samples": samples, "errors": errors, "connections": connections}
+
+
+HTTP_FIGURES = (
+    ("http_req_per_s", "req/s", "{:.0f}"),
+    ("http_cpu_us_per_req", "CPU µs/req", "{:.0f}"),
+    ("http_p50_us", "p50 µs", "{:.0f}"),
+    ("http_p99_us", "p99 µs", "{:.0f}"),
+    ("http_connections", "connections", "{:.0f}"),
+)
+
+
+def measure_http(
+    target: Target,
+    certs: dict[str, str],
+    clients: int,
+    seconds: float,
+    profile: Path | None = None,
+) -> dict[str, Any]:
+    results, wall, cpu = run_clients(
+        target, _http_client, [(certs, target.port, seconds)] * clients, profile
+    )
+    samples = sorted(t for r in results for t in r.get("samples", []))
+    done = len(samples)
+    figures: dict[str, Any] = {
+        "http_errors": sum(r.get("errors", 0) for r in results),
+        "http_connections": sum(r.get("connections", 0) for r in results),
+        "http_requests": done,
+    }
+    if done:
+        figures["http_req_per_s"] = done / wall
+        figures["http_cpu_us_per_req"] = cpu / done * 1e6
+        figures["http_p50_us"] = samples[done // 2]
+        figures["http_p99_us"] = samples[min(done - 1, int(done * 0.99))]
+    return figures
+
+
+def _wait_http_ready(target: Target, certs: dict[str, str]) -> None:
+    deadline = time.monotonic() + STEP_BOUND
+    while True:
+        try:
+            with connect(client_context(certs), target.port) as tls:
+                tls.sendall(b"GET %s HTTP/1.1\r\nHost: web\r\n\r\n" % HTTP_PATH)
+                if _read_http_answer(tls, b"")[0] == 200:
+                    return
+        except (OSError, ssl.SSLError, ValueError, IndexError):
+            pass
+        assert target.process is not None
+        if time.monotonic() > deadline or target.process.poll() is not None:
+            raise SystemExit(f"{target.name} did not start; see the work directory")
+        time.sleep(0.2)
+
+
+def _http_denied(target: Target, certs: dict[str, str]) -> int:
+    """The status of a request the L7 intention denies (nginx: no rule)."""
+    with connect(client_context(certs), target.port) as tls:
+        tls.sendall(b"DELETE /admin HTTP/1.1\r\nHost: web\r\n\r\n")
+        return _read_http_answer(tls, b"")[0]
+
+
+def http_main(args: argparse.Namespace) -> int:
+    """``--http``: nginx-http and cn-http, interleaved, ``args.reps`` times."""
+    ensure_packages(install=not args.no_install)
+    os.sched_setaffinity(0, {LOAD_CORE})
+    work = Path(tempfile.mkdtemp(prefix="cn-bench-http-"))
+    procs = Processes()
+    backend_process = None
+    started_at = time.time()
+    load_before = machine()["loadavg"]
+    seconds = 2.0 if args.quick else 5.0
+    try:
+        port = free_port()
+        procs.start(
+            pinned(
+                str(LOAD_CORE),
+                [
+                    sys.executable,
+                    "-m",
+                    "connect_native.devagent",
+                    "--port",
+                    str(port),
+                    "--quiet",
+                    "--consul-version",
+                    "1.10.0",
+                ],
+            ),
+            work / "devagent.log",
+            env=dict(os.environ, PYTHONPATH=package_path()),
+        )
+        agent = f"127.0.0.1:{port}"
+        deadline = time.monotonic() + STEP_BOUND
+        while True:
+            try:
+                http(agent, "GET", "/v1/agent/connect/ca/roots")
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise SystemExit("the development agent did not start") from None
+                time.sleep(0.1)
+        certs = issue_certificates(agent, work)
+        # Its L4 allow makes way for the L7 one (one intention per pair).
+        for intention in http(agent, "GET", "/v1/connect/intentions"):
+            http(agent, "DELETE", f"/v1/connect/intentions/{intention['ID']}")
+        http(
+            agent,
+            "PUT",
+            "/v1/config",
+            {
+                "Kind": "service-intentions",
+                "Name": WEB,
+                "Sources": [
+                    {
+                        "Name": CLIENT,
+                        "Permissions": [
+                            {
+                                "Action": "allow",
+                                "HTTP": {"PathPrefix": "/bench", "Methods": ["GET"]},
+                            },
+                            {"Action": "deny", "HTTP": {"PathPrefix": "/"}},
+                        ],
+                    }
+                ],
+            },
+        )
+        backend = free_port()
+        backend_process = multiprocessing.get_context("fork").Process(
+            target=_serve_http_backend, args=(backend,), daemon=True
+        )
+        backend_process.start()
+        targets: list[Target] = [
+            NginxHTTP("nginx-http"),
+            ConnectNativeHTTP("cn-http", agent, "intentions", log_allowed=False),
+        ]
+        for target in targets:
+            target.start(procs, work, certs, backend)
+        checks: dict[str, Any] = {}
+        for target in targets:
+            _wait_http_ready(target, certs)
+            checks[target.name] = {
+                **check_target(target, certs),
+                "denied_status": _http_denied(target, certs),
+            }
+            log(f"{target.name} ready: {checks[target.name]}")
+        if checks["cn-http"]["denied_status"] != 403:
+            raise SystemExit("cn-http did not deny DELETE /admin: no L7 decision")
+        raw: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
+        for rep in range(args.reps):
+            order = targets[rep % 2 :] + targets[: rep % 2]
+            for target in order:
+                profile = None
+                if args.profile and isinstance(target, ConnectNative):
+                    profile = Path(args.profile).resolve() / f"{target.name}-http.txt"
+                    profile.parent.mkdir(parents=True, exist_ok=True)
+                figures = measure_http(
+                    target, certs, args.http_clients, seconds, profile
+                )
+                raw[target.name].append(figures)
+                log(
+                    f"rep {rep + 1}/{args.reps} {target.name}: "
+                    + ", ".join(
+                        f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in figures.items()
+                    )
+                )
+    finally:
+        procs.stop_all()
+        if backend_process is not None:
+            backend_process.kill()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            log(f"work directory kept: {work}")
+
+    names = [t.name for t in targets]
+    summary = {
+        name: {
+            key: (
+                statistics.median(v)
+                if (v := [r[key] for r in raw[name] if r.get(key) is not None])
+                else None
+            )
+            for key, _, _ in HTTP_FIGURES
+        }
+        for name in names
+    }
+    errors = {name: sum(r["http_errors"] for r in raw[name]) for name in names}
+    result = {
+        "command": " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]]),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_at)),
+        "seconds": round(time.time() - started_at, 1),
+        "reps": args.reps,
+        "http_clients": args.http_clients,
+        "seconds_per_measure": seconds,
+        "machine": {**machine(), "loadavg_before": load_before},
+        "versions": versions(),
+        "checks": checks,
+        "errors": errors,
+        "medians": summary,
+        "raw": raw,
+    }
+    output = (
+        Path(args.output)
+        if args.output
+        else HERE
+        / "results"
+        / time.strftime("%Y%m%dT%H%M%SZ-http.json", time.gmtime(started_at))
+    )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    header = ["target", *(label for _, label, _ in HTTP_FIGURES)]
+    lines = [header] + [
+        [
+            name,
+            *(
+                "-" if summary[name][key] is None else form.format(summary[name][key])
+                for key, _, form in HTTP_FIGURES
+            ),
+        ]
+        for name in names
+    ]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    print(
+        f"\nmedians of {args.reps} interleaved reps, {args.http_clients} keep-alive "
+        f"clients ({result['seconds']} s; load average before {' '.join(load_before)})"
+    )
+    for line in lines:
+        print(
+            "  ".join(
+                c.rjust(w) if i else c.ljust(w)
+                for i, (c, w) in enumerate(zip(line, widths, strict=True))
+            )
+        )
     print(f"\nerrors per target: {errors}")
     print(f"JSON: {output}")
     return 0 if not any(errors.values()) else 1

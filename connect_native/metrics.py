@@ -21,7 +21,10 @@ The names and labels are a contract (``docs/metrics.rst``):
 - ``connect_native_bytes_total{direction}``: what the terminator forwarded,
   ``in`` (from the Connect clients to the application) and ``out``;
 - ``connect_native_consul_errors_total``: requests to the agent that failed
-  (unreachable, timed out, or an error status).
+  (unreachable, timed out, or an error status);
+- ``connect_native_requests_total{service,outcome}``: HTTP requests decided
+  by the terminator's ``--protocol http``, ``outcome`` ``allowed`` or
+  ``denied``.
 
 The hot path stays cheap: the counters' labelled children are bound once,
 the open connections and the bytes are plain Python objects read when the
@@ -207,12 +210,23 @@ class ServiceMetrics:
             "out, or answered with an error status.",
             registry=self.registry,
         )
+        self.requests = Counter(
+            "connect_native_requests_total",
+            "HTTP requests decided by the terminator's --protocol http: "
+            "outcome allowed or denied.",
+            ["service", "outcome"],
+            registry=self.registry,
+        )
         self.registry.register(_Live(self))
         # Bound once: the hot path does one call.
         self._allowed = self.connections.labels(service, "allowed", "authorized")
         self._refused = {
             reason: self.connections.labels(service, "refused", reason)
             for reason in REFUSAL_REASONS
+        }
+        self._requests = {
+            True: self.requests.labels(service, "allowed"),
+            False: self.requests.labels(service, "denied"),
         }
         self.observe_handshake = self.handshake_seconds.observe
         self.observe_authorization = self.authorization_seconds.observe
@@ -235,6 +249,10 @@ class ServiceMetrics:
                 f"reason must be one of {', '.join(REFUSAL_REASONS)}, not {reason!r}"
             )
         child.inc()
+
+    def request_decided(self, allowed: bool) -> None:
+        """An HTTP request decided (``--protocol http``)."""
+        self._requests[bool(allowed)].inc()
 
     def consul_error(self, error: object = None) -> None:
         """A request to the agent failed."""

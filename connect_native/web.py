@@ -196,6 +196,8 @@ class ConnectProtected:
         authorize API decides connections, not requests.
     :param service: the service being protected, for the logs; by default
         the authorizer's ``service``.
+    :param log_allowed: log allowed requests at info (by default at debug;
+        denied ones are logged at warn).
 
     It provides :class:`~connect_native.authorize.IDecidesEachRequest`: a
     Connect server endpoint serving a ``Site`` with this as its root accepts
@@ -212,6 +214,7 @@ class ConnectProtected:
         authorizer: RequestAuthorizer,
         *,
         service: str | None = None,
+        log_allowed: bool = False,
     ) -> None:
         if not IResource.providedBy(resource):
             raise TypeError(
@@ -234,6 +237,7 @@ class ConnectProtected:
         self.resource = resource
         self.authorizer = authorizer
         self.service = service
+        self.log_allowed = log_allowed
 
     def __repr__(self) -> str:
         return f"<ConnectProtected {self.service!r} {self.resource!r}>"
@@ -324,7 +328,10 @@ class ConnectProtected:
     def _log(
         self, request: IRequest, decision: Decision, peer: str, method: str, path: str
     ) -> None:
-        emit = log.debug if decision.allowed else log.warn
+        if decision.allowed:
+            emit = log.info if self.log_allowed else log.debug
+        else:
+            emit = log.warn
         emit(
             "Connect {target}: {decision} {method} {path} from {peer} at "
             "{address} ({reason}; decided by {source})",

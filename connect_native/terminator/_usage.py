@@ -15,7 +15,10 @@ from twisted.python import usage
 #: The sections of ``--help``, in order, and the options in each.  An option
 #: not named here is shown under "Other"; one in :data:`HIDDEN` is not shown.
 GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("The service and its listener", ("service", "listen", "to", "upstream")),
+    (
+        "The service and its listener",
+        ("service", "listen", "to", "protocol", "upstream"),
+    ),
     (
         "Certificates and the Consul agent",
         ("consul", "token-file", "identity", "dev"),
@@ -52,6 +55,10 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "connect-timeout",
             "idle-timeout",
             "shutdown-timeout",
+            "request-timeout",
+            "max-request-line",
+            "max-headers-size",
+            "max-requests-per-connection",
         ),
     ),
     (

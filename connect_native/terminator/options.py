@@ -55,6 +55,9 @@ TLS_TRANSPORTS = ("twisted", "connect_native")
 #: The values of ``--authorize``.
 AUTHORIZERS = ("agent", "intentions", "allow-ids")
 
+#: The values of ``--protocol``: a byte stream, or HTTP decided per request.
+PROTOCOLS = ("tcp", "http")
+
 #: The values of ``--log-format``.
 LOG_FORMATS = ("text", "json")
 
@@ -134,6 +137,19 @@ class Settings:
     buffer_size: int = BUFFER_SIZE
     log_level: str = "info"
     tls_transport: str = "connect_native"
+    #: ``--protocol``: ``tcp`` (bytes forwarded) or ``http`` (each request
+    #: decided, then proxied).
+    protocol: str = "tcp"
+    #: ``--request-timeout``: seconds ``--to`` may stay silent (http).
+    request_timeout: float = 60.0
+    #: ``--max-request-line``: bytes per request or header line (http).
+    max_request_line: int = 8192
+    #: ``--max-headers-size``: bytes of the request line and headers (http).
+    max_headers_size: int = 32768
+    #: ``--max-requests-per-connection`` (http).
+    max_requests_per_connection: int = 1000
+    #: ``--log-allowed`` given: allowed requests logged at info (http).
+    log_allowed_requests: bool = False
     #: Where the certificate comes from: ``None`` for the agent, else files.
     identity: FilesIdentity | None = None
     #: The text of ``--identity``, passed on to workers.
@@ -342,10 +358,46 @@ class Options(usage.Options):
         [
             "authorize",
             None,
-            "agent",
+            None,
             "who decides each connection: agent (ask the agent per connection), "
             "intentions (cached intentions, decided here) or allow-ids (the "
-            "--allow-id list, no agent asked)",
+            "--allow-id list, no agent asked); default agent, and intentions "
+            "with --protocol http",
+        ],
+        [
+            "protocol",
+            None,
+            "tcp",
+            "tcp (forward the bytes) or http (proxy each HTTP request to --to, "
+            "each decided by the intentions' HTTP permissions)",
+        ],
+        [
+            "request-timeout",
+            None,
+            "60",
+            "with --protocol http, seconds --to may send nothing while a "
+            "request waits for its answer (then 504)",
+        ],
+        [
+            "max-request-line",
+            None,
+            "8192",
+            "with --protocol http, bytes of the request line (414 past it) "
+            "and of each header line (400)",
+        ],
+        [
+            "max-headers-size",
+            None,
+            "32768",
+            "with --protocol http, bytes of a request's line and headers "
+            "together (400 past it)",
+        ],
+        [
+            "max-requests-per-connection",
+            None,
+            "1000",
+            "with --protocol http, requests on one HTTP/1.1 connection before "
+            "it is closed (Connection: close)",
         ],
         [
             "identity",
@@ -525,6 +577,7 @@ class Options(usage.Options):
         self["meta"] = []
         self["register"] = True
         self["log-allowed"] = True
+        self["log-allowed-requests"] = False
         self.settings: Settings | None = None
 
     def parseOptions(self, options: list[str] | None = None) -> None:
@@ -608,8 +661,10 @@ class Options(usage.Options):
     )
 
     def opt_log_allowed(self) -> None:
-        """log each allowed connection (the default; refusals are always logged)"""
+        """log each allowed connection (the default; refusals are always
+        logged) and, with --protocol http, each allowed request at info"""
         self["log-allowed"] = True
+        self["log-allowed-requests"] = True
 
     def opt_no_log_allowed(self) -> None:
         """log refusals only, not each allowed connection"""
@@ -664,6 +719,9 @@ class Options(usage.Options):
         if self["to"] is not None:
             _check_client_description("--to", self["to"])
         _check_server_description("--listen", listen)
+        _option(_checks.one_of, "--protocol", self["protocol"], PROTOCOLS)
+        if self["authorize"] is None:
+            self["authorize"] = "intentions" if self["protocol"] == "http" else "agent"
         _option(_checks.one_of, "--authorize", self["authorize"], AUTHORIZERS)
         allow_ids_file = self["allow-ids-file"]
         from_file: tuple[str, ...] = ()
@@ -779,6 +837,20 @@ class Options(usage.Options):
             buffer_size=buffer_size,
             log_level=log_level,
             tls_transport=self["tls-transport"],
+            protocol=self["protocol"],
+            request_timeout=_seconds("request-timeout", self["request-timeout"]),
+            max_request_line=_whole_option(
+                "--max-request-line", self["max-request-line"], 64
+            ),
+            max_headers_size=_whole_option(
+                "--max-headers-size", self["max-headers-size"], 64
+            ),
+            max_requests_per_connection=_whole_option(
+                "--max-requests-per-connection",
+                self["max-requests-per-connection"],
+                1,
+            ),
+            log_allowed_requests=bool(self["log-allowed-requests"]),
             identity=identity,
             identity_text=self["identity"],
             allow_ids=_unique((*self["allow-id"], *from_file)),

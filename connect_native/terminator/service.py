@@ -361,6 +361,7 @@ class Terminator(Service):
             )
         else:
             listener = serverFromString(reactor, with_default_backlog(settings.listen))
+        http_mode = settings.protocol == "http"
         endpoint = self.connect_service.server_endpoint(
             TrackedEndpoint(listener, self.tracker, label),
             authorizer=authorizer,
@@ -370,18 +371,44 @@ class Terminator(Service):
             release_buffers=settings.release_buffers,
             log_allowed=settings.log_allowed,
             keep_open_on_deny=settings.keep_open_on_deny,
-            # The forwarder writes each read whole: nothing to aggregate.
-            buffer_small_writes=False,
+            # The forwarder writes each read whole: nothing to aggregate;
+            # twisted.web writes a response's head and body in pieces.
+            buffer_small_writes=http_mode,
             # Its own TLS transport, injected: the public endpoint knows only
-            # the protocol factory it is given.
+            # the protocol factory it is given.  HTTP takes Twisted's, which
+            # the endpoint makes report what the client's first bytes speak
+            # (HTTP/2 or HTTP/1.1).
             tls_protocol=(
                 TLSServerProtocol
-                if settings.tls_transport == "connect_native"
+                if settings.tls_transport == "connect_native" and not http_mode
                 else None
             ),
         )
+        factory: Any
+        if http_mode:
+            factory = self._proxy_site(to, authorizer, label)
+        else:
+            factory = self._forwarding_factory(to, label)
+        forwarding = "proxying each HTTP request" if http_mode else "forwarding them"
+
+        def listening(port: IListeningPort) -> None:
+            self.ports["public"] = port
+            log.info(
+                "connect-native {service}: accepting Connect (mutual TLS) "
+                "connections on {address}, {forwarding} to {to}",
+                service=settings.service,
+                address=str(port.getHost()),
+                forwarding=forwarding,
+                to=to,
+            )
+
+        listened: Deferred[Any] = endpoint.listen(factory)
+        return listened.addCallback(listening)
+
+    def _forwarding_factory(self, to: str, label: str) -> ForwardingFactory:
+        settings, reactor = self.settings, self.reactor
         backend = clientFromString(reactor, to)
-        factory = ForwardingFactory(
+        return ForwardingFactory(
             reactor,
             backend.connect,
             to,
@@ -392,18 +419,37 @@ class Terminator(Service):
             byte_counts=self.connect_service.metrics.bytes,
         )
 
-        def listening(port: IListeningPort) -> None:
-            self.ports["public"] = port
-            log.info(
-                "connect-native {service}: accepting Connect (mutual TLS) "
-                "connections on {address}, forwarding them to {to}",
-                service=settings.service,
-                address=str(port.getHost()),
-                to=to,
-            )
+    def _proxy_site(self, to: str, authorizer: Any, label: str) -> Any:
+        """``--protocol http``: each request decided, then proxied to ``to``."""
+        from connect_native.terminator.http_proxy import ProxySettings, ProxySite
 
-        listened: Deferred[Any] = endpoint.listen(factory)
-        return listened.addCallback(listening)
+        settings = self.settings
+        identity = self.connect_service.identity
+
+        def own_uri() -> str | None:
+            bundle = identity.current()
+            return None if bundle is None else str(bundle.identity.uri)
+
+        per_request = authorizer if hasattr(authorizer, "decide_request") else None
+        site = ProxySite(
+            self.reactor,
+            ProxySettings(
+                service=settings.service,
+                to=to,
+                request_timeout=settings.request_timeout,
+                max_request_line=settings.max_request_line,
+                max_headers_size=settings.max_headers_size,
+                max_requests=settings.max_requests_per_connection,
+                idle_timeout=min(settings.idle_timeout, 75.0),
+                log_allowed=settings.log_allowed_requests,
+                max_backend_connections=settings.max_connections,
+            ),
+            per_request,
+            own_uri,
+            metrics=self.connect_service.metrics,
+        )
+        self._closables.append(site)
+        return site
 
     async def _listen_status(
         self, status: str, to: str | None, authorizer: Any

@@ -176,6 +176,21 @@ def worker_arguments(settings: Settings, port: int, consul: str | None) -> list[
         arguments.append("--release-buffers")
     if not settings.log_allowed:
         arguments.append("--no-log-allowed")
+    elif settings.log_allowed_requests:
+        arguments.append("--log-allowed")
+    if settings.protocol != "tcp":
+        arguments += [
+            "--protocol",
+            settings.protocol,
+            "--request-timeout",
+            repr(settings.request_timeout),
+            "--max-request-line",
+            str(settings.max_request_line),
+            "--max-headers-size",
+            str(settings.max_headers_size),
+            "--max-requests-per-connection",
+            str(settings.max_requests_per_connection),
+        ]
     if settings.keep_open_on_deny:
         arguments.append("--keep-open-on-deny")
     arguments += ["--buffer-size", str(settings.buffer_size)]
