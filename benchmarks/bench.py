@@ -290,6 +290,8 @@ class Target:
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.core = str(SERVER_CORE)
+        #: A tool the server runs under (``--counts``: valgrind), or nothing.
+        self.wrap: list[str] = []
 
     def argv(self, work: Path, certs: dict[str, str], backend: int) -> list[str]:
         raise NotImplementedError
@@ -301,7 +303,7 @@ class Target:
         self, procs: Processes, work: Path, certs: dict[str, str], backend: int
     ) -> None:
         self.process = procs.start(
-            pinned(self.core, self.argv(work, certs, backend)),
+            pinned(self.core, [*self.wrap, *self.argv(work, certs, backend)]),
             work / f"{self.name}.log",
             env=self.env(),
         )
