@@ -92,8 +92,8 @@ def event_text(event: LogEvent) -> str:
     if type(text) is str and "()" not in text and "log_flattened" not in event:
         try:
             return text.format_map(event)
-        except Exception:
-            pass  # Twisted's own answer, whatever it is for this event
+        except Exception:  # noqa: S110 (Twisted's own answer, below, says what)
+            pass
     return formatEvent(event)
 
 
