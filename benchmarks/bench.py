@@ -420,8 +420,10 @@ class ConnectNative(Target):
         source: str | None = None,
         log_allowed: bool = True,
         tls_transport: str | None = None,
+        reactor: str | None = None,
     ) -> None:
         super().__init__(name)
+        self.reactor = reactor
         self.source = source
         self.log_allowed = log_allowed
         self.tls_transport = tls_transport
@@ -447,6 +449,7 @@ class ConnectNative(Target):
             "-n",
             "--pidfile=",
             f"--logfile={work / (self.name + '-twistd.log')}",
+            *([] if self.reactor is None else ["--reactor", self.reactor]),
             "connect-native",
             "--service",
             WEB,
@@ -939,6 +942,7 @@ ALL_TARGETS = (
     "cn-intentions-quiet",
     "cn-intentions-twisted-tls",
     "cn-intentions-w2",
+    "cn-intentions-uvloop",
 )
 
 
@@ -964,6 +968,10 @@ def make_targets(
         ),
         "cn-intentions-w2": lambda: ConnectNative(
             "cn-intentions-w2", agent, "intentions", workers=2
+        ),
+        # twistd --reactor uvloop: Twisted's asyncio reactor on uvloop.
+        "cn-intentions-uvloop": lambda: ConnectNative(
+            "cn-intentions-uvloop", agent, "intentions", reactor="uvloop"
         ),
     }
     return [made[name]() for name in names] + [

@@ -28,8 +28,9 @@ for a reactor: nothing to batch; nginx gets the same).
 
 ``python benchmarks/counts.py --targets nginx,cn-intentions [--variant
 NAME=DIR] --output DIR``: writes ``DIR/counts.json``, each server's
-callgrind dumps, and a summary of each terminator's per-connection
-instructions by function and by library (``DIR/<target>-conn-annotate.txt``).
+callgrind dumps, and a summary of each server's instructions in each phase
+(the dump of the 2n load) by function and by library
+(``DIR/<target>-<phase>-annotate.txt``).
 """
 
 # The harness runs fixed programs (valgrind, strace, callgrind_control).
@@ -467,12 +468,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             figures = count_target(
                 target, procs, work, out, certs, backend, args.phases, args.scale
             )
-            conn_files = figures.get("callgrind_conn_files")
-            if conn_files:
-                figures["conn_instructions_by_library"] = annotate(
-                    [out / f for f in conn_files],
-                    out / f"{target.name}-conn-annotate.txt",
-                )
+            for phase in args.phases:
+                files = figures.get(f"callgrind_{phase}_files")
+                if files:
+                    figures[f"{phase}_instructions_by_library"] = annotate(
+                        [out / f for f in files],
+                        out / f"{target.name}-{phase}-annotate.txt",
+                    )
             results[target.name] = figures
             log(
                 f"{target.name}: "
