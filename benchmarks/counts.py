@@ -164,7 +164,7 @@ def strace_count(
     for pid in pids:
         argv += ["-p", str(pid)]
     tracer = subprocess.Popen(
-        bench.pinned(str(bench.LOAD_CORE), argv),
+        bench.pinned(bench.cores_text("load"), argv),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -446,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
     if any(t in ("nginx", "haproxy", "stunnel4") for t in args.targets):
         bench.ensure_packages(install=not args.no_install)
-    os.sched_setaffinity(0, {bench.LOAD_CORE})
+    os.sched_setaffinity(0, bench.load_cores())
     out = Path(args.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="cn-counts-"))
