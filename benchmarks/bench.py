@@ -56,6 +56,9 @@ HERE = Path(__file__).resolve().parent
 CONFIGS = HERE / "configs"
 SERVER_CORE = 0
 LOAD_CORE = 1
+#: The cores the servers and the load run on (``--server-cores``,
+#: ``--load-cores``; by default core 0 and core 1).
+CORES: dict[str, list[int]] = {"server": [SERVER_CORE], "load": [LOAD_CORE]}
 STEP_BOUND = 120.0  # seconds any one wait may take
 WEB = "bench-web"
 CLIENT = "bench-client"
@@ -108,6 +111,26 @@ def free_port() -> int:
 
 def pinned(core: str, argv: Sequence[str]) -> list[str]:
     return ["taskset", "-c", core, *argv]
+
+
+def cores_text(role: str) -> str:
+    """The cores of ``role`` (``server`` or ``load``) as ``taskset -c`` takes them."""
+    return ",".join(map(str, CORES[role]))
+
+
+def load_cores() -> set[int]:
+    return set(CORES["load"])
+
+
+def parse_cores(text: str) -> list[int]:
+    """``0``, ``0,2`` or ``0-7,16-23`` as a list of cores."""
+    found: list[int] = []
+    for part in text.split(","):
+        first, _, last = part.strip().partition("-")
+        found.extend(range(int(first), int(last or first) + 1))
+    if not found:
+        raise ValueError(text)
+    return found
 
 
 def package_path() -> str:
@@ -169,7 +192,7 @@ def start_agent(procs: Processes, work: Path) -> tuple[str, int]:
     port = free_port()
     process = procs.start(
         pinned(
-            str(LOAD_CORE),
+            cores_text("load"),
             [
                 sys.executable,
                 "-m",
@@ -273,7 +296,7 @@ class _Backend(socketserver.ThreadingTCPServer):
 
 
 def _serve_backend(port: int) -> None:
-    os.sched_setaffinity(0, {LOAD_CORE})
+    os.sched_setaffinity(0, load_cores())
     _Backend(("127.0.0.1", port), _BackendHandler).serve_forever()
 
 
@@ -289,7 +312,9 @@ class Target:
         self.name = name
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
-        self.core = str(SERVER_CORE)
+        self.core = cores_text("server")
+        #: A tool the server runs under (``--counts``: valgrind), or nothing.
+        self.wrap: list[str] = []
 
     def argv(self, work: Path, certs: dict[str, str], backend: int) -> list[str]:
         raise NotImplementedError
@@ -301,7 +326,7 @@ class Target:
         self, procs: Processes, work: Path, certs: dict[str, str], backend: int
     ) -> None:
         self.process = procs.start(
-            pinned(self.core, self.argv(work, certs, backend)),
+            pinned(self.core, [*self.wrap, *self.argv(work, certs, backend)]),
             work / f"{self.name}.log",
             env=self.env(),
         )
@@ -418,8 +443,10 @@ class ConnectNative(Target):
         source: str | None = None,
         log_allowed: bool = True,
         tls_transport: str | None = None,
+        reactor: str | None = None,
     ) -> None:
         super().__init__(name)
+        self.reactor = reactor
         self.source = source
         self.log_allowed = log_allowed
         self.tls_transport = tls_transport
@@ -427,9 +454,11 @@ class ConnectNative(Target):
         self.authorize = authorize
         self.cache = cache
         self.workers = workers
-        if workers > 1:
-            # Both cores: a second worker pinned beside the first shows nothing.
-            self.core = f"{SERVER_CORE},{LOAD_CORE}"
+        if workers > 1 and len(CORES["server"]) < workers:
+            # Fewer server cores than workers (2 on a 2-core machine): the
+            # load's cores too, since a second worker pinned beside the first
+            # shows nothing.
+            self.core = f"{cores_text('server')},{cores_text('load')}"
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ, PYTHONPATH=self.source or package_path())
@@ -445,6 +474,7 @@ class ConnectNative(Target):
             "-n",
             "--pidfile=",
             f"--logfile={work / (self.name + '-twistd.log')}",
+            *([] if self.reactor is None else ["--reactor", self.reactor]),
             "connect-native",
             "--service",
             WEB,
@@ -580,7 +610,7 @@ def _rtt_client(certs: dict[str, str], port: int, count: int) -> dict[str, Any]:
 def _client_main(
     fn: Callable[..., dict[str, Any]], args: tuple[Any, ...], go: Any, results: Any
 ) -> None:
-    os.sched_setaffinity(0, {LOAD_CORE})
+    os.sched_setaffinity(0, load_cores())
     go.wait(STEP_BOUND)
     try:
         results.put(fn(*args))
@@ -597,7 +627,7 @@ def start_profiler(target: Target, output: Path) -> subprocess.Popen[bytes]:
     assert target.process is not None
     process = subprocess.Popen(
         pinned(
-            str(LOAD_CORE),
+            cores_text("load"),
             [
                 spy,
                 "record",
@@ -937,7 +967,20 @@ ALL_TARGETS = (
     "cn-intentions-quiet",
     "cn-intentions-twisted-tls",
     "cn-intentions-w2",
+    "cn-intentions-uvloop",
 )
+
+
+def _workers_target(name: str) -> int | None:
+    """
+    N for a target named ``cn-intentions-wN`` (``--workers N``, on the
+    server cores, or on every core if there are fewer than N), else None.
+    """
+    prefix = "cn-intentions-w"
+    if name.startswith(prefix) and name[len(prefix) :].isdigit():
+        workers = int(name[len(prefix) :])
+        return workers if workers >= 1 else None
+    return None
 
 
 def make_targets(
@@ -963,7 +1006,17 @@ def make_targets(
         "cn-intentions-w2": lambda: ConnectNative(
             "cn-intentions-w2", agent, "intentions", workers=2
         ),
+        # twistd --reactor uvloop: Twisted's asyncio reactor on uvloop.
+        "cn-intentions-uvloop": lambda: ConnectNative(
+            "cn-intentions-uvloop", agent, "intentions", reactor="uvloop"
+        ),
     }
+    for name in names:
+        workers = _workers_target(name)
+        if workers is not None and name not in made:
+            made[name] = lambda name=name, workers=workers: ConnectNative(
+                name, agent, "intentions", workers=workers
+            )
     return [made[name]() for name in names] + [
         ConnectNative(name, agent, "intentions", source=source)
         for name, source in variants
@@ -1015,6 +1068,20 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="comma-separated, from conn,bulk,rtt (all by default): e.g. "
         "--phases conn for a quicker run comparing CPU per connection only",
     )
+    parser.add_argument(
+        "--server-cores",
+        default=str(SERVER_CORE),
+        metavar="LIST",
+        help="the cores the servers run on, as taskset -c takes them (0); "
+        "with more cores than 2, e.g. --server-cores 0-7 --load-cores 8-15 "
+        "--targets nginx,cn-intentions,cn-intentions-w8",
+    )
+    parser.add_argument(
+        "--load-cores",
+        default=str(LOAD_CORE),
+        metavar="LIST",
+        help="the cores the load, the backend and the agent run on (1)",
+    )
     parser.add_argument("--no-install", action="store_true", help="never run apt-get")
     parser.add_argument(
         "--profile",
@@ -1043,7 +1110,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     args = parser.parse_args(list(argv))
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    unknown = sorted(set(args.targets) - set(ALL_TARGETS))
+    unknown = sorted(
+        t for t in set(args.targets) - set(ALL_TARGETS) if _workers_target(t) is None
+    )
     if unknown:
         parser.error(
             f"--targets: unknown {', '.join(unknown)}; "
@@ -1063,6 +1132,18 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
             )
         variants.append((name, str(tree)))
     args.variant = variants
+    try:
+        args.server_cores = parse_cores(args.server_cores)
+        args.load_cores = parse_cores(args.load_cores)
+    except ValueError:
+        parser.error("--server-cores, --load-cores: a list such as 0 or 0-7,16")
+    available = os.sched_getaffinity(0)
+    missing = set(args.server_cores + args.load_cores) - available
+    if missing or set(args.server_cores) & set(args.load_cores):
+        parser.error(
+            "--server-cores and --load-cores: cores this process may use "
+            f"({','.join(map(str, sorted(available)))}), none in both"
+        )
     if args.reps is None:
         args.reps = 2 if args.quick else 5
     if args.reps < 1:
@@ -1072,14 +1153,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if (os.cpu_count() or 1) < 2:
-        raise SystemExit("the harness needs 2 cores: the servers on 0, the load on 1")
+    CORES["server"], CORES["load"] = args.server_cores, args.load_cores
     if args.http:
         return http_main(args)
     needs_packages = any(t in ("nginx", "haproxy", "stunnel4") for t in args.targets)
     if needs_packages:
         ensure_packages(install=not args.no_install)
-    os.sched_setaffinity(0, {LOAD_CORE})
+    os.sched_setaffinity(0, load_cores())
     work = Path(tempfile.mkdtemp(prefix="cn-bench-"))
     procs = Processes()
     backend_process = None
@@ -1166,6 +1246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             k: str(v) if isinstance(v, Path) else v for k, v in vars(plan).items()
         },
         "machine": {**machine(), "loadavg_before": load_before},
+        "cores": dict(CORES),
         "versions": versions(),
         "variants": {name: tree_commit(tree) for name, tree in args.variant},
         "checks": checks,
@@ -1237,7 +1318,7 @@ class _HTTPBackendHandler(socketserver.BaseRequestHandler):
 
 
 def _serve_http_backend(port: int) -> None:
-    os.sched_setaffinity(0, {LOAD_CORE})
+    os.sched_setaffinity(0, load_cores())
     _Backend(("127.0.0.1", port), _HTTPBackendHandler).serve_forever()
 
 
@@ -1389,7 +1470,7 @@ def _http_denied(target: Target, certs: dict[str, str]) -> int:
 def http_main(args: argparse.Namespace) -> int:
     """``--http``: nginx-http and cn-http, interleaved, ``args.reps`` times."""
     ensure_packages(install=not args.no_install)
-    os.sched_setaffinity(0, {LOAD_CORE})
+    os.sched_setaffinity(0, load_cores())
     work = Path(tempfile.mkdtemp(prefix="cn-bench-http-"))
     procs = Processes()
     backend_process = None
@@ -1400,7 +1481,7 @@ def http_main(args: argparse.Namespace) -> int:
         port = free_port()
         procs.start(
             pinned(
-                str(LOAD_CORE),
+                cores_text("load"),
                 [
                     sys.executable,
                     "-m",

@@ -34,6 +34,7 @@ from connect_native.terminator import TLS_TRANSPORTS
 from connect_native.terminator._tls import TLSServerProtocol
 from connect_native.terminator.forward import (
     MAX_PENDING_BYTES,
+    PAUSE_PENDING_BYTES,
     ConnectionTracker,
     ForwardingFactory,
     TrackedEndpoint,
@@ -148,17 +149,28 @@ def test_bytes_go_both_ways_unchanged_and_in_order() -> None:
     assert front_t.value() == b"".join(reversed(chunks))
 
 
-def test_the_front_is_paused_until_the_back_is_connected_and_early_bytes_go_first() -> (
-    None
-):
+def test_early_bytes_go_first_and_a_few_do_not_pause_the_front() -> None:
     pair = Pair()
-    assert pair.front_transport.producerState == "paused"
     pair.front.dataReceived(b"early ")
     pair.front.dataReceived(b"bytes ")
+    # A first request's few bytes: held, and the front keeps reading (no
+    # pause and resume to pay for).
+    assert pair.front_transport.producerState == "producing"
     _back, back_t = pair.connect_back()
     assert pair.front_transport.producerState == "producing"
     pair.front.dataReceived(b"then more")
     assert back_t.value() == b"early bytes then more"
+
+
+def test_the_front_is_paused_while_the_back_is_dialled_once_it_sent_a_lot() -> None:
+    pair = Pair()
+    pair.front.dataReceived(b"x" * (PAUSE_PENDING_BYTES - 1))
+    assert pair.front_transport.producerState == "producing"
+    pair.front.dataReceived(b"y")
+    assert pair.front_transport.producerState == "paused"
+    _back, back_t = pair.connect_back()
+    assert pair.front_transport.producerState == "producing"
+    assert back_t.value() == b"x" * (PAUSE_PENDING_BYTES - 1) + b"y"
 
 
 def test_too_many_bytes_before_the_back_is_connected_abort() -> None:

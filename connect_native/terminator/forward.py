@@ -7,7 +7,8 @@ connection (the *front*) is joined to a connection the forwarder dials (the
   producer, so a side that cannot write fast enough pauses reading on the
   other; nothing is buffered beyond the transports' own write buffers and
   the bytes that arrive while the back connection is being dialled (the
-  front is paused then, so that is at most one read).
+  front is paused once :data:`PAUSE_PENDING_BYTES` are held, so that is at
+  most that and one read).
 - **Half-close**: an end of stream from one side closes only the write
   direction towards the other side, and the opposite direction keeps
   flowing until it ends too.  On a plaintext TCP connection that is
@@ -68,6 +69,7 @@ from connect_native.terminator._tls import TLSServerProtocol, write_now
 __all__ = [
     "BUFFER_SIZE",
     "MAX_PENDING_BYTES",
+    "PAUSE_PENDING_BYTES",
     "ConnectionTracker",
     "Dial",
     "ForwardingFactory",
@@ -79,9 +81,15 @@ __all__ = [
 log = Logger(observer=_logging.observer)
 
 #: Bytes a front connection may send before its back connection is up.  The
-#: front is paused as soon as it is accepted, so only what came with the
-#: same read (or a TLS gate's early bytes) arrives; more is refused.
+#: front is paused once :data:`PAUSE_PENDING_BYTES` are held, so only what
+#: came with the same read arrives after that; more is refused.
 MAX_PENDING_BYTES = 1024 * 1024
+
+#: Bytes held from the front while the back connection is dialled before the
+#: front is paused.  A client's first request (a few bytes, the usual case)
+#: does not pause it: pausing and resuming cost two ``epoll_ctl`` system
+#: calls per connection (run 30 in ``benchmarks/RUNS.rst``).
+PAUSE_PENDING_BYTES = 64 * 1024
 
 #: Dials the back connection: given the factory of the back protocol, fires
 #: with the connected protocol (an endpoint's ``connect``).
@@ -517,6 +525,8 @@ class _Front(Protocol):
         self._front_gone = False
         self._back_gone = False
         self._aborted = False
+        #: The front was paused while the back is dialled.
+        self._paused = False
         self._dialing: Deferred[Any] | None = None
         self._idle: IDelayedCall | None = None
         self._last = 0.0
@@ -544,8 +554,6 @@ class _Front(Protocol):
     def connectionMade(self) -> None:
         factory = self.factory
         transport: Any = self.transport
-        # Nothing is read from the front until the back can take it.
-        transport.pauseProducing()
         _tune(transport, factory.buffer_size)
         self._last = factory.clock.seconds()
         self._idle = factory.clock.callLater(factory.idle_timeout, self._check_idle)
@@ -588,6 +596,11 @@ class _Front(Protocol):
             self.abort()
             return
         self._pending.append(data)
+        if self._pending_size >= PAUSE_PENDING_BYTES and not self._paused:
+            # Nothing more is read from the front until the back can take it.
+            self._paused = True
+            transport: Any = self.transport
+            transport.pauseProducing()
 
     def readConnectionLost(self) -> None:
         self._front_eof = True
@@ -633,7 +646,8 @@ class _Front(Protocol):
             back.write(data)
         if self._front_eof:
             self._front_to_back_ended()
-        else:
+        elif self._paused:
+            self._paused = False
             front.resumeProducing()
 
     def _dialled(self, result: object) -> None:

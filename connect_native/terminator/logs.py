@@ -36,12 +36,15 @@ from twisted.logger import (
     LogLevel,
     PredicateResult,
     formatEvent,
-    textFileLogObserver,
+    formatEventAsClassicLogText,
+    formatTime,
+    timeFormatRFC3339,
 )
 from zope.interface import implementer
 
 __all__ = [
     "JSONLinesObserver",
+    "TextLinesObserver",
     "chatter",
     "install",
     "observer_for",
@@ -77,6 +80,79 @@ _NO: PredicateResult = cast(PredicateResult, PredicateResult.no)
 _MAYBE: PredicateResult = cast(PredicateResult, PredicateResult.maybe)
 
 
+def event_text(event: LogEvent) -> str:
+    """
+    The event's message, as Twisted's ``formatEvent`` gives it, without
+    Twisted's pure-Python format-string parser when the event's format is
+    one ``str.format_map`` renders the same way (no ``{call()}`` fields, no
+    missing key): about 1.5 µs instead of 24 (``benchmarks/RUNS.rst``,
+    run 30; one such line is logged per allowed connection).
+    """
+    text = event.get("log_format")
+    if type(text) is str and "()" not in text and "log_flattened" not in event:
+        try:
+            return text.format_map(event)
+        except Exception:  # noqa: S110 (Twisted's own answer, below, says what)
+            pass
+    return formatEvent(event)
+
+
+def _time_text(when: float | None) -> str:
+    return formatTime(when, timeFormatRFC3339)
+
+
+@implementer(ILogObserver)
+class TextLinesObserver:
+    """
+    Write each event to ``out`` as Twisted's ``textFileLogObserver`` does
+    (``{timestamp} [{system}] {message}``, continuation lines indented by a
+    tab), the same text, made with less work per line: the timestamp and
+    system prefix kept for the current second, the message by
+    :func:`event_text`.  Events with a failure go to Twisted's formatter.
+    """
+
+    def __init__(self, out: IO[str]) -> None:
+        self.out = out
+        self._prefixes: dict[tuple[Any, ...], str] = {}
+
+    def line(self, event: LogEvent) -> str | None:
+        """The event's line with its newline, or ``None`` for no line."""
+        when = event.get("log_time")
+        if "log_failure" in event or not isinstance(when, int | float):
+            return formatEventAsClassicLogText(event, formatTime=_time_text)
+        key = (
+            int(when),
+            event.get("log_system"),
+            event.get("log_namespace"),
+            event.get("log_level"),
+        )
+        try:
+            prefix = self._prefixes.get(key)
+        except TypeError:  # an unhashable system
+            return formatEventAsClassicLogText(event, formatTime=_time_text)
+        if prefix is None:
+            # Twisted's own prefix for these fields, from a probe event.
+            probe = dict(event, log_format="-")
+            probe.pop("message", None)
+            made = formatEventAsClassicLogText(probe, formatTime=_time_text)
+            if made is None or not made.endswith("-\n"):
+                return formatEventAsClassicLogText(event, formatTime=_time_text)
+            prefix = made[:-2]
+            if len(self._prefixes) > 64:
+                self._prefixes.clear()
+            self._prefixes[key] = prefix
+        text = event_text(event)
+        if not text:
+            return None
+        return prefix + text.replace("\n", "\n\t") + "\n"
+
+    def __call__(self, event: LogEvent) -> None:
+        text = self.line(event)
+        if text:
+            self.out.write(text)
+            self.out.flush()
+
+
 def _simple(value: object) -> bool:
     return value is None or isinstance(value, str | int | float | bool)
 
@@ -102,7 +178,7 @@ class JSONLinesObserver:
         body: dict[str, Any] = {
             "timestamp": stamp,
             "level": getattr(level, "name", "info") if level in _LEVELS else "info",
-            "message": formatEvent(event),
+            "message": event_text(event),
             "namespace": event.get("log_namespace"),
         }
         for key, value in event.items():
@@ -133,7 +209,7 @@ def observer_for(out: IO[str], log_format: str, log_level: str) -> ILogObserver:
     filtered out unless ``--log-level debug``.
     """
     inner: ILogObserver = (
-        JSONLinesObserver(out) if log_format == "json" else textFileLogObserver(out)
+        JSONLinesObserver(out) if log_format == "json" else TextLinesObserver(out)
     )
     if log_level == "debug":
         return inner

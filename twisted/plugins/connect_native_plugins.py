@@ -6,6 +6,7 @@ so this module only instantiates plugin objects; anything heavy is imported
 lazily when a plugin is used.
 """
 
+from twisted.application.reactors import Reactor
 from twisted.application.service import ServiceMaker
 
 from connect_native.endpoints import ConnectClientParser, ConnectServerParser
@@ -20,4 +21,10 @@ connect_native_terminator = ServiceMaker(
     "connect_native.terminator",
     "A Consul Connect mutual-TLS terminator and upstream listeners",
     "connect-native",
+)
+
+#: ``twistd --reactor uvloop``: Twisted's asyncio reactor on uvloop
+#: (connect_native.uvloopreactor; needs the optional uvloop package).
+connect_native_uvloop_reactor = Reactor(
+    "uvloop", "connect_native.uvloopreactor", "asyncio reactor on a uvloop loop"
 )
