@@ -284,16 +284,15 @@ async def test_an_allowed_upgrade_becomes_a_byte_stream(
     backend: Any = reactor.listenTCP(  # type: ignore[attr-defined]
         0, Factory.forProtocol(lambda: UpgradingBackend(heads)), interface="127.0.0.1"
     )
-    # A short drain: one upgraded connection is still counted open when the
-    # terminator stops and waits out --shutdown-timeout (not fixed yet).
+    [status] = free_ports(1)
     process = terminator(
         agent_port,
         backend.getHost().port,
         tmp_path,
         "--to-check",
         "none",
-        "--shutdown-timeout",
-        "2",
+        "--status",
+        f"tcp:{status}:interface=127.0.0.1",
     )
     api = Caller(agent_port, "api")
     try:
@@ -314,7 +313,17 @@ async def test_an_allowed_upgrade_becomes_a_byte_stream(
         got = await bounded(denied.echoed)
         assert got.startswith(b"HTTP/1.1 403 ")
         assert len(heads) == 1
+
+        # Both callers closed: the upgraded connection is not left open
+        # (it was, until the drain aborted it at --shutdown-timeout).
+        async def none_open() -> bool:
+            answer = await _request("GET", status, "/status", "the status")
+            state = await _bounded(answer.json(), 10, "the status body")
+            return bool(state["open_connections"] == 0)
+
+        await until(none_open, 20, "the upgraded connection closed")
     finally:
         await api.close()
         process.stop()
         await backend.stopListening()
+    assert not [line for line in process.lines if "still open after" in line]
