@@ -113,7 +113,7 @@ STEPS = (
     Step(
         CALL_GREETER,
         starts="no answer from https://greeter.service.consul/: ",
-        contains=("tlsv1 alert",),
+        contains=("refused this connection with the TLS alert 'internal error'",),
         status=1,
         eventually=True,
     ),
