@@ -43,20 +43,29 @@ L7_INTENTION = {
 }
 
 
-@pytest_twisted.async_yield_fixture
-async def agent_port() -> AsyncIterator[int]:
-    """A development agent as Consul 1.10 holding the L7 intention."""
+async def dev_agent_holding(entry: dict[str, Any]) -> AsyncIterator[int]:
+    """
+    The port of a development agent as Consul 1.10 holding the config
+    ``entry`` (service-intentions with L7 permissions), stopped afterwards.
+    """
     agent, transport = _spawn("--port", "0", "--consul-version", "1.10.0")
     try:
         port: int = await _bounded(agent.listening(), START_TIMEOUT, "starting")
         response = await _request(
-            "PUT", port, "/v1/config", "the config entry", json=L7_INTENTION
+            "PUT", port, "/v1/config", "the config entry", json=entry
         )
         assert response.code == 200, await response.text()
         yield port
     finally:
         if not agent.ended.called:
             await _stop(agent, transport, "TERM")
+
+
+@pytest_twisted.async_yield_fixture
+async def agent_port() -> AsyncIterator[int]:
+    """A development agent as Consul 1.10 holding the L7 intention."""
+    async for port in dev_agent_holding(L7_INTENTION):
+        yield port
 
 
 async def refused_as_api(agent_port: int, path: bytes) -> None:

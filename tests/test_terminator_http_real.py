@@ -28,8 +28,9 @@ from twisted.web.server import Site
 
 from connect_native.consul.client import ConsulClient
 from tests.consul_agent import free_ports
-from tests.test_devagent_main import START_TIMEOUT, _bounded, _request, _spawn, _stop
+from tests.test_devagent_main import _bounded, _request
 from tests.test_endpoints_real import Only, escaped, registered, until
+from tests.test_l7_from_outside import dev_agent_holding
 from tests.test_terminator_real import Process, bounded, log_line
 
 L7_INTENTIONS = {
@@ -70,17 +71,8 @@ class Recorder(Resource):
 @pytest_twisted.async_yield_fixture
 async def agent_port() -> AsyncIterator[int]:
     """A development agent as Consul 1.10 holding the L7 intentions."""
-    agent, transport = _spawn("--port", "0", "--consul-version", "1.10.0")
-    try:
-        port: int = await _bounded(agent.listening(), START_TIMEOUT, "starting")
-        response = await _request(
-            "PUT", port, "/v1/config", "the config entry", json=L7_INTENTIONS
-        )
-        assert response.code == 200, await response.text()
+    async for port in dev_agent_holding(L7_INTENTIONS):
         yield port
-    finally:
-        if not agent.ended.called:
-            await _stop(agent, transport, "TERM")
 
 
 class Caller:
