@@ -68,6 +68,11 @@ REFUSAL_REASONS = (
     "handshake_timeout",
     # dropped for a newer handshake (max_handshakes)
     "too_many_handshakes",
+    # the terminator's --max-connections (or its bound on handshakes and
+    # authorizations) was reached: closed as soon as accepted
+    "too_many_connections",
+    # accepted while the terminator drained for its shutdown
+    "shutting_down",
 )
 
 #: TLS handshakes: a millisecond on loopback to seconds over a slow link.

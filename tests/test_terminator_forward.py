@@ -778,3 +778,38 @@ def test_a_close_notify_and_fin_to_a_client_that_cannot_half_close_is_clean(
     pump.flush()
     assert client.lost is not None
     assert client.lost.check(ConnectionDone)
+
+
+def test_refusals_at_the_limit_and_while_draining_are_counted() -> None:
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from connect_native.metrics import ServiceMetrics
+
+    def refused(metrics: ServiceMetrics, reason: str) -> float:
+        text = generate_latest(metrics.registry).decode("utf-8")
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if (
+                    sample.name == "connect_native_connections_total"
+                    and sample.labels["reason"] == reason
+                ):
+                    assert sample.labels["outcome"] == "refused"
+                    return float(sample.value)
+        raise AssertionError(f"no sample for {reason}")
+
+    metrics = ServiceMetrics("web")
+    tracker = ConnectionTracker(Clock(), 1)
+    reactor = MemoryReactorClock()
+    TrackedEndpoint(TCP4ServerEndpoint(reactor, 0), tracker, "t", metrics).listen(
+        Factory.forProtocol(Protocol)
+    )
+    factory = reactor.tcpServers[0][1]
+    assert accept(factory, 1) is not None
+    assert accept(factory, 2) is None
+    assert accept(factory, 3) is None
+    assert refused(metrics, "too_many_connections") == 2
+    assert refused(metrics, "shutting_down") == 0
+    tracker.drain(5)
+    assert accept(factory, 4) is None
+    assert refused(metrics, "shutting_down") == 1

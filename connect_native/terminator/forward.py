@@ -229,16 +229,29 @@ class ConnectionTracker:
 
     def refusal(self) -> str | None:
         """Why a new connection would be refused now, or ``None``."""
+        refused = self.refusal_and_reason()
+        return None if refused is None else refused[0]
+
+    def refusal_and_reason(self) -> tuple[str, str] | None:
+        """
+        Why a new connection would be refused now, and the
+        ``connections_total`` reason it counts under
+        (:data:`connect_native.metrics.REFUSAL_REASONS`); or ``None``.
+        """
         if self.draining:
-            return "the terminator is shutting down"
+            return "the terminator is shutting down", "shutting_down"
         counted = len(self.open) - len(self.unauthorized)
         if counted >= self.max_connections:
-            return f"{counted} connections are open, the maximum (--max-connections)"
+            return (
+                f"{counted} connections are open, the maximum (--max-connections)",
+                "too_many_connections",
+            )
         if len(self.unauthorized) >= self.max_unauthorized:
             return (
                 f"{len(self.unauthorized)} connections are in their TLS handshake "
                 "or being authorized, the most held "
-                "(--max-handshakes plus --max-connections)"
+                "(--max-handshakes plus --max-connections)",
+                "too_many_connections",
             )
         return None
 
@@ -360,11 +373,16 @@ class _TrackingFactory(WrappingFactory):
     noisy = False
 
     def __init__(
-        self, wrapped: IProtocolFactory, tracker: ConnectionTracker, label: str
+        self,
+        wrapped: IProtocolFactory,
+        tracker: ConnectionTracker,
+        label: str,
+        metrics: Any = None,
     ) -> None:
         super().__init__(wrapped)  # type: ignore[no-untyped-call]
         self.tracker = tracker
         self.label = label
+        self.metrics = metrics
         self.refusals = RefusalLog(tracker.clock, label)
 
     def doStop(self) -> None:
@@ -380,8 +398,11 @@ class _TrackingFactory(WrappingFactory):
     def buildProtocol(  # type: ignore[override]
         self, addr: IAddress
     ) -> _Tracked | TLSServerProtocol | None:
-        refused = self.tracker.refusal()
-        if refused is not None:
+        refusal = self.tracker.refusal_and_reason()
+        if refusal is not None:
+            refused, reason = refusal
+            if self.metrics is not None:
+                self.metrics.refused(reason)
             if not self.refusals.allow("connections refused at the limit", addr):
                 return None
             log.warn(
@@ -408,19 +429,27 @@ class TrackedEndpoint:
     """
     A server endpoint whose accepted connections count against ``tracker``:
     over its maximum, or while it drains, a new connection is closed as soon
-    as it is accepted, and the refusal is logged.
+    as it is accepted, and the refusal is logged.  With ``metrics`` (a
+    :class:`~connect_native.metrics.ServiceMetrics`) each refusal is counted
+    in ``connect_native_connections_total`` (reason ``too_many_connections``
+    or ``shutting_down``).
     """
 
     def __init__(
-        self, wrapped: IStreamServerEndpoint, tracker: ConnectionTracker, label: str
+        self,
+        wrapped: IStreamServerEndpoint,
+        tracker: ConnectionTracker,
+        label: str,
+        metrics: Any = None,
     ) -> None:
         self._wrapped = wrapped
         self._tracker = tracker
         self._label = label
+        self._metrics = metrics
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
         return self._wrapped.listen(
-            _TrackingFactory(protocolFactory, self._tracker, self._label)
+            _TrackingFactory(protocolFactory, self._tracker, self._label, self._metrics)
         )
 
 

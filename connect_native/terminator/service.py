@@ -363,7 +363,9 @@ class Terminator(Service):
             listener = serverFromString(reactor, with_default_backlog(settings.listen))
         http_mode = settings.protocol == "http"
         endpoint = self.connect_service.server_endpoint(
-            TrackedEndpoint(listener, self.tracker, label),
+            TrackedEndpoint(
+                listener, self.tracker, label, self.connect_service.metrics
+            ),
             authorizer=authorizer,
             handshake_timeout=settings.handshake_timeout,
             max_handshakes=settings.max_handshakes,
