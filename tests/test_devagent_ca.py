@@ -635,7 +635,8 @@ def test_a_key_alone_gets_a_new_root_made_for_it(ca: DevCA) -> None:
     (cert,) = x509.load_pem_x509_certificates(new.root_cert.encode())
     assert cert.public_key() == supplied.public_key()
     assert cert != supplied
-    assert new.intermediate_certs is not None and len(new.intermediate_certs) == 1
+    assert new.intermediate_certs is not None
+    assert len(new.intermediate_certs) == 1
 
 
 def test_an_inactive_root_supplied_again_is_listed_once(ca: DevCA) -> None:
