@@ -2598,3 +2598,194 @@ async def test_intention_endpoints_ignore_namespaces(
         'Bad request: Invalid query parameter: "ns" - Namespaces are a Consul '
         "Enterprise feature",
     )
+
+
+# -- issue 20: the last differences a client notices ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "body"),
+    [
+        ("GET", "/v1/acl/tokens", 401, "ACL support disabled"),
+        ("GET", "/v1/acl/token/self", 401, "ACL support disabled"),
+        ("DELETE", "/v1/acl/token/x", 401, "ACL support disabled"),
+        ("GET", "/v1/acl/policy/name/x", 401, "ACL support disabled"),
+        ("PUT", "/v1/acl/bootstrap", 401, "ACL support disabled"),
+        ("POST", "/v1/acl/login", 401, "ACL support disabled"),
+        ("PUT", "/v1/acl/login", 405, "method PUT not allowed"),
+        ("POST", "/v1/acl/policy", 405, "method POST not allowed"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_acl_endpoints_with_acls_off(
+    agent: AgentUnderTest, method: str, path: str, status: int, body: str
+) -> None:
+    answer = await agent.http.request(method, path)
+    assert_error(answer, status, body)
+
+
+@pytest_twisted.ensureDeferred
+async def test_check_register_and_deregister_errors(
+    agent: AgentUnderTest, unique_name: str
+) -> None:
+    register = "/v1/agent/check/register"
+    unknown = await agent.http.put(
+        register, {"Name": "c", "ServiceID": f"{unique_name}-nosuch", "TTL": "10s"}
+    )
+    assert_error(unknown, 500, f'ServiceID "{unique_name}-nosuch" does not exist')
+    assert_error(
+        await agent.http.put(register, {"TTL": "10s"}), 400, "Missing check name"
+    )
+    assert_error(
+        await agent.http.put(register, {"Name": "c"}),
+        400,
+        "Invalid check: TTL must be > 0 for TTL checks",
+    )
+    assert_error(
+        await agent.http.put(register, {"Name": "c", "TTL": "1s", "Status": "bogus"}),
+        400,
+        "Bad check status",
+    )
+    assert_error(
+        await agent.http.put(register, {"Name": "c", "CheckID": "x", "TTL": "1s"}),
+        400,
+        'Request decode failed: json: unknown field "CheckID"',
+    )
+    gone = await agent.http.put(f"/v1/agent/check/deregister/{unique_name}-nosuch")
+    assert_empty_write(gone)
+    assert_error(
+        await agent.http.put("/v1/agent/check/deregister/"), 500, "CheckID missing"
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_check_register_for_a_service(
+    agent: AgentUnderTest, unique_name: str
+) -> None:
+    await register_ttl(agent, unique_name)
+    check_id = f"{unique_name}-extra"
+    try:
+        put = await agent.http.put(
+            "/v1/agent/check/register",
+            {
+                "Name": "extra",
+                "ID": check_id,
+                "ServiceID": unique_name,
+                "TTL": "10s",
+                "Status": "passing",
+            },
+        )
+        assert_empty_write(put)
+        check = (await agent.http.get("/v1/agent/checks")).json()[check_id]
+        assert (check["Name"], check["Status"], check["Type"]) == (
+            "extra",
+            "passing",
+            "ttl",
+        )
+        assert (check["ServiceID"], check["ServiceName"]) == (unique_name, unique_name)
+        assert_empty_write(
+            await agent.http.put(f"/v1/agent/check/deregister/{check_id}")
+        )
+        assert check_id not in (await agent.http.get("/v1/agent/checks")).json()
+    finally:
+        await agent.client.deregister_service(unique_name)
+
+
+@pytest_twisted.ensureDeferred
+async def test_connect_reads_ignore_tag(
+    agent: AgentUnderTest, unique_name: str
+) -> None:
+    # Measured on 1.8.7: ?tag= filters health/service and catalog/service but
+    # is dropped on health/connect and catalog/connect.
+    for sid, tags in ((f"{unique_name}-1", ["primary"]), (f"{unique_name}-2", ["b"])):
+        await agent.http.put(
+            "/v1/agent/service/register",
+            {
+                "Name": unique_name,
+                "ID": sid,
+                "Tags": tags,
+                "Port": 1,
+                "Connect": {"Native": True},
+            },
+        )
+    try:
+        for path in ("health/connect", "catalog/connect"):
+            got = (await agent.http.get(f"/v1/{path}/{unique_name}?tag=primary")).json()
+            assert len(got) == 2, path
+        for path in ("health/service", "catalog/service"):
+            got = (await agent.http.get(f"/v1/{path}/{unique_name}?tag=Primary")).json()
+            assert len(got) == 1, path
+    finally:
+        for n in (1, 2):
+            await agent.client.deregister_service(f"{unique_name}-{n}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_ca_private_key_alone_and_back_to_a_generated_root(
+    fresh_agent: AgentUnderTest,
+) -> None:
+    agent = fresh_agent
+    path = "/v1/connect/ca/configuration"
+    td = (await agent.client.agent_ca_roots()).value.trust_domain
+    key_pem, root_pem, _cert = new_root(td)
+    other_key = (
+        ec.generate_private_key(ec.SECP256R1())
+        .private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+        .decode()
+    )
+
+    async def roots() -> dict[str, Any]:
+        return (await agent.http.get("/v1/connect/ca/roots")).json()  # type: ignore[no-any-return]
+
+    put = agent.http.put
+    assert_empty_write(
+        await put(
+            path,
+            {
+                "Provider": "consul",
+                "Config": {"PrivateKey": key_pem, "RootCert": root_pem},
+            },
+        )
+    )
+    assert_empty_write(
+        await put(path, {"Provider": "consul", "Config": {"PrivateKey": other_key}})
+    )
+    body = await roots()
+    assert len(body["Roots"]) == 3
+    (active,) = [r for r in body["Roots"] if r["Active"]]
+    (cert,) = load_pems(active["RootCert"])
+    assert (
+        cert.public_key()
+        == serialization.load_pem_private_key(other_key.encode(), None).public_key()
+    )
+    assert len(active["IntermediateCerts"]) == 1
+    assert_empty_write(await put(path, {"Provider": "consul", "Config": {}}))
+    body = await roots()
+    assert len(body["Roots"]) == 4
+    assert body["ActiveRootID"] not in {active["ID"]}
+    assert_empty_write(await put(path, {"Provider": "consul", "Config": {}}))
+    assert len((await roots())["Roots"]) == 4
+    assert_error(
+        await put(path, {"Provider": "consul", "Config": {"PrivateKey": "garbage"}}),
+        500,
+        "error generating CA root certificate: error generating CA: error parsing "
+        'private key "garbage": no PEM-encoded data found',
+    )
+    # The first supplied root again: active once more, listed once.
+    assert_empty_write(
+        await put(
+            path,
+            {
+                "Provider": "consul",
+                "Config": {"PrivateKey": key_pem, "RootCert": root_pem},
+            },
+        )
+    )
+    body = await roots()
+    assert len(body["Roots"]) == 4
+    ids = [r["ID"] for r in body["Roots"]]
+    assert len(set(ids)) == 4

@@ -620,11 +620,43 @@ def test_supplying_the_active_root_again_changes_nothing(ca: DevCA) -> None:
     assert ca.roots() == before
 
 
+def test_a_key_alone_gets_a_new_root_made_for_it(ca: DevCA) -> None:
+    # Consul's built-in provider makes a root for a PrivateKey without a
+    # RootCert (ca-key-only: 200 and a new active root on that key).
+    key = (REAL / "rotation-new-root-input.key.pem").read_text()
+    supplied = x509.load_pem_x509_certificate(
+        (REAL / "rotation-new-root-input.pem").read_bytes()
+    )
+    old = ca.roots().active_root
+    new = ca.rotate(key)
+    roots = ca.roots()
+    assert len(roots.roots) == 2
+    assert roots.active_root_id == new.id != old.id
+    (cert,) = x509.load_pem_x509_certificates(new.root_cert.encode())
+    assert cert.public_key() == supplied.public_key()
+    assert cert != supplied
+    assert new.intermediate_certs is not None
+    assert len(new.intermediate_certs) == 1
+
+
+def test_an_inactive_root_supplied_again_is_listed_once(ca: DevCA) -> None:
+    key = (REAL / "rotation-new-root-input.key.pem").read_text()
+    cert = (REAL / "rotation-new-root-input.pem").read_text()
+    first = ca.rotate(key, cert)
+    ca.rotate()
+    again = ca.rotate(key, cert)
+    roots = ca.roots()
+    assert [r.id for r in roots.roots].count(first.id) == 1
+    assert roots.active_root_id == first.id == again.id
+    assert again.create_index == first.create_index
+    assert again.modify_index > first.modify_index
+    assert len(roots.roots) == 3
+
+
 @pytest.mark.parametrize(
     ("key_file", "cert_file", "message"),
     [
-        ("rotation-new-root-input.key.pem", None, "both"),
-        (None, "rotation-new-root-input.pem", "both"),
+        (None, "rotation-new-root-input.pem", "needs private_key_pem"),
         ("leaf-web.key.pem", "rotation-new-root-input.pem", "does not match"),
         ("leaf-web.key.pem", "leaf-web.pem", "not a CA"),
         (

@@ -39,6 +39,7 @@ from connect_native.devagent.tables.catalog_records import (
     CHECK_UPDATE_INTERVAL,
     SIDECAR_MAX_PORT,
     SIDECAR_MIN_PORT,
+    CheckDefinition,
     ServiceDefinition,
 )
 from connect_native.devagent.tables.config_entries import ConfigEntriesTable
@@ -537,6 +538,17 @@ class DevAgent:
         self, service_id: str, authz: Authorizer | None = None
     ) -> None:
         self.catalog_table.deregister_service(service_id, authz)
+
+    def register_check(
+        self,
+        definition: CheckDefinition,
+        service_id: str = "",
+        authz: Authorizer | None = None,
+    ) -> None:
+        self.catalog_table.register_check(definition, service_id, authz)
+
+    def deregister_check(self, check_id: str, authz: Authorizer | None = None) -> None:
+        self.catalog_table.deregister_check(check_id, authz)
 
     def update_ttl_check(
         self,

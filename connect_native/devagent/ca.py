@@ -435,41 +435,50 @@ class DevCA:
         """
         Make a new root active, as ``PUT /v1/connect/ca/configuration`` does.
 
-        With no arguments a new root is generated; with both, the supplied
-        root is used and its PEM kept byte-identical.  The old root stays
-        listed, inactive; the new root's ``IntermediateCerts`` is its public
-        key cross-signed by the old root, valid for seven days from a minute
-        ago, so leaves it signs also chain to the old root.  Supplying the
-        active root again changes nothing, as in Consul.
+        With no arguments a new key and root are generated; with only
+        ``private_key_pem``, a new root is made for that key (as Consul's
+        built-in provider does for a ``PrivateKey`` without ``RootCert``);
+        with both, the supplied root is used and its PEM kept
+        byte-identical.  The old root stays listed, inactive; the new root's
+        ``IntermediateCerts`` is its public key cross-signed by the old
+        root, valid for seven days from a minute ago, so leaves it signs also
+        chain to the old root.  Supplying the active root again changes
+        nothing; supplying an inactive one makes it active again, listed
+        once, with a new cross-signed intermediate, as in Consul.
 
         :returns: the new active root.
-        :raises ValueError: naming the argument, when only one is given, a
-            PEM does not parse, the key does not match the certificate, or the
-            certificate is not a CA.
+        :raises ValueError: naming the argument, when only the certificate is
+            given, a PEM does not parse, the key does not match the
+            certificate, or the certificate is not a CA.
         """
-        if (private_key_pem is None) != (root_cert_pem is None):
+        if private_key_pem is None and root_cert_pem is not None:
             raise ValueError(
-                "rotate() needs both private_key_pem and root_cert_pem to use a "
-                "supplied root, or neither to generate one"
+                "rotate() needs private_key_pem with root_cert_pem (a root "
+                "certificate is used with its own key)"
             )
         old = self._active()
-        if private_key_pem is None or root_cert_pem is None:
-            new = self._new_root(self._next_index())
+        if private_key_pem is None:
+            new = self._new_root(index=0)
+        elif root_cert_pem is None:
+            new = self._new_root(key=_load_private_key(private_key_pem), index=0)
         else:
             new = self._supplied_root(private_key_pem, root_cert_pem)
             if new.id == old.id:
                 return self._record(old)
-            index = self._next_index()
-            new = evolve(new, create_index=index, modify_index=index)
-        index = new.create_index
+        index = self._next_index()
+        listed = next((root for root in self._roots if root.id == new.id), None)
+        create_index = listed.create_index if listed is not None else index
         cross_signed = self._cross_sign(new.certificate, old)
         new = evolve(
             new,
             intermediates=(_certbuild.certificate_pem(cross_signed),),
+            create_index=create_index,
+            modify_index=index,
         )
         self._roots = [
             evolve(root, active=False, modify_index=index) if root is old else root
             for root in self._roots
+            if root is not listed
         ]
         self._roots.append(new)
         return self._record(new)
@@ -480,8 +489,11 @@ class DevCA:
     def _active(self) -> _Root:
         return next(root for root in self._roots if root.active)
 
-    def _new_root(self, index: int | None = None) -> _Root:
-        key = _certbuild.generate_private_key("ec")
+    def _new_root(
+        self, index: int | None = None, *, key: _certbuild.PrivateKey | None = None
+    ) -> _Root:
+        if key is None:
+            key = _certbuild.generate_private_key("ec")
         now = self._now()
         subject = _certbuild.common_name(
             _certbuild.ca_common_name(_compact_uid(self._rng), self.trust_domain)
@@ -510,18 +522,7 @@ class DevCA:
         )
 
     def _supplied_root(self, private_key_pem: str, root_cert_pem: str) -> _Root:
-        try:
-            key = serialization.load_pem_private_key(
-                private_key_pem.encode("ascii"), password=None
-            )
-        except (ValueError, TypeError, UnicodeEncodeError) as e:
-            raise ValueError(
-                f"private_key_pem is not an unencrypted PEM private key: {e}"
-            ) from None
-        if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
-            raise ValueError(
-                f"private_key_pem must be an EC or RSA key, not {type(key).__name__}"
-            )
+        key = _load_private_key(private_key_pem)
         try:
             certificate = x509.load_pem_x509_certificate(root_cert_pem.encode("ascii"))
         except (ValueError, UnicodeEncodeError) as e:
@@ -585,6 +586,22 @@ class DevCA:
             create_index=root.create_index,
             modify_index=root.modify_index,
         )
+
+
+def _load_private_key(private_key_pem: str) -> _certbuild.PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(
+            private_key_pem.encode("ascii"), password=None
+        )
+    except (ValueError, TypeError, UnicodeEncodeError) as e:
+        raise ValueError(
+            f"private_key_pem is not an unencrypted PEM private key: {e}"
+        ) from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise ValueError(
+            f"private_key_pem must be an EC or RSA key, not {type(key).__name__}"
+        )
+    return key
 
 
 def _by_id(root: CARoot) -> str:

@@ -1,5 +1,6 @@
 """
-``/v1/acl/policy`` and ``/v1/acl/token``.
+``/v1/acl/policy`` and ``/v1/acl/token``; the rest of the ACL API answers
+``ACL support disabled`` with ACLs off.
 """
 
 from __future__ import annotations
@@ -67,6 +68,16 @@ class AclHandlers(Handlers):
                 local=bool(decoded["Local"]),
             )
         )
+
+    def _acl_other(
+        self, request: Request, reply: Reply, rest: str, method: str
+    ) -> None:
+        """
+        The ACL endpoints the agent does not model: ``ACL support disabled``
+        with ACLs off, as Consul; with them on, 404 (not modelled).
+        """
+        self._acl_authz(request)
+        reply.send(404, b"", content_type=None, vary=False)
 
     def _acl_authz(self, request: Request) -> Authorizer | None:
         if not self.agent.acls_enabled:

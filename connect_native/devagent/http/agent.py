@@ -12,8 +12,10 @@ from connect_native.devagent.gocompat import (
     decode_go_json,
 )
 from connect_native.devagent.http.bodies import (
+    CHECK_DEFINITION,
     CHECK_UPDATE,
     SERVICE,
+    check_definition,
     service_definition,
 )
 from connect_native.devagent.http.handlers import Handlers
@@ -152,6 +154,28 @@ class AgentHandlers(Handlers):
     ) -> None:
         refuse_namespaces(request, parse_query(request))
         self.agent.deregister_service(rest, self._authz(request))
+        reply.empty()
+
+    def _check_register(
+        self, request: Request, reply: Reply, rest: str, method: str
+    ) -> None:
+        refuse_namespaces(request, parse_query(request))
+        try:
+            decoded = decode_go_json(self._body(request), CHECK_DEFINITION)
+        except (GoJSONError, GoDurationError) as e:
+            raise ConsulError(400, f"Request decode failed: {e}") from None
+        self.agent.register_check(
+            check_definition(decoded),
+            decoded["ServiceID"] or "",
+            self._authz(request),
+        )
+        reply.empty()
+
+    def _check_deregister(
+        self, request: Request, reply: Reply, rest: str, method: str
+    ) -> None:
+        refuse_namespaces(request, parse_query(request))
+        self.agent.deregister_check(rest, self._authz(request))
         reply.empty()
 
     def _check_status(

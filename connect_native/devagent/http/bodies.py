@@ -201,6 +201,21 @@ CHECK = Struct(
     custom=True,
     post=_check_durations,
 )
+# ``PUT /v1/agent/check/register``'s structs.CheckDefinition: the same
+# fields with ``ID`` for ``CheckID`` (``CheckID`` is an unknown field there,
+# measured) and the service it belongs to.
+CHECK_DEFINITION = Struct(
+    CHECK.go_type,
+    "",
+    {
+        "ID": Str("types.CheckID"),
+        **{k: v for k, v in CHECK.fields.items() if k != "CheckID"},
+        "Token": Str(),
+    },
+    aliases=CHECK.aliases,
+    custom=True,
+    post=_check_durations,
+)
 SERVICE_FIELDS: dict[str, Schema] = {}
 SERVICE = Struct(
     _aux(
@@ -476,7 +491,7 @@ def check_definition(d: dict[str, Any] | None) -> CheckDefinition:
     if d is None:
         return CheckDefinition()
     return CheckDefinition(
-        check_id=d["CheckID"] or "",
+        check_id=(d["CheckID"] if "CheckID" in d else d["ID"]) or "",
         name=d["Name"] or "",
         status=d["Status"] or "",
         notes=d["Notes"] or "",

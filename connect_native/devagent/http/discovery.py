@@ -188,6 +188,10 @@ class DiscoveryHandlers(Handlers):
             raise ConsulError(400, "Missing service name")
         refuse_filter(query)
         tags = query.get("tag", [])
+        if connect and not self.agent.newer_api:
+            # 1.8.7's state store drops ?tag= on Connect reads: every
+            # instance and proxy comes back (health-connect-tag-*.http).
+            tags = []
         node_meta = node_meta_filter(query)
         authz = self._authz(request)
         if self._connect_denied(reply, authz, name, connect, options):

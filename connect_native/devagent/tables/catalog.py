@@ -471,6 +471,117 @@ class CatalogTable:
         self._refresh_aliases()
         self.store.changed()
 
+    def register_check(
+        self,
+        definition: CheckDefinition,
+        service_id: str,
+        authz: Authorizer | None = None,
+    ) -> None:
+        """
+        ``PUT /v1/agent/check/register``: a check of the node, or of a
+        registered service (``AgentRegisterCheck`` and ``AddCheck``).
+
+        :raises ConsulError: 400 with Consul's message for a bad definition;
+            500 ``ServiceID "x" does not exist`` for an unknown service, as
+            measured (check-register-unknown-service.http).
+        """
+        if not definition.name:
+            raise ConsulError(400, "Missing check name")
+        if definition.status and definition.status not in VALID_STATUSES:
+            raise ConsulError(400, "Bad check status")
+        problem = definition.validate()
+        if problem is not None:
+            raise ConsulError(400, f"Invalid check: {problem}")
+        check_id = definition.check_id or definition.name
+        service = self.services.get(service_id) if service_id else None
+        if authz is not None:
+            # vetCheckRegister: the service's write, else the node's; and
+            # the same for a check it replaces.
+            owners = [service.name if service is not None else None]
+            old = self.checks.get(check_id)
+            if old is not None:
+                old_owner = self.services.get(old.service_id)
+                owners.append(old_owner.name if old_owner is not None else None)
+            for owner in owners:
+                if owner is not None and service_id:
+                    if not authz.service_write(owner):
+                        raise permission_denied(f"Missing service:write on {owner}")
+                elif not authz.allowed("node", self.settings.node_name, "write"):
+                    raise permission_denied(
+                        f"Missing node:write on {self.settings.node_name}"
+                    )
+        if definition.is_script:
+            raise ConsulError(
+                500,
+                "Scripts are disabled on this agent from remote calls; to enable, "
+                "configure 'enable_script_checks' to true",
+            )
+        if service_id and service is None:
+            raise ConsulError(500, f"ServiceID {go_quote(service_id)} does not exist")
+        status = definition.status or HEALTH_CRITICAL
+        check = StoredCheck(
+            check_id=check_id,
+            name=definition.name,
+            notes=definition.notes,
+            service_id=service.id if service is not None else "",
+            service_name=service.name if service is not None else "",
+            service_tags=service.tags if service is not None else (),
+            definition=definition,
+            status=status,
+            catalog_status=status,
+        )
+        index = self.store.bump()
+        old = self.checks.pop(check_id, None)
+        if old is not None:
+            old.stop_timers()
+            check.create_index = old.create_index
+            old_owner = self.services.get(old.service_id)
+            if old_owner is not None:
+                self._touch_service(old_owner, index)
+        else:
+            check.create_index = index
+        check.modify_index = index
+        self.checks[check_id] = check
+        if check.is_ttl:
+            self._arm_ttl(check)
+        if service is not None:
+            self._touch_service(service, index)
+        log.info("check registered: {id} at index {index}", id=check_id, index=index)
+        self._refresh_aliases()
+        self.store.changed()
+
+    def deregister_check(self, check_id: str, authz: Authorizer | None = None) -> None:
+        """
+        ``PUT /v1/agent/check/deregister/<id>``: an unknown ID is no error
+        with ACLs off (200, measured), ``Unknown check "x"`` (500) with them
+        on; no ID at all is a 500 ``CheckID missing``.
+        """
+        check = self.checks.get(check_id)
+        if authz is not None:
+            if check is None:
+                raise ConsulError(500, f"Unknown check {go_quote(check_id)}")
+            owner = self.services.get(check.service_id)
+            if owner is not None:
+                if not authz.service_write(owner.name):
+                    raise permission_denied(f"Missing service:write on {owner.name}")
+            elif not authz.allowed("node", self.settings.node_name, "write"):
+                raise permission_denied(
+                    f"Missing node:write on {self.settings.node_name}"
+                )
+        if not check_id:
+            raise ConsulError(500, "CheckID missing")
+        if check is None:
+            return
+        check.stop_timers()
+        del self.checks[check_id]
+        index = self.store.bump()
+        owner = self.services.get(check.service_id)
+        if owner is not None:
+            self._touch_service(owner, index)
+        log.info("check deregistered: {id}", id=check_id)
+        self._refresh_aliases()
+        self.store.changed()
+
     def _arm_ttl(self, check: StoredCheck) -> None:
         if check.ttl_timer is not None and check.ttl_timer.active():
             check.ttl_timer.cancel()

@@ -302,25 +302,31 @@ class ConnectCA:
                     "error configuring provider: must provide a private key when "
                     "providing a root cert",
                 )
-            if private_key and not root_cert:
-                raise ConsulError(
-                    500,
-                    "error configuring provider: the development agent needs "
-                    "RootCert together with PrivateKey (Consul would generate a "
-                    "root for the key)",
-                )
             if root_cert and "-----BEGIN" not in root_cert:
                 raise ConsulError(
                     500, "error parsing root fingerprint: no PEM-encoded data found"
                 )
             self._ca_index_step = 1
-            try:
-                if private_key:
+            if private_key and not root_cert:
+                # GenerateRoot makes a root for the key (ca-key-only-*.http).
+                try:
+                    if "-----BEGIN" not in private_key:
+                        raise ValueError("no PEM-encoded data found")
+                    self.ca.rotate(private_key)
+                except ValueError as e:
+                    raise ConsulError(
+                        500,
+                        "error generating CA root certificate: error generating "
+                        f"CA: error parsing private key {go_quote(private_key)}: "
+                        f"{e}",
+                    ) from None
+            elif private_key:
+                try:
                     self.ca.rotate(private_key, root_cert)
-                else:
-                    self.ca.rotate()
-            except ValueError as e:
-                raise ConsulError(500, f"error configuring provider: {e}") from None
+                except ValueError as e:
+                    raise ConsulError(500, f"error configuring provider: {e}") from None
+            else:
+                self.ca.rotate()
         self.ca.set_leaf_ttl(leaf_ttl)
         self._ca_key_pair = key_pair
         self._ca_config = _go_json_numbers(raw)
