@@ -68,13 +68,18 @@ async def agent_port() -> AsyncIterator[int]:
         yield port
 
 
-async def refused_as_api(agent_port: int, path: bytes) -> None:
-    """``api`` reaches ``web`` once it is registered, and is refused."""
+async def web_registered(agent_port: int) -> None:
+    """Wait (at most 60 s) until ``web`` is registered and passing."""
     consul = ConsulClient(reactor, address=f"127.0.0.1:{agent_port}")
     try:
         await until(registered(consul, "web"), 60, "web registered and passing")
     finally:
         await consul.close()
+
+
+async def refused_as_api(agent_port: int, path: bytes) -> None:
+    """``api`` reaches ``web`` once it is registered, and is refused."""
+    await web_registered(agent_port)
     dial = clientFromString(
         reactor, f"connect:web:source=api:consul={escaped(f'127.0.0.1:{agent_port}')}"
     )

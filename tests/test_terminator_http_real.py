@@ -26,11 +26,10 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from connect_native.consul.client import ConsulClient
 from tests.consul_agent import free_ports
 from tests.test_devagent_main import _bounded, _request
-from tests.test_endpoints_real import Only, escaped, registered, until
-from tests.test_l7_from_outside import dev_agent_holding
+from tests.test_endpoints_real import Only, escaped, until
+from tests.test_l7_from_outside import dev_agent_holding, web_registered
 from tests.test_terminator_real import Process, bounded, log_line
 
 L7_INTENTIONS = {
@@ -101,14 +100,6 @@ class Caller:
     async def close(self) -> None:
         await self.pool.closeCachedConnections()
         self.dial.close()
-
-
-async def web_registered(agent_port: int) -> None:
-    consul = ConsulClient(reactor, address=f"127.0.0.1:{agent_port}")
-    try:
-        await until(registered(consul, "web"), 60, "web registered and passing")
-    finally:
-        await consul.close()
 
 
 def terminator(agent_port: int, backend_port: int, tmp_path: Path, *extra: str) -> Any:
