@@ -9,7 +9,7 @@ A Klein app is protected with one line::
     resource = protect(app.resource(), authorizer)
 
 where ``authorizer`` decides HTTP requests (it has ``decide_request``, as
-:class:`~connect_native.authorize_intentions.IntentionAuthorizer` does).
+:class:`~connect_native.authorize.intentions.IntentionAuthorizer` does).
 Every request is decided once, before the wrapped resource (or any resource
 below it) sees it.  A denied request gets ``403 Forbidden`` with a short
 plain-text body, and a warning is logged with the :mod:`twisted.logger`
@@ -62,7 +62,7 @@ class RequestAuthorizer(Protocol):
     """
     What :class:`ConnectProtected` needs: an L7 decision per HTTP request that
     never waits (and should never raise; an exception denies anyway).
-    :class:`~connect_native.authorize_intentions.IntentionAuthorizer`
+    :class:`~connect_native.authorize.intentions.IntentionAuthorizer`
     provides it.
     """
 
@@ -191,7 +191,7 @@ class ConnectProtected:
     :param resource: any ``IResource``: a ``Resource`` tree, a
         ``Klein().resource()``, a ``File``...
     :param authorizer: has ``decide_request(peer, method, path, headers)``,
-        e.g. :class:`~connect_native.authorize_intentions.IntentionAuthorizer`.
+        e.g. :class:`~connect_native.authorize.intentions.IntentionAuthorizer`.
         :class:`~connect_native.authorize.AgentAuthorizer` has not: Consul's
         authorize API decides connections, not requests.
     :param service: the service being protected, for the logs; by default
@@ -226,7 +226,7 @@ class ConnectProtected:
                 f"{type(authorizer).__name__} cannot decide HTTP requests: "
                 "per-request authorization needs an authorizer with "
                 "decide_request(peer, method, path, headers), such as "
-                "connect_native.authorize_intentions.IntentionAuthorizer "
+                "connect_native.authorize.intentions.IntentionAuthorizer "
                 "(authorize=intentions in a connect: endpoint string). "
                 "AgentAuthorizer asks the agent once per connection, and the "
                 "agent's authorize API has no per-request answer"
