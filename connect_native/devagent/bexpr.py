@@ -14,14 +14,13 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Union
 
 from connect_native.devagent.gocompat import go_quote
 
 __all__ = [
     "SCHEMAS",
     "BexprError",
-    "BexprPanic",
+    "BexprNilPointerError",
     "Field",
     "Filter",
     "compile_filter",
@@ -35,7 +34,7 @@ class BexprError(ValueError):
     """A filter the real agent refuses; ``str()`` is the real agent's text."""
 
 
-class BexprPanic(ValueError):
+class BexprNilPointerError(ValueError):
     """
     Evaluation reached a nil pointer: real Consul 1.8.7 panics there and
     drops the connection.  ``str()`` is our one-line explanation.
@@ -75,7 +74,7 @@ class Binary:
     right: Node
 
 
-Node = Union[Match, Not, Binary]
+Node = Match | Not | Binary
 
 # ---------------------------------------------------------------------------
 # Parser: a transcription of grammar.peg with pigeon's error reporting.
@@ -117,7 +116,9 @@ def _go_unquote(text: str) -> str:
         width = {"x": 2, "u": 4, "U": 8}.get(esc)
         if width is not None:
             digits = body[i + 2 : i + 2 + width]
-            if len(digits) != width or not all(c in "0123456789abcdefABCDEF" for c in digits):
+            if len(digits) != width or not all(
+                c in "0123456789abcdefABCDEF" for c in digits
+            ):
                 raise ValueError("invalid syntax")
             value = int(digits, 16)
             if esc != "x" and (value > 0x10FFFF or 0xD800 <= value < 0xE000):
@@ -126,7 +127,11 @@ def _go_unquote(text: str) -> str:
             i += 2 + width
             continue
         digits = body[i + 1 : i + 4]
-        if len(digits) == 3 and all(c in "01234567" for c in digits) and int(digits, 8) < 256:
+        if (
+            len(digits) == 3
+            and all(c in "01234567" for c in digits)
+            and int(digits, 8) < 256
+        ):
             out.append(chr(int(digits, 8)))
             i += 4
             continue
@@ -284,9 +289,20 @@ class _Parser:
         return True
 
     def eof(self) -> object:
-        return True if self.rule("EOF", None, lambda: True if self.not_(self.any) else FAIL) is True else FAIL
+        return (
+            True
+            if self.rule("EOF", None, lambda: True if self.not_(self.any) else FAIL)
+            is True
+            else FAIL
+        )
 
-    def _binary(self, name: str, word: str, sub: Callable[[], object], again: Callable[[], object]) -> object:
+    def _binary(
+        self,
+        name: str,
+        word: str,
+        sub: Callable[[], object],
+        again: Callable[[], object],
+    ) -> object:
         def alt1() -> object:
             r = self.seq(sub, self.ws, lambda: self.lit(word), self.ws, again)
             if r is FAIL:
@@ -309,12 +325,18 @@ class _Parser:
             operand = r[2]  # type: ignore[index]
             return operand.operand if isinstance(operand, Not) else Not(operand)
 
-        return self.rule("NotExpression", None, lambda: self.choice(alt1, self.paren_expr))
+        return self.rule(
+            "NotExpression", None, lambda: self.choice(alt1, self.paren_expr)
+        )
 
     def paren_expr(self) -> object:
         def alt1() -> object:
             r = self.seq(
-                lambda: self.lit("("), self._opt_ws, self.or_expr, self._opt_ws, lambda: self.lit(")")
+                lambda: self.lit("("),
+                self._opt_ws,
+                self.or_expr,
+                self._opt_ws,
+                lambda: self.lit(")"),
             )
             return r if r is FAIL else r[2]  # type: ignore[index]
 
@@ -328,14 +350,22 @@ class _Parser:
                 lambda: self.pred_error("Unmatched parentheses"),
             )
 
-        return self.rule("ParenthesizedExpression", "grouping", lambda: self.choice(alt1, self.match_expr, alt3))
+        return self.rule(
+            "ParenthesizedExpression",
+            "grouping",
+            lambda: self.choice(alt1, self.match_expr, alt3),
+        )
 
     def match_expr(self) -> object:
         return self.rule(
-            "MatchExpression", "match", lambda: self.choice(self.match_sov, self.match_so, self.match_vos)
+            "MatchExpression",
+            "match",
+            lambda: self.choice(self.match_sov, self.match_so, self.match_vos),
         )
 
-    def _op(self, name: str, words: list[str], leading_optional: bool, value: str) -> Callable[[], object]:
+    def _op(
+        self, name: str, words: list[str], leading_optional: bool, value: str
+    ) -> Callable[[], object]:
         def run() -> object:
             parts: list[Callable[[], object]] = []
             for i, word in enumerate(words):
@@ -374,7 +404,9 @@ class _Parser:
             self.selector,
             lambda: self.choice(
                 self._op("MatchIsEmpty", ["is", "empty"], False, IS_EMPTY),
-                self._op("MatchIsNotEmpty", ["is", "not", "empty"], False, IS_NOT_EMPTY),
+                self._op(
+                    "MatchIsNotEmpty", ["is", "not", "empty"], False, IS_NOT_EMPTY
+                ),
             ),
         )
         if r is FAIL:
@@ -402,7 +434,9 @@ class _Parser:
                 lambda: self.pred_error("Invalid selector"),
             )
 
-        return self.rule("MatchValueOpSelector", "match", lambda: self.choice(alt1, alt2))
+        return self.rule(
+            "MatchValueOpSelector", "match", lambda: self.choice(alt1, alt2)
+        )
 
     def selector(self) -> object:
         def run() -> object:
@@ -434,12 +468,18 @@ class _Parser:
             r = self.seq(lambda: self.lit("."), self.identifier)
             return r if r is FAIL else r[1]  # type: ignore[index]
 
-        return self.rule("SelectorOrIndex", None, lambda: self.choice(dot, self.index_expr))
+        return self.rule(
+            "SelectorOrIndex", None, lambda: self.choice(dot, self.index_expr)
+        )
 
     def index_expr(self) -> object:
         def alt1() -> object:
             r = self.seq(
-                lambda: self.lit("["), self._opt_ws, self.string_lit, self._opt_ws, lambda: self.lit("]")
+                lambda: self.lit("["),
+                self._opt_ws,
+                self.string_lit,
+                self._opt_ws,
+                lambda: self.lit("]"),
             )
             return r if r is FAIL else r[2]  # type: ignore[index]
 
@@ -461,14 +501,18 @@ class _Parser:
                 lambda: self.pred_error("Unclosed index expression"),
             )
 
-        return self.rule("IndexExpression", "index", lambda: self.choice(alt1, alt2, alt3))
+        return self.rule(
+            "IndexExpression", "index", lambda: self.choice(alt1, alt2, alt3)
+        )
 
     def value(self) -> object:
         def sel() -> object:
             r = self.selector()
             return r if r is FAIL else ".".join(r)  # type: ignore[arg-type]
 
-        return self.rule("Value", "value", lambda: self.choice(sel, self.number_lit, self.string_lit))
+        return self.rule(
+            "Value", "value", lambda: self.choice(sel, self.number_lit, self.string_lit)
+        )
 
     def number_lit(self) -> object:
         def after() -> object:
@@ -476,9 +520,15 @@ class _Parser:
                 lambda: self.rule(
                     "AfterNumbers",
                     None,
-                    lambda: True
-                    if self.and_(lambda: self.choice(self.ws, self.eof, lambda: self.lit(")")))
-                    else FAIL,
+                    lambda: (
+                        True
+                        if self.and_(
+                            lambda: self.choice(
+                                self.ws, self.eof, lambda: self.lit(")")
+                            )
+                        )
+                        else FAIL
+                    ),
                 )
             )
             return True if ok else FAIL
@@ -570,7 +620,11 @@ class _Parser:
             wants = sorted(self.expected - {"!."})
             if "!." in self.expected:
                 wants.append("EOF")
-            text = wants[0] if len(wants) == 1 else ", ".join(wants[:-1]) + " or " + wants[-1]
+            text = (
+                wants[0]
+                if len(wants) == 1
+                else ", ".join(wants[:-1]) + " or " + wants[-1]
+            )
             self.errors.append((self.max_fail, "no match found, expected: " + text))
         if self.errors:
             seen: list[str] = []
@@ -588,7 +642,9 @@ def parse(text: str) -> Node:
     try:
         return _Parser(text).parse()
     except RecursionError:
-        raise BexprError("expression nested too deeply for the development agent") from None
+        raise BexprError(
+            "expression nested too deeply for the development agent"
+        ) from None
 
 
 # ---------------------------------------------------------------------------
@@ -608,22 +664,22 @@ class Field:
     fields: Mapping[str, Field] = field(default_factory=dict)
 
 
-S, I, U, B = Field("string"), Field("int"), Field("uint"), Field("bool")
+S, INT, U, B = Field("string"), Field("int"), Field("uint"), Field("bool")
 
 
-def L(elem: Field) -> Field:  # noqa: N802 - a type constructor
+def L(elem: Field) -> Field:
     return Field("list", elem=elem)
 
 
-def M(elem: Field) -> Field:  # noqa: N802
+def M(elem: Field) -> Field:
     return Field("map", elem=elem)
 
 
-def T(**fields: Field) -> Field:  # noqa: N802
+def T(**fields: Field) -> Field:
     return Field("struct", fields=fields)
 
 
-def P(target: Field) -> Field:  # noqa: N802
+def P(target: Field) -> Field:
     return Field("ptr", elem=target)
 
 
@@ -724,10 +780,15 @@ def _validate(node: Node, fields: Mapping[str, Field]) -> int:
     if isinstance(node, Binary):
         return _validate(node.left, fields) + _validate(node.right, fields)
     sel = ".".join(node.selector)
-    if node.raw is not None and len(node.raw.encode("utf-8", "surrogatepass")) > MAX_RAW_VALUE_LENGTH:
+    if (
+        node.raw is not None
+        and len(node.raw.encode("utf-8", "surrogatepass")) > MAX_RAW_VALUE_LENGTH
+    ):
+        size = len(node.raw.encode("utf-8", "surrogatepass"))
+        # Sic: go-bexpr v0.1.2's format string lacks its last verb.
         raise BexprError(
-            f"Value in expression with length {len(node.raw.encode('utf-8', 'surrogatepass'))} "
-            f"for selector {go_quote(sel)} exceeds maximum length of%!(EXTRA int={MAX_RAW_VALUE_LENGTH})"
+            f"Value in expression with length {size} for selector {go_quote(sel)} "
+            f"exceeds maximum length of%!(EXTRA int={MAX_RAW_VALUE_LENGTH})"
         )
     configs: Mapping[str, Field] = fields
     last: Field | None = None
@@ -737,11 +798,15 @@ def _validate(node: Node, fields: Mapping[str, Field]) -> int:
         elif "" in configs:
             last = configs[""]
         else:
-            raise BexprError(f"Selector {go_quote('.'.join(node.selector[: idx + 1]))} is not valid")
+            prefix = ".".join(node.selector[: idx + 1])
+            raise BexprError(f"Selector {go_quote(prefix)} is not valid")
         configs = _subfields(last)
     assert last is not None
     if node.operator not in _ops(_target(last)):
-        raise BexprError(f"Invalid match operator {go_quote(node.operator)} for selector {go_quote(sel)}")
+        raise BexprError(
+            f"Invalid match operator {go_quote(node.operator)} "
+            f"for selector {go_quote(sel)}"
+        )
     if node.raw is not None:
         kind = _coerce_kind(last)
         node.converted = node.raw
@@ -750,15 +815,16 @@ def _validate(node: Node, fields: Mapping[str, Field]) -> int:
                 node.converted = _coerce(kind, node.raw)
             except ValueError as e:
                 raise BexprError(
-                    f"Failed to coerce value {go_quote(node.raw)} for selector {go_quote(sel)}: {e}"
+                    f"Failed to coerce value {go_quote(node.raw)} "
+                    f"for selector {go_quote(sel)}: {e}"
                 ) from None
         if node.operator in (MATCHES, NOT_MATCHES):
             try:
                 node.converted = re.compile(str(node.converted))
             except (re.error, OverflowError, RecursionError) as e:
                 raise BexprError(
-                    f"Failed to compile regular expression {go_quote(str(node.converted))}: "
-                    f"error parsing regexp: {e}"
+                    "Failed to compile regular expression "
+                    f"{go_quote(str(node.converted))}: error parsing regexp: {e}"
                 ) from None
     return 1
 
@@ -768,13 +834,20 @@ def _validate(node: Node, fields: Mapping[str, Field]) -> int:
 
 
 def _zero(f: Field) -> object:
-    return {"string": "", "int": 0, "uint": 0, "bool": False, "list": [], "map": {}}.get(f.kind, {})
+    return {
+        "string": "",
+        "int": 0,
+        "uint": 0,
+        "bool": False,
+        "list": [],
+        "map": {},
+    }.get(f.kind, {})
 
 
 def _leaf(node: Match, value: object) -> bool:
     op = node.operator
     if op in (IS_EMPTY, IS_NOT_EMPTY):
-        empty = value is None or (hasattr(value, "__len__") and len(value) == 0)  # type: ignore[arg-type]
+        empty = not value if isinstance(value, (str, list, dict)) else value is None
         return empty if op == IS_EMPTY else not empty
     if op in (MATCHES, NOT_MATCHES):
         assert isinstance(node.converted, re.Pattern)
@@ -805,9 +878,10 @@ def _walk(node: Match, depth: int, value: object, f: Field) -> bool:
         got = value.get(name) if isinstance(value, dict) else None
         if got is None:
             if sub.kind == "ptr":
-                raise BexprPanic(
-                    f"nil pointer at selector {go_quote('.'.join(node.selector[: depth + 1]))}: "
-                    "real Consul 1.8.7 panics on this filter and drops the connection"
+                where = go_quote(".".join(node.selector[: depth + 1]))
+                raise BexprNilPointerError(
+                    f"nil pointer at selector {where}: real Consul 1.8.7 panics "
+                    "on this filter and drops the connection"
                 )
             got = _zero(sub)
         return _walk(node, depth + 1, got, sub)
@@ -828,7 +902,9 @@ def _evaluate(node: Node, item: object, root: Field) -> bool:
         return not _evaluate(node.operand, item, root)
     if isinstance(node, Binary):
         if node.operator == "and":
-            return _evaluate(node.left, item, root) and _evaluate(node.right, item, root)
+            return _evaluate(node.left, item, root) and _evaluate(
+                node.right, item, root
+            )
         return _evaluate(node.left, item, root) or _evaluate(node.right, item, root)
     return _walk(node, 0, item, root)
 
@@ -841,7 +917,7 @@ class Filter:
     root: Field
 
     def matches(self, item: object) -> bool:
-        """Whether one JSON element passes; :class:`BexprPanic` on a nil pointer."""
+        """Whether one JSON element passes (or a nil pointer error)."""
         return _evaluate(self.ast, item, self.root)
 
 
@@ -850,33 +926,37 @@ def compile_filter(expression: str, root: Field) -> Filter:
     ast = parse(expression)
     matches = _validate(ast, _subfields(root))
     if matches > MAX_MATCHES:
-        raise BexprError(f"Number of match expressions ({matches}) exceeds the limit ({MAX_MATCHES})")
+        raise BexprError(
+            f"Number of match expressions ({matches}) exceeds the limit ({MAX_MATCHES})"
+        )
     return Filter(ast, root)
 
 
 # ---------------------------------------------------------------------------
 # Consul 1.8.7's types (fields tagged bexpr:"-" left out)
 
-_SERVICE_ADDRESS = T(Address=S, Port=I)
-_WEIGHTS = T(Passing=I, Warning=I)
+_SERVICE_ADDRESS = T(Address=S, Port=INT)
+_WEIGHTS = T(Passing=INT, Warning=INT)
 _UPSTREAM = T(
     DestinationType=S,
     DestinationNamespace=S,
     DestinationName=S,
     Datacenter=S,
     LocalBindAddress=S,
-    LocalBindPort=I,
+    LocalBindPort=INT,
     MeshGateway=T(Mode=S),
 )
 _EXPOSE = T(
     Checks=B,
-    Paths=L(T(ListenerPort=I, Path=S, LocalPathPort=I, Protocol=S, ParsedFromCheck=B)),
+    Paths=L(
+        T(ListenerPort=INT, Path=S, LocalPathPort=INT, Protocol=S, ParsedFromCheck=B)
+    ),
 )
 _PROXY = T(
     DestinationServiceName=S,
     DestinationServiceID=S,
     LocalServiceAddress=S,
-    LocalServicePort=I,
+    LocalServicePort=INT,
     Upstreams=L(_UPSTREAM),
     MeshGateway=T(Mode=S),
     Expose=_EXPOSE,
@@ -887,10 +967,10 @@ _CHECK_DEFINITION = T(
     Header=M(L(S)),
     Method=S,
     TCP=S,
-    Interval=I,
+    Interval=INT,
     OutputMaxSize=U,
-    Timeout=I,
-    DeregisterCriticalServiceAfter=I,
+    Timeout=INT,
+    DeregisterCriticalServiceAfter=INT,
 )
 HEALTH_CHECK = T(
     Node=S,
@@ -911,7 +991,7 @@ AGENT_SERVICE = T(
     Service=S,
     Tags=L(S),
     Meta=M(S),
-    Port=I,
+    Port=INT,
     Address=S,
     TaggedAddresses=M(_SERVICE_ADDRESS),
     Weights=_WEIGHTS,
@@ -931,7 +1011,7 @@ NODE_SERVICE = T(
     Address=S,
     TaggedAddresses=M(_SERVICE_ADDRESS),
     Meta=M(S),
-    Port=I,
+    Port=INT,
     Weights=P(_WEIGHTS),
     EnableTagOverride=B,
     Proxy=_PROXY,
@@ -953,7 +1033,7 @@ SERVICE_NODE = T(
     ServiceTaggedAddresses=M(_SERVICE_ADDRESS),
     ServiceWeights=_WEIGHTS,
     ServiceMeta=M(S),
-    ServicePort=I,
+    ServicePort=INT,
     ServiceEnableTagOverride=B,
     ServiceProxy=_PROXY,
     ServiceConnect=T(Native=B),
