@@ -2792,7 +2792,9 @@ async def test_ca_private_key_alone_and_back_to_a_generated_root(
 
 
 @pytest_twisted.ensureDeferred
-async def test_filter_on_the_five_reads(agent: AgentUnderTest, unique_name: str) -> None:
+async def test_filter_on_the_five_reads(
+    agent: AgentUnderTest, unique_name: str
+) -> None:
     # ?filter= (bexpr), as measured on 1.8.7 (filter-*.http): the agent
     # filters each answer's elements; Checks in health answers match when
     # any element does; a missing Meta key is != anything.
@@ -2820,7 +2822,9 @@ async def test_filter_on_the_five_reads(agent: AgentUnderTest, unique_name: str)
         body = answer.json()
         if isinstance(body, dict):  # agent/services by ID, agent/checks by CheckID
             body = list(body.values())
-        found = (e["Service"] if isinstance(e.get("Service"), dict) else e for e in body)
+        found = (
+            e["Service"] if isinstance(e.get("Service"), dict) else e for e in body
+        )
         return sorted(
             sid
             for e in found
@@ -2839,24 +2843,30 @@ async def test_filter_on_the_five_reads(agent: AgentUnderTest, unique_name: str)
         assert await ids(
             "/v1/agent/checks", f'ServiceName == "{unique_name}" and Status == critical'
         ) == [two]
-        for path in (f"/v1/health/service/{unique_name}", f"/v1/health/connect/{unique_name}"):
+        for path in (
+            f"/v1/health/service/{unique_name}",
+            f"/v1/health/connect/{unique_name}",
+        ):
             assert await ids(path, "Checks.Status == critical") == [two], path
-            assert await ids(path, "Service.Meta is empty or v2 in Service.Tags") == [two]
+            assert await ids(path, "Service.Meta is empty or v2 in Service.Tags") == [
+                two
+            ]
         catalog = f"/v1/catalog/service/{unique_name}"
         assert await ids(catalog, 'ServiceMeta.env != "prod"') == [two]
         assert await ids(catalog, "ServiceTags contains v1") == [one]
         # A malformed or invalid expression: 500 and the evaluator's text.
+        wrapped = "Failed to create boolean expression evaluator: "
         for path, expression, text in (
             (
                 catalog,
                 "ServiceID ==",
-                "Failed to create boolean expression evaluator: 1:13 (12): no match "
-                'found, expected: "-", "0", "\\"", "`", [ \\t\\r\\n], [1-9] or [a-zA-Z]',
+                wrapped + "1:13 (12): no match found, expected: "
+                '"-", "0", "\\"", "`", [ \\t\\r\\n], [1-9] or [a-zA-Z]',
             ),
             (
                 "/v1/agent/services",
                 "Nope == x",
-                'Failed to create boolean expression evaluator: Selector "Nope" is not valid',
+                wrapped + 'Selector "Nope" is not valid',
             ),
             ("/v1/agent/checks", "Service == x", 'Selector "Service" is not valid'),
         ):

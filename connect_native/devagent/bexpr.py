@@ -21,17 +21,19 @@ __all__ = [
     "SCHEMAS",
     "BexprError",
     "BexprNilPointerError",
+    "BexprSyntaxError",
     "Field",
     "Filter",
     "compile_filter",
 ]
 
-MAX_MATCHES = 32
-MAX_RAW_VALUE_LENGTH = 512
-
 
 class BexprError(ValueError):
     """A filter the real agent refuses; ``str()`` is the real agent's text."""
+
+
+class BexprSyntaxError(BexprError):
+    """The expression does not parse (the text is the parser's)."""
 
 
 class BexprNilPointerError(ValueError):
@@ -632,7 +634,7 @@ class _Parser:
                 line = f"{self.position(pos)}: {message}"
                 if line not in seen:
                     seen.append(line)
-            raise BexprError("\n".join(seen))
+            raise BexprSyntaxError("\n".join(seen))
         assert isinstance(result, (Match, Not, Binary))
         return result
 
@@ -780,16 +782,6 @@ def _validate(node: Node, fields: Mapping[str, Field]) -> int:
     if isinstance(node, Binary):
         return _validate(node.left, fields) + _validate(node.right, fields)
     sel = ".".join(node.selector)
-    if (
-        node.raw is not None
-        and len(node.raw.encode("utf-8", "surrogatepass")) > MAX_RAW_VALUE_LENGTH
-    ):
-        size = len(node.raw.encode("utf-8", "surrogatepass"))
-        # Sic: go-bexpr v0.1.2's format string lacks its last verb.
-        raise BexprError(
-            f"Value in expression with length {size} for selector {go_quote(sel)} "
-            f"exceeds maximum length of%!(EXTRA int={MAX_RAW_VALUE_LENGTH})"
-        )
     configs: Mapping[str, Field] = fields
     last: Field | None = None
     for idx, name in enumerate(node.selector):
@@ -924,11 +916,10 @@ class Filter:
 def compile_filter(expression: str, root: Field) -> Filter:
     """Parse and validate *expression* against *root* (a ``struct`` Field)."""
     ast = parse(expression)
-    matches = _validate(ast, _subfields(root))
-    if matches > MAX_MATCHES:
-        raise BexprError(
-            f"Number of match expressions ({matches}) exceeds the limit ({MAX_MATCHES})"
-        )
+    # Consul 1.8.7 passes no bexpr config: no limit on the number of
+    # matches or on value lengths (filter-agent-services-33-matches.http,
+    # filter-agent-services-long-value.http).
+    _validate(ast, _subfields(root))
     return Filter(ast, root)
 
 

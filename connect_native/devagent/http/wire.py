@@ -24,6 +24,7 @@ from connect_native.devagent.bexpr import (
     SCHEMAS,
     BexprError,
     BexprNilPointerError,
+    BexprSyntaxError,
     Filter,
     compile_filter,
 )
@@ -409,9 +410,11 @@ def query_filter(
     try:
         return compile_filter(expression, SCHEMAS[endpoint])
     except BexprError as e:
-        # 1.8.7's /v1/agent/checks reports the evaluator's error bare
-        # (filter-agent-checks-unknown.http); the others wrap it.
-        prefix = "" if endpoint == "agent/checks" else FILTER_ERROR_PREFIX
+        # 1.8.7's /v1/agent/checks reports a validation error bare
+        # (filter-agent-checks-unknown.http) but wraps a syntax error
+        # (filter-agent-checks-malformed.http); the others wrap both.
+        bare = endpoint == "agent/checks" and not isinstance(e, BexprSyntaxError)
+        prefix = "" if bare else FILTER_ERROR_PREFIX
         raise ConsulError(
             500,
             prefix + str(e),
