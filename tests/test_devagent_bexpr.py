@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from hypothesis import given
@@ -226,3 +227,39 @@ def test_parser_raises_only_its_own_error(text: str) -> None:
 def test_deep_nesting_is_a_clear_error() -> None:
     with pytest.raises(BexprError):
         parse("(" * 400 + "a == b" + ")" * 400)
+
+
+# --------------------------------------------------------------------------
+# blocking queries: the filter applies to the answer, the index is the table's
+
+
+def test_blocking_health_read_filters_the_answer_it_wakes_with() -> None:
+    h = Harness(node_name="vm")
+    h.register({"Name": "api", "ID": "api-1", "Port": 1, "Tags": ["old"]})
+    path = "/v1/health/service/api?filter=" + quote("new in Service.Tags")
+    first = h.get(path)
+    assert (first.status, first.json()) == (200, [])
+    index = int(first.header("X-Consul-Index") or 0)
+    pending = h.start("GET", f"{path}&index={index}&wait=60s")
+    h.advance(1.0)
+    assert not pending.done
+    h.register({"Name": "api", "ID": "api-2", "Port": 2, "Tags": ["new"]})
+    h.advance(1.0)
+    answer = pending.answer()
+    assert answer.status == 200
+    assert [e["Service"]["ID"] for e in answer.json()] == ["api-2"]
+    # The index is the unfiltered service's, as on the real agent.
+    assert answer.header("X-Consul-Index") == h.get("/v1/health/service/api").header(
+        "X-Consul-Index"
+    )
+    assert int(answer.header("X-Consul-Index") or 0) > index
+
+
+def test_blocking_read_with_a_bad_filter_answers_at_once() -> None:
+    h = Harness(node_name="vm")
+    h.register({"Name": "api", "ID": "api-1", "Port": 1})
+    pending = h.start("GET", "/v1/catalog/service/api?index=999&wait=60s&filter=Nope")
+    answer = pending.answer()
+    assert answer.status == 500
+    assert answer.text.startswith("Failed to create boolean expression evaluator: ")
+    assert answer.header("X-Consul-Index") == "1"
