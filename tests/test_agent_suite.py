@@ -2789,3 +2789,89 @@ async def test_ca_private_key_alone_and_back_to_a_generated_root(
     assert len(body["Roots"]) == 4
     ids = [r["ID"] for r in body["Roots"]]
     assert len(set(ids)) == 4
+
+
+@pytest_twisted.ensureDeferred
+async def test_filter_on_the_five_reads(
+    agent: AgentUnderTest, unique_name: str
+) -> None:
+    # ?filter= (bexpr), as measured on 1.8.7 (filter-*.http): the agent
+    # filters each answer's elements; Checks in health answers match when
+    # any element does; a missing Meta key is != anything.
+    regs = (
+        (f"{unique_name}-1", ["v1"], {"env": "prod"}, "passing"),
+        (f"{unique_name}-2", ["v2"], {}, "critical"),
+    )
+    for sid, tags, meta, status in regs:
+        await agent.http.put(
+            "/v1/agent/service/register",
+            {
+                "Name": unique_name,
+                "ID": sid,
+                "Tags": tags,
+                "Meta": meta,
+                "Port": 1,
+                "Connect": {"Native": True},
+                "Check": {"CheckID": f"{sid}-ttl", "TTL": "30m", "Status": status},
+            },
+        )
+
+    async def ids(path: str, expression: str) -> list[str]:
+        answer = await agent.http.get(f"{path}?filter={quote(expression)}")
+        assert answer.status == 200, answer.text
+        body = answer.json()
+        if isinstance(body, dict):  # agent/services by ID, agent/checks by CheckID
+            body = list(body.values())
+        found = (
+            e["Service"] if isinstance(e.get("Service"), dict) else e for e in body
+        )
+        return sorted(
+            sid
+            for e in found
+            if (sid := e.get("ServiceID") or e["ID"]).startswith(unique_name)
+        )
+
+    one, two = (r[0] for r in regs)
+    try:
+        assert await ids(
+            "/v1/agent/services", f'Service == "{unique_name}" and v1 in Tags'
+        ) == [one]
+        assert await ids(
+            "/v1/agent/services",
+            f'Service == "{unique_name}" and not (Meta.env == prod)',
+        ) == [two]
+        assert await ids(
+            "/v1/agent/checks", f'ServiceName == "{unique_name}" and Status == critical'
+        ) == [two]
+        for path in (
+            f"/v1/health/service/{unique_name}",
+            f"/v1/health/connect/{unique_name}",
+        ):
+            assert await ids(path, "Checks.Status == critical") == [two], path
+            assert await ids(path, "Service.Meta is empty or v2 in Service.Tags") == [
+                two
+            ]
+        catalog = f"/v1/catalog/service/{unique_name}"
+        assert await ids(catalog, 'ServiceMeta.env != "prod"') == [two]
+        assert await ids(catalog, "ServiceTags contains v1") == [one]
+        # A malformed or invalid expression: 500 and the evaluator's text.
+        wrapped = "Failed to create boolean expression evaluator: "
+        for path, expression, text in (
+            (
+                catalog,
+                "ServiceID ==",
+                wrapped + "1:13 (12): no match found, expected: "
+                '"-", "0", "\\"", "`", [ \\t\\r\\n], [1-9] or [a-zA-Z]',
+            ),
+            (
+                "/v1/agent/services",
+                "Nope == x",
+                wrapped + 'Selector "Nope" is not valid',
+            ),
+            ("/v1/agent/checks", "Service == x", 'Selector "Service" is not valid'),
+        ):
+            answer = await agent.http.get(f"{path}?filter={quote(expression)}")
+            assert (answer.status, answer.text) == (500, text), path
+    finally:
+        for sid, *_ in regs:
+            await agent.client.deregister_service(sid)

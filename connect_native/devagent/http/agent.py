@@ -24,8 +24,10 @@ from connect_native.devagent.http.wire import (
     JITTER_FRACTION,
     MAX_QUERY_TIME,
     Reply,
+    apply_filter,
     first_arg,
     parse_query,
+    query_filter,
     query_options,
     refuse_namespaces,
 )
@@ -83,7 +85,8 @@ class AgentHandlers(Handlers):
     ) -> None:
         query = parse_query(request)
         refuse_namespaces(request, query)
-        reply.json(self.agent.services_json(self._authz(request)))
+        flt = query_filter(query, "agent/services", rpc=False)
+        reply.json(apply_filter(flt, self.agent.services_json(self._authz(request))))
 
     def _agent_service(
         self, request: Request, reply: Reply, rest: str, method: str
@@ -126,7 +129,8 @@ class AgentHandlers(Handlers):
     ) -> None:
         query = parse_query(request)
         refuse_namespaces(request, query)
-        reply.json(self.agent.checks_json(self._authz(request)))
+        flt = query_filter(query, "agent/checks", rpc=False)
+        reply.json(apply_filter(flt, self.agent.checks_json(self._authz(request))))
 
     def _service_register(
         self, request: Request, reply: Reply, rest: str, method: str

@@ -14,12 +14,14 @@ from connect_native.devagent.http.wire import (
     DiscoveryRead,
     QueryOptions,
     Reply,
+    apply_filter,
     cache_headers,
     first_arg,
     meta_headers,
     node_meta_filter,
     parse_bool,
     parse_query,
+    query_filter,
     query_options,
     refuse_filter,
     refuse_namespaces,
@@ -114,7 +116,9 @@ class DiscoveryHandlers(Handlers):
     def _catalog(
         self, request: Request, reply: Reply, name: str, *, connect: bool
     ) -> None:
-        read = self._discovery_read(request, reply, name, connect=connect)
+        read = self._discovery_read(
+            request, reply, name, connect=connect, schema="catalog/service"
+        )
         if read is None:
             return
         self._serve_discovery(
@@ -122,19 +126,24 @@ class DiscoveryHandlers(Handlers):
             read,
             "catalog",
             lambda: self.agent.catalog_index(name),
-            lambda: self.agent.catalog(
-                name,
-                connect=connect,
-                tags=read.tags,
-                node_meta=read.node_meta,
-                authz=read.authz,
+            lambda: apply_filter(
+                read.filter,
+                self.agent.catalog(
+                    name,
+                    connect=connect,
+                    tags=read.tags,
+                    node_meta=read.node_meta,
+                    authz=read.authz,
+                ),
             ),
         )
 
     def _health(
         self, request: Request, reply: Reply, name: str, *, connect: bool
     ) -> None:
-        read = self._discovery_read(request, reply, name, connect=connect)
+        read = self._discovery_read(
+            request, reply, name, connect=connect, schema="health/service"
+        )
         if read is None:
             return
 
@@ -151,13 +160,16 @@ class DiscoveryHandlers(Handlers):
                         raise ConsulError(400, "Invalid value for ?passing") from None
                 else:
                     passing = True
-            return self.agent.health(
-                name,
-                connect=connect,
-                passing=passing,
-                tags=read.tags,
-                node_meta=read.node_meta,
-                authz=read.authz,
+            return apply_filter(
+                read.filter,
+                self.agent.health(
+                    name,
+                    connect=connect,
+                    passing=passing,
+                    tags=read.tags,
+                    node_meta=read.node_meta,
+                    authz=read.authz,
+                ),
             )
 
         self._serve_discovery(
@@ -169,7 +181,13 @@ class DiscoveryHandlers(Handlers):
         )
 
     def _discovery_read(
-        self, request: Request, reply: Reply, name: str, *, connect: bool
+        self,
+        request: Request,
+        reply: Reply,
+        name: str,
+        *,
+        connect: bool,
+        schema: str,
     ) -> DiscoveryRead | None:
         """
         The checks and parameters that ``/v1/catalog/service``,
@@ -186,7 +204,7 @@ class DiscoveryHandlers(Handlers):
         self._check_dc(options, meta=True)
         if not name:
             raise ConsulError(400, "Missing service name")
-        refuse_filter(query)
+        flt = query_filter(query, schema, rpc=True)
         tags = query.get("tag", [])
         if connect and not self.agent.newer_api:
             # 1.8.7's state store drops ?tag= on Connect reads: every
@@ -204,6 +222,7 @@ class DiscoveryHandlers(Handlers):
             tags=tags,
             node_meta=node_meta,
             authz=authz,
+            filter=flt,
         )
 
     def _serve_discovery(

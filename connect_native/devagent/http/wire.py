@@ -20,6 +20,14 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 
 from connect_native import _logging
+from connect_native.devagent.bexpr import (
+    SCHEMAS,
+    BexprError,
+    BexprNilPointerError,
+    BexprSyntaxError,
+    Filter,
+    compile_filter,
+)
 from connect_native.devagent.gocompat import (
     GoDurationError,
     go_quote,
@@ -136,6 +144,7 @@ class DiscoveryRead:
     tags: list[str]
     node_meta: dict[str, str]
     authz: Authorizer | None
+    filter: Filter | None = None
 
 
 def query_options(request: Request, query: dict[str, list[str]]) -> QueryOptions:
@@ -368,16 +377,66 @@ def go_atoi(text: str, prefix: str) -> int:
 
 def refuse_filter(query: dict[str, list[str]]) -> None:
     if first_arg(query, "filter"):
-        # Real Consul evaluates bexpr filters; refusing beats answering
-        # unfiltered.  The status and headers are those of a filter the real
-        # agent cannot evaluate.
+        # Real Consul evaluates bexpr filters on these listings too; refusing
+        # beats answering unfiltered.  The status and headers are those of a
+        # filter the real agent cannot evaluate.
         raise ConsulError(
             500,
             "Failed to create boolean expression evaluator: the development "
-            "agent does not evaluate ?filter expressions; filter the results "
-            "in the client, or test against a real Consul agent",
+            "agent does not evaluate ?filter expressions here; filter the "
+            "results in the client, or test against a real Consul agent",
             headers=meta_headers(1, known_leader=False),
         )
+
+
+FILTER_ERROR_PREFIX = "Failed to create boolean expression evaluator: "
+
+
+def query_filter(
+    query: dict[str, list[str]], endpoint: str, *, rpc: bool
+) -> Filter | None:
+    """
+    The ``?filter=`` of a read of *endpoint* (a key of
+    :data:`~connect_native.devagent.bexpr.SCHEMAS`), compiled; ``None`` when
+    absent or empty.
+
+    :raises ConsulError: 500 with 1.8.7's text for a malformed or invalid
+        expression; an RPC-backed read (*rpc*) carries the query meta of a
+        failed RPC (index 1, no known leader), as measured.
+    """
+    expression = first_arg(query, "filter")
+    if not expression:
+        return None
+    try:
+        return compile_filter(expression, SCHEMAS[endpoint])
+    except BexprError as e:
+        # 1.8.7's /v1/agent/checks reports a validation error bare
+        # (filter-agent-checks-unknown.http) but wraps a syntax error
+        # (filter-agent-checks-malformed.http); the others wrap both.
+        bare = endpoint == "agent/checks" and not isinstance(e, BexprSyntaxError)
+        prefix = "" if bare else FILTER_ERROR_PREFIX
+        raise ConsulError(
+            500,
+            prefix + str(e),
+            headers=meta_headers(1, known_leader=False) if rpc else (),
+        ) from None
+
+
+def apply_filter(flt: Filter | None, body: Any) -> Any:
+    """
+    *body* (a JSON list, or a JSON object keyed by ID) without the elements
+    *flt* rejects.
+
+    :raises ConsulError: 500 where 1.8.7 panics on a nil pointer.
+    """
+    if flt is None:
+        return body
+    try:
+        if isinstance(body, dict):
+            return {key: item for key, item in body.items() if flt.matches(item)}
+        return [item for item in body if flt.matches(item)]
+    except BexprNilPointerError as e:
+        raise ConsulError(500, f"Failed to evaluate the filter: {e}") from None
 
 
 def node_meta_filter(query: dict[str, list[str]]) -> dict[str, str]:
