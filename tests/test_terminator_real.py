@@ -76,7 +76,13 @@ class Process(OutputProcess):
     def __init__(self, args: list[str], cwd: Path) -> None:
         super().__init__(
             "twistd",
-            [twistd(), "-n", "--pidfile=", *reactor_args(), *args],
+            [
+                twistd(),
+                "-n",
+                "--pidfile=",
+                *([] if "--reactor" in args else reactor_args()),
+                *args,
+            ],
             cwd,
             child_environment(
                 ("CONSUL_HTTP_ADDR", "CONSUL_HTTP_TOKEN", "CONSUL_HTTP_TOKEN_FILE")
