@@ -968,6 +968,7 @@ ALL_TARGETS = (
     "cn-intentions-twisted-tls",
     "cn-intentions-w2",
     "cn-intentions-uvloop",
+    "cn-intentions-cn-epoll",
 )
 
 
@@ -1009,6 +1010,10 @@ def make_targets(
         # twistd --reactor uvloop: Twisted's asyncio reactor on uvloop.
         "cn-intentions-uvloop": lambda: ConnectNative(
             "cn-intentions-uvloop", agent, "intentions", reactor="uvloop"
+        ),
+        # twistd --reactor cn-epoll: one epoll_ctl per descriptor per turn.
+        "cn-intentions-cn-epoll": lambda: ConnectNative(
+            "cn-intentions-cn-epoll", agent, "intentions", reactor="cn-epoll"
         ),
     }
     for name in names:

@@ -161,3 +161,16 @@ def unique_name() -> str:
     A service name no other test uses, for tests sharing the session agent.
     """
     return f"svc-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """
+    ``CONNECT_NATIVE_TEST_REACTOR=cn-epoll`` runs the in-process tests on
+    ``connect_native.epollreactor`` (before pytest-twisted installs its
+    default, an ``EPollReactor`` this one subclasses).
+    """
+    if os.environ.get("CONNECT_NATIVE_TEST_REACTOR") == "cn-epoll":
+        from connect_native import epollreactor
+
+        epollreactor.install()

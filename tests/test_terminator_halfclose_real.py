@@ -11,6 +11,11 @@ public listener's server.  The backend reads until the end of the request,
 then answers with the request's SHA-256 and several MiB, and closes; the
 client checks both.  A ``connect:`` client endpoint in the test process
 does the same against the public listener.
+
+A third terminator runs on ``twistd --reactor cn-epoll``
+(``connect_native.epollreactor``): the same forwards, several MiB each way
+with backpressure and a half-close, through a reactor that registers each
+socket fewer times.
 """
 
 from __future__ import annotations
@@ -144,7 +149,14 @@ class RequestSender(Sender):
 
 
 class Terminator:
-    def __init__(self, agent: RealConsulAgent, work: Path, transport: str) -> None:
+    def __init__(
+        self,
+        agent: RealConsulAgent,
+        work: Path,
+        transport: str,
+        reactor_name: str | None = None,
+    ) -> None:
+        self.reactor_name = reactor_name
         self.web = f"half-{uuid.uuid4().hex[:8]}-web"
         self.seen: list[ReplyAtEnd] = []
         self.backend: Any = reactor.listenTCP(  # type: ignore[attr-defined]
@@ -153,6 +165,7 @@ class Terminator:
         self.public, self.upstream = free_ports(2)
         self.process = Process(
             [
+                *([] if reactor_name is None else ["--reactor", reactor_name]),
                 "connect-native",
                 "--service",
                 self.web,
@@ -171,14 +184,32 @@ class Terminator:
         )
 
 
-@pytest.fixture(scope="module", params=TLS_TRANSPORTS)
+#: (--tls-transport, --reactor or None for Twisted's default)
+SETUPS = [(transport, None) for transport in TLS_TRANSPORTS] + [
+    ("connect_native", "cn-epoll")
+]
+
+
+@pytest.fixture(
+    scope="module",
+    params=SETUPS,
+    ids=[t if r is None else f"{t}-{r}" for t, r in SETUPS],
+)
 def terminator(
     request: pytest.FixtureRequest,
     real_consul: RealConsulAgent,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Terminator]:
-    started = Terminator(real_consul, tmp_path_factory.mktemp("half"), request.param)
+    transport, reactor_name = request.param
+    started = Terminator(
+        real_consul, tmp_path_factory.mktemp("half"), transport, reactor_name
+    )
     try:
+        if reactor_name == "cn-epoll":
+            started.process.wait_for_line(
+                "reactor class: connect_native.epollreactor.CoalescingEPollReactor",
+                60,
+            )
         started.process.wait_for_line("accepting Connect", 60)
         started.process.wait_for_line("plaintext listener on", 10)
         yield started

@@ -13,6 +13,7 @@ Each refusal is checked to be our terminator's: its log says why.
 from __future__ import annotations
 
 import hashlib
+import os
 import signal
 import socket
 import ssl
@@ -63,13 +64,25 @@ def twistd() -> str:
     return str(candidate) if candidate.exists() else "twistd"
 
 
+def reactor_args() -> list[str]:
+    """``--reactor NAME`` when ``CONNECT_NATIVE_TEST_REACTOR`` names one."""
+    name = os.environ.get("CONNECT_NATIVE_TEST_REACTOR")
+    return ["--reactor", name] if name else []
+
+
 class Process(OutputProcess):
     """A twistd process whose output lines are collected as they come."""
 
     def __init__(self, args: list[str], cwd: Path) -> None:
         super().__init__(
             "twistd",
-            [twistd(), "-n", "--pidfile=", *args],
+            [
+                twistd(),
+                "-n",
+                "--pidfile=",
+                *([] if "--reactor" in args else reactor_args()),
+                *args,
+            ],
             cwd,
             child_environment(
                 ("CONSUL_HTTP_ADDR", "CONSUL_HTTP_TOKEN", "CONSUL_HTTP_TOKEN_FILE")

@@ -28,3 +28,11 @@ connect_native_terminator = ServiceMaker(
 connect_native_uvloop_reactor = Reactor(
     "uvloop", "connect_native.uvloopreactor", "asyncio reactor on a uvloop loop"
 )
+
+#: ``twistd --reactor cn-epoll``: Twisted's epoll reactor making one
+#: epoll_ctl per descriptor per turn at most (connect_native.epollreactor).
+connect_native_epoll_reactor = Reactor(
+    "cn-epoll",
+    "connect_native.epollreactor",
+    "epoll reactor applying interest changes once per turn",
+)
