@@ -31,6 +31,7 @@ from typing import Any
 
 from attrs import evolve, frozen
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from twisted.internet.interfaces import IReactorTime
@@ -437,7 +438,9 @@ class DevCA:
 
         With no arguments a new key and root are generated; with only
         ``private_key_pem``, a new root is made for that key (as Consul's
-        built-in provider does for a ``PrivateKey`` without ``RootCert``);
+        built-in provider does for a ``PrivateKey`` without ``RootCert``,
+        counting the root's serial before it reads the key, so a key that
+        does not parse still uses one up);
         with both, the supplied root is used and its PEM kept
         byte-identical.  The old root stays listed, inactive; the new root's
         ``IntermediateCerts`` is its public key cross-signed by the old
@@ -460,7 +463,10 @@ class DevCA:
         if private_key_pem is None:
             new = self._new_root(index=0)
         elif root_cert_pem is None:
-            new = self._new_root(key=_load_private_key(private_key_pem), index=0)
+            serial = next(self._serials)
+            new = self._new_root(
+                key=_load_private_key(private_key_pem), index=0, serial=serial
+            )
         else:
             new = self._supplied_root(private_key_pem, root_cert_pem)
             if new.id == old.id:
@@ -490,7 +496,11 @@ class DevCA:
         return next(root for root in self._roots if root.active)
 
     def _new_root(
-        self, index: int | None = None, *, key: _certbuild.PrivateKey | None = None
+        self,
+        index: int | None = None,
+        *,
+        key: _certbuild.PrivateKey | None = None,
+        serial: int | None = None,
     ) -> _Root:
         if key is None:
             key = _certbuild.generate_private_key("ec")
@@ -503,7 +513,7 @@ class DevCA:
             issuer=subject,
             public_key=key.public_key(),
             signing_key=key,
-            serial=next(self._serials),
+            serial=next(self._serials) if serial is None else serial,
             not_before=now,
             not_after=_add_years(now, _ROOT_YEARS),
             ca=True,
@@ -525,8 +535,8 @@ class DevCA:
         key = _load_private_key(private_key_pem)
         try:
             certificate = x509.load_pem_x509_certificate(root_cert_pem.encode("ascii"))
-        except (ValueError, UnicodeEncodeError) as e:
-            raise ValueError(f"root_cert_pem is not a PEM certificate: {e}") from None
+        except (ValueError, UnicodeEncodeError):
+            raise ValueError("root_cert_pem is not a PEM certificate") from None
         if certificate.public_key() != key.public_key():
             raise ValueError(
                 "private_key_pem does not match the public key in root_cert_pem"
@@ -593,9 +603,11 @@ def _load_private_key(private_key_pem: str) -> _certbuild.PrivateKey:
         key = serialization.load_pem_private_key(
             private_key_pem.encode("ascii"), password=None
         )
-    except (ValueError, TypeError, UnicodeEncodeError) as e:
+    except (ValueError, TypeError, UnicodeEncodeError, UnsupportedAlgorithm):
+        # No library text: what cryptography says is not Consul's, and the
+        # agent's callers show this message to users.
         raise ValueError(
-            f"private_key_pem is not an unencrypted PEM private key: {e}"
+            "private_key_pem is not an unencrypted PEM private key"
         ) from None
     if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
         raise ValueError(

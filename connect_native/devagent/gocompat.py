@@ -9,6 +9,7 @@ A leaf: nothing here imports the rest of the development agent.
 
 from __future__ import annotations
 
+import binascii
 import datetime
 import re
 from collections.abc import Callable
@@ -30,6 +31,8 @@ __all__ = [
     "decode_go_json",
     "format_config_duration",
     "format_go_duration",
+    "go_asn1_problem",
+    "go_pem_decode",
     "go_quote",
     "parse_go_duration",
     "parse_go_json",
@@ -767,3 +770,141 @@ def decode_go_json(data: bytes, schema: Schema) -> Any:
     if out is None and isinstance(schema, Struct):
         out = {name: None for name in schema.fields}
     return out
+
+
+# --------------------------------------------------------------------------
+# encoding/pem and encoding/asn1, as far as Consul's CA messages show them
+
+_PEM_BLOCK = re.compile(
+    r"(?:^|\n)-----BEGIN ([^\n]*?)-----[ \t]*\r?\n(.*?)(?:^|\n)-----END \1-----",
+    re.DOTALL,
+)
+
+
+def go_pem_decode(text: str) -> tuple[str, bytes] | None:
+    """
+    Go's ``pem.Decode``: the type and bytes of the first well-formed block
+    (matching END line, valid base64), or ``None`` when there is none (Consul
+    then says ``no PEM-encoded data found``).
+    """
+    for match in _PEM_BLOCK.finditer(text):
+        body = match.group(2)
+        if ":" in body.split("\n\n", 1)[0] and "\n\n" in body:
+            body = body.split("\n\n", 1)[1]  # RFC 1421 headers
+        encoded = "".join(body.split())
+        if len(encoded) % 4 or "=" in encoded[:-2]:
+            continue
+        try:
+            data = binascii.a2b_base64(encoded.encode("ascii"), strict_mode=True)
+        except (binascii.Error, ValueError, UnicodeEncodeError):
+            continue
+        return match.group(1), data
+    return None
+
+
+class _Asn1Error(Exception):
+    pass
+
+
+def _asn1_syntax(message: str) -> _Asn1Error:
+    return _Asn1Error(f"asn1: syntax error: {message}")
+
+
+def _asn1_structural(message: str) -> _Asn1Error:
+    return _Asn1Error(f"asn1: structure error: {message}")
+
+
+# fieldParameters of a field without tags, as %+v prints them.
+_NO_PARAMS = (
+    "{optional:false explicit:false application:false private:false "
+    "defaultValue:<nil> tag:<nil> stringType:0 timeType:0 set:false "
+    "omitEmpty:false}"
+)
+
+
+def _tag_and_length(der: bytes, offset: int) -> tuple[int, bool, int, int, int]:
+    """
+    ``parseTagAndLength``: class, compound, tag, length, and the offset after.
+    """
+    b = der[offset]
+    offset += 1
+    cls, compound, tag = b >> 6, bool(b & 0x20), b & 0x1F
+    if tag == 0x1F:
+        tag = 0
+        for shifted in range(6):
+            if offset >= len(der):
+                raise _asn1_syntax("truncated base 128 integer")
+            if shifted == 5:
+                raise _asn1_structural("base 128 integer too large")
+            b = der[offset]
+            if shifted == 0 and b == 0x80:
+                raise _asn1_syntax("integer is not minimally encoded")
+            tag = (tag << 7) | (b & 0x7F)
+            offset += 1
+            if not b & 0x80:
+                break
+        if tag > 0x7FFFFFFF:
+            raise _asn1_structural("base 128 integer too large")
+        if tag < 0x1F:
+            raise _asn1_syntax("non-minimal tag")
+    if offset >= len(der):
+        raise _asn1_syntax("truncated tag or length")
+    b = der[offset]
+    offset += 1
+    if not b & 0x80:
+        return cls, compound, tag, b, offset
+    count = b & 0x7F
+    if count == 0:
+        raise _asn1_syntax("indefinite length found (not DER)")
+    length = 0
+    for _ in range(count):
+        if offset >= len(der):
+            raise _asn1_syntax("truncated tag or length")
+        b = der[offset]
+        offset += 1
+        if length >= 1 << 23:
+            raise _asn1_structural("length too large")
+        length = (length << 8) | b
+        if length == 0:
+            raise _asn1_structural("superfluous leading zeros in length")
+    if length < 0x80:
+        raise _asn1_structural("non-minimal length")
+    return cls, compound, tag, length, offset
+
+
+def _field(der: bytes, expected: int, type_name: str) -> bytes:
+    """
+    ``parseField`` for a field without tags, expecting universal tag
+    ``expected`` (16: a struct, 2: an int): its contents.
+    """
+    if not der:
+        raise _asn1_syntax("sequence truncated")
+    cls, compound, tag, length, offset = _tag_and_length(der, 0)
+    if (cls, tag, compound) != (0, expected, expected == 16):
+        raise _asn1_structural(
+            f"tags don't match ({expected} vs {{class:{cls} tag:{tag} "
+            f"length:{length} isCompound:{str(compound).lower()}}}) {_NO_PARAMS} "
+            f"{type_name} @{offset}"
+        )
+    if offset + length > len(der):
+        raise _asn1_syntax("data truncated")
+    return der[offset : offset + length]
+
+
+def go_asn1_problem(
+    der: bytes, struct: str, first_field: tuple[int, str]
+) -> str | None:
+    """
+    The error Go's ``asn1.Unmarshal`` of ``der`` into the struct named
+    ``struct`` starts with, when it is in the outer element or the header of
+    the struct's first field (``(universal tag, Go type name)``): e.g.
+    ``asn1: structure error: tags don't match (16 vs {class:0 tag:0 ...})
+    ... certificate @2`` for three zero bytes.  ``None`` when those parse:
+    deeper problems are not modelled.
+    """
+    try:
+        inner = _field(der, 16, struct)
+        _field(inner, *first_field)
+    except _Asn1Error as e:
+        return str(e)
+    return None

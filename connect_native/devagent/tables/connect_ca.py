@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from attrs import define, field, frozen
+from cryptography import x509
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
@@ -23,6 +24,8 @@ from connect_native.devagent.gocompat import (
     GoDurationError,
     format_config_duration,
     format_go_duration,
+    go_asn1_problem,
+    go_pem_decode,
     go_quote,
     parse_go_duration,
 )
@@ -213,7 +216,7 @@ class ConnectCA:
         self._root_indexes: dict[str, list[int]] = {
             root.id: [9, 9] for root in ca.roots().roots
         }
-        self._ca_config: dict[str, Any] = {
+        self._ca_config: dict[str, Any] | None = {
             "IntermediateCertTTL": "8760h",
             "LeafCertTTL": format_config_duration(ca.leaf_ttl),
             "RotationPeriod": "2160h",
@@ -254,11 +257,14 @@ class ConnectCA:
         return hit
 
     def ca_config_json(self) -> dict[str, Any]:
+        config = self._ca_config
         return {
             "Provider": "consul",
-            "Config": {
-                k: copy.deepcopy(self._ca_config[k]) for k in sorted(self._ca_config)
-            },
+            "Config": (
+                None
+                if config is None
+                else {k: copy.deepcopy(config[k]) for k in sorted(config)}
+            ),
             "State": None,
             "ForceWithoutCrossSigning": self._ca_force_without_cross_signing,
             "CreateIndex": self._ca_config_create_index,
@@ -273,10 +279,24 @@ class ConnectCA:
 
         :raises ConsulError: with Consul's message (500).
         """
+        stored = (
+            None if request.config is None else _go_json_numbers(dict(request.config))
+        )
+        if request.provider == "consul" and _go_equal(stored, self._ca_config):
+            # ConfigurationSet returns at once for the configuration already
+            # stored (reflect.DeepEqual): nothing is checked or written.
+            return
         raw = dict(request.config or {})
         if request.provider != "consul":
             raise ConsulError(500, _other_provider_problem(request.provider, raw))
         parsed = _parse_consul_ca_config(raw)
+        private_key, root_cert = key_pair = (parsed["PrivateKey"], parsed["RootCert"])
+        if root_cert and not private_key:
+            raise ConsulError(
+                500,
+                "error configuring provider: must provide a private key when "
+                "providing a root cert",
+            )
         problem = _validate_consul_ca_config(parsed)
         if problem is not None:
             raise ConsulError(500, f"error configuring provider: {problem}")
@@ -290,35 +310,31 @@ class ConnectCA:
                 "LeafCertTTL above 0 and at most 876000h (100 years), not "
                 + format_go_duration(parsed["LeafCertTTL"]),
             )
-        key_pair = (parsed["PrivateKey"], parsed["RootCert"])
         rotate = key_pair != self._ca_key_pair
         before = self.ca.active_root_id
         index_before = self.store.index
         if rotate:
-            private_key, root_cert = key_pair
-            if root_cert and not private_key:
-                raise ConsulError(
-                    500,
-                    "error configuring provider: must provide a private key when "
-                    "providing a root cert",
-                )
-            if root_cert and "-----BEGIN" not in root_cert:
-                raise ConsulError(
-                    500, "error parsing root fingerprint: no PEM-encoded data found"
-                )
+            if root_cert:
+                # parseCARoot on the provider's active root.
+                if go_pem_decode(root_cert) is None:
+                    raise ConsulError(
+                        500, "error parsing root fingerprint: no PEM-encoded data found"
+                    )
+                cert_problem = _go_cert_problem(root_cert)
+                if cert_problem is not None:
+                    raise ConsulError(500, f"error parsing root cert: {cert_problem}")
             self._ca_index_step = 1
             if private_key and not root_cert:
                 # GenerateRoot makes a root for the key (ca-key-only-*.http).
                 try:
-                    if "-----BEGIN" not in private_key:
-                        raise ValueError("no PEM-encoded data found")
                     self.ca.rotate(private_key)
-                except ValueError as e:
+                except ValueError:
+                    signer_problem = _go_signer_problem(private_key)
                     raise ConsulError(
                         500,
                         "error generating CA root certificate: error generating "
                         f"CA: error parsing private key {go_quote(private_key)}: "
-                        f"{e}",
+                        f"{signer_problem}",
                     ) from None
             elif private_key:
                 try:
@@ -329,7 +345,7 @@ class ConnectCA:
                 self.ca.rotate()
         self.ca.set_leaf_ttl(leaf_ttl)
         self._ca_key_pair = key_pair
-        self._ca_config = _go_json_numbers(raw)
+        self._ca_config = stored
         self._ca_force_without_cross_signing = request.force_without_cross_signing
         rotated = self.ca.active_root_id != before
         if rotated:
@@ -485,6 +501,11 @@ _GO_TYPES = {
 }
 
 
+# strconv.ParseBool's spellings.
+_GO_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
+_GO_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
+
+
 def _go_kind(value: Any) -> str:
     if isinstance(value, bool):
         return "bool"
@@ -538,16 +559,15 @@ def _parse_consul_ca_config(raw: Mapping[str, Any]) -> dict[str, Any]:
         elif kind == "bool":
             if isinstance(value, bool):
                 parsed[name] = value
-            elif isinstance(value, str) and value.lower() in (
-                "1",
-                "t",
-                "true",
-                "0",
-                "f",
-                "false",
-                "",
-            ):
-                parsed[name] = value.lower() in ("1", "t", "true")
+            elif isinstance(value, str):
+                # mapstructure's weak decoding: strconv.ParseBool, or "".
+                if value in _GO_TRUE or value in _GO_FALSE or value == "":
+                    parsed[name] = value in _GO_TRUE
+                else:
+                    errors.append(
+                        f"cannot parse '{name}' as bool: strconv.ParseBool: "
+                        f"parsing {go_quote(value)}: invalid syntax"
+                    )
             elif isinstance(value, int | float):
                 parsed[name] = value != 0
             else:
@@ -626,15 +646,83 @@ def _validate_consul_ca_config(parsed: Mapping[str, Any]) -> str | None:
         return "leaf cert TTL must be greater or equal than 1h0m0s"
     if parsed["LeafCertTTL"] > 8760 * hour:
         return "leaf cert TTL must be less than 8760h0m0s"
+    if parsed["IntermediateCertTTL"] < 3 * hour:
+        return "Intermediate Cert TTL must be greater or equal than 3h"
+    if parsed["IntermediateCertTTL"] < 3 * parsed["LeafCertTTL"]:
+        return (
+            "Intermediate Cert TTL must be greater or equal than 3 * LeafCertTTL "
+            f"(>={format_go_duration(3 * parsed['LeafCertTTL'])})."
+        )
     key_type, bits = parsed["PrivateKeyType"], parsed["PrivateKeyBits"]
     if key_type == "ec":
         if bits not in (224, 256, 384, 521):
-            return "ECDSA key length must be one of (224, 256, 384, 521) bits"
+            return "EC key length must be one of (224, 256, 384, 521) bits"
     elif key_type == "rsa":
         if bits not in (2048, 4096):
             return "RSA key length must be 2048 or 4096 bits"
     else:
         return "private key type must be either 'ec' or 'rsa'"
+    return None
+
+
+def _go_equal(a: Any, b: Any) -> bool:
+    """
+    ``reflect.DeepEqual`` on two decoded ``interface{}`` values: a bool is
+    never a number, a nil map is not an empty one.
+    """
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return float(a) == float(b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_go_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(map(_go_equal, a, b))
+    return type(a) is type(b) and a == b
+
+
+# What the development agent says when its parser refuses DER that Go's gets
+# further into: the texts past the first field are not modelled.
+_UNREAD_DER = "the development agent cannot read this DER (Go would name the problem)"
+
+
+def _go_signer_problem(pem: str) -> str:
+    """
+    What ``connect.ParseSigner`` says about a key that does not load.
+    """
+    block = go_pem_decode(pem)
+    if block is None:
+        return "no PEM-encoded data found"
+    kind, der = block
+    if kind == "EC PRIVATE KEY":
+        problem = go_asn1_problem(der, "ecPrivateKey", (2, "int"))
+        return f"x509: failed to parse EC private key: {problem or _UNREAD_DER}"
+    if kind == "RSA PRIVATE KEY":
+        return go_asn1_problem(der, "pkcs1PrivateKey", (2, "int")) or _UNREAD_DER
+    if kind == "PRIVATE KEY":
+        return go_asn1_problem(der, "pkcs8", (2, "int")) or _UNREAD_DER
+    return f"unknown PEM block type for signing key: {kind}"
+
+
+def _go_cert_problem(pem: str) -> str | None:
+    """
+    What ``connect.ParseCert`` says about a root certificate, or ``None``
+    when it parses (or fails only where the development agent's own checks
+    will name the problem).
+    """
+    block = go_pem_decode(pem)
+    if block is None:
+        return "no PEM-encoded data found"
+    kind, der = block
+    if kind != "CERTIFICATE":
+        return "first PEM-block should be CERTIFICATE type"
+    problem = go_asn1_problem(der, "certificate", (16, "tbsCertificate"))
+    if problem is not None:
+        return problem
+    try:
+        x509.load_der_x509_certificate(der)
+    except ValueError:
+        return _UNREAD_DER
     return None
 
 
