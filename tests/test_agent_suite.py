@@ -1509,6 +1509,27 @@ async def test_leaf_ttl_below_an_hour_needs_skip_validate(
     )
 
 
+# Junk DER (three zero bytes) in PEM armour, and what Go's asn1 says of it
+# (before the name of the struct it was decoding, and the offset).
+JUNK_KEY = "-----BEGIN EC PRIVATE KEY-----\nAAAA\n-----END EC PRIVATE KEY-----\n"
+JUNK_ROOT = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
+JUNK_ASN1 = (
+    "asn1: structure error: tags don't match (16 vs {class:0 tag:0 length:0 "
+    "isCompound:false}) {optional:false explicit:false application:false "
+    "private:false defaultValue:<nil> tag:<nil> stringType:0 timeType:0 "
+    "set:false omitEmpty:false}"
+)
+A_KEY = (
+    ec.generate_private_key(ec.SECP256R1())
+    .private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    .decode()
+)
+
+
 @pytest.mark.parametrize(
     ("body", "status", "message"),
     [
@@ -1529,6 +1550,61 @@ async def test_leaf_ttl_below_an_hour_needs_skip_validate(
             "error configuring provider: error decoding config: 1 error(s) "
             "decoding:\n\n* error decoding 'LeafCertTTL': time: invalid "
             'duration "bogus"',
+        ),
+        # issue 20 (ca20err-*.http and by hand on 1.8.7)
+        (
+            {"Provider": "consul", "Config": {"IntermediateCertTTL": "1h"}},
+            500,
+            "error configuring provider: Intermediate Cert TTL must be greater "
+            "or equal than 3h",
+        ),
+        (
+            {"Provider": "consul", "Config": {"IntermediateCertTTL": "100h"}},
+            500,
+            "error configuring provider: Intermediate Cert TTL must be greater "
+            "or equal than 3 * LeafCertTTL (>=216h0m0s).",
+        ),
+        (
+            {
+                "Provider": "consul",
+                "Config": {"PrivateKeyType": "ec", "PrivateKeyBits": 512},
+            },
+            500,
+            "error configuring provider: EC key length must be one of (224, 256, "
+            "384, 521) bits",
+        ),
+        (
+            {"Provider": "consul", "Config": {"SkipValidate": "yes"}},
+            500,
+            "error configuring provider: error decoding config: 1 error(s) "
+            "decoding:\n\n* cannot parse 'SkipValidate' as bool: "
+            'strconv.ParseBool: parsing "yes": invalid syntax',
+        ),
+        (
+            {"Provider": "consul", "Config": {"RootCert": "junk"}},
+            500,
+            "error configuring provider: must provide a private key when "
+            "providing a root cert",
+        ),
+        (
+            {"Provider": "consul", "Config": {"PrivateKey": JUNK_KEY}},
+            500,
+            "error generating CA root certificate: error generating CA: error "
+            f"parsing private key {json.dumps(JUNK_KEY)}: x509: failed to parse "
+            f"EC private key: {JUNK_ASN1} ecPrivateKey @2",
+        ),
+        (
+            {
+                "Provider": "consul",
+                "Config": {"PrivateKey": A_KEY, "RootCert": JUNK_ROOT},
+            },
+            500,
+            f"error parsing root cert: {JUNK_ASN1} certificate @2",
+        ),
+        (
+            {"Provider": "consul", "Config": {"PrivateKey": A_KEY, "RootCert": "junk"}},
+            500,
+            "error parsing root fingerprint: no PEM-encoded data found",
         ),
     ],
 )
@@ -1567,6 +1643,36 @@ async def test_config_change_without_rotation_moves_the_roots_index(
     assert cached.value == before.value
     config = await agent.client.ca_configuration()
     assert config.config["LeafCertTTL"] == "80h"
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_ca_configuration_already_stored_writes_nothing(
+    fresh_agent: AgentUnderTest,
+) -> None:
+    # ConfigurationSet returns at once when Provider and Config are those
+    # stored (ca20-put-same-key-again.http): no index moves, and the
+    # ForceWithoutCrossSigning flag of such a PUT is dropped.
+    agent = fresh_agent
+    path = "/v1/connect/ca/configuration"
+    config = {"Provider": "consul", "Config": {"LeafCertTTL": "80h", "X": 5}}
+    assert_empty_write(await agent.http.put(path, config))
+    before = (await agent.http.get(path)).json()
+    roots = (await agent.http.get("/v1/connect/ca/roots")).header("X-Consul-Index")
+    again = {
+        "Provider": "consul",
+        "Config": {"LeafCertTTL": "80h", "X": 5.0},
+        "ForceWithoutCrossSigning": True,
+    }
+    assert_empty_write(await agent.http.put(path, again))
+    assert (await agent.http.get(path)).json() == before
+    answer = await agent.http.get("/v1/connect/ca/roots")
+    assert answer.header("X-Consul-Index") == roots
+    # true is not 1: a change, written.
+    config["Config"] = {"LeafCertTTL": "80h", "X": True}
+    assert_empty_write(await agent.http.put(path, config))
+    after = (await agent.http.get(path)).json()
+    assert after["ModifyIndex"] > before["ModifyIndex"]
+    assert after["Config"]["X"] is True
 
 
 @pytest_twisted.ensureDeferred
