@@ -450,6 +450,16 @@ def test_junk_the_model_passes_is_refused_without_library_text() -> None:
         assert leak not in answer.text
 
 
+def test_a_root_pem_of_another_type_is_refused_as_measured() -> None:
+    harness = Harness()
+    key, root, _ = new_root(harness.agent.ca.trust_domain)
+    answer = _put(harness, {"PrivateKey": key, "RootCert": root.replace("CERT", "X")})
+    assert (answer.status, answer.text) == (
+        500,
+        "error parsing root fingerprint: first PEM-block should be CERTIFICATE type",
+    )
+
+
 def test_a_supplied_root_with_a_junk_key_is_refused_without_library_text() -> None:
     # Real 1.8.7 takes this (200) and cannot sign with it; the dev agent
     # refuses it, in its own words.

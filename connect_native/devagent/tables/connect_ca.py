@@ -315,10 +315,18 @@ class ConnectCA:
         index_before = self.store.index
         if rotate:
             if root_cert:
-                # parseCARoot on the provider's active root.
-                if go_pem_decode(root_cert) is None:
+                # parseCARoot on the provider's active root: its fingerprint
+                # (connect.ParseCert's PEM checks), then the certificate.
+                block = go_pem_decode(root_cert)
+                if block is None or block[0] != "CERTIFICATE":
                     raise ConsulError(
-                        500, "error parsing root fingerprint: no PEM-encoded data found"
+                        500,
+                        "error parsing root fingerprint: "
+                        + (
+                            "no PEM-encoded data found"
+                            if block is None
+                            else "first PEM-block should be CERTIFICATE type"
+                        ),
                     )
                 cert_problem = _go_cert_problem(root_cert)
                 if cert_problem is not None:
