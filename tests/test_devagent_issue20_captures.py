@@ -1,6 +1,6 @@
 """
 The development agent held to issue 20's captures of a real 1.8.7 agent
-(``tests/fixtures/real-1.8.7/{ca20,ca20b,ca20err,misc20}-*.http``, taken by
+(``tests/fixtures/real-1.8.7/{ca20,ca20b,ca20err,ca20x,misc20}-*.http``, taken by
 ``capture_issue20.py``): every capture's request is replayed, in capture
 order, against a fresh in-process agent on a ``Clock``, and the answer is
 compared with the real one.
@@ -35,6 +35,7 @@ SEQUENCES: dict[str, tuple[str, ...]] = {
     "ca20": ("ca20-",),
     "ca20b": ("ca20b-", "misc20-"),
     "ca20err": ("ca20err-",),
+    "ca20x": ("ca20x-",),
 }
 
 
@@ -69,11 +70,11 @@ def test_every_issue20_capture_is_replayed() -> None:
     names = {n for _, n in ALL}
     on_disk = {
         p.name
-        for prefix in ("ca20-", "ca20b-", "ca20err-", "misc20-")
+        for prefix in ("ca20-", "ca20b-", "ca20err-", "ca20x-", "misc20-")
         for p in CAPTURES.glob(f"{prefix}*.http")
     }
     assert names == on_disk
-    assert len(names) == 75
+    assert len(names) == 75 + 51
 
 
 # --------------------------------------------------------------------------
@@ -328,7 +329,8 @@ def test_request_bodies_are_the_scripts() -> None:
 # --------------------------------------------------------------------------
 # Go's PEM and ASN.1 texts: the captures hold one junk DER each for a key and
 # a root; these are the real 1.8.7 agent's answers (after its prefixes) for
-# more junk, measured by hand on 2026-12-07 (base64 of the DER -> text).
+# more junk (base64 of the DER -> text), as captured in ca20x-*-junk-*.http
+# and replayed above: here the model itself, without the agent around it.
 
 _NO_PARAMS = (
     "{optional:false explicit:false application:false private:false "
