@@ -896,3 +896,64 @@ def test_a_null_ca_configuration_is_a_400_not_a_500(body: bytes) -> None:
     assert answer.header("Content-Type") == "text/plain; charset=utf-8"
     assert _ca_consistent(h)["config"] == before["config"]
     assert h.put(CA_CONFIGURATION, listed.request_body).text == listed.body
+
+
+# What the suite found beyond the CA configuration, against real 1.8.7
+# (capture_issue20.py's robust20 sequence).
+ROBUST20_AS_CAPTURED = [
+    "robust20-path-nul-check-pass.http",
+    "robust20-path-nul-unknown-route.http",
+    "robust20-path-del-root.http",
+    "robust20-path-zwsp-catalog.http",
+    "robust20-path-nbsp-leaf.http",
+    "robust20-path-space-check-pass.http",
+    "robust20-config-put-null.http",
+    "robust20-config-put-empty.http",
+    "robust20-check-register-script-unknown-service.http",
+    "robust20-check-register-script.http",
+]
+
+
+@pytest.mark.parametrize("name", ROBUST20_AS_CAPTURED)
+def test_the_suites_findings_answer_as_the_real_agent(name: str) -> None:
+    real = load(name)
+    h = Harness()
+    answer = h.call(real.method, real.path, real.request_body)
+    assert (answer.status, answer.text) == (real.status, real.body)
+    assert answer.header_names == real.header_names
+
+
+@pytest.mark.parametrize(
+    ("name", "go_type"),
+    [
+        ("robust20-query-create-null.http", "structs.PreparedQuery"),
+        (
+            "robust20-intention-put-null.http",
+            "struct { Hash string; CreatedAt string; UpdatedAt string; "
+            "*structs.Alias }",
+        ),
+    ],
+)
+def test_a_null_body_real_consul_panics_on_is_a_400(name: str, go_type: str) -> None:
+    real = load(name)
+    assert real.status is None
+    assert "curl-exit: 52" in (CAPTURES_DIR / name).read_text()
+    h = Harness()
+    answer = h.call(real.method, real.path, real.request_body)
+    assert answer.status == 400
+    assert answer.text.endswith(
+        f"Request decode failed: json: cannot unmarshal null into Go value of "
+        f"type {go_type}"
+    )
+    assert "\n" not in answer.text
+    assert h.get("/v1/query").json() == []
+
+
+def test_a_path_that_is_not_utf8_is_not_refused() -> None:
+    # Go sees U+FFFD, which is printable: the handler answers (real quotes
+    # the raw byte, "a\\xffb"; the agent decodes the path with U+FFFD).
+    real = load("robust20-path-ff-check-pass.http")
+    answer = Harness().call(real.method, real.path)
+    assert answer.status == real.status == 500
+    assert answer.text.startswith('CheckID "a')
+    assert real.body.startswith('CheckID "a')

@@ -41,6 +41,14 @@ class ConfigHandlers(Handlers):
             raise ConsulError(
                 400, f"Bad request: Request decoding failed: {e}"
             ) from None
+        if decoded["Kind"] is None:
+            # decodeConfigEntry looks for the key first: so for a null body
+            # too (robust20-config-put-null.http, robust20-config-put-empty.http).
+            raise ConsulError(
+                400,
+                "Bad request: Request decoding failed: Payload does not contain a "
+                "kind/Kind key at the top level",
+            )
         kind = decoded["Kind"] or ""
         if kind != "service-intentions" or not self.agent.newer_api:
             raise ConsulError(

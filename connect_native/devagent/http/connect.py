@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from twisted.web.server import Request
 
-from connect_native.devagent.gocompat import GoJSONError, decode_go_json, parse_go_json
+from connect_native.devagent.gocompat import GoJSONError, decode_go_json
 from connect_native.devagent.http.bodies import AUTHORIZE, CA_CONFIGURATION
 from connect_native.devagent.http.handlers import Handlers
 from connect_native.devagent.http.wire import (
@@ -70,16 +70,8 @@ class ConnectHandlers(Handlers):
         if method == "GET":
             reply.json(self.agent.ca_config_json())
             return
-        body = self._body(request)
         try:
-            if parse_go_json(body) is None:
-                # Real 1.8.7 panics on a JSON null here and drops the
-                # connection (ca20err-body-null.http); refused in the words
-                # of its other decode errors (ca20err-body-list.http).
-                raise GoJSONError(
-                    "json: cannot unmarshal null into Go value of type "
-                    + CA_CONFIGURATION.go_type
-                )
+            body = self._object_body(request, CA_CONFIGURATION)
             decoded = decode_go_json(body, CA_CONFIGURATION)
         except GoJSONError as e:
             raise ConsulError(400, f"Bad request: Request decode failed: {e}") from None
