@@ -957,3 +957,133 @@ def test_a_path_that_is_not_utf8_is_not_refused() -> None:
     assert answer.status == real.status == 500
     assert answer.text.startswith('CheckID "a')
     assert real.body.startswith('CheckID "a')
+
+
+# The check and ACL routes: a 500 only where 1.8.7 gives one, with its text.
+SCRIPTS_DISABLED = (
+    "Scripts are disabled on this agent from remote calls; to enable, "
+    "configure 'enable_script_checks' to true"
+)
+CHECK_ROUTES_500: dict[str, tuple[str, ...]] = {
+    # misc20-check-register-unknown-service.http, robust20-check-register-*.http
+    "/v1/agent/check/register": ('ServiceID "', SCRIPTS_DISABLED),
+    # misc20-check-deregister-empty-id.http
+    "/v1/agent/check/deregister/": ("CheckID missing",),
+    # check-pass-unknown.http
+    "/v1/agent/check/pass/": ('CheckID "',),
+    "/v1/agent/check/warn/": ('CheckID "',),
+    "/v1/agent/check/fail/": ('CheckID "',),
+    "/v1/agent/check/update/": ('CheckID "',),
+}
+ACL_OFF_PATHS = [
+    "/v1/acl/bootstrap",
+    "/v1/acl/policy",
+    "/v1/acl/policy/",
+    "/v1/acl/token",
+    "/v1/acl/token/",
+    "/v1/acl/token/self",
+    "/v1/acl/tokens",
+    "/v1/acl/role",
+    "/v1/acl/login",
+    "/v1/acl/rules/translate",
+    "/v1/acl/create",
+]
+check_fields = st.sampled_from(
+    [
+        "Name",
+        "ID",
+        "CheckID",
+        "ServiceID",
+        "service_id",
+        "Status",
+        "Notes",
+        "Output",
+        "TTL",
+        "Interval",
+        "Timeout",
+        "HTTP",
+        "TCP",
+        "GRPC",
+        "Args",
+        "ScriptArgs",
+        "DockerContainerID",
+        "Shell",
+        "AliasService",
+        "AliasNode",
+        "DeregisterCriticalServiceAfter",
+        "SuccessBeforePassing",
+        "Header",
+        "Method",
+        "Token",
+    ]
+)
+check_values = (
+    st.sampled_from(
+        ["10s", "0s", "-1s", "bogus", "", "web", "nosuch", "passing", "critical", "x"]
+    )
+    | odd_values
+)
+check_bodies = (
+    st.dictionaries(check_fields, check_values, max_size=5).map(
+        lambda d: json.dumps(d).encode()
+    )
+    | st.sampled_from([b"null", b"[]", b"", b"{", b'"x"'])
+    | st.binary(max_size=30)
+)
+
+
+@settings(max_examples=250, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(
+    route=st.sampled_from(sorted(CHECK_ROUTES_500)),
+    tail=st.sampled_from(["", "web-check", "nosuch", "a/b"]) | st.text(max_size=8),
+    body=check_bodies,
+    method=st.sampled_from(["PUT", "PUT", "PUT", "GET", "POST"]),
+)
+def test_check_routes_answer_only_the_real_agents_500s(
+    route: str, tail: str, body: bytes, method: str
+) -> None:
+    unhandled = _Unhandled()
+    globalLogPublisher.addObserver(unhandled)
+    try:
+        h = Harness()
+        h.register(
+            {
+                "Name": "web",
+                "Port": 1,
+                "Check": {"CheckID": "web-check", "TTL": "10s"},
+            }
+        )
+        path = route + (quote(tail, safe="/") if route.endswith("/") else "")
+        answer = h.call(method, path, body)
+        assert "dev agent internal error" not in answer.text, answer.text
+        if answer.status == 500:
+            assert answer.text.startswith(CHECK_ROUTES_500[route]), (path, answer.text)
+        else:
+            assert answer.status in (200, 400, 405), (path, answer.status)
+        assert h.get("/v1/agent/checks").status == 200
+        assert h.get("/v1/health/service/web").status == 200
+    finally:
+        globalLogPublisher.removeObserver(unhandled)
+    assert unhandled.failures == []
+
+
+@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(
+    path=st.sampled_from(ACL_OFF_PATHS),
+    tail=st.sampled_from(["", "x", "self"]),
+    body=new_bodies | check_bodies,
+    method=st.sampled_from(["GET", "PUT", "POST", "DELETE"]),
+    token=tokens,
+)
+def test_acl_routes_with_acls_off_answer_only_401_or_405(
+    path: str, tail: str, body: bytes, method: str, token: str | None
+) -> None:
+    h = Harness()
+    url = path + (tail if path.endswith("/") else "")
+    headers = {} if token is None else {"X-Consul-Token": token}
+    answer = h.call(method, url, body, headers)
+    if answer.status == 405:
+        assert answer.header("Allow") is not None
+    else:
+        # misc20-acl-*-acl-off.http: before the body or token is looked at.
+        assert (answer.status, answer.text) == (401, "ACL support disabled"), url
