@@ -911,6 +911,11 @@ ROBUST20_AS_CAPTURED = [
     "robust20-config-put-empty.http",
     "robust20-check-register-script-unknown-service.http",
     "robust20-check-register-script.http",
+    "robust20-config-delete-bogus.http",
+    "robust20-config-delete-bogus-dc.http",
+    "robust20-config-delete-intentions.http",
+    "robust20-config-delete-no-name.http",
+    "robust20-config-delete-no-kind.http",
 ]
 
 

@@ -92,14 +92,16 @@ class ConfigHandlers(Handlers):
         query = parse_query(request)
         refuse_namespaces(request, query)
         options = query_options(request, query)
-        self._check_dc(options, meta=method == "GET")
         kind, _, name = rest.partition("/")
+        if method == "DELETE":
+            # Checked in the HTTP layer, before the RPC that needs the
+            # datacenter (robust20-config-delete-*.http).
+            if not name:
+                raise ConsulError(404, "Must provide both a kind and name to delete")
+            self.agent.config_check_delete_kind(kind)
+        self._check_dc(options, meta=method == "GET")
         authz = self._authz(request)
         if method == "DELETE":
-            if not name:
-                raise ConsulError(
-                    405, "method DELETE not allowed", allow="OPTIONS,GET,PUT"
-                )
             reply.json(
                 self.agent.config_delete(kind, name, cas=self._cas(query), authz=authz)
             )
