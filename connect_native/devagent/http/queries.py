@@ -151,7 +151,15 @@ class QueryHandlers(Handlers):
                     ),
                 )
 
-            self.agent.query_get(rest, authz)
+            try:
+                self.agent.query_get(rest, authz)
+            except ConsulError as e:
+                if e.status != 500:
+                    raise
+                # The RPC's error after setMeta (robust20-query-get-bad-id.http).
+                raise ConsulError(
+                    500, e.message, headers=meta_headers(1, known_leader=False)
+                ) from None
             self._rpc_blocking(reply, options, lambda: self.agent.queries_index, answer)
         elif method == "PUT":
             self.agent.query_update(rest, self._query_body(request), authz)
