@@ -719,32 +719,39 @@ def ca_bodies(draw: st.DrawFn) -> bytes:
     if shape == 2:
         return draw(st.sampled_from([b"null", b"[]", b"", b"{}", b'"x"', b"1", b"{"]))
     body: dict[str, Any] = {}
-    if draw(st.integers(0, 5)):
-        body["Provider"] = draw(
-            st.sampled_from(["consul", "consul", "consul", "vault", "aws-pca", "aws"])
-            | st.sampled_from(["", "Consul", "nope"])
-            | odd_values
-        )
-    if draw(st.integers(0, 5)):
+    # Mostly the built-in provider with a configuration, so that most
+    # bodies reach the provider's checks and some rotate.
+    provider = draw(st.integers(0, 19))
+    if provider < 14:
+        body["Provider"] = "consul"
+    elif provider < 16:
+        body["Provider"] = draw(st.sampled_from(["vault", "aws-pca", "aws"]))
+    elif provider < 18:
+        body["Provider"] = draw(st.sampled_from(["", "Consul", "nope"]))
+    elif provider == 18:
+        body["Provider"] = draw(odd_values)
+    if draw(st.integers(0, 9)):
         body["Config"] = draw(ca_configs())
-    for key in draw(
-        st.lists(
-            st.sampled_from(
-                [
-                    "ForceWithoutCrossSigning",
-                    "force_without_cross_signing",
-                    "ClusterID",
-                    "State",
-                    "CreateIndex",
-                    "ModifyIndex",
-                    "Bogus",
-                ]
-            ),
-            max_size=2,
-            unique=True,
-        )
-    ):
-        body[key] = draw(odd_values)
+    if draw(st.integers(0, 4)) == 0:
+        for key in draw(
+            st.lists(
+                st.sampled_from(
+                    [
+                        "ForceWithoutCrossSigning",
+                        "force_without_cross_signing",
+                        "ClusterID",
+                        "State",
+                        "CreateIndex",
+                        "ModifyIndex",
+                        "Bogus",
+                    ]
+                ),
+                min_size=1,
+                max_size=2,
+                unique=True,
+            )
+        ):
+            body[key] = draw(odd_values | st.booleans() | st.text(max_size=4))
     return json.dumps(body).encode()
 
 
