@@ -1162,3 +1162,12 @@ def _admitted_500(answer: Any) -> bool:
     # "1 error occurred:" stands for any count of validation errors.
     text = re.sub(r"^\d+ errors occurred:", "1 error occurred:", answer.text)
     return answer.status != 500 or text.startswith(REAL_500_PREFIXES + DEV_REFUSALS_500)
+
+
+def test_a_non_printable_query_string_is_not_refused() -> None:
+    # Only the path is checked (robust20-query-nul-self.http).
+    real = load("robust20-query-nul-self.http")
+    assert real.status == 200
+    answer = Harness().call(real.method, real.path)
+    assert answer.status == 200
+    assert answer.json()["Config"]["Datacenter"] == real.json()["Config"]["Datacenter"]
