@@ -663,6 +663,9 @@ class DevAgent:
     ) -> list[dict[str, Any]]:
         return self.config_table.config_list(kind, authz)
 
+    def config_check_delete_kind(self, kind: str) -> None:
+        self.config_table.check_delete_kind(kind)
+
     def config_delete(
         self,
         kind: str,

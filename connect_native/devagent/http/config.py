@@ -41,6 +41,14 @@ class ConfigHandlers(Handlers):
             raise ConsulError(
                 400, f"Bad request: Request decoding failed: {e}"
             ) from None
+        if decoded["Kind"] is None:
+            # decodeConfigEntry looks for the key first: so for a null body
+            # too (robust20-config-put-null.http, robust20-config-put-empty.http).
+            raise ConsulError(
+                400,
+                "Bad request: Request decoding failed: Payload does not contain a "
+                "kind/Kind key at the top level",
+            )
         kind = decoded["Kind"] or ""
         if kind != "service-intentions" or not self.agent.newer_api:
             raise ConsulError(
@@ -84,14 +92,16 @@ class ConfigHandlers(Handlers):
         query = parse_query(request)
         refuse_namespaces(request, query)
         options = query_options(request, query)
-        self._check_dc(options, meta=method == "GET")
         kind, _, name = rest.partition("/")
+        if method == "DELETE":
+            # Checked in the HTTP layer, before the RPC that needs the
+            # datacenter (robust20-config-delete-*.http).
+            if not name:
+                raise ConsulError(404, "Must provide both a kind and name to delete")
+            self.agent.config_check_delete_kind(kind)
+        self._check_dc(options, meta=method == "GET")
         authz = self._authz(request)
         if method == "DELETE":
-            if not name:
-                raise ConsulError(
-                    405, "method DELETE not allowed", allow="OPTIONS,GET,PUT"
-                )
             reply.json(
                 self.agent.config_delete(kind, name, cas=self._cas(query), authz=authz)
             )

@@ -71,7 +71,8 @@ class ConnectHandlers(Handlers):
             reply.json(self.agent.ca_config_json())
             return
         try:
-            decoded = decode_go_json(self._body(request), CA_CONFIGURATION)
+            body = self._object_body(request, CA_CONFIGURATION)
+            decoded = decode_go_json(body, CA_CONFIGURATION)
         except GoJSONError as e:
             raise ConsulError(400, f"Bad request: Request decode failed: {e}") from None
         self.agent.set_ca_config(

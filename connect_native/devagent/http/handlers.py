@@ -14,6 +14,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 
 from connect_native.devagent.agent import DevAgent
+from connect_native.devagent.gocompat import GoJSONError, Schema, parse_go_json
 from connect_native.devagent.http.wire import (
     DEFAULT_QUERY_TIME,
     JITTER_FRACTION,
@@ -79,6 +80,23 @@ class Handlers:
         content.seek(0)
         data: bytes = content.read()
         return data
+
+    def _object_body(self, request: Request, schema: Schema) -> bytes:
+        """
+        The body, refused when it is JSON ``null``: real 1.8.7 panics on a
+        null CA configuration, prepared query or intention update and drops
+        the connection (``ca20err-body-null.http``,
+        ``robust20-*-null.http``); here it is a decode error in Go's words
+        for the other values it cannot take (``ca20err-body-list.http``).
+
+        :raises GoJSONError: for ``null``, or a body that is not JSON.
+        """
+        body = self._body(request)
+        if parse_go_json(body) is None:
+            raise GoJSONError(
+                f"json: cannot unmarshal null into Go value of type {schema.go_type}"
+            )
+        return body
 
     def _after(
         self,

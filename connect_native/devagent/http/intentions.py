@@ -127,7 +127,8 @@ class IntentionHandlers(Handlers):
             reply.json(self.agent.intention_get(rest, authz))
         elif method == "PUT":
             try:
-                decoded = decode_go_json(self._body(request), INTENTION)
+                body = self._object_body(request, INTENTION)
+                decoded = decode_go_json(body, INTENTION)
             except GoJSONError as e:
                 raise ConsulError(
                     400, f"Bad request: Request decode failed: {e}"

@@ -36,7 +36,11 @@ class QueryHandlers(Handlers):
         authz = self._authz(request)
         if method == "POST":
             reply.json(
-                {"ID": self.agent.query_create(self._query_body(request), authz)}
+                {
+                    "ID": self.agent.query_create(
+                        self._query_body(request, creating=True), authz
+                    )
+                }
             )
             return
 
@@ -52,9 +56,14 @@ class QueryHandlers(Handlers):
 
         self._rpc_blocking(reply, options, lambda: self.agent.queries_index, answer)
 
-    def _query_body(self, request: Request) -> QueryInput:
+    def _query_body(self, request: Request, *, creating: bool = False) -> QueryInput:
+        # A null update is decoded as an empty query, as in 1.8.7; a null
+        # create makes it panic (robust20-query-create-null.http).
         try:
-            d = decode_go_json(self._body(request), QUERY)
+            body = (
+                self._object_body(request, QUERY) if creating else self._body(request)
+            )
+            d = decode_go_json(body, QUERY)
         except GoJSONError as e:
             raise ConsulError(400, f"Request decode failed: {e}") from None
         service = d["Service"] or {}
@@ -142,7 +151,15 @@ class QueryHandlers(Handlers):
                     ),
                 )
 
-            self.agent.query_get(rest, authz)
+            try:
+                self.agent.query_get(rest, authz)
+            except ConsulError as e:
+                if e.status != 500:
+                    raise
+                # The RPC's error after setMeta (robust20-query-get-bad-id.http).
+                raise ConsulError(
+                    500, e.message, headers=meta_headers(1, known_leader=False)
+                ) from None
             self._rpc_blocking(reply, options, lambda: self.agent.queries_index, answer)
         elif method == "PUT":
             self.agent.query_update(rest, self._query_body(request), authz)

@@ -162,6 +162,12 @@ class AgentResource(
         raw_path = request.uri.split(b"?", 1)[0].split(b"#", 1)[0]
         path = unquote_to_bytes(raw_path).decode("utf-8", errors="replace")
         method = (request.method or b"GET").decode("ascii", "replace")
+        if not path.isprintable():
+            # Consul's HTTP wrapper refuses, before any route, a path with a
+            # character Go's unicode.IsPrint rejects (the same set as
+            # str.isprintable): 400, no body (robust20-path-*.http).
+            reply.send(400, b"", content_type=None, vary=False)
+            return
         found = _route(path)
         if found is None and _route(path + "/") is not None and not path.endswith("/"):
             # Go's ServeMux sends a path without its subtree's slash there.

@@ -510,14 +510,16 @@ class CatalogTable:
                     raise permission_denied(
                         f"Missing node:write on {self.settings.node_name}"
                     )
+        if service_id and service is None:
+            # Before the disabled scripts, as measured
+            # (robust20-check-register-script-unknown-service.http).
+            raise ConsulError(500, f"ServiceID {go_quote(service_id)} does not exist")
         if definition.is_script:
             raise ConsulError(
                 500,
                 "Scripts are disabled on this agent from remote calls; to enable, "
                 "configure 'enable_script_checks' to true",
             )
-        if service_id and service is None:
-            raise ConsulError(500, f"ServiceID {go_quote(service_id)} does not exist")
         status = definition.status or HEALTH_CRITICAL
         check = StoredCheck(
             check_id=check_id,

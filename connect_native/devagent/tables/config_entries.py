@@ -49,14 +49,19 @@ class ConfigEntriesTable:
         self.intentions_table = intentions_table
         self._config_index = 0
 
-    def _config_kind(self, kind: str) -> None:
+    def _config_kind(self, kind: str, status: int = 500) -> None:
+        """
+        Refuse a kind this agent does not model: 500 from a read's RPC, 400
+        where the HTTP layer makes the entry first (a delete), as measured
+        (``robust20-config-delete-bogus.http``).
+        """
         if kind == SERVICE_INTENTIONS and self.settings.newer_api:
             return
         if kind == SERVICE_INTENTIONS or not self.settings.newer_api:
             # What 1.8.7 answers (measured) for a kind it does not know.
-            raise ConsulError(500, f"invalid config entry kind: {kind}")
+            raise ConsulError(status, f"invalid config entry kind: {kind}")
         raise ConsulError(
-            500,
+            status,
             f"the development agent has no {go_quote(kind)} config entries: "
             "only service-intentions (test other kinds against a real agent)",
         )
@@ -140,6 +145,12 @@ class ConfigEntriesTable:
             if authz is None or authz.intention_read(name)
         ]
 
+    def check_delete_kind(self, kind: str) -> None:
+        """
+        :raises ConsulError: 400 for a kind a delete cannot name.
+        """
+        self._config_kind(kind, status=400)
+
     def config_delete(
         self,
         kind: str,
@@ -148,7 +159,7 @@ class ConfigEntriesTable:
         cas: int | None = None,
         authz: Authorizer | None = None,
     ) -> bool:
-        self._config_kind(kind)
+        self.check_delete_kind(kind)
         if authz is not None and not authz.intention_write(name):
             raise permission_denied()
         entry = self.intentions_table.entries.get(name)
