@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 from twisted.test.iosim import FakeTransport, IOPump, connect
 from zope.interface import implementer
 
+from connect_native.terminator import _tls
 from connect_native.terminator._tls import WRITE_NOW_MAX, TLSServerProtocol, write_now
 from connect_native.terminator.forward import (
     ConnectionTracker,
@@ -594,3 +595,178 @@ def test_a_tcp_fin_after_close_notify_to_an_app_that_cannot_half_close_is_clean(
     p.pump.flush()
     assert app.lost is not None
     assert app.lost.check(ConnectionDone)
+
+
+# -- reading and flushing without WantReadError (the memory BIOs' lengths) ----
+
+
+@pytest.fixture(params=["bio-lengths", "fallback"])
+def bio_lengths(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> bool:
+    """
+    Each test below runs with the transport asking the memory BIOs how much
+    they hold, and with the fallback (read and flush until OpenSSL says
+    ``WantReadError``) that a pyOpenSSL without those BIOs gets.
+    """
+    if request.param == "fallback":
+        monkeypatch.setattr(_tls, "_mem_length", None)
+        return False
+    return True
+
+
+def client_bytes(p: Pair, *chunks: bytes) -> bytes:
+    """The records the client sends for ``chunks``, one each, not delivered."""
+    for chunk in chunks:
+        p.client.write(chunk)
+    stream = p.pump.clientIO.stream
+    data = b"".join(stream)
+    stream.clear()
+    return data
+
+
+def records(data: bytes) -> list[bytes]:
+    """``data`` cut at its TLS records' boundaries."""
+    out = []
+    while data:
+        end = 5 + int.from_bytes(data[3:5], "big")
+        out.append(data[:end])
+        data = data[end:]
+    return out
+
+
+class CountingConnection:
+    """An ``SSL.Connection`` that counts the WantReadErrors it raises."""
+
+    def __init__(self, tls: SSL.Connection) -> None:
+        self._wrapped = tls
+        self.want_read = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._wrapped, name)
+
+    def _counted(self, method: Any, *args: Any) -> Any:
+        try:
+            return method(*args)
+        except SSL.WantReadError:
+            self.want_read += 1
+            raise
+
+    def recv(self, size: int) -> bytes:
+        return self._counted(self._wrapped.recv, size)  # type: ignore[no-any-return]
+
+    def bio_read(self, size: int) -> bytes:
+        return self._counted(self._wrapped.bio_read, size)  # type: ignore[no-any-return]
+
+
+def test_this_pyopenssl_gives_the_transport_its_memory_bios(
+    ca: CertificateFactory,
+) -> None:
+    # The private path is in use with the pyOpenSSL this project pins.
+    p = pair(ca, App())
+    assert p.server._bios is not None
+
+
+def test_a_request_in_one_record_raises_no_want_read_error(
+    ca: CertificateFactory, bio_lengths: bool
+) -> None:
+    app = App()
+    p = pair(ca, app)
+    counting = CountingConnection(p.server._tls)  # type: ignore[arg-type]
+    p.server._tls = counting  # type: ignore[assignment]
+    for n in range(3):
+        p.server.dataReceived(client_bytes(p, b"GET /%d" % n))
+        app.transport.write(b"answer %d" % n)  # type: ignore[union-attr]
+    assert b"".join(app.received) == b"GET /0GET /1GET /2"
+    p.pump.flush()
+    assert p.client_app.received == b"answer 0answer 1answer 2"
+    # Without the BIOs' lengths: the read loop's and the flush's, per request.
+    assert counting.want_read == (0 if bio_lengths else 6)
+
+
+def test_two_records_in_one_tcp_read_are_both_delivered(
+    ca: CertificateFactory, bio_lengths: bool
+) -> None:
+    app = App()
+    p = pair(ca, app)
+    data = client_bytes(p, b"first", b"second")
+    assert len(records(data)) == 2
+    p.server.dataReceived(data)
+    assert app.received == [b"first", b"second"]
+
+
+def test_a_record_split_across_reads_is_delivered_once_whole(
+    ca: CertificateFactory, bio_lengths: bool
+) -> None:
+    app = App()
+    p = pair(ca, app)
+    one, two = records(client_bytes(p, b"A" * 3000, b"B" * 40))
+    stream = one + two
+    # Inside the first header, inside its body, across the boundary (the end
+    # of the first and the start of the second), and the rest.
+    cuts = [3, 1500, len(one) + 2, len(stream)]
+    start = 0
+    for cut in cuts:
+        p.server.dataReceived(stream[start:cut])
+        start = cut
+    assert app.received == [b"A" * 3000, b"B" * 40]
+
+
+def test_every_split_of_two_records_delivers_both(
+    ca: CertificateFactory, bio_lengths: bool
+) -> None:
+    app = App()
+    p = pair(ca, app)
+    sent = b""
+    cut = 1
+    while True:
+        data = client_bytes(p, b"x%02d" % cut, b"y%02d" % cut)
+        if cut >= len(data):
+            break
+        p.server.dataReceived(data[:cut])
+        p.server.dataReceived(data[cut:])
+        sent += b"x%02dy%02d" % (cut, cut)
+        assert b"".join(app.received) == sent
+        cut += 1
+    assert cut > 40  # every cut of two short records, boundary included
+
+
+def test_data_and_close_notify_in_one_read_deliver_the_data_then_end_cleanly(
+    ca: CertificateFactory, bio_lengths: bool
+) -> None:
+    app = App()
+    p = pair(ca, app)
+    p.client.write(b"last words")
+    p.client.loseConnection()
+    stream = p.pump.clientIO.stream
+    data = b"".join(stream)
+    stream.clear()
+    assert len(records(data)) == 2  # the data, then the close_notify alert
+    p.server.dataReceived(data)
+    assert app.received == [b"last words"]
+    # Our close_notify answered the peer's, and the connection ends cleanly.
+    assert p.server_transport.disconnecting
+    p.pump.flush()
+    assert app.lost is not None
+    assert app.lost.check(ConnectionDone)
+    assert p.client_app.lost is not None
+    assert p.client_app.lost.check(ConnectionDone)
+
+
+def test_data_and_close_notify_in_one_read_half_close_a_half_closeable_app(
+    ca: CertificateFactory, bio_lengths: bool
+) -> None:
+    app = HalfClosingApp()
+    p = pair(ca, app)
+    p.client.write(b"request")
+    p.client.loseConnection()
+    stream = p.pump.clientIO.stream
+    data = b"".join(stream)
+    stream.clear()
+    p.server.dataReceived(data)
+    assert app.received == [b"request"]
+    assert app.read_closed
+    # The write side stays open: the answer still reaches the client.
+    app.transport.write(b"answer")  # type: ignore[union-attr]
+    p.pump.flush()
+    assert p.client_app.received == b"answer"

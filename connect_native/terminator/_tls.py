@@ -36,9 +36,16 @@ measured):
 - a small write goes to the socket within the call when nothing is queued
   (:func:`write_now`).
 
-The transport uses only the public APIs of Twisted and pyOpenSSL;
-:func:`write_now` also reads three private attributes of Twisted's
-``FileDescriptor`` to know that its queue is empty (a test pins them).
+The transport uses the public APIs of Twisted and pyOpenSSL, and two private
+paths, each checked before use with the public way kept as the fallback (tests
+run both): :func:`write_now` reads three private attributes of Twisted's
+``FileDescriptor`` to know that its queue is empty, and :func:`_memory_bios`
+finds the ``Connection``'s two memory BIOs (pyOpenSSL's ``_into_ssl`` and
+``_from_ssl``) so that the transport can ask how many bytes each holds
+(``BIO_get_mem_data``, from the cryptography bindings pyOpenSSL uses).  With
+that, neither the read loop nor the flush after it ends in a
+``WantReadError`` raised and caught when it can be known that nothing is
+left: two of them per request otherwise.
 """
 
 from __future__ import annotations
@@ -74,6 +81,37 @@ _RECV_SIZE = 2**14 + 1024
 # header, 1 of content type, a 16-byte tag; TLS 1.2 with GCM: 29 bytes).
 _RECORD_PLAINTEXT = 2**14
 _RECORD_OVERHEAD = 64
+
+try:
+    from OpenSSL._util import ffi as _ffi
+    from OpenSSL._util import lib as _lib
+
+    _mem_length: Callable[[Any, Any], int] | None = _lib.BIO_get_mem_data
+    _NULL: Any = _ffi.NULL
+    _BIO_TYPE: Any = _ffi.typeof("BIO *")
+except (ImportError, AttributeError):  # another pyOpenSSL: the public way
+    _mem_length = None
+    _NULL = _BIO_TYPE = None
+
+
+def _memory_bios(tls: SSL.Connection) -> tuple[Any, Any] | None:
+    """
+    The memory BIOs of ``tls`` (the one OpenSSL reads the peer's bytes from,
+    the one it writes its own into), or ``None`` when this pyOpenSSL does not
+    keep them where expected: then the transport reads and flushes until
+    OpenSSL says ``WantReadError``, as it did before.
+    """
+    if _mem_length is None:
+        return None
+    into = getattr(tls, "_into_ssl", None)
+    out = getattr(tls, "_from_ssl", None)
+    try:
+        if _ffi.typeof(into) is not _BIO_TYPE or _ffi.typeof(out) is not _BIO_TYPE:
+            return None
+    except TypeError:  # not a cffi pointer
+        return None
+    return into, out
+
 
 # What a flush after handshake traffic reads at once (a handshake flight with
 # a certificate chain is a few KiB).
@@ -195,6 +233,8 @@ class TLSServerProtocol(Protocol):
         self._connection_for = connection_for
         self.wrappedProtocol = wrappedProtocol
         self._tls: SSL.Connection | None = None
+        # The connection's memory BIOs, when their lengths can be asked.
+        self._bios: tuple[Any, Any] | None = None
         self._early_writes: list[bytes] = []
 
     # -- for the connection tracker ---------------------------------------
@@ -228,6 +268,7 @@ class TLSServerProtocol(Protocol):
     def connectionMade(self) -> None:
         tls = self._tls = self._connection_for(self)
         tls.set_accept_state()
+        self._bios = _memory_bios(tls)
         # No set_app_data (Twisted's creators set it): nothing on the server
         # side reads it, and it would tie the connection and this protocol
         # in a cycle for the garbage collector.
@@ -273,6 +314,7 @@ class TLSServerProtocol(Protocol):
 
     def _read(self) -> None:
         tls = self._tls
+        bios = self._bios
         while not self._lost_tls and not self._peer_eof and tls is not None:
             try:
                 data = tls.recv(_RECV_SIZE)
@@ -288,6 +330,18 @@ class TLSServerProtocol(Protocol):
                 return
             if not self._aborted:
                 self.wrappedProtocol.dataReceived(data)
+            # Nothing decrypted left in OpenSSL and no byte of the peer's
+            # unread: another recv could only raise WantReadError.  (OpenSSL
+            # reads a record's header, then exactly its length: without
+            # read-ahead, which nothing here turns on, what it has not
+            # handed out stays in the BIO.)
+            if (
+                bios is not None
+                and tls is not None
+                and not tls.pending()
+                and not _mem_length(bios[0], _NULL)  # type: ignore[misc]
+            ):
+                break
         # A read can make OpenSSL answer (a key update, an alert).
         self._flush(_FLUSH_SIZE)
 
@@ -316,6 +370,7 @@ class TLSServerProtocol(Protocol):
             self._early_writes = []
             # As Twisted's: the peer's identity goes with the connection.
             self._tls = None
+            self._bios = None
 
     # -- what ends TLS -----------------------------------------------------
 
@@ -323,6 +378,13 @@ class TLSServerProtocol(Protocol):
         """Hand what OpenSSL wrote to the TCP transport, as one write."""
         tls = self._tls
         if tls is None:
+            return
+        bios = self._bios
+        if bios is not None:
+            # As many bytes as the BIO holds, in one read, or none at all.
+            waiting = _mem_length(bios[1], _NULL)  # type: ignore[misc]
+            if waiting > 0:
+                write_now(self.transport, tls.bio_read(waiting))
             return
         while True:
             try:
