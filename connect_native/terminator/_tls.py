@@ -67,11 +67,12 @@ from twisted.internet.interfaces import (
     IPushProducer,
     ISSLTransport,
 )
+from twisted.internet.main import CONNECTION_DONE
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-__all__ = ["WRITE_NOW_MAX", "TLSServerProtocol", "write_now"]
+__all__ = ["WRITE_NOW_MAX", "TLSServerProtocol", "close_now", "write_now"]
 
 # What one SSL_read may return is one record: at most 16 KiB of plaintext.
 # pyOpenSSL allocates the size asked for on every call, so ask for no more.
@@ -179,6 +180,45 @@ def write_now(tcp: Any, data: bytes) -> None:
                 return
             data = data[sent:]
     tcp.write(data)
+
+
+def close_now(tcp: Any) -> None:
+    """
+    ``tcp.loseConnection()``, without the wait for a writable socket when
+    nothing is queued, no producer is registered and the write side is open.
+
+    Twisted's ``loseConnection`` stops reading and starts writing (an
+    ``epoll_ctl``, two on Twisted's own epoll reactor), and closes when the
+    reactor reports the socket writable and its ``doWrite`` finds the queue
+    empty.  With an empty queue the socket is closed on the reactor's next
+    turn instead, the same way (``connectionLost`` with ``ConnectionDone``,
+    an orderly close), and the only registration change is the stop of
+    reading, which ``--reactor cn-epoll`` skips for a socket closed before
+    its next poll.  A write or a producer that arrives meanwhile puts the
+    close back on Twisted's path: queued bytes are sent first.
+    """
+    if (
+        _idle(tcp)
+        and getattr(tcp, "producer", True) is None
+        and not getattr(tcp, "_aborting", True)
+    ):
+        tcp.stopReading()
+        tcp.stopWriting()
+        tcp.disconnecting = True
+        tcp.reactor.callLater(0, _close_queued_nothing, tcp)
+        return
+    tcp.loseConnection()
+
+
+def _close_queued_nothing(tcp: Any) -> None:
+    if tcp.disconnected or tcp._aborting:
+        return  # lost meanwhile, or an abort ends it
+    if tcp.dataBuffer or tcp._tempDataLen or tcp.producer is not None:
+        # Written to (or produced for) since: Twisted's doWrite sends what is
+        # queued, then closes, as after its own loseConnection.
+        tcp.startWriting()
+        return
+    tcp.connectionLost(Failure(CONNECTION_DONE))  # type: ignore[no-untyped-call]
 
 
 class _Tracker(TypingProtocol):
@@ -401,7 +441,7 @@ class TLSServerProtocol(Protocol):
         self._lost_tls = True
         # OpenSSL's alert, then the end of the TCP connection.
         self._flush(_FLUSH_SIZE)
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        close_now(self.transport)
 
     def _half_closed(self) -> bool:
         """
@@ -441,7 +481,7 @@ class TLSServerProtocol(Protocol):
             ConnectionDone("the peer sent a TLS close_notify")
         )
         self._shutdown_now()
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        close_now(self.transport)
 
     def _shutdown_now(self) -> bool:
         tls = self._tls
@@ -456,7 +496,7 @@ class TLSServerProtocol(Protocol):
 
     def _shutdown(self) -> None:
         if self._shutdown_now():
-            self.transport.loseConnection()  # type: ignore[union-attr]
+            close_now(self.transport)
 
     # -- ITransport, towards the application ----------------------------------
 
