@@ -9,6 +9,7 @@ what the transport itself promises.
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,7 +18,7 @@ from OpenSSL import SSL
 from twisted.internet import tcp
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     IHandshakeListener,
@@ -32,7 +33,12 @@ from twisted.test.iosim import FakeTransport, IOPump, connect
 from zope.interface import implementer
 
 from connect_native.terminator import _tls
-from connect_native.terminator._tls import WRITE_NOW_MAX, TLSServerProtocol, write_now
+from connect_native.terminator._tls import (
+    WRITE_NOW_MAX,
+    TLSServerProtocol,
+    close_now,
+    write_now,
+)
 from connect_native.terminator.forward import (
     ConnectionTracker,
     ForwardingFactory,
@@ -770,3 +776,114 @@ def test_data_and_close_notify_in_one_read_half_close_a_half_closeable_app(
     app.transport.write(b"answer")  # type: ignore[union-attr]
     p.pump.flush()
     assert p.client_app.received == b"answer"
+
+
+# -- close_now: a close with nothing queued does not wait to be writable -----
+
+
+class Ends(Protocol):
+    def __init__(self) -> None:
+        self.lost: list[Failure] = []
+
+    def connectionLost(self, reason: Failure = ConnectionDone) -> None:  # type: ignore[assignment]
+        self.lost.append(reason)
+
+
+@define
+class Socketpair:
+    connection: tcp.Connection
+    protocol: Ends
+    peer: socket.socket
+    reactor: MemoryReactorClock
+
+
+@pytest.fixture
+def socketpair() -> Iterator[Socketpair]:
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.settimeout(5)  # bounded: a failure here must not hang
+    reactor = MemoryReactorClock()
+    protocol = Ends()
+    connection = tcp.Connection(ours, protocol, reactor)
+    connection.connected = 1
+    protocol.makeConnection(connection)
+    connection.startReading()
+    try:
+        yield Socketpair(connection, protocol, theirs, reactor)
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_close_now_with_nothing_queued_closes_on_the_next_turn_unwatched(
+    socketpair: Socketpair,
+) -> None:
+    s = socketpair
+    close_now(s.connection)
+    # Neither read nor watched for writing: no registration for the close.
+    assert s.connection not in s.reactor.getReaders()
+    assert s.connection not in s.reactor.getWriters()
+    assert s.connection.disconnecting
+    assert s.protocol.lost == []  # not within the call
+    s.reactor.advance(0)
+    assert len(s.protocol.lost) == 1
+    assert s.protocol.lost[0].check(ConnectionDone)
+    assert s.peer.recv(10) == b""  # an orderly end for the peer
+
+
+def test_close_now_with_bytes_queued_is_twisteds_lose_connection(
+    socketpair: Socketpair,
+) -> None:
+    s = socketpair
+    s.connection.write(b"queued")
+    close_now(s.connection)
+    assert s.connection in s.reactor.getWriters()  # flushed first, then closed
+    s.reactor.advance(0)
+    assert s.protocol.lost == []
+
+
+def test_a_write_after_close_now_is_sent_before_the_close(
+    socketpair: Socketpair,
+) -> None:
+    s = socketpair
+    close_now(s.connection)
+    s.connection.write(b"late but sent")
+    s.reactor.advance(0)
+    assert s.protocol.lost == []
+    assert s.connection in s.reactor.getWriters()
+    # What the reactor does when the socket is writable.
+    why = s.connection.doWrite()
+    assert why is not None
+    s.connection.connectionLost(Failure(why))
+    assert s.peer.recv(100) == b"late but sent"
+    assert s.peer.recv(10) == b""
+    assert len(s.protocol.lost) == 1
+
+
+def test_an_abort_after_close_now_is_an_abort_once(socketpair: Socketpair) -> None:
+    s = socketpair
+    close_now(s.connection)
+    s.connection.abortConnection()
+    s.reactor.advance(0)
+    assert len(s.protocol.lost) == 1
+    assert s.protocol.lost[0].check(ConnectionAborted)
+
+
+def test_close_now_with_a_producer_is_twisteds_lose_connection(
+    socketpair: Socketpair,
+) -> None:
+    s = socketpair
+    s.connection.registerProducer(NullProducer(), True)
+    close_now(s.connection)
+    assert s.connection in s.reactor.getWriters()
+    s.reactor.advance(0)
+    assert s.protocol.lost == []
+
+
+def test_close_now_on_a_wrapper_is_its_lose_connection() -> None:
+    fd = Socketless()
+    wrapper = ProtocolWrapper(WrappingFactory(Factory()), Protocol())
+    wrapper.makeConnection(fd)
+    close_now(wrapper)
+    assert fd.disconnecting  # through the wrapper's own loseConnection
+    assert fd.watching
