@@ -62,8 +62,30 @@ PHASES = (
     ("conn", "conn", 100, 20, "a new connection (handshake, request, close)"),
     ("rtt", "req", 1000, 200, "a 64-byte request and its echo"),
     ("bulk", "MiB", 32, 8, "a MiB downloaded over one connection"),
+    (
+        "conn-notify",
+        "notified_conn",
+        100,
+        20,
+        "a new connection whose client ends TLS with close_notify before it"
+        " closes (the conn load's clients just close)",
+    ),
 )
 PHASE_NAMES = tuple(p[0] for p in PHASES)
+#: What a run counts unless ``--phases`` says otherwise.
+DEFAULT_PHASES = ("conn", "rtt", "bulk")
+
+
+def _one_notified_request(context: ssl.SSLContext, port: int) -> bool:
+    """``bench.one_request``, with the client's close_notify before its close."""
+    with bench.connect(context, port) as tls:
+        tls.sendall(b"C\n")
+        ok = bench.read_exactly(tls, 3) == b"ok\n"
+        try:
+            tls.unwrap()  # sends close_notify, waits for the server's
+        except (OSError, ssl.SSLError):
+            return False
+    return ok
 
 
 def log(message: str) -> None:
@@ -83,6 +105,15 @@ def _load(phase: str, certs: dict[str, str], port: int, n: int) -> int:
         for _ in range(n):
             try:
                 errors += not bench.one_request(context, port)
+            except (OSError, ssl.SSLError):
+                errors += 1
+        return errors
+    if phase == "conn-notify":
+        context = bench.client_context(certs)
+        errors = 0
+        for _ in range(n):
+            try:
+                errors += not _one_notified_request(context, port)
             except (OSError, ssl.SSLError):
                 errors += 1
         return errors
@@ -217,7 +248,7 @@ def _ready(target: bench.Target, certs: dict[str, str], bound: float) -> None:
 def _warm_up(
     target: bench.Target, certs: dict[str, str], phases: Sequence[str]
 ) -> None:
-    for phase, n in (("conn", 10), ("rtt", 100), ("bulk", 2)):
+    for phase, n in (("conn", 10), ("rtt", 100), ("bulk", 2), ("conn-notify", 10)):
         if phase in phases:
             _load(phase, certs, target.port, n)
 
@@ -372,6 +403,8 @@ FIGURES = (
     ("syscalls_per_req", "syscalls/req", 1),
     ("epoll_ctl_per_req", "epoll_ctl/req", 1),
     ("syscalls_per_MiB", "syscalls/MiB", 1),
+    ("syscalls_per_notified_conn", "syscalls/conn-notify", 1),
+    ("epoll_ctl_per_notified_conn", "epoll_ctl/conn-notify", 1),
 )
 
 
@@ -407,7 +440,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("--targets", default="nginx,cn-intentions")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=DIR")
-    parser.add_argument("--phases", default=",".join(PHASE_NAMES))
+    parser.add_argument(
+        "--phases",
+        default=",".join(DEFAULT_PHASES),
+        help=f"from {','.join(PHASE_NAMES)} (default: {','.join(DEFAULT_PHASES)})",
+    )
     parser.add_argument(
         "--scale",
         type=float,

@@ -19,8 +19,10 @@ it removed it from the epoll set.
 Descriptor numbers are reused: the kernel registration is remembered with
 the object it was made for, so a new socket that got a closed socket's
 number in the same turn is registered afresh (``EPOLL_CTL_ADD``), never
-modified as if it were the old one; an ``ENOENT`` or ``EEXIST`` from the
-kernel is answered with the other call.  An event for a number nobody
+modified as if it were the old one (also when the old object's
+``fileno()`` still names the number after closing it, as Twisted's process
+pipes do); an ``ENOENT`` or ``EEXIST`` from the kernel is answered with the
+other call.  An event for a number nobody
 listens to any more unregisters it.
 
 A caveat that Twisted's reactor does not have: closing a descriptor takes
@@ -125,9 +127,16 @@ class CoalescingEPollReactor(epollreactor.EPollReactor):
         )
         selectable: Any = self._selectables.get(fd)
         had = self._registered.get(fd)
-        if had is not None and had[0] is not selectable and had[0].fileno() != fd:
+        if (
+            had is not None
+            and had[0] is not selectable
+            and (selectable is not None or had[0].fileno() != fd)
+        ):
             # Registered for an object since closed (or renumbered): closing
             # it took it out of the epoll set; the number may be a new file.
+            # An object that now has the number is a new file even when the
+            # old one's fileno() still names it (Twisted's process pipes keep
+            # their number after closing it): it is registered afresh.
             del self._registered[fd]
             had = None
         if not want:

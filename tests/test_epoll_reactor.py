@@ -267,9 +267,8 @@ def test_a_number_reused_with_another_mask_is_added_not_modified(
 def test_a_file_closed_without_removal_and_reused_is_still_registered(
     reactor: CoalescingEPollReactor, kernel: Kernel
 ) -> None:
-    # The old object still claims the number (its fileno() is not -1), so
-    # the reactor takes the same mask for the same file: the kernel's
-    # ENOENT for the modify is answered with an add.
+    # The old object still claims the number (its fileno() is not -1), but
+    # another object has it now: a new file, added, not modified.
     old = Selectable(kernel, 1018)
     reactor.addReader(old)
     turn(reactor)
@@ -279,12 +278,52 @@ def test_a_file_closed_without_removal_and_reused_is_still_registered(
     new = Selectable(kernel, 1018)
     reactor.addWriter(new)
     turn(reactor)
-    assert poller_of(reactor).take() == [
-        ("add", 1018, IN),
-        ("mod", 1018, OUT),
-        ("add", 1018, OUT),
-    ]
+    assert poller_of(reactor).take() == [("add", 1018, IN), ("add", 1018, OUT)]
     assert poller_of(reactor).registered[1018] == OUT
+
+
+class StaleSelectable(Selectable):
+    """
+    A descriptor whose ``fileno()`` still names its number once closed, as
+    Twisted's process pipes (``ProcessReader``, ``ProcessWriter``) do.
+    """
+
+    def close(self) -> None:
+        self.kernel.close(self.fd)
+
+
+def test_a_number_reused_with_the_same_mask_after_a_stale_fileno_is_added(
+    reactor: CoalescingEPollReactor, kernel: Kernel
+) -> None:
+    # One process's stdout pipe ends, the next process's gets its number,
+    # both read: the old registration went with the old file, so the new
+    # one is an ADD (with no call at all the new pipe would never be read).
+    old = StaleSelectable(kernel, 1019)
+    reactor.addReader(old)
+    turn(reactor)
+    reactor.removeReader(old)
+    old.close()
+    new = Selectable(kernel, 1019)
+    reactor.addReader(new)
+    turn(reactor)
+    assert poller_of(reactor).take() == [("add", 1019, IN), ("add", 1019, IN)]
+    assert poller_of(reactor).registered[1019] == IN
+    poller_of(reactor).events = [(1019, IN)]
+    turn(reactor)
+    assert (old.reads, new.reads) == (0, 1)
+
+
+def test_a_stale_fileno_removed_alone_is_still_unregistered(
+    reactor: CoalescingEPollReactor, kernel: Kernel
+) -> None:
+    # Removed without a successor: the number is unregistered as before.
+    old = StaleSelectable(kernel, 1020)
+    reactor.addReader(old)
+    turn(reactor)
+    reactor.removeReader(old)
+    turn(reactor)
+    assert poller_of(reactor).take() == [("add", 1020, IN), ("del", 1020, 0)]
+    assert 1020 not in poller_of(reactor).registered
 
 
 def test_a_regular_file_is_polled_continuously(
@@ -405,6 +444,60 @@ def test_real_epoll_a_reused_number_gets_the_new_sockets_events() -> None:
         assert new.got == b"hello"
         for s in (first_b, second_a, second_b):
             s.close()
+    finally:
+        reactor._poller.close()
+        for fd in (reactor.waker.i, reactor.waker.o):
+            os.close(fd)
+
+
+class PipeReader:
+    """A pipe's read end that, like Twisted's ``ProcessReader``, keeps its
+    number in ``fileno()`` after closing it."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.got = b""
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def doRead(self) -> None:
+        self.got += os.read(self.fd, 100)
+
+    def doWrite(self) -> None:
+        pass
+
+    def logPrefix(self) -> str:
+        return "PipeReader"
+
+    def connectionLost(self, reason: object) -> None:
+        pass
+
+
+def test_real_epoll_a_pipe_number_reused_in_one_turn_gets_the_new_pipes_events() -> (
+    None
+):
+    # What spawnProcess does when one child's pipes close and the next
+    # child's get their numbers in the same reactor turn.
+    reactor = CoalescingEPollReactor()
+    try:
+        turn(reactor)
+        first_r, first_w = os.pipe()
+        old = PipeReader(first_r)
+        reactor.addReader(old)
+        turn(reactor)
+        reactor.removeReader(old)
+        os.close(first_r)
+        os.close(first_w)
+        second_r, second_w = os.pipe()
+        assert second_r == first_r  # the lowest free number, reused
+        new = PipeReader(second_r)
+        reactor.addReader(new)
+        os.write(second_w, b"hello")
+        turn(reactor)
+        assert new.got == b"hello"
+        os.close(second_r)
+        os.close(second_w)
     finally:
         reactor._poller.close()
         for fd in (reactor.waker.i, reactor.waker.o):

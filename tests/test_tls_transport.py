@@ -9,6 +9,7 @@ what the transport itself promises.
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,7 +18,7 @@ from OpenSSL import SSL
 from twisted.internet import tcp
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     IHandshakeListener,
@@ -31,7 +32,13 @@ from twisted.python.failure import Failure
 from twisted.test.iosim import FakeTransport, IOPump, connect
 from zope.interface import implementer
 
-from connect_native.terminator._tls import WRITE_NOW_MAX, TLSServerProtocol, write_now
+from connect_native.terminator import _tls
+from connect_native.terminator._tls import (
+    WRITE_NOW_MAX,
+    TLSServerProtocol,
+    close_now,
+    write_now,
+)
 from connect_native.terminator.forward import (
     ConnectionTracker,
     ForwardingFactory,
@@ -594,3 +601,289 @@ def test_a_tcp_fin_after_close_notify_to_an_app_that_cannot_half_close_is_clean(
     p.pump.flush()
     assert app.lost is not None
     assert app.lost.check(ConnectionDone)
+
+
+# -- reading and flushing without WantReadError (the memory BIOs' lengths) ----
+
+
+@pytest.fixture(params=["bio-lengths", "fallback"])
+def bio_lengths(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> bool:
+    """
+    Each test below runs with the transport asking the memory BIOs how much
+    they hold, and with the fallback (read and flush until OpenSSL says
+    ``WantReadError``) that a pyOpenSSL without those BIOs gets.
+    """
+    if request.param == "fallback":
+        monkeypatch.setattr(_tls, "_mem_length", None)
+        return False
+    return True
+
+
+def client_bytes(p: Pair, *chunks: bytes) -> bytes:
+    """The records the client sends for ``chunks``, one each, not delivered."""
+    for chunk in chunks:
+        p.client.write(chunk)
+    stream = p.pump.clientIO.stream
+    data = b"".join(stream)
+    stream.clear()
+    return data
+
+
+def records(data: bytes) -> list[bytes]:
+    """``data`` cut at its TLS records' boundaries."""
+    out = []
+    while data:
+        end = 5 + int.from_bytes(data[3:5], "big")
+        out.append(data[:end])
+        data = data[end:]
+    return out
+
+
+class CountingConnection:
+    """An ``SSL.Connection`` that counts the WantReadErrors it raises."""
+
+    def __init__(self, tls: SSL.Connection) -> None:
+        self._wrapped = tls
+        self.want_read = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._wrapped, name)
+
+    def _counted(self, method: Any, *args: Any) -> Any:
+        try:
+            return method(*args)
+        except SSL.WantReadError:
+            self.want_read += 1
+            raise
+
+    def recv(self, size: int) -> bytes:
+        return self._counted(self._wrapped.recv, size)  # type: ignore[no-any-return]
+
+    def bio_read(self, size: int) -> bytes:
+        return self._counted(self._wrapped.bio_read, size)  # type: ignore[no-any-return]
+
+
+def test_this_pyopenssl_gives_the_transport_its_memory_bios(
+    ca: CertificateFactory,
+) -> None:
+    # The private path is in use with the pyOpenSSL this project pins.
+    p = pair(ca, App())
+    assert p.server._bios is not None
+
+
+def test_a_request_in_one_record_raises_no_want_read_error(
+    ca: CertificateFactory, bio_lengths: bool
+) -> None:
+    app = App()
+    p = pair(ca, app)
+    counting = CountingConnection(p.server._tls)  # type: ignore[arg-type]
+    p.server._tls = counting  # type: ignore[assignment]
+    for n in range(3):
+        p.server.dataReceived(client_bytes(p, b"GET /%d" % n))
+        app.transport.write(b"answer %d" % n)  # type: ignore[union-attr]
+    assert b"".join(app.received) == b"GET /0GET /1GET /2"
+    p.pump.flush()
+    assert p.client_app.received == b"answer 0answer 1answer 2"
+    # Without the BIOs' lengths: the read loop's and the flush's, per request.
+    assert counting.want_read == (0 if bio_lengths else 6)
+
+
+def test_two_records_in_one_tcp_read_are_both_delivered(
+    ca: CertificateFactory, bio_lengths: bool
+) -> None:
+    app = App()
+    p = pair(ca, app)
+    data = client_bytes(p, b"first", b"second")
+    assert len(records(data)) == 2
+    p.server.dataReceived(data)
+    assert app.received == [b"first", b"second"]
+
+
+def test_a_record_split_across_reads_is_delivered_once_whole(
+    ca: CertificateFactory, bio_lengths: bool
+) -> None:
+    app = App()
+    p = pair(ca, app)
+    one, two = records(client_bytes(p, b"A" * 3000, b"B" * 40))
+    stream = one + two
+    # Inside the first header, inside its body, across the boundary (the end
+    # of the first and the start of the second), and the rest.
+    cuts = [3, 1500, len(one) + 2, len(stream)]
+    start = 0
+    for cut in cuts:
+        p.server.dataReceived(stream[start:cut])
+        start = cut
+    assert app.received == [b"A" * 3000, b"B" * 40]
+
+
+def test_every_split_of_two_records_delivers_both(
+    ca: CertificateFactory, bio_lengths: bool
+) -> None:
+    app = App()
+    p = pair(ca, app)
+    sent = b""
+    cut = 1
+    while True:
+        data = client_bytes(p, b"x%02d" % cut, b"y%02d" % cut)
+        if cut >= len(data):
+            break
+        p.server.dataReceived(data[:cut])
+        p.server.dataReceived(data[cut:])
+        sent += b"x%02dy%02d" % (cut, cut)
+        assert b"".join(app.received) == sent
+        cut += 1
+    assert cut > 40  # every cut of two short records, boundary included
+
+
+def test_data_and_close_notify_in_one_read_deliver_the_data_then_end_cleanly(
+    ca: CertificateFactory, bio_lengths: bool
+) -> None:
+    app = App()
+    p = pair(ca, app)
+    p.client.write(b"last words")
+    p.client.loseConnection()
+    stream = p.pump.clientIO.stream
+    data = b"".join(stream)
+    stream.clear()
+    assert len(records(data)) == 2  # the data, then the close_notify alert
+    p.server.dataReceived(data)
+    assert app.received == [b"last words"]
+    # Our close_notify answered the peer's, and the connection ends cleanly.
+    assert p.server_transport.disconnecting
+    p.pump.flush()
+    assert app.lost is not None
+    assert app.lost.check(ConnectionDone)
+    assert p.client_app.lost is not None
+    assert p.client_app.lost.check(ConnectionDone)
+
+
+def test_data_and_close_notify_in_one_read_half_close_a_half_closeable_app(
+    ca: CertificateFactory, bio_lengths: bool
+) -> None:
+    app = HalfClosingApp()
+    p = pair(ca, app)
+    p.client.write(b"request")
+    p.client.loseConnection()
+    stream = p.pump.clientIO.stream
+    data = b"".join(stream)
+    stream.clear()
+    p.server.dataReceived(data)
+    assert app.received == [b"request"]
+    assert app.read_closed
+    # The write side stays open: the answer still reaches the client.
+    app.transport.write(b"answer")  # type: ignore[union-attr]
+    p.pump.flush()
+    assert p.client_app.received == b"answer"
+
+
+# -- close_now: a close with nothing queued does not wait to be writable -----
+
+
+class Ends(Protocol):
+    def __init__(self) -> None:
+        self.lost: list[Failure] = []
+
+    def connectionLost(self, reason: Failure = ConnectionDone) -> None:  # type: ignore[assignment]
+        self.lost.append(reason)
+
+
+@define
+class Socketpair:
+    connection: tcp.Connection
+    protocol: Ends
+    peer: socket.socket
+    reactor: MemoryReactorClock
+
+
+@pytest.fixture
+def socketpair() -> Iterator[Socketpair]:
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.settimeout(5)  # bounded: a failure here must not hang
+    reactor = MemoryReactorClock()
+    protocol = Ends()
+    connection = tcp.Connection(ours, protocol, reactor)
+    connection.connected = 1
+    protocol.makeConnection(connection)
+    connection.startReading()
+    try:
+        yield Socketpair(connection, protocol, theirs, reactor)
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_close_now_with_nothing_queued_closes_on_the_next_turn_unwatched(
+    socketpair: Socketpair,
+) -> None:
+    s = socketpair
+    close_now(s.connection)
+    # Neither read nor watched for writing: no registration for the close.
+    assert s.connection not in s.reactor.getReaders()
+    assert s.connection not in s.reactor.getWriters()
+    assert s.connection.disconnecting
+    assert s.protocol.lost == []  # not within the call
+    s.reactor.advance(0)
+    assert len(s.protocol.lost) == 1
+    assert s.protocol.lost[0].check(ConnectionDone)
+    assert s.peer.recv(10) == b""  # an orderly end for the peer
+
+
+def test_close_now_with_bytes_queued_is_twisteds_lose_connection(
+    socketpair: Socketpair,
+) -> None:
+    s = socketpair
+    s.connection.write(b"queued")
+    close_now(s.connection)
+    assert s.connection in s.reactor.getWriters()  # flushed first, then closed
+    s.reactor.advance(0)
+    assert s.protocol.lost == []
+
+
+def test_a_write_after_close_now_is_sent_before_the_close(
+    socketpair: Socketpair,
+) -> None:
+    s = socketpair
+    close_now(s.connection)
+    s.connection.write(b"late but sent")
+    s.reactor.advance(0)
+    assert s.protocol.lost == []
+    assert s.connection in s.reactor.getWriters()
+    # What the reactor does when the socket is writable.
+    why = s.connection.doWrite()
+    assert why is not None
+    s.connection.connectionLost(Failure(why))
+    assert s.peer.recv(100) == b"late but sent"
+    assert s.peer.recv(10) == b""
+    assert len(s.protocol.lost) == 1
+
+
+def test_an_abort_after_close_now_is_an_abort_once(socketpair: Socketpair) -> None:
+    s = socketpair
+    close_now(s.connection)
+    s.connection.abortConnection()
+    s.reactor.advance(0)
+    assert len(s.protocol.lost) == 1
+    assert s.protocol.lost[0].check(ConnectionAborted)
+
+
+def test_close_now_with_a_producer_is_twisteds_lose_connection(
+    socketpair: Socketpair,
+) -> None:
+    s = socketpair
+    s.connection.registerProducer(NullProducer(), True)
+    close_now(s.connection)
+    assert s.connection in s.reactor.getWriters()
+    s.reactor.advance(0)
+    assert s.protocol.lost == []
+
+
+def test_close_now_on_a_wrapper_is_its_lose_connection() -> None:
+    fd = Socketless()
+    wrapper = ProtocolWrapper(WrappingFactory(Factory()), Protocol())
+    wrapper.makeConnection(fd)
+    close_now(wrapper)
+    assert fd.disconnecting  # through the wrapper's own loseConnection
+    assert fd.watching

@@ -36,9 +36,16 @@ measured):
 - a small write goes to the socket within the call when nothing is queued
   (:func:`write_now`).
 
-The transport uses only the public APIs of Twisted and pyOpenSSL;
-:func:`write_now` also reads three private attributes of Twisted's
-``FileDescriptor`` to know that its queue is empty (a test pins them).
+The transport uses the public APIs of Twisted and pyOpenSSL, and two private
+paths, each checked before use with the public way kept as the fallback (tests
+run both): :func:`write_now` reads three private attributes of Twisted's
+``FileDescriptor`` to know that its queue is empty, and :func:`_memory_bios`
+finds the ``Connection``'s two memory BIOs (pyOpenSSL's ``_into_ssl`` and
+``_from_ssl``) so that the transport can ask how many bytes each holds
+(``BIO_get_mem_data``, from the cryptography bindings pyOpenSSL uses).  With
+that, neither the read loop nor the flush after it ends in a
+``WantReadError`` raised and caught when it can be known that nothing is
+left: two of them per request otherwise.
 """
 
 from __future__ import annotations
@@ -60,11 +67,12 @@ from twisted.internet.interfaces import (
     IPushProducer,
     ISSLTransport,
 )
+from twisted.internet.main import CONNECTION_DONE
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-__all__ = ["WRITE_NOW_MAX", "TLSServerProtocol", "write_now"]
+__all__ = ["WRITE_NOW_MAX", "TLSServerProtocol", "close_now", "write_now"]
 
 # What one SSL_read may return is one record: at most 16 KiB of plaintext.
 # pyOpenSSL allocates the size asked for on every call, so ask for no more.
@@ -74,6 +82,37 @@ _RECV_SIZE = 2**14 + 1024
 # header, 1 of content type, a 16-byte tag; TLS 1.2 with GCM: 29 bytes).
 _RECORD_PLAINTEXT = 2**14
 _RECORD_OVERHEAD = 64
+
+try:
+    from OpenSSL._util import ffi as _ffi
+    from OpenSSL._util import lib as _lib
+
+    _mem_length: Callable[[Any, Any], int] | None = _lib.BIO_get_mem_data
+    _NULL: Any = _ffi.NULL
+    _BIO_TYPE: Any = _ffi.typeof("BIO *")
+except (ImportError, AttributeError):  # another pyOpenSSL: the public way
+    _mem_length = None
+    _NULL = _BIO_TYPE = None
+
+
+def _memory_bios(tls: SSL.Connection) -> tuple[Any, Any] | None:
+    """
+    The memory BIOs of ``tls`` (the one OpenSSL reads the peer's bytes from,
+    the one it writes its own into), or ``None`` when this pyOpenSSL does not
+    keep them where expected: then the transport reads and flushes until
+    OpenSSL says ``WantReadError``, as it did before.
+    """
+    if _mem_length is None:
+        return None
+    into = getattr(tls, "_into_ssl", None)
+    out = getattr(tls, "_from_ssl", None)
+    try:
+        if _ffi.typeof(into) is not _BIO_TYPE or _ffi.typeof(out) is not _BIO_TYPE:
+            return None
+    except TypeError:  # not a cffi pointer
+        return None
+    return into, out
+
 
 # What a flush after handshake traffic reads at once (a handshake flight with
 # a certificate chain is a few KiB).
@@ -143,6 +182,45 @@ def write_now(tcp: Any, data: bytes) -> None:
     tcp.write(data)
 
 
+def close_now(tcp: Any) -> None:
+    """
+    ``tcp.loseConnection()``, without the wait for a writable socket when
+    nothing is queued, no producer is registered and the write side is open.
+
+    Twisted's ``loseConnection`` stops reading and starts writing (an
+    ``epoll_ctl``, two on Twisted's own epoll reactor), and closes when the
+    reactor reports the socket writable and its ``doWrite`` finds the queue
+    empty.  With an empty queue the socket is closed on the reactor's next
+    turn instead, the same way (``connectionLost`` with ``ConnectionDone``,
+    an orderly close), and the only registration change is the stop of
+    reading, which ``--reactor cn-epoll`` skips for a socket closed before
+    its next poll.  A write or a producer that arrives meanwhile puts the
+    close back on Twisted's path: queued bytes are sent first.
+    """
+    if (
+        _idle(tcp)
+        and getattr(tcp, "producer", True) is None
+        and not getattr(tcp, "_aborting", True)
+    ):
+        tcp.stopReading()
+        tcp.stopWriting()
+        tcp.disconnecting = True
+        tcp.reactor.callLater(0, _close_queued_nothing, tcp)
+        return
+    tcp.loseConnection()
+
+
+def _close_queued_nothing(tcp: Any) -> None:
+    if tcp.disconnected or tcp._aborting:
+        return  # lost meanwhile, or an abort ends it
+    if tcp.dataBuffer or tcp._tempDataLen or tcp.producer is not None:
+        # Written to (or produced for) since: Twisted's doWrite sends what is
+        # queued, then closes, as after its own loseConnection.
+        tcp.startWriting()
+        return
+    tcp.connectionLost(Failure(CONNECTION_DONE))  # type: ignore[no-untyped-call]
+
+
 class _Tracker(TypingProtocol):
     def _add(self, connection: Any) -> None: ...
 
@@ -195,6 +273,8 @@ class TLSServerProtocol(Protocol):
         self._connection_for = connection_for
         self.wrappedProtocol = wrappedProtocol
         self._tls: SSL.Connection | None = None
+        # The connection's memory BIOs, when their lengths can be asked.
+        self._bios: tuple[Any, Any] | None = None
         self._early_writes: list[bytes] = []
 
     # -- for the connection tracker ---------------------------------------
@@ -228,6 +308,7 @@ class TLSServerProtocol(Protocol):
     def connectionMade(self) -> None:
         tls = self._tls = self._connection_for(self)
         tls.set_accept_state()
+        self._bios = _memory_bios(tls)
         # No set_app_data (Twisted's creators set it): nothing on the server
         # side reads it, and it would tie the connection and this protocol
         # in a cycle for the garbage collector.
@@ -273,6 +354,7 @@ class TLSServerProtocol(Protocol):
 
     def _read(self) -> None:
         tls = self._tls
+        bios = self._bios
         while not self._lost_tls and not self._peer_eof and tls is not None:
             try:
                 data = tls.recv(_RECV_SIZE)
@@ -288,6 +370,18 @@ class TLSServerProtocol(Protocol):
                 return
             if not self._aborted:
                 self.wrappedProtocol.dataReceived(data)
+            # Nothing decrypted left in OpenSSL and no byte of the peer's
+            # unread: another recv could only raise WantReadError.  (OpenSSL
+            # reads a record's header, then exactly its length: without
+            # read-ahead, which nothing here turns on, what it has not
+            # handed out stays in the BIO.)
+            if (
+                bios is not None
+                and tls is not None
+                and not tls.pending()
+                and not _mem_length(bios[0], _NULL)  # type: ignore[misc]
+            ):
+                break
         # A read can make OpenSSL answer (a key update, an alert).
         self._flush(_FLUSH_SIZE)
 
@@ -316,6 +410,7 @@ class TLSServerProtocol(Protocol):
             self._early_writes = []
             # As Twisted's: the peer's identity goes with the connection.
             self._tls = None
+            self._bios = None
 
     # -- what ends TLS -----------------------------------------------------
 
@@ -323,6 +418,13 @@ class TLSServerProtocol(Protocol):
         """Hand what OpenSSL wrote to the TCP transport, as one write."""
         tls = self._tls
         if tls is None:
+            return
+        bios = self._bios
+        if bios is not None:
+            # As many bytes as the BIO holds, in one read, or none at all.
+            waiting = _mem_length(bios[1], _NULL)  # type: ignore[misc]
+            if waiting > 0:
+                write_now(self.transport, tls.bio_read(waiting))
             return
         while True:
             try:
@@ -339,7 +441,7 @@ class TLSServerProtocol(Protocol):
         self._lost_tls = True
         # OpenSSL's alert, then the end of the TCP connection.
         self._flush(_FLUSH_SIZE)
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        close_now(self.transport)
 
     def _half_closed(self) -> bool:
         """
@@ -379,7 +481,7 @@ class TLSServerProtocol(Protocol):
             ConnectionDone("the peer sent a TLS close_notify")
         )
         self._shutdown_now()
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        close_now(self.transport)
 
     def _shutdown_now(self) -> bool:
         tls = self._tls
@@ -394,7 +496,7 @@ class TLSServerProtocol(Protocol):
 
     def _shutdown(self) -> None:
         if self._shutdown_now():
-            self.transport.loseConnection()  # type: ignore[union-attr]
+            close_now(self.transport)
 
     # -- ITransport, towards the application ----------------------------------
 

@@ -64,7 +64,7 @@ from connect_native import _logging
 from connect_native._checks import positive_seconds, whole_number
 from connect_native._deferreds import Waiters, bounded
 from connect_native._refusals import RefusalLog
-from connect_native.terminator._tls import TLSServerProtocol, write_now
+from connect_native.terminator._tls import TLSServerProtocol, close_now, write_now
 
 __all__ = [
     "BUFFER_SIZE",
@@ -576,7 +576,7 @@ class _Front(Protocol):
 
     def _close(self, transport: Any) -> None:
         self._unregister(transport)
-        transport.loseConnection()
+        close_now(transport)
 
     # -- the front connection -------------------------------------------------
 
