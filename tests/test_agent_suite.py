@@ -1519,15 +1519,22 @@ JUNK_ASN1 = (
     "private:false defaultValue:<nil> tag:<nil> stringType:0 timeType:0 "
     "set:false omitEmpty:false}"
 )
-A_KEY = (
-    ec.generate_private_key(ec.SECP256R1())
-    .private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
+
+
+def ec_key_pem() -> str:
+    """A new P-256 key, PEM (the traditional EC form Consul writes)."""
+    return (
+        ec.generate_private_key(ec.SECP256R1())
+        .private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+        .decode()
     )
-    .decode()
-)
+
+
+A_KEY = ec_key_pem()
 
 
 @pytest.mark.parametrize(
@@ -2834,15 +2841,7 @@ async def test_ca_private_key_alone_and_back_to_a_generated_root(
     path = "/v1/connect/ca/configuration"
     td = (await agent.client.agent_ca_roots()).value.trust_domain
     key_pem, root_pem, _cert = new_root(td)
-    other_key = (
-        ec.generate_private_key(ec.SECP256R1())
-        .private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.TraditionalOpenSSL,
-            serialization.NoEncryption(),
-        )
-        .decode()
-    )
+    other_key = ec_key_pem()
 
     async def roots() -> dict[str, Any]:
         return (await agent.http.get("/v1/connect/ca/roots")).json()  # type: ignore[no-any-return]
