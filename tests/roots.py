@@ -13,6 +13,20 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 
+def key_pem(key: ec.EllipticCurvePrivateKey) -> str:
+    """``key`` in PEM, the traditional EC form Consul and OpenSSL write."""
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    ).decode()
+
+
+def new_key_pem() -> str:
+    """A new P-256 key, PEM."""
+    return key_pem(ec.generate_private_key(ec.SECP256R1()))
+
+
 def new_root(trust_domain: str) -> tuple[str, str, x509.Certificate]:
     """A user-supplied root as an operator makes one with OpenSSL."""
     key = ec.generate_private_key(ec.SECP256R1())
@@ -56,9 +70,4 @@ def new_root(trust_domain: str) -> tuple[str, str, x509.Certificate]:
         )
         .sign(key, hashes.SHA256())
     )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    ).decode()
-    return key_pem, cert.public_bytes(serialization.Encoding.PEM).decode(), cert
+    return key_pem(key), cert.public_bytes(serialization.Encoding.PEM).decode(), cert

@@ -50,7 +50,7 @@ from tests.agents import (
     sha1_id,
     shape,
 )
-from tests.roots import new_root
+from tests.roots import new_key_pem, new_root
 
 REAL = pytest.param("real", marks=pytest.mark.real_consul)
 AGENTS = ["dev", REAL]
@@ -1521,20 +1521,7 @@ JUNK_ASN1 = (
 )
 
 
-def ec_key_pem() -> str:
-    """A new P-256 key, PEM (the traditional EC form Consul writes)."""
-    return (
-        ec.generate_private_key(ec.SECP256R1())
-        .private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.TraditionalOpenSSL,
-            serialization.NoEncryption(),
-        )
-        .decode()
-    )
-
-
-A_KEY = ec_key_pem()
+A_KEY = new_key_pem()
 
 
 @pytest.mark.parametrize(
@@ -2841,7 +2828,7 @@ async def test_ca_private_key_alone_and_back_to_a_generated_root(
     path = "/v1/connect/ca/configuration"
     td = (await agent.client.agent_ca_roots()).value.trust_domain
     key_pem, root_pem, _cert = new_root(td)
-    other_key = ec_key_pem()
+    other_key = new_key_pem()
 
     async def roots() -> dict[str, Any]:
         return (await agent.http.get("/v1/connect/ca/roots")).json()  # type: ignore[no-any-return]
