@@ -315,22 +315,9 @@ class ConnectCA:
         index_before = self.store.index
         if rotate:
             if root_cert:
-                # parseCARoot on the provider's active root: its fingerprint
-                # (connect.ParseCert's PEM checks), then the certificate.
-                block = go_pem_decode(root_cert)
-                if block is None or block[0] != "CERTIFICATE":
-                    raise ConsulError(
-                        500,
-                        "error parsing root fingerprint: "
-                        + (
-                            "no PEM-encoded data found"
-                            if block is None
-                            else "first PEM-block should be CERTIFICATE type"
-                        ),
-                    )
-                cert_problem = _go_cert_problem(root_cert)
-                if cert_problem is not None:
-                    raise ConsulError(500, f"error parsing root cert: {cert_problem}")
+                root_problem = _go_root_problem(root_cert)
+                if root_problem is not None:
+                    raise ConsulError(500, root_problem)
             self._ca_index_step = 1
             if private_key and not root_cert:
                 # GenerateRoot makes a root for the key (ca-key-only-*.http).
@@ -712,26 +699,30 @@ def _go_signer_problem(pem: str) -> str:
     return f"unknown PEM block type for signing key: {kind}"
 
 
-def _go_cert_problem(pem: str) -> str | None:
+def _go_root_problem(pem: str) -> str | None:
     """
-    What ``connect.ParseCert`` says about a root certificate, or ``None``
-    when it parses (or fails only where the development agent's own checks
-    will name the problem).
+    What ``parseCARoot`` says about a supplied root, or ``None`` when it
+    parses (or fails only where the development agent's own checks will name
+    the problem): its fingerprint first (``connect.ParseCert``'s PEM checks),
+    then the certificate.
     """
     block = go_pem_decode(pem)
     if block is None:
-        return "no PEM-encoded data found"
+        return "error parsing root fingerprint: no PEM-encoded data found"
     kind, der = block
     if kind != "CERTIFICATE":
-        return "first PEM-block should be CERTIFICATE type"
+        return (
+            "error parsing root fingerprint: first PEM-block should be CERTIFICATE type"
+        )
     problem = go_asn1_problem(der, "certificate", (16, "tbsCertificate"))
-    if problem is not None:
-        return problem
-    try:
-        x509.load_der_x509_certificate(der)
-    except ValueError:
-        return _UNREAD_DER
-    return None
+    if problem is None:
+        try:
+            x509.load_der_x509_certificate(der)
+        except ValueError:
+            problem = _UNREAD_DER
+        else:
+            return None
+    return f"error parsing root cert: {problem}"
 
 
 def _go_json_numbers(value: Any) -> Any:
