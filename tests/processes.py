@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -25,6 +26,32 @@ def child_environment(drop: Iterable[str]) -> dict[str, str]:
     for name in drop:
         env.pop(name, None)
     return env
+
+
+def reactor_after_install(module: str, report: str) -> list[str]:
+    """
+    The words a fresh Python printed after ``connect_native.<module>``'s
+    ``install()`` and one turn of the reactor: ``report``, an expression on
+    ``reactor``.  A child of its own, since a reactor installs once a process.
+    """
+    script = (
+        f"from connect_native import {module}\n"
+        f"{module}.install()\n"
+        "from twisted.internet import reactor\n"
+        "reactor.callLater(0, reactor.stop)\n"
+        "reactor.run()\n"
+        f"print({report})\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=child_environment(()),
+        cwd=SOURCE_TREE,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
 
 
 class OutputProcess:

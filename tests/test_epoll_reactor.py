@@ -16,18 +16,15 @@ import errno
 import os
 import select
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from twisted.application.reactors import getReactorTypes
 
 from connect_native.epollreactor import CoalescingEPollReactor
+from tests.processes import reactor_after_install
 
-ROOT = Path(__file__).resolve().parent.parent
 IN, OUT = select.EPOLLIN, select.EPOLLOUT
 
 
@@ -513,21 +510,6 @@ def test_the_reactor_plugin_is_found() -> None:
 
 
 def test_install_runs_a_process_on_it() -> None:
-    script = (
-        "from connect_native import epollreactor\n"
-        "epollreactor.install()\n"
-        "from twisted.internet import reactor\n"
-        "reactor.callLater(0, reactor.stop)\n"
-        "reactor.run()\n"
-        "print(type(reactor).__name__)\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-        cwd=ROOT,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["CoalescingEPollReactor"]
+    assert reactor_after_install("epollreactor", "type(reactor).__name__") == [
+        "CoalescingEPollReactor"
+    ]
